@@ -1,0 +1,543 @@
+"""Multiresolution hash encoding (Instant-NGP, Müller et al. 2022) in pure PyTorch.
+
+Standalone: copy this one file into your project; it imports only ``torch``, ``math`` and
+``typing``. It holds two encodings with the same call shape::
+
+    enc = MultiResHashGrid(dim=3)                   # x: (..., 3) in [0, 1]
+    features = enc(x)                               # (..., enc.output_dim)
+    enc = Frequency(dim=3, n_levels=10)             # NeRF positional encoding
+
+The math, stated once
+---------------------
+Notation: D input dimensions, L levels, F features per level, T = 2**log2_hashmap_size,
+N_min / N_max the coarsest / finest resolution (an int, or one value per axis),
+b the per-level growth factor. Level l, axis d:
+
+layout="paper" (default; the paper's §3, eq. 2-3)
+    b_d    = exp((ln N_max_d - ln N_min_d) / (L - 1))     (b = 1 when L = 1; or `per_level_scale`)
+    N_l,d  = floor(N_min_d * b_d**l)                        grid cells along axis d
+    pos    = x_d * N_l,d                                    vertices 0 .. N_l,d (N_l,d + 1 of them)
+    cell   = min(floor(pos), N_l,d - 1), frac = pos - cell  (so x = 1 lands on the last vertex)
+    rows   = prod_d (N_l,d + 1) if that is <= T (dense level) else T (hashed level)
+
+layout="tcnn" (tiny-cuda-nn's HashGrid, bit for bit, so tcnn-trained parameters load here)
+    b      = per_level_scale (default exp(ln(N_max / N_min) / (L - 1)))
+    scale  = exp2(l * log2(b)) * N_min - 1                 (float32, as tcnn computes it)
+    res    = ceil(scale) + 1                                vertices per axis
+    pos    = x_d * scale + 0.5 (one fused rounding), cell = floor(pos), frac = pos - cell
+    rows   = min(next multiple of 8 of res**D, T); dense when res**D <= rows, else hashed
+
+Vertex -> row (both layouts)
+    dense  : index = sum_d v_d * stride_d, stride_0 = 1, stride_d = stride_{d-1} * V_{d-1}
+             (axis 0 fastest: for an image, x runs along a row; collision-free).
+             tcnn takes the result modulo rows, which we reproduce.
+    hashed : index = (XOR_d v_d * prime_d mod 2**32) mod T, primes
+             1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737;
+             axes beyond the 7th use `hash_primes` (documented there).
+    All levels share one ``nn.Embedding`` of sum_l rows_l rows; level l starts at row
+    offset_l = sum_{k<l} rows_k. Flattened, its weight is tcnn's parameter vector.
+
+Interpolation: "linear" (weights prod_d frac_d or 1 - frac_d over the 2**D cell corners),
+"smoothstep" (the same with S(t) = t^2 (3 - 2t), continuous dy/dx) and "nearest" (the
+vertex floor(x * N + 0.5) in the paper layout, tcnn's floor(pos) in the tcnn layout).
+"""
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["MultiResHashGrid", "Frequency", "hash_primes", "HASH_PRIMES"]
+
+# The spatial-hash primes of the paper (eq. 4) and tiny-cuda-nn; 1 for the first axis keeps
+# neighbouring vertices along x in neighbouring rows (cache coherence).
+HASH_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
+_GOLDEN_RATIO_32 = 2654435769  # floor(2**32 / golden ratio), a Weyl-sequence step
+_INTERPOLATIONS = ("linear", "smoothstep", "nearest")
+_LAYOUTS = ("paper", "tcnn")
+
+Resolution = Union[int, float, Sequence[Union[int, float]]]
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    for divisor in range(3, math.isqrt(n) + 1, 2):
+        if n % divisor == 0:
+            return False
+    return True
+
+
+def hash_primes(dim: int) -> List[int]:
+    """The multiplier of each axis in the spatial hash, for ``dim`` axes.
+
+    Axes 0-6 use the primes of the paper / tiny-cuda-nn (``HASH_PRIMES``). Axis d >= 7 uses
+    the smallest prime >= (d * 2654435769 mod 2**32) | 1: a golden-ratio Weyl sequence spreads
+    the starting points over the 32-bit range (like the published primes, which are large and
+    odd), and the search makes each one prime. Deterministic, so checkpoints stay valid.
+    """
+    primes = list(HASH_PRIMES[:dim])
+    for d in range(len(HASH_PRIMES), dim):
+        candidate = (d * _GOLDEN_RATIO_32) % (1 << 32) | 1
+        while not _is_prime(candidate) or candidate in primes:
+            candidate += 2
+        primes.append(candidate)
+    return primes
+
+
+def _per_axis(value: Resolution, dim: int, name: str) -> Tuple[float, ...]:
+    """An int/float or a sequence of ``dim`` of them -> a tuple of ``dim`` positive floats."""
+    if isinstance(value, (int, float)):
+        values = (float(value),) * dim
+    else:
+        values = tuple(float(v) for v in value)
+        if len(values) != dim:
+            raise ValueError(f"{name} needs 1 or dim={dim} values, got {len(values)}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return values
+
+
+def _floor(value: float) -> int:
+    # exp/log round-off can land N_min * b**(L-1) a hair below N_max; the paper means N_max.
+    return math.floor(value * (1.0 + 1e-12))
+
+
+def _next_multiple(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _float32(value: float) -> float:
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+def _smoothstep(t: torch.Tensor) -> torch.Tensor:
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _smoothstep_derivative(t: torch.Tensor) -> torch.Tensor:
+    return 6.0 * t * (1.0 - t)
+
+
+class _Group:
+    """Consecutive levels that index alike (all dense or all hashed), computed in one pass.
+
+    scale, mult, max_cell: (D, G) -- axis-major, so every per-axis operand is a contiguous
+    (G,) row and every per-axis intermediate a contiguous (N, G) tensor. mult holds the
+    dense strides or the hash primes. rows_start/rows_stop: the group's slice of the table;
+    offset: (G,) each level's first row relative to rows_start. max_cell: highest cell index
+    (paper layout) or None. rows: (G,) rows per level for tcnn's dense wrap-around, or None.
+    """
+
+    def __init__(self, start, stop, hashed, rows_start, rows_stop, scale, mult, offset, max_cell, rows):
+        self.start, self.stop, self.hashed = start, stop, hashed
+        self.rows_start, self.rows_stop = rows_start, rows_stop
+        self.scale, self.mult, self.offset, self.max_cell, self.rows = scale, mult, offset, max_cell, rows
+
+
+class _Grid:
+    """Everything forward and backward need: the groups and the static options."""
+
+    def __init__(self, groups: List[_Group], interpolation: str, tcnn: bool, hash_mask: int):
+        self.groups, self.interpolation, self.tcnn, self.hash_mask = groups, interpolation, tcnn, hash_mask
+
+
+def _axis_terms(xt: torch.Tensor, group: _Group, grid: _Grid):
+    """Per-axis pieces of every corner's row index and weight, for one group.
+
+    xt: (D, N) -> terms: D pairs (t0, t1) of (N, G) int64, the axis' share of the row index
+    for the lower / upper vertex (combined over axes by + when dense, ^ when hashed); and
+    frac: D tensors (N, G), the position inside the cell.
+    """
+    shift = 0.5 if (grid.tcnn or grid.interpolation == "nearest") else 0.0
+    terms, fracs = [], []
+    for d in range(xt.shape[0]):
+        scale = group.scale[d]
+        if grid.tcnn and xt.dtype != torch.float64:
+            # tcnn computes fmaf(scale, x, 0.5) in float32 (one rounding). The product of two
+            # float32 values is exact in float64, so this reproduces it bit for bit (barring
+            # double-rounding ties).
+            pos = (xt[d].double().unsqueeze(1) * scale.double() + shift).to(xt.dtype)
+        else:
+            pos = xt[d].unsqueeze(1) * scale.to(xt.dtype) + shift           # (N, G)
+        cell = torch.floor(pos)
+        if group.max_cell is not None:
+            cell = torch.minimum(cell, group.max_cell[d].to(cell.dtype))
+        fracs.append(pos - cell)
+        cell = cell.long()
+        mult = group.mult[d]
+        if group.hashed:
+            # (v * prime) mod 2**32 mod T == (v * prime) & (T - 1) since T is a power of two;
+            # int64 products wrap modulo 2**64, which keeps the low 32 bits exact.
+            t0 = cell * mult
+            t1 = (t0 + mult) & grid.hash_mask
+            t0 = t0 & grid.hash_mask
+            if d == 0:   # level offsets are multiples of T here and t < T: ^ offset == + offset
+                t0, t1 = t0 ^ group.offset, t1 ^ group.offset
+        else:
+            t0 = cell * mult
+            if d == 0 and group.rows is None:
+                t0 = t0 + group.offset
+            t1 = t0 + mult
+        terms.append((t0, t1))
+    return terms, fracs
+
+
+def _corner_index(terms, corner: int, group: _Group) -> torch.Tensor:
+    """Rows (N, G) of one cell corner (bit d of `corner` set: upper vertex on axis d)."""
+    index = terms[0][corner & 1]
+    for d in range(1, len(terms)):
+        term = terms[d][(corner >> d) & 1]
+        index = index ^ term if group.hashed else index + term
+    if group.rows is not None:      # tcnn wraps dense indices modulo the level's rows
+        index = torch.remainder(index, group.rows) + group.offset
+    return index
+
+
+def _product(factors: List[torch.Tensor]) -> torch.Tensor:
+    result = factors[0]
+    for factor in factors[1:]:
+        result = result * factor
+    return result
+
+
+def _interpolation_factors(fracs: List[torch.Tensor], smooth: bool):
+    """Per axis: (weight of lower vertex, weight of upper vertex, d upper / d frac or None)."""
+    factors = []
+    for frac in fracs:
+        s = _smoothstep(frac) if smooth else frac
+        factors.append((1.0 - s, s, _smoothstep_derivative(frac) if smooth else None))
+    return factors
+
+
+def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table: (R, F), index: (N, G) -> (N, G, F)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+
+
+def _encode(x: torch.Tensor, table: torch.Tensor, grid: _Grid) -> torch.Tensor:
+    """x: (N, D) in [0, 1] -> features (N, L, F) in the accumulation dtype."""
+    acc_dtype = torch.promote_types(x.dtype, table.dtype)
+    xt = x.t().contiguous()
+    outputs = []
+    for group in grid.groups:
+        group_table = table[group.rows_start:group.rows_stop]
+        terms, fracs = _axis_terms(xt, group, grid)
+        if grid.interpolation == "nearest":
+            outputs.append(_gather(group_table, _corner_index(terms, 0, group)).to(acc_dtype))
+            continue
+        factors = _interpolation_factors(fracs, grid.interpolation == "smoothstep")
+        out = None
+        for corner in range(1 << xt.shape[0]):
+            weight = _product([factors[d][(corner >> d) & 1] for d in range(len(factors))])
+            feature = _gather(group_table, _corner_index(terms, corner, group)).to(acc_dtype)
+            if out is None:
+                out = feature * weight.unsqueeze(-1)
+            else:
+                out.addcmul_(feature, weight.unsqueeze(-1))
+        outputs.append(out)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+def _encode_backward(x, table, grid: _Grid, grad_out, need_x: bool, need_table: bool):
+    """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L, F).
+
+    Only differentiable torch ops, so autograd can differentiate this again (second-order
+    gradients such as an eikonal loss on |df/dx|).
+    """
+    n_dims = x.shape[1]
+    xt = x.t().contiguous()
+    grad_table = torch.zeros(table.shape, dtype=grad_out.dtype, device=table.device) if need_table else None
+    grad_xt = [None] * n_dims
+    for group in grid.groups:
+        group_table = table[group.rows_start:group.rows_stop]
+        group_grad = grad_table[group.rows_start:group.rows_stop] if need_table else None
+        g = grad_out[:, group.start:group.stop].contiguous()               # (N, G, F)
+        n_features = g.shape[-1]
+        terms, fracs = _axis_terms(xt, group, grid)
+        if grid.interpolation == "nearest":   # piecewise constant: d/dx = 0
+            if need_table:
+                index = _corner_index(terms, 0, group)
+                group_grad.index_add_(0, index.reshape(-1), g.reshape(-1, n_features))
+            continue
+        factors = _interpolation_factors(fracs, grid.interpolation == "smoothstep")
+        grad_frac = [None] * n_dims
+        for corner in range(1 << n_dims):
+            bits = [(corner >> d) & 1 for d in range(n_dims)]
+            index = _corner_index(terms, corner, group)
+            if need_table:
+                weight = _product([factors[d][bits[d]] for d in range(n_dims)])
+                group_grad.index_add_(0, index.reshape(-1), (g * weight.unsqueeze(-1)).reshape(-1, n_features))
+            if need_x:
+                g_dot_feature = (g * _gather(group_table, index)).sum(-1)    # (N, G)
+                for d in range(n_dims):
+                    # d weight / d s_d = +-prod_{e != d} (s_e or 1 - s_e)
+                    others = [factors[e][bits[e]] for e in range(n_dims) if e != d]
+                    term = g_dot_feature * _product(others) if others else g_dot_feature
+                    term = term if bits[d] else -term
+                    grad_frac[d] = term if grad_frac[d] is None else grad_frac[d] + term
+        if need_x:
+            for d in range(n_dims):
+                ds = factors[d][2]
+                dfrac = grad_frac[d] if ds is None else grad_frac[d] * ds
+                # d pos / d x = scale; the cell index is piecewise constant
+                contribution = (dfrac * group.scale[d].to(dfrac.dtype)).sum(-1)
+                grad_xt[d] = contribution if grad_xt[d] is None else grad_xt[d] + contribution
+    grad_x = None
+    if need_x:
+        grad_x = torch.stack([g if g is not None else torch.zeros_like(xt[0]) for g in grad_xt], dim=1).to(x.dtype)
+    if need_table:
+        grad_table = grad_table.to(table.dtype)
+    return grad_x, grad_table
+
+
+class _HashGridFunction(torch.autograd.Function):
+    """Interpolated table lookup with a hand-written backward.
+
+    Autograd through the plain ops would keep every corner's indices, weights and gathered
+    features alive until backward (hundreds of MB for 2**18 points); this saves only x and
+    the table, and backward recomputes the cheap index arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx, x, table, grid):
+        ctx.grid = grid
+        ctx.save_for_backward(x, table)
+        return _encode(x, table, grid)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, table = ctx.saved_tensors
+        grad_x, grad_table = _encode_backward(
+            x, table, ctx.grid, grad_out, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_x, grad_table, None
+
+
+class MultiResHashGrid(nn.Module):
+    """Multiresolution hash encoding: x (..., dim) in [0, 1] -> (..., n_levels * n_features_per_level).
+
+    Args:
+        dim: input dimensions D (any D >= 1).
+        n_levels: number of levels L.
+        n_features_per_level: features F stored per vertex.
+        log2_hashmap_size: log2 of T, the most rows a level may have (paper: 14-24).
+        base_resolution: coarsest resolution N_min; an int or one value per axis.
+        finest_resolution: finest resolution N_max; an int or one value per axis (e.g. a
+            56,718 x 21,450 panorama wants (28359, 10725)). Ignored if per_level_scale is given.
+        per_level_scale: growth factor b between levels (int or one per axis), tcnn style.
+        interpolation: "linear", "smoothstep" or "nearest".
+        layout: "paper" (the paper's resolutions, every vertex addressable, collision-free
+            dense coarse levels) or "tcnn" (tiny-cuda-nn's conventions bit for bit; see the
+            module docstring, `tcnn_params` and `load_tcnn_params`).
+
+    Input: x of shape (..., dim), any floating dtype. Values are clamped to [0, 1]; a point
+    with a NaN coordinate gets NaN features (that point only). Output: (..., output_dim) in
+    the tables' dtype. Gradients flow to the tables, to x, and again through d/dx
+    (second order, e.g. an eikonal loss).
+
+    Attributes: input_dim, output_dim, resolutions (per level, per axis: N_l in the paper
+    layout, tcnn's vertex count in the tcnn layout), rows_per_level, level_offsets,
+    hashed_levels, embedding (nn.Embedding(sum(rows_per_level), F), the parameters).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_levels: int = 16,
+        n_features_per_level: int = 2,
+        log2_hashmap_size: int = 15,
+        base_resolution: Resolution = 16,
+        finest_resolution: Resolution = 512,
+        *,
+        per_level_scale: Optional[Resolution] = None,
+        interpolation: str = "linear",
+        layout: str = "paper",
+    ):
+        super().__init__()
+        for name, value, low in (("dim", dim, 1), ("n_levels", n_levels, 1),
+                                 ("n_features_per_level", n_features_per_level, 1),
+                                 ("log2_hashmap_size", log2_hashmap_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if log2_hashmap_size > 31:
+            raise ValueError(f"log2_hashmap_size must be <= 31 (tables of 2**31 rows), got {log2_hashmap_size}")
+        if interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+        self.input_dim = dim
+        self.output_dim = n_levels * n_features_per_level
+        self.n_levels = n_levels
+        self.n_features_per_level = n_features_per_level
+        self.log2_hashmap_size = log2_hashmap_size
+        self.interpolation = interpolation
+        self.layout = layout
+        base = _per_axis(base_resolution, dim, "base_resolution")
+        if per_level_scale is None:
+            finest = _per_axis(finest_resolution, dim, "finest_resolution")
+            if any(f < b for f, b in zip(finest, base)):
+                raise ValueError(f"finest_resolution {finest_resolution} must be >= base_resolution {base_resolution}")
+            growth = tuple(math.exp((math.log(f) - math.log(b)) / (n_levels - 1)) if n_levels > 1 else 1.0
+                           for f, b in zip(finest, base))
+        else:
+            growth = _per_axis(per_level_scale, dim, "per_level_scale")
+            if any(g < 1 for g in growth):
+                raise ValueError(f"per_level_scale must be >= 1, got {per_level_scale}")
+        self.base_resolution = base_resolution
+        self.finest_resolution = finest_resolution
+        self.per_level_scale = growth
+
+        hash_rows = 1 << log2_hashmap_size
+        primes = hash_primes(dim)
+        scales, mults, max_cells, rows, hashed = [], [], [], [], []
+        resolutions = []
+        for level in range(n_levels):
+            if layout == "paper":
+                cells = [_floor(b * g ** level) for b, g in zip(base, growth)]
+                level_scale = [float(c) for c in cells]
+                vertices = [c + 1 for c in cells]
+                # the highest cell is N - 1 so that x == 1 interpolates onto vertex N
+                max_cells.append([c if interpolation == "nearest" else c - 1 for c in cells])
+                resolutions.append(tuple(cells))
+                n_vertices = math.prod(vertices)
+                level_rows = n_vertices if n_vertices <= hash_rows else hash_rows
+            else:
+                level_scale = [_float32(_float32(2.0 ** _float32(level * _float32(math.log2(g)))) * b - 1.0)
+                               for b, g in zip(base, growth)]
+                vertices = [math.ceil(s) + 1 for s in level_scale]
+                resolutions.append(tuple(vertices))
+                n_vertices = math.prod(vertices)
+                level_rows = min(_next_multiple(n_vertices, 8), hash_rows)
+            is_hashed = n_vertices > level_rows
+            strides = [math.prod(vertices[:d]) for d in range(dim)]
+            scales.append(level_scale)
+            mults.append(primes if is_hashed else strides)
+            rows.append(level_rows)
+            hashed.append(is_hashed)
+        self.resolutions = tuple(resolutions)
+        self.rows_per_level = tuple(rows)
+        self.level_offsets = tuple(sum(rows[:level]) for level in range(n_levels))
+        self.hashed_levels = tuple(level for level in range(n_levels) if hashed[level])
+        self._hash_mask = hash_rows - 1
+
+        # One embedding for all levels: one gather serves every level at once, and its
+        # flattened weight has exactly tiny-cuda-nn's parameter layout.
+        self.embedding = nn.Embedding(sum(rows), n_features_per_level)
+        nn.init.uniform_(self.embedding.weight, -1e-4, 1e-4)
+
+        # Consecutive levels that index alike (all dense or all hashed) form a group that is
+        # computed in one vectorised pass. Buffers are non-persistent (derived from the
+        # config) and integer-typed, so .half()/.to(dtype) cannot round them; the float32
+        # scales are stored as their bit patterns for that reason.
+        self._groups = []
+        start = 0
+        while start < n_levels:
+            stop = start
+            while stop < n_levels and hashed[stop] == hashed[start]:
+                stop += 1
+            rows_start = self.level_offsets[start]
+            name = f"_group{len(self._groups)}"
+
+            def buffer(suffix, values, dtype=torch.int64):
+                self.register_buffer(name + suffix, torch.tensor(values, dtype=dtype), persistent=False)
+
+            axis_major = lambda per_level: [list(axis) for axis in zip(*per_level[start:stop])]   # (D, G)
+            scale = torch.tensor(axis_major(scales), dtype=torch.float32)
+            self.register_buffer(name + "_scale_bits", scale.view(torch.int32), persistent=False)
+            buffer("_mult", axis_major(mults))
+            buffer("_offset", [offset - rows_start for offset in self.level_offsets[start:stop]])
+            if layout == "paper":
+                buffer("_max_cell", axis_major(max_cells))
+            elif not hashed[start]:
+                buffer("_rows", rows[start:stop])
+            self._groups.append((name, start, stop, hashed[start], rows_start, rows_start + sum(rows[start:stop])))
+            start = stop
+
+    def _grid(self) -> _Grid:
+        groups = [
+            _Group(start, stop, is_hashed, rows_start, rows_stop,
+                   scale=getattr(self, name + "_scale_bits").view(torch.float32),
+                   mult=getattr(self, name + "_mult"),
+                   offset=getattr(self, name + "_offset"),
+                   max_cell=getattr(self, name + "_max_cell", None),
+                   rows=getattr(self, name + "_rows", None))
+            for name, start, stop, is_hashed, rows_start, rows_stop in self._groups
+        ]
+        return _Grid(groups, self.interpolation, self.layout == "tcnn", self._hash_mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., dim) in [0, 1] -> (..., n_levels * n_features_per_level)."""
+        if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
+            raise TypeError(f"MultiResHashGrid expects a floating-point tensor of shape (..., {self.input_dim}), "
+                            f"got {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.input_dim:
+            raise ValueError(f"MultiResHashGrid(dim={self.input_dim}) expects x of shape (..., {self.input_dim}), "
+                             f"got {tuple(x.shape)}")
+        table = self.embedding.weight
+        batch_shape = x.shape[:-1]
+        points = x.reshape(-1, self.input_dim)
+        # float64 stays float64 (gradcheck); anything narrower computes positions in float32,
+        # since N_l * x needs ~24 bits at the finest levels.
+        points = points.to(torch.float64 if points.dtype == torch.float64 else torch.float32)
+        nan = torch.isnan(points).any(-1, keepdim=True)                     # (N, 1)
+        points = torch.where(torch.isnan(points), torch.zeros_like(points), points).clamp(0.0, 1.0)
+        features = _HashGridFunction.apply(points, table, self._grid())      # (N, L, F)
+        features = features.reshape(points.shape[0], self.output_dim)
+        features = torch.where(nan, torch.full_like(features, float("nan")), features)
+        return features.to(table.dtype).reshape(*batch_shape, self.output_dim)
+
+    def tcnn_params(self) -> torch.Tensor:
+        """The parameters as tiny-cuda-nn's flat vector: (sum(rows_per_level) * F,), layout="tcnn" only."""
+        self._require_tcnn()
+        return self.embedding.weight.detach().reshape(-1).clone()
+
+    @torch.no_grad()
+    def load_tcnn_params(self, params: torch.Tensor) -> None:
+        """Load a tiny-cuda-nn HashGrid parameter vector (e.g. ``tcnn.Encoding.params``)."""
+        self._require_tcnn()
+        weight = self.embedding.weight
+        if params.numel() != weight.numel():
+            raise ValueError(f"expected {weight.numel()} tcnn parameters "
+                             f"({weight.shape[0]} rows x {weight.shape[1]} features), got {params.numel()}")
+        weight.copy_(params.detach().reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
+
+    def _require_tcnn(self) -> None:
+        if self.layout != "tcnn":
+            raise ValueError("tcnn parameter vectors need MultiResHashGrid(..., layout='tcnn')")
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.input_dim}, n_levels={self.n_levels}, n_features_per_level={self.n_features_per_level}, "
+                f"log2_hashmap_size={self.log2_hashmap_size}, resolutions={self.resolutions[0]}..{self.resolutions[-1]}, "
+                f"hashed_levels={len(self.hashed_levels)}, interpolation={self.interpolation!r}, layout={self.layout!r}")
+
+
+class Frequency(nn.Module):
+    """NeRF positional encoding (Mildenhall et al. 2020, eq. 4):
+    x (..., dim) -> (..., dim * n_levels * 2), per input axis
+    [sin(2^0 pi x), ..., sin(2^(L-1) pi x), cos(2^0 pi x), ..., cos(2^(L-1) pi x)].
+    """
+
+    def __init__(self, dim: int, n_levels: int = 10):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1 or not isinstance(n_levels, int) or n_levels < 1:
+            raise ValueError(f"Frequency needs dim >= 1 and n_levels >= 1, got dim={dim!r}, n_levels={n_levels!r}")
+        self.input_dim = dim
+        self.n_levels = n_levels
+        self.output_dim = dim * n_levels * 2
+        self.register_buffer("freqs", 2.0 ** torch.arange(n_levels, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., dim) -> (..., dim * n_levels * 2)."""
+        if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
+            raise TypeError(f"Frequency expects a floating-point tensor of shape (..., {self.input_dim})")
+        if x.dim() == 0 or x.shape[-1] != self.input_dim:
+            raise ValueError(f"Frequency(dim={self.input_dim}) expects x of shape (..., {self.input_dim}), "
+                             f"got {tuple(x.shape)}")
+        angles = x.unsqueeze(-1) * (self.freqs.to(x.dtype) * math.pi)           # (..., dim, L)
+        return torch.cat((torch.sin(angles), torch.cos(angles)), dim=-1).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.input_dim}, n_levels={self.n_levels}"
