@@ -124,11 +124,13 @@ def _smoothstep_derivative(t: torch.Tensor) -> torch.Tensor:
 class _Group:
     """Consecutive levels that index alike (all dense or all hashed), computed in one pass.
 
-    scale, mult, max_cell: (D, G) -- axis-major, so every per-axis operand is a contiguous
-    (G,) row and every per-axis intermediate a contiguous (N, G) tensor. mult holds the
-    dense strides or the hash primes. rows_start/rows_stop: the group's slice of the table;
-    offset: (G,) each level's first row relative to rows_start. max_cell: highest cell index
-    (paper layout) or None. rows: (G,) rows per level for tcnn's dense wrap-around, or None.
+    scale, mult, max_cell: (D, G, 1) -- axis-major, so each per-axis operand broadcasts as a
+    (G, 1) column against a (1, n) row of points and every intermediate is a contiguous
+    level-major (G, n) tensor (one level's lookups stay together, which keeps the table
+    accesses local). mult holds the dense strides or the hash primes. rows_start/rows_stop:
+    the group's slice of the table; offset: (G, 1) each level's first row relative to
+    rows_start. max_cell: highest cell index (paper layout) or None. rows: (G, 1) rows per
+    level for tcnn's dense wrap-around, or None.
     """
 
     def __init__(self, start, stop, hashed, rows_start, rows_stop, scale, mult, offset, max_cell, rows):
@@ -138,18 +140,29 @@ class _Group:
 
 
 class _Grid:
-    """Everything forward and backward need: the groups and the static options."""
+    """Everything forward and backward need: the level groups and the static options.
 
-    def __init__(self, groups: List[_Group], interpolation: str, tcnn: bool, hash_mask: int):
+    chunk_size: points per pass, or None for all at once. On CPU, chunks of a few thousand
+    points keep every temporary in cache and avoid the page faults of fresh 10-100 MB
+    buffers, which otherwise dominate; GPUs and torch.compile want one big pass.
+    """
+
+    def __init__(self, groups: List[_Group], interpolation: str, tcnn: bool, hash_mask: int,
+                 chunk_size: Optional[int]):
         self.groups, self.interpolation, self.tcnn, self.hash_mask = groups, interpolation, tcnn, hash_mask
+        self.chunk_size = chunk_size
+
+    def chunks(self, n_points: int):
+        step = max(self.chunk_size or n_points, 1)
+        return [(lo, min(lo + step, n_points)) for lo in range(0, n_points, step)]
 
 
 def _axis_terms(xt: torch.Tensor, group: _Group, grid: _Grid):
-    """Per-axis pieces of every corner's row index and weight, for one group.
+    """Per-axis pieces of every corner's row index, and the positions inside the cells.
 
-    xt: (D, N) -> terms: D pairs (t0, t1) of (N, G) int64, the axis' share of the row index
-    for the lower / upper vertex (combined over axes by + when dense, ^ when hashed); and
-    frac: D tensors (N, G), the position inside the cell.
+    xt: (D, n) -> terms: D pairs (t0, t1) of (G, n) int64, the axis' share of the row index
+    of the lower / upper vertex (combined over axes by + when dense, ^ when hashed), with the
+    level offset folded into axis 0; fracs: D tensors (G, n) in [0, 1].
     """
     shift = 0.5 if (grid.tcnn or grid.interpolation == "nearest") else 0.0
     terms, fracs = [], []
@@ -159,25 +172,26 @@ def _axis_terms(xt: torch.Tensor, group: _Group, grid: _Grid):
             # tcnn computes fmaf(scale, x, 0.5) in float32 (one rounding). The product of two
             # float32 values is exact in float64, so this reproduces it bit for bit (barring
             # double-rounding ties).
-            pos = (xt[d].double().unsqueeze(1) * scale.double() + shift).to(xt.dtype)
+            pos = (scale.double() * xt[d].double() + shift).to(xt.dtype)
         else:
-            pos = xt[d].unsqueeze(1) * scale.to(xt.dtype) + shift           # (N, G)
+            pos = scale.to(xt.dtype) * xt[d]                                # (G, n)
+            if shift:
+                pos = pos + shift
         cell = torch.floor(pos)
         if group.max_cell is not None:
             cell = torch.minimum(cell, group.max_cell[d].to(cell.dtype))
         fracs.append(pos - cell)
         cell = cell.long()
         mult = group.mult[d]
+        t0 = cell * mult
         if group.hashed:
-            # (v * prime) mod 2**32 mod T == (v * prime) & (T - 1) since T is a power of two;
+            # (v * prime) mod 2**32 mod T == (v * prime) & (T - 1), T being a power of two;
             # int64 products wrap modulo 2**64, which keeps the low 32 bits exact.
-            t0 = cell * mult
             t1 = (t0 + mult) & grid.hash_mask
             t0 = t0 & grid.hash_mask
-            if d == 0:   # level offsets are multiples of T here and t < T: ^ offset == + offset
+            if d == 0:   # hashed levels' offsets are multiples of T and t < T: ^ offset == + offset
                 t0, t1 = t0 ^ group.offset, t1 ^ group.offset
         else:
-            t0 = cell * mult
             if d == 0 and group.rows is None:
                 t0 = t0 + group.offset
             t1 = t0 + mult
@@ -185,15 +199,36 @@ def _axis_terms(xt: torch.Tensor, group: _Group, grid: _Grid):
     return terms, fracs
 
 
-def _corner_index(terms, corner: int, group: _Group) -> torch.Tensor:
-    """Rows (N, G) of one cell corner (bit d of `corner` set: upper vertex on axis d)."""
-    index = terms[0][corner & 1]
-    for d in range(1, len(terms)):
-        term = terms[d][(corner >> d) & 1]
-        index = index ^ term if group.hashed else index + term
-    if group.rows is not None:      # tcnn wraps dense indices modulo the level's rows
-        index = torch.remainder(index, group.rows) + group.offset
-    return index
+def _for_each_corner(terms, factors, group: _Group, visit) -> None:
+    """Calls visit(corner, index, weight) for every cell corner: index (G, n) its table rows,
+    weight (G, n) its interpolation weight (None without factors, i.e. "nearest": one corner).
+    Bit d of `corner` set means the upper vertex on axis d.
+
+    Depth-first over the axes, so corners share partial sums and products: about 2 ops per
+    corner instead of 2 (D - 1), while only D partial results are alive at a time.
+    """
+    n_dims = len(terms)
+    bits = (0,) if factors is None else (0, 1)
+
+    def descend(d, corner, index, weight):
+        if d == n_dims:
+            if group.rows is not None:      # tcnn wraps dense indices modulo the level's rows
+                index = torch.remainder(index, group.rows) + group.offset
+            visit(corner, index, weight)
+            return
+        for bit in bits:
+            term = terms[d][bit]
+            if index is None:
+                next_index = term
+            else:
+                next_index = index ^ term if group.hashed else index + term
+            next_weight = None
+            if factors is not None:
+                factor = factors[d][bit]
+                next_weight = factor if weight is None else weight * factor
+            descend(d + 1, corner | (bit << d), next_index, next_weight)
+
+    descend(0, 0, None, None)
 
 
 def _product(factors: List[torch.Tensor]) -> torch.Tensor:
@@ -203,8 +238,12 @@ def _product(factors: List[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def _interpolation_factors(fracs: List[torch.Tensor], smooth: bool):
-    """Per axis: (weight of lower vertex, weight of upper vertex, d upper / d frac or None)."""
+def _interpolation_factors(fracs: List[torch.Tensor], interpolation: str):
+    """Per axis: (weight of lower vertex, weight of upper vertex, d upper / d frac or None);
+    None for "nearest", which takes one vertex at full weight."""
+    if interpolation == "nearest":
+        return None
+    smooth = interpolation == "smoothstep"
     factors = []
     for frac in fracs:
         s = _smoothstep(frac) if smooth else frac
@@ -212,33 +251,104 @@ def _interpolation_factors(fracs: List[torch.Tensor], smooth: bool):
     return factors
 
 
+# Row-at-a-time access to the (R, F) tables is much faster through a 1-D view with one element
+# per row (F features reinterpreted as one machine word): PyTorch's 2-D index_select /
+# index_add_ kernels loop over features per row. Word dtypes for the gather, by row size:
+_WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+# ... and for the scatter-add, where the arithmetic must stay right: a pair of floats adds
+# exactly like a complex number.
+_PAIR_DTYPES = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def _fast_path() -> bool:
+    # the dtype views are not differentiable (double backward) and buy nothing under compile
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table: (R, F), index: (N, G) -> (N, G, F)."""
-    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+    """table: (R, F), index: (G, n) -> (G, n, F)."""
+    n_features = table.shape[1]
+    word = _WORD_DTYPES.get(n_features * table.element_size())
+    if word is not None and table.is_contiguous() and _fast_path():
+        rows = table.view(word).view(-1).index_select(0, index.reshape(-1))
+        return rows.view(table.dtype).view(*index.shape, n_features)
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, n_features)
+
+
+def _scatter_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """target[index[i]] += values[i] for rows: target (R, F), index (M,), values (M, F)."""
+    values = values.to(target.dtype)
+    if target.shape[1] == 2 and target.dtype in _PAIR_DTYPES and target.is_contiguous() and _fast_path():
+        pair = _PAIR_DTYPES[target.dtype]
+        target.view(pair).view(-1).index_add_(0, index, values.contiguous().view(pair).view(-1))
+    else:
+        target.index_add_(0, index, values)
+
+
+def _encode_group(xt: torch.Tensor, table: torch.Tensor, group: _Group, grid: _Grid, acc_dtype) -> torch.Tensor:
+    """xt: (D, n) -> this group's features (G, n, F)."""
+    group_table = table[group.rows_start:group.rows_stop]
+    terms, fracs = _axis_terms(xt, group, grid)
+    factors = _interpolation_factors(fracs, grid.interpolation)
+    out = []
+
+    def accumulate(corner, index, weight):
+        feature = _gather(group_table, index).to(acc_dtype)
+        if weight is None:
+            out.append(feature)
+        elif not out:
+            out.append(feature * weight.unsqueeze(-1))
+        else:
+            out[0].addcmul_(feature, weight.unsqueeze(-1))
+
+    _for_each_corner(terms, factors, group, accumulate)
+    return out[0]
 
 
 def _encode(x: torch.Tensor, table: torch.Tensor, grid: _Grid) -> torch.Tensor:
     """x: (N, D) in [0, 1] -> features (N, L, F) in the accumulation dtype."""
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
-    xt = x.t().contiguous()
-    outputs = []
-    for group in grid.groups:
-        group_table = table[group.rows_start:group.rows_stop]
-        terms, fracs = _axis_terms(xt, group, grid)
-        if grid.interpolation == "nearest":
-            outputs.append(_gather(group_table, _corner_index(terms, 0, group)).to(acc_dtype))
-            continue
-        factors = _interpolation_factors(fracs, grid.interpolation == "smoothstep")
-        out = None
-        for corner in range(1 << xt.shape[0]):
-            weight = _product([factors[d][(corner >> d) & 1] for d in range(len(factors))])
-            feature = _gather(group_table, _corner_index(terms, corner, group)).to(acc_dtype)
-            if out is None:
-                out = feature * weight.unsqueeze(-1)
-            else:
-                out.addcmul_(feature, weight.unsqueeze(-1))
-        outputs.append(out)
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    n_levels = grid.groups[-1].stop
+    out = x.new_empty((x.shape[0], n_levels, table.shape[1]), dtype=acc_dtype)
+    for lo, hi in grid.chunks(x.shape[0]):
+        xt = x[lo:hi].t().contiguous()
+        for group in grid.groups:
+            out[lo:hi, group.start:group.stop] = _encode_group(xt, table, group, grid, acc_dtype).transpose(0, 1)
+    return out
+
+
+def _backward_group(xt, table, group: _Group, grid: _Grid, g, grad_table, grad_xt, need_x: bool):
+    """Adds one group's gradients for points xt (D, n), given g = dL/dfeatures (G, n, F),
+    to grad_table (R, F) and to the list grad_xt of D tensors (n,)."""
+    n_dims, n_features = xt.shape[0], g.shape[-1]
+    group_table = table[group.rows_start:group.rows_stop]
+    group_grad = grad_table[group.rows_start:group.rows_stop] if grad_table is not None else None
+    terms, fracs = _axis_terms(xt, group, grid)
+    factors = _interpolation_factors(fracs, grid.interpolation)
+    need_x = need_x and factors is not None       # "nearest" is piecewise constant: d/dx = 0
+    grad_frac = [None] * n_dims
+
+    def accumulate(corner, index, weight):
+        if group_grad is not None:
+            values = g if weight is None else g * weight.unsqueeze(-1)
+            _scatter_add(group_grad, index.reshape(-1), values.reshape(-1, n_features))
+        if need_x:
+            g_dot_feature = (g * _gather(group_table, index)).sum(-1)        # (G, n)
+            for d in range(n_dims):
+                # d weight / d s_d = +-prod_{e != d} (s_e or 1 - s_e)
+                others = [factors[e][(corner >> e) & 1] for e in range(n_dims) if e != d]
+                term = g_dot_feature * _product(others) if others else g_dot_feature
+                term = term if (corner >> d) & 1 else -term
+                grad_frac[d] = term if grad_frac[d] is None else grad_frac[d] + term
+
+    _for_each_corner(terms, factors, group, accumulate)
+    if need_x:
+        for d in range(n_dims):
+            ds = factors[d][2]
+            dfrac = grad_frac[d] if ds is None else grad_frac[d] * ds
+            # d pos / d x = scale; the cell index is piecewise constant
+            contribution = (dfrac * group.scale[d].to(dfrac.dtype)).sum(0)
+            grad_xt[d] = contribution if grad_xt[d] is None else grad_xt[d] + contribution
 
 
 def _encode_backward(x, table, grid: _Grid, grad_out, need_x: bool, need_table: bool):
@@ -247,47 +357,20 @@ def _encode_backward(x, table, grid: _Grid, grad_out, need_x: bool, need_table: 
     Only differentiable torch ops, so autograd can differentiate this again (second-order
     gradients such as an eikonal loss on |df/dx|).
     """
-    n_dims = x.shape[1]
-    xt = x.t().contiguous()
     grad_table = torch.zeros(table.shape, dtype=grad_out.dtype, device=table.device) if need_table else None
-    grad_xt = [None] * n_dims
-    for group in grid.groups:
-        group_table = table[group.rows_start:group.rows_stop]
-        group_grad = grad_table[group.rows_start:group.rows_stop] if need_table else None
-        g = grad_out[:, group.start:group.stop].contiguous()               # (N, G, F)
-        n_features = g.shape[-1]
-        terms, fracs = _axis_terms(xt, group, grid)
-        if grid.interpolation == "nearest":   # piecewise constant: d/dx = 0
-            if need_table:
-                index = _corner_index(terms, 0, group)
-                group_grad.index_add_(0, index.reshape(-1), g.reshape(-1, n_features))
-            continue
-        factors = _interpolation_factors(fracs, grid.interpolation == "smoothstep")
-        grad_frac = [None] * n_dims
-        for corner in range(1 << n_dims):
-            bits = [(corner >> d) & 1 for d in range(n_dims)]
-            index = _corner_index(terms, corner, group)
-            if need_table:
-                weight = _product([factors[d][bits[d]] for d in range(n_dims)])
-                group_grad.index_add_(0, index.reshape(-1), (g * weight.unsqueeze(-1)).reshape(-1, n_features))
-            if need_x:
-                g_dot_feature = (g * _gather(group_table, index)).sum(-1)    # (N, G)
-                for d in range(n_dims):
-                    # d weight / d s_d = +-prod_{e != d} (s_e or 1 - s_e)
-                    others = [factors[e][bits[e]] for e in range(n_dims) if e != d]
-                    term = g_dot_feature * _product(others) if others else g_dot_feature
-                    term = term if bits[d] else -term
-                    grad_frac[d] = term if grad_frac[d] is None else grad_frac[d] + term
-        if need_x:
-            for d in range(n_dims):
-                ds = factors[d][2]
-                dfrac = grad_frac[d] if ds is None else grad_frac[d] * ds
-                # d pos / d x = scale; the cell index is piecewise constant
-                contribution = (dfrac * group.scale[d].to(dfrac.dtype)).sum(-1)
-                grad_xt[d] = contribution if grad_xt[d] is None else grad_xt[d] + contribution
+    grad_x_chunks = []
+    for lo, hi in grid.chunks(x.shape[0]):
+        xt = x[lo:hi].t().contiguous()
+        grad_xt = [None] * x.shape[1]
+        for group in grid.groups:
+            g = grad_out[lo:hi, group.start:group.stop].transpose(0, 1).contiguous()    # (G, n, F)
+            _backward_group(xt, table, group, grid, g, grad_table, grad_xt, need_x)
+        if need_x:   # (nearest interpolation leaves every entry None: zero gradient)
+            grad_x_chunks.append(torch.stack([g if g is not None else xt[0] * 0 for g in grad_xt], dim=1))
     grad_x = None
     if need_x:
-        grad_x = torch.stack([g if g is not None else torch.zeros_like(xt[0]) for g in grad_xt], dim=1).to(x.dtype)
+        grad_x = torch.cat(grad_x_chunks) if grad_x_chunks else torch.zeros_like(x)
+        grad_x = grad_x.to(x.dtype)
     if need_table:
         grad_table = grad_table.to(table.dtype)
     return grad_x, grad_table
@@ -342,6 +425,9 @@ class MultiResHashGrid(nn.Module):
     hashed_levels, embedding (nn.Embedding(sum(rows_per_level), F), the parameters).
     """
 
+    # On CPU, points are processed in chunks of this many lookups per corner (points x levels).
+    CPU_LOOKUPS_PER_PASS = 1 << 17
+
     def __init__(
         self,
         dim: int,
@@ -374,6 +460,7 @@ class MultiResHashGrid(nn.Module):
         self.log2_hashmap_size = log2_hashmap_size
         self.interpolation = interpolation
         self.layout = layout
+        self.chunk_size: Optional[int] = None   # points per pass; None: automatic (see _Grid)
         base = _per_axis(base_resolution, dim, "base_resolution")
         if per_level_scale is None:
             finest = _per_axis(finest_resolution, dim, "finest_resolution")
@@ -443,19 +530,26 @@ class MultiResHashGrid(nn.Module):
             def buffer(suffix, values, dtype=torch.int64):
                 self.register_buffer(name + suffix, torch.tensor(values, dtype=dtype), persistent=False)
 
-            axis_major = lambda per_level: [list(axis) for axis in zip(*per_level[start:stop])]   # (D, G)
+            axis_major = lambda per_level: [[[v] for v in axis] for axis in zip(*per_level[start:stop])]  # (D, G, 1)
             scale = torch.tensor(axis_major(scales), dtype=torch.float32)
             self.register_buffer(name + "_scale_bits", scale.view(torch.int32), persistent=False)
             buffer("_mult", axis_major(mults))
-            buffer("_offset", [offset - rows_start for offset in self.level_offsets[start:stop]])
+            buffer("_offset", [[offset - rows_start] for offset in self.level_offsets[start:stop]])
             if layout == "paper":
                 buffer("_max_cell", axis_major(max_cells))
             elif not hashed[start]:
-                buffer("_rows", rows[start:stop])
+                buffer("_rows", [[r] for r in rows[start:stop]])
             self._groups.append((name, start, stop, hashed[start], rows_start, rows_start + sum(rows[start:stop])))
             start = stop
 
-    def _grid(self) -> _Grid:
+    def _chunk_size(self, device: torch.device) -> Optional[int]:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        if device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        return max(self.CPU_LOOKUPS_PER_PASS // self.n_levels, 1)
+
+    def _grid(self, device: torch.device) -> _Grid:
         groups = [
             _Group(start, stop, is_hashed, rows_start, rows_stop,
                    scale=getattr(self, name + "_scale_bits").view(torch.float32),
@@ -465,7 +559,7 @@ class MultiResHashGrid(nn.Module):
                    rows=getattr(self, name + "_rows", None))
             for name, start, stop, is_hashed, rows_start, rows_stop in self._groups
         ]
-        return _Grid(groups, self.interpolation, self.layout == "tcnn", self._hash_mask)
+        return _Grid(groups, self.interpolation, self.layout == "tcnn", self._hash_mask, self._chunk_size(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., dim) in [0, 1] -> (..., n_levels * n_features_per_level)."""
@@ -483,7 +577,7 @@ class MultiResHashGrid(nn.Module):
         points = points.to(torch.float64 if points.dtype == torch.float64 else torch.float32)
         nan = torch.isnan(points).any(-1, keepdim=True)                     # (N, 1)
         points = torch.where(torch.isnan(points), torch.zeros_like(points), points).clamp(0.0, 1.0)
-        features = _HashGridFunction.apply(points, table, self._grid())      # (N, L, F)
+        features = _HashGridFunction.apply(points, table, self._grid(points.device))      # (N, L, F)
         features = features.reshape(points.shape[0], self.output_dim)
         features = torch.where(nan, torch.full_like(features, float("nan")), features)
         return features.to(table.dtype).reshape(*batch_shape, self.output_dim)

@@ -208,15 +208,15 @@ def test_gradcheck_and_gradgradcheck(dim, interpolation):
     table = enc.embedding.weight
     x = torch.rand(6, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
     x.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x, t: encoding._HashGridFunction.apply(x, t, enc._grid()), (x, table))
-    assert torch.autograd.gradgradcheck(lambda x, t: encoding._HashGridFunction.apply(x, t, enc._grid()), (x, table))
+    assert torch.autograd.gradcheck(lambda x, t: encoding._HashGridFunction.apply(x, t, enc._grid(x.device)), (x, table))
+    assert torch.autograd.gradgradcheck(lambda x, t: encoding._HashGridFunction.apply(x, t, enc._grid(x.device)), (x, table))
     assert torch.autograd.gradcheck(enc, (x,))
 
 
 def test_nearest_gradients():
     enc = make(2, "nearest", n_levels=3, log2_t=6, base=2, finest=12)
     x = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: encoding._HashGridFunction.apply(x, t, enc._grid()),
+    assert torch.autograd.gradcheck(lambda t: encoding._HashGridFunction.apply(x, t, enc._grid(x.device)),
                                     (enc.embedding.weight,))
     enc(x).sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
@@ -338,3 +338,19 @@ def test_frequency_encoding():
     assert enc.output_dim == 12 and enc(torch.rand(2, 3, 2)).shape == (2, 3, 12)
     with pytest.raises(ValueError):
         enc(torch.rand(4, 3))
+
+
+def test_chunked_passes_match_one_pass():
+    enc = make(3, n_levels=4, log2_t=9, base=3, finest=50)
+    x = torch.rand(50, 3, dtype=torch.float64, requires_grad=True)
+    enc.chunk_size = 10**9
+    one_pass = enc(x)
+    (grad_one,) = torch.autograd.grad(one_pass.square().sum(), x)
+    enc.chunk_size = 7
+    chunked = enc(x)
+    (grad_chunked,) = torch.autograd.grad(chunked.square().sum(), x)
+    torch.testing.assert_close(chunked, one_pass)
+    torch.testing.assert_close(grad_chunked, grad_one)
+    x2 = x[:9].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda x, t: encoding._HashGridFunction.apply(x, t, enc._grid(x.device)),
+                                        (x2, enc.embedding.weight))

@@ -1,0 +1,217 @@
+"""Throughput and memory of MultiResHashGrid, side by side with other implementations.
+
+    python bench/encoding.py                                     # ours only
+    python bench/encoding.py --vs ../peers/upstream_encoding.py:MultiResHashGrid
+
+Every implementation is timed interleaved with ours in the same process (step by step, so
+machine noise hits all alike) and reported as points/second and as a ratio to ours. Peak
+memory is the extra resident memory (CPU; each measurement in a fresh child process) or
+the extra allocated memory (CUDA) of one forward+backward step, parameter gradients
+included. Peers are built from our constructor arguments, matched by parameter name
+(dim, n_levels / num_levels, n_features_per_level / features_per_level, log2_hashmap_size,
+base_resolution / min_res, finest_resolution / max_res).
+"""
+import argparse
+import gc
+import importlib.util
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# name -> (dim, n_levels, n_features_per_level, log2_hashmap_size, base, finest, batch)
+WORKLOADS = {
+    "2d": (2, 16, 2, 19, 16, 8192, 2**18),
+    "3d": (3, 16, 2, 19, 16, 2048, 2**18),
+    "5d": (5, 8, 2, 16, 4, 64, 2**15),
+}
+SYNONYMS = {
+    "dim": ("dim", "in_dim", "input_dim", "n_input_dims"),
+    "n_levels": ("n_levels", "num_levels"),
+    "n_features_per_level": ("n_features_per_level", "features_per_level"),
+    "log2_hashmap_size": ("log2_hashmap_size",),
+    "base_resolution": ("base_resolution", "min_res"),
+    "finest_resolution": ("finest_resolution", "max_res"),
+}
+OURS = "ours"
+
+
+def load_class(spec: str):
+    """'ours' or 'path/to/file.py:ClassName' -> the class."""
+    if spec == OURS:
+        import encoding
+        return encoding.MultiResHashGrid
+    path, _, name = spec.rpartition(":")
+    if not path or not os.path.isfile(path):
+        raise SystemExit(f"bench/encoding.py: error: --vs wants path/to/file.py:ClassName, got {spec!r}")
+    module_spec = importlib.util.spec_from_file_location(f"peer_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def build(cls, workload: str, device: str):
+    dim, levels, features, log2_t, base, finest, _ = WORKLOADS[workload]
+    ours = dict(dim=dim, n_levels=levels, n_features_per_level=features, log2_hashmap_size=log2_t,
+                base_resolution=base, finest_resolution=finest)
+    params = inspect.signature(cls).parameters
+    kwargs = {}
+    for key, value in ours.items():
+        name = next((n for n in SYNONYMS[key] if n in params), None)
+        if name is not None:
+            kwargs[name] = value
+        elif key == "dim" and dim != 3:
+            raise TypeError(f"{cls.__name__} takes no input dimension (3-D only?)")
+    if "implementation" in params:
+        kwargs["implementation"] = "torch"
+    return cls(**kwargs).to(device)
+
+
+def make_step(module, batch: int, dim: int, device: str, backward: bool):
+    x = torch.rand(batch, dim, device=device)
+
+    def step():
+        if backward:
+            module.zero_grad(set_to_none=True)
+            module(x).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                module(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return step
+
+
+def time_interleaved(steps: dict, repeats: int) -> dict:
+    """steps: label -> callable. Median seconds per call, all labels interleaved."""
+    for step in steps.values():   # warm-up (and compilation)
+        step()
+    times = {label: [] for label in steps}
+    for _ in range(repeats):
+        for label, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def measure_memory_here(spec: str, workload: str, device: str) -> int:
+    """Extra memory (bytes) of one forward+backward step, in this process."""
+    module = build(load_class(spec), workload, device)
+    step = make_step(module, WORKLOADS[workload][6], WORKLOADS[workload][0], device, backward=True)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        return torch.cuda.max_memory_allocated() - before
+    before = _rss_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:   # resets the peak (VmHWM) to now
+        refs.write("5")
+    step()
+    return _rss_bytes("VmHWM") - before
+
+
+def measure_memory(spec: str, workload: str, device: str):
+    """Fresh child process per measurement, so one implementation's freed memory cannot hide
+    another's peak. None where the platform has no /proc."""
+    if device.startswith("cuda"):
+        return measure_memory_here(spec, workload, device)
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    out = subprocess.run([sys.executable, __file__, "--_memory", spec, workload, device],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        print(f"  (memory of {spec} on {workload} failed: {out.stderr.strip().splitlines()[-1:]})")
+        return None
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vs", action="append", default=[], metavar="FILE.py:CLASS",
+                        help="another implementation to time against ours (repeatable)")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "encoding.json"))
+    parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._memory:
+        print(measure_memory_here(*args._memory))
+        return
+
+    specs = [OURS] + args.vs
+    classes = {spec: load_class(spec) for spec in specs}
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
+    rows = []
+    for workload in args.workloads:
+        dim, batch = WORKLOADS[workload][0], WORKLOADS[workload][6]
+        modules = {}
+        for spec in specs:
+            try:
+                modules[spec] = build(classes[spec], workload, args.device)
+            except Exception as error:  # a peer may not support this workload (e.g. 3-D only)
+                print(f"  {spec} on {workload}: n/a ({type(error).__name__}: {error})")
+        for mode in args.modes:
+            for backward in (False, True):
+                steps = {}
+                for spec, module in modules.items():
+                    runner = torch.compile(module) if mode == "compiled" else module
+                    steps[spec] = make_step(runner, batch, dim, args.device, backward)
+                seconds = time_interleaved(steps, args.repeats)
+                for spec, value in seconds.items():
+                    rows.append(dict(workload=workload, mode=mode, step="fwd+bwd" if backward else "fwd",
+                                     impl=spec, points_per_second=batch / value,
+                                     ratio_ours_over_impl=seconds[OURS] and value / seconds[OURS]))
+        if not args.no_memory:
+            for spec in modules:
+                memory = measure_memory(spec, workload, args.device)
+                rows.append(dict(workload=workload, mode="eager", step="memory", impl=spec,
+                                 extra_bytes=memory))
+
+    print(f"\n{'workload':8} {'mode':9} {'step':8} {'implementation':44} {'M points/s':>11} {'ours is':>9}")
+    for row in rows:
+        if row["step"] == "memory":
+            continue
+        name = row["impl"] if len(row["impl"]) <= 44 else "..." + row["impl"][-41:]
+        ratio = f"{row['ratio_ours_over_impl']:.2f}x" if row["impl"] != OURS else ""
+        print(f"{row['workload']:8} {row['mode']:9} {row['step']:8} {name:44} "
+              f"{row['points_per_second'] / 1e6:11.3f} {ratio:>9}")
+    memory_rows = [row for row in rows if row["step"] == "memory"]
+    if memory_rows:
+        print(f"\n{'workload':8} {'implementation':44} {'extra MiB, one fwd+bwd step':>28}")
+        for row in memory_rows:
+            name = row["impl"] if len(row["impl"]) <= 44 else "..." + row["impl"][-41:]
+            value = "n/a" if row["extra_bytes"] is None else f"{row['extra_bytes'] / 2**20:.0f}"
+            print(f"{row['workload']:8} {name:44} {value:>28}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as out:
+        json.dump(dict(torch=torch.__version__, device=args.device, threads=torch.get_num_threads(),
+                       rows=rows), out, indent=1)
+    print(f"\nwrote {os.path.relpath(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
