@@ -305,8 +305,9 @@ def _encode_group(xt: torch.Tensor, table: torch.Tensor, group: _Group, grid: _G
     return out[0]
 
 
-def _encode(x: torch.Tensor, table: torch.Tensor, grid: _Grid) -> torch.Tensor:
-    """x: (N, D) in [0, 1] -> features (N, L, F) in the accumulation dtype."""
+def _encode(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor, grid: _Grid) -> torch.Tensor:
+    """x: (N, D) in [0, 1] -> features (N, L, F) in the accumulation dtype; NaN for the
+    points flagged in nan (N,) (their x holds a placeholder)."""
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
     n_levels = grid.groups[-1].stop
     out = x.new_empty((x.shape[0], n_levels, table.shape[1]), dtype=acc_dtype)
@@ -314,6 +315,7 @@ def _encode(x: torch.Tensor, table: torch.Tensor, grid: _Grid) -> torch.Tensor:
         xt = x[lo:hi].t().contiguous()
         for group in grid.groups:
             out[lo:hi, group.start:group.stop] = _encode_group(xt, table, group, grid, acc_dtype).transpose(0, 1)
+        out[lo:hi].masked_fill_(nan[lo:hi, None, None], float("nan"))
     return out
 
 
@@ -351,8 +353,9 @@ def _backward_group(xt, table, group: _Group, grid: _Grid, g, grad_table, grad_x
             grad_xt[d] = contribution if grad_xt[d] is None else grad_xt[d] + contribution
 
 
-def _encode_backward(x, table, grid: _Grid, grad_out, need_x: bool, need_table: bool):
+def _encode_backward(x, table, nan, grid: _Grid, grad_out, need_x: bool, need_table: bool):
     """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L, F).
+    NaN points (nan: (N,)) contribute nothing.
 
     Only differentiable torch ops, so autograd can differentiate this again (second-order
     gradients such as an eikonal loss on |df/dx|).
@@ -362,8 +365,9 @@ def _encode_backward(x, table, grid: _Grid, grad_out, need_x: bool, need_table: 
     for lo, hi in grid.chunks(x.shape[0]):
         xt = x[lo:hi].t().contiguous()
         grad_xt = [None] * x.shape[1]
+        grad_chunk = grad_out[lo:hi].masked_fill(nan[lo:hi, None, None], 0.0)
         for group in grid.groups:
-            g = grad_out[lo:hi, group.start:group.stop].transpose(0, 1).contiguous()    # (G, n, F)
+            g = grad_chunk[:, group.start:group.stop].transpose(0, 1).contiguous()      # (G, n, F)
             _backward_group(xt, table, group, grid, g, grad_table, grad_xt, need_x)
         if need_x:   # (nearest interpolation leaves every entry None: zero gradient)
             grad_x_chunks.append(torch.stack([g if g is not None else xt[0] * 0 for g in grad_xt], dim=1))
@@ -385,17 +389,17 @@ class _HashGridFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, table, grid):
+    def forward(ctx, x, table, nan, grid):
         ctx.grid = grid
-        ctx.save_for_backward(x, table)
-        return _encode(x, table, grid)
+        ctx.save_for_backward(x, table, nan)
+        return _encode(x, table, nan, grid)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, table = ctx.saved_tensors
+        x, table, nan = ctx.saved_tensors
         grad_x, grad_table = _encode_backward(
-            x, table, ctx.grid, grad_out, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_x, grad_table, None
+            x, table, nan, ctx.grid, grad_out, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_x, grad_table, None, None
 
 
 class MultiResHashGrid(nn.Module):
@@ -426,7 +430,7 @@ class MultiResHashGrid(nn.Module):
     """
 
     # On CPU, points are processed in chunks of this many lookups per corner (points x levels).
-    CPU_LOOKUPS_PER_PASS = 1 << 17
+    CPU_LOOKUPS_PER_PASS = 1 << 16
 
     def __init__(
         self,
@@ -575,11 +579,11 @@ class MultiResHashGrid(nn.Module):
         # float64 stays float64 (gradcheck); anything narrower computes positions in float32,
         # since N_l * x needs ~24 bits at the finest levels.
         points = points.to(torch.float64 if points.dtype == torch.float64 else torch.float32)
-        nan = torch.isnan(points).any(-1, keepdim=True)                     # (N, 1)
-        points = torch.where(torch.isnan(points), torch.zeros_like(points), points).clamp(0.0, 1.0)
-        features = _HashGridFunction.apply(points, table, self._grid(points.device))      # (N, L, F)
-        features = features.reshape(points.shape[0], self.output_dim)
-        features = torch.where(nan, torch.full_like(features, float("nan")), features)
+        # NaN coordinates get a placeholder position and NaN features, inside the chunked
+        # passes (cheap there, in cache) rather than as extra passes over the whole output.
+        nan = torch.isnan(points)
+        points = points.masked_fill(nan, 0.0).clamp(0.0, 1.0)
+        features = _HashGridFunction.apply(points, table, nan.any(-1), self._grid(points.device))  # (N, L, F)
         return features.to(table.dtype).reshape(*batch_shape, self.output_dim)
 
     def tcnn_params(self) -> torch.Tensor:
