@@ -1,0 +1,437 @@
+"""Image files <-> numpy arrays, and sRGB <-> linear light.
+
+Pixels stay in the file's own precision (uint8 / uint16 sRGB, or float linear for
+`.npy`) so that a gigapixel image costs 3 bytes per pixel, not 12 or 16; training
+converts the sampled batch to linear light with one table look-up (`SRGB_TO_LINEAR_LUT`).
+
+Conventions
+- Arrays are `(H, W, C)` with C in {1, 3, 4}; grayscale stays C = 1.
+- uint8 / uint16 arrays hold sRGB-encoded values; float arrays hold LINEAR light in [0, 1]
+  (the upstream `.npy` convention). A uint8 `.npy` is therefore sRGB, a float `.npy` linear.
+"""
+import contextlib
+import os
+import struct
+import sys
+import zlib
+
+import numpy as np
+from PIL import Image
+
+# Ceiling for PIL's decompression-bomb check: 2**32 pixels (4.3 gigapixels, e.g. 65536 x
+# 65536), enough for the 1.22-gigapixel Tokyo photo while still refusing absurd headers.
+# Pass max_pixels=None to read_image (or --max-pixels 0 to convert.py) to lift it.
+MAX_IMAGE_PIXELS = 2**32
+
+PIL_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF",
+               ".tiff": "TIFF", ".webp": "WEBP", ".bmp": "BMP"}
+EXTENSIONS = tuple(PIL_FORMATS) + (".npy",)
+
+# Rows converted at a time when copying between PIL and numpy: bounds the temporary
+# copies to a few MB whatever the image size.
+_BAND_PIXELS = 1 << 22
+
+
+class ImageError(Exception):
+    """A file could not be read or written; the message is one line naming the file."""
+
+    def __init__(self, path, reason):
+        reason = " ".join(str(reason).split())  # PIL/numpy messages may span lines
+        super().__init__(f"{os.fspath(path)}: {reason}")
+
+
+def _extension(path):
+    """Lower-case extension of `path`, or ImageError if it is not a supported format."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in EXTENSIONS:
+        raise ImageError(path, f"unsupported file extension {ext or '(none)'!r}; "
+                               f"expected one of {', '.join(EXTENSIONS)}")
+    return ext
+
+
+def _row_bands(height, width):
+    """Yield (y0, y1) row ranges of about _BAND_PIXELS pixels covering `height` rows."""
+    step = max(1, _BAND_PIXELS // max(1, width))
+    for y0 in range(0, height, step):
+        yield y0, min(height, y0 + step)
+
+
+# ----------------------------------------------------------------------------- colour
+
+def _is_torch(x):
+    # torch is only looked up when the caller already imported it, so the numpy-only
+    # tools (convert.py) never pay for importing torch.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _float_input(x, name):
+    if _is_torch(x):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} expects a float tensor in [0, 1]; use to_linear for integers")
+        return x
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name} expects a float array in [0, 1]; use to_linear for integers")
+    return x
+
+
+def srgb_to_linear(x):
+    """sRGB-encoded values -> linear light (IEC 61966-2-1), elementwise.
+
+    x: float numpy array or torch tensor, any shape, nominally in [0, 1]. Same type back.
+    """
+    x = _float_input(x, "srgb_to_linear")
+    if _is_torch(x):
+        import torch
+        # Clamping the power branch keeps its gradient finite where it is not selected.
+        curve = ((x.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4
+        return torch.where(x <= 0.04045, x / 12.92, curve)
+    curve = ((np.maximum(x, 0.04045) + 0.055) / 1.055) ** 2.4
+    return np.where(x <= 0.04045, x / 12.92, curve).astype(x.dtype, copy=False)
+
+
+def linear_to_srgb(x):
+    """Linear light -> sRGB-encoded values (IEC 61966-2-1), elementwise.
+
+    x: float numpy array or torch tensor, any shape, nominally in [0, 1]. Same type back.
+    """
+    x = _float_input(x, "linear_to_srgb")
+    if _is_torch(x):
+        import torch
+        curve = 1.055 * x.clamp(min=0.0031308) ** (1 / 2.4) - 0.055
+        return torch.where(x <= 0.0031308, x * 12.92, curve)
+    curve = 1.055 * np.maximum(x, 0.0031308) ** (1 / 2.4) - 0.055
+    return np.where(x <= 0.0031308, x * 12.92, curve).astype(x.dtype, copy=False)
+
+
+# Linear value of every 8-bit sRGB code, computed in float64 then stored as float32.
+SRGB_TO_LINEAR_LUT = srgb_to_linear(np.arange(256, dtype=np.float64) / 255).astype(np.float32)
+SRGB_TO_LINEAR_LUT.setflags(write=False)
+
+
+def to_linear(array):
+    """Any array read_image returns -> float32 linear light, same shape.
+
+    uint8 goes through SRGB_TO_LINEAR_LUT (one gather), uint16 through the formula,
+    float is taken as already linear. Accepts numpy arrays or torch tensors.
+    """
+    if _is_torch(array):
+        import torch
+        if array.dtype == torch.uint8:
+            lut = torch.from_numpy(SRGB_TO_LINEAR_LUT.copy()).to(array.device)
+            return lut[array.long()]
+        if array.is_floating_point():
+            return array.float()
+        return srgb_to_linear(array.double() / 65535).float()
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        return SRGB_TO_LINEAR_LUT[array]
+    if array.dtype == np.uint16:
+        return srgb_to_linear(array / 65535.0).astype(np.float32)
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float32, copy=False)
+    raise TypeError(f"to_linear: unsupported dtype {array.dtype}")
+
+
+def linear_to_uint8(x):
+    """Linear light -> sRGB uint8 (clipped to [0, 1], rounded to nearest); numpy or torch."""
+    if _is_torch(x):
+        import torch
+        srgb = linear_to_srgb(x.float().clamp(0.0, 1.0))
+        return torch.round(srgb * 255).to(torch.uint8)
+    srgb = linear_to_srgb(np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0))
+    return np.rint(srgb * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- reading
+
+@contextlib.contextmanager
+def _pil_bomb_check_off():
+    # PIL's limit is a module global; read_image applies its own per-call max_pixels
+    # instead, so the global is only switched off around Image.open.
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(path, max_pixels=MAX_IMAGE_PIXELS):
+    """Open an image file lazily (header only; pixels decode on first access).
+
+    Returns a PIL.Image.Image. Raises ImageError for an unsupported extension, a missing
+    or unreadable file, or more than `max_pixels` pixels (None: no limit).
+    """
+    ext = _extension(path)
+    if ext == ".npy":
+        raise ImageError(path, "is a .npy array, not an image file; use read_image")
+    if not os.path.isfile(path):
+        raise ImageError(path, "no such file")
+    try:
+        with _pil_bomb_check_off():
+            im = Image.open(path)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(path, f"cannot read image ({e})") from None
+    width, height = im.size
+    if max_pixels is not None and width * height > max_pixels:
+        im.close()
+        raise ImageError(path, f"{width}x{height} = {width * height} pixels exceeds the limit "
+                               f"of {max_pixels} pixels (raise max_pixels / --max-pixels)")
+    return im
+
+
+_CHANNELS = {"L": 1, "I;16": 1, "RGB": 3, "RGBA": 4}
+
+
+def _target_mode(im, keep_alpha):
+    """PIL mode the pixels are converted to: L, RGB, RGBA, I;16 (16-bit gray) or None."""
+    mode = im.mode
+    if mode.startswith("I;16"):
+        return "I;16"
+    if mode in ("1", "L"):
+        return "L"
+    if mode in ("LA", "La"):
+        return "RGBA" if keep_alpha else "L"
+    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+        return "RGBA" if keep_alpha else "RGB"
+    if mode in ("P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        return "RGB"
+    return None
+
+
+def pixel_mode(im, keep_alpha=False):
+    """How read_image returns an opened PIL image: "L", "RGB", "RGBA" (uint8), "I;16"
+    (uint16 gray), "RGB;16" / "RGBA;16" (uint16 colour), or None when unsupported."""
+    mode = _target_mode(im, keep_alpha)
+    if mode in ("RGB", "RGBA") and _wide_colour_tiles(im) is not None:
+        return mode + ";16"
+    return mode
+
+
+def pil_rows(im, y0, y1, mode):
+    """Rows [y0, y1) of a PIL image as a (y1 - y0, W, C) array in `mode` (see _CHANNELS).
+
+    Converting a band at a time keeps the extra memory to one band rather than a second
+    full copy of the image (PIL stores RGB with 4 bytes per pixel).
+    """
+    band = im.crop((0, y0, im.width, y1))
+    if mode == "I;16":
+        rows = np.asarray(band).astype(np.uint16, copy=False)  # I;16B arrives big-endian
+    else:
+        rows = np.asarray(band if band.mode == mode else band.convert(mode))
+    return rows.reshape(y1 - y0, im.width, _CHANNELS[mode])
+
+
+def _pil_to_array(im, mode):
+    """Whole decoded PIL image -> (H, W, C) uint8 / uint16 array, band by band."""
+    width, height = im.size
+    dtype = np.uint16 if mode == "I;16" else np.uint8
+    out = np.empty((height, width, _CHANNELS[mode]), dtype)
+    for y0, y1 in _row_bands(height, width):
+        out[y0:y1] = pil_rows(im, y0, y1, mode)
+    return out
+
+
+def _wide_colour_tiles(im):
+    """For a 16-bit-per-channel RGB(A) image, its tiles decoding the LOW bytes, else None.
+
+    PIL has no 16-bit colour mode: it decodes such PNG/TIFF files keeping only the high
+    byte of each sample (raw modes like "RGB;16B"). Decoding the same tiles a second time
+    with the byte order swapped yields the low bytes, so the full 16 bits come back with
+    PIL alone.
+    """
+    if im.mode not in ("RGB", "RGBA") or not im.tile:
+        return None
+    swap = {"B": "L", "L": "B", "N": "L" if sys.byteorder == "big" else "B"}
+    tiles = []
+    for tile in im.tile:
+        args = tile[3]
+        rawmode = args if isinstance(args, str) else args[0]
+        if not (isinstance(rawmode, str) and rawmode[-4:-1] == ";16" and rawmode[-1] in swap):
+            return None
+        low = rawmode[:-1] + swap[rawmode[-1]]
+        args = low if isinstance(args, str) else (low, *args[1:])
+        tiles.append(tile._replace(args=args) if hasattr(tile, "_replace") else (*tile[:3], args))
+    return tiles
+
+
+def _read_wide_colour(path, im, low_tiles, mode):
+    """Both byte halves of a 16-bit colour image -> (H, W, C) uint16 (C from `mode`)."""
+    high = _pil_to_array(im, mode)
+    with open_image(path, None) as low_im:
+        low_im.tile = low_tiles
+        try:
+            low_im.load()
+        except ValueError:
+            # No byte-swapped unpacker for this layout in PIL (e.g. 16-bit gray + alpha):
+            # keep the 8-bit data PIL gives rather than failing.
+            return high
+        low = _pil_to_array(low_im, mode)
+    out = high.astype(np.uint16)
+    out <<= 8
+    out |= low
+    return out
+
+
+def _read_npy(path, keep_alpha):
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ImageError(path, f"not a readable .npy array ({e})") from None
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
+        raise ImageError(path, f"expected an (H, W) or (H, W, C) array with C in 1, 3, 4, "
+                               f"got shape {tuple(array.shape)}")
+    if not (array.dtype in (np.uint8, np.uint16) or np.issubdtype(array.dtype, np.floating)):
+        raise ImageError(path, f"unsupported dtype {array.dtype}; expected uint8, uint16 or float")
+    return array if keep_alpha or array.shape[2] != 4 else array[:, :, :3]
+
+
+def read_image(path, keep_alpha=False, max_pixels=MAX_IMAGE_PIXELS):
+    """Read an image file as an (H, W, C) array, C in {1, 3, 4}.
+
+    .jpg/.jpeg/.png/.tif/.tiff/.webp/.bmp: uint8 sRGB (uint16 for 16-bit PNG/TIFF); palette,
+    CMYK, ... become RGB; alpha is dropped unless keep_alpha. More than `max_pixels` pixels
+    (None: no limit) is refused before decoding.
+    .npy: memory-mapped read-only (np.memmap, no copy), dtype as stored: uint8/uint16 sRGB
+    or float LINEAR light; an (H, W) array comes back as an (H, W, 1) view.
+    Raises ImageError (one line naming the file) for every failure.
+    """
+    if _extension(path) == ".npy":
+        if not os.path.isfile(path):
+            raise ImageError(path, "no such file")
+        return _read_npy(path, keep_alpha)
+    im = open_image(path, max_pixels)
+    try:
+        with im:
+            mode = pixel_mode(im, keep_alpha)
+            if mode is None:
+                raise ImageError(path, f"unsupported pixel mode {im.mode}")
+            if mode in ("RGB;16", "RGBA;16"):
+                return _read_wide_colour(path, im, _wide_colour_tiles(im), mode[:-3])
+            im.load()
+            return _pil_to_array(im, mode)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, ...
+        raise ImageError(path, f"cannot decode image, truncated or corrupt ({e})") from None
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _as_uint8(array):
+    """uint8 as is; float (linear) -> sRGB uint8, band by band to bound the temporaries."""
+    if array.dtype == np.uint8:
+        return array
+    height, width = array.shape[:2]
+    out = np.empty(array.shape, np.uint8)
+    for y0, y1 in _row_bands(height, width):
+        out[y0:y1] = linear_to_uint8(array[y0:y1])
+    return out
+
+
+def _png_chunk(f, kind, data):
+    f.write(struct.pack(">I", len(data)) + kind + data)
+    f.write(struct.pack(">I", zlib.crc32(kind + data)))
+
+
+def _write_png16(path, array):
+    """(H, W, C) uint16 -> 16-bit PNG (gray / RGB / RGBA); PIL cannot write 16-bit colour."""
+    height, width, channels = array.shape
+    colour_type = {1: 0, 3: 2, 4: 6}[channels]
+    packer = zlib.compressobj(6)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        _png_chunk(f, b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+        for y0, y1 in _row_bands(height, width):
+            rows = np.ascontiguousarray(array[y0:y1], dtype=">u2").view(np.uint8)
+            rows = rows.reshape(y1 - y0, width * channels * 2)
+            filtered = np.concatenate([np.zeros((y1 - y0, 1), np.uint8), rows], axis=1)  # filter 0
+            data = packer.compress(filtered.tobytes())
+            if data:
+                _png_chunk(f, b"IDAT", data)
+        _png_chunk(f, b"IDAT", packer.flush())
+        _png_chunk(f, b"IEND", b"")
+
+
+def _write_tiff16(path, array):
+    """(H, W, C) uint16 -> uncompressed little-endian 16-bit TIFF (one strip)."""
+    height, width, channels = array.shape
+    nbytes = array.size * 2
+    if nbytes + 4096 >= 2**32:
+        raise ImageError(path, "too large for a classic TIFF (4 GB); write .png or .npy")
+    bits_offset = 8 + nbytes  # BitsPerSample needs out-of-line storage for 3-4 samples
+    ifd_offset = bits_offset + 2 * channels  # even, as TIFF requires
+    short, long_ = 3, 4
+    tags = [(256, long_, 1, width), (257, long_, 1, height),
+            (258, short, channels, 16 if channels == 1 else bits_offset),
+            (259, short, 1, 1),                              # no compression
+            (262, short, 1, 1 if channels == 1 else 2),      # min-is-black / RGB
+            (273, long_, 1, 8), (277, short, 1, channels), (278, long_, 1, height),
+            (279, long_, 1, nbytes), (284, short, 1, 1)]     # chunky samples
+    if channels == 4:
+        tags.append((338, short, 1, 2))                      # unassociated alpha
+    with open(path, "wb") as f:
+        f.write(b"II" + struct.pack("<HI", 42, ifd_offset))
+        for y0, y1 in _row_bands(height, width):
+            f.write(np.ascontiguousarray(array[y0:y1], dtype="<u2").tobytes())
+        f.write(struct.pack("<" + "H" * channels, *[16] * channels))
+        f.write(struct.pack("<H", len(tags)))
+        for tag, kind, count, value in tags:
+            inline = "<HH" if kind == short and count == 1 else "<I"
+            packed = struct.pack(inline, value, 0) if inline == "<HH" else struct.pack("<I", value)
+            f.write(struct.pack("<HHI", tag, kind, count) + packed)
+        f.write(struct.pack("<I", 0))  # no further IFD
+
+
+def _write_pil(path, ext, array, quality):
+    if ext in (".jpg", ".jpeg") and array.shape[2] == 4:
+        array = array[:, :, :3]  # JPEG has no alpha channel
+    pixels = array[:, :, 0] if array.shape[2] == 1 else array
+    im = Image.fromarray(np.ascontiguousarray(pixels))
+    options = {}
+    if ext in (".jpg", ".jpeg"):
+        options = {"quality": quality, "subsampling": 0}  # 4:4:4 keeps fine colour detail
+    elif ext == ".webp":
+        options = {"quality": quality}
+    im.save(path, format=PIL_FORMATS[ext], **options)
+
+
+def write_image(path, array, quality=95):
+    """Write an (H, W) or (H, W, C) array, C in {1, 3, 4}, to any supported format.
+
+    uint8 is sRGB and written as is; float is linear light, converted to sRGB uint8
+    (except .npy, which stores the array unchanged, so float .npy stays linear);
+    uint16 (sRGB) can go to .png, .tif/.tiff or .npy. JPEG drops alpha; `quality`
+    applies to .jpg and .webp. Creates the parent folder. Raises ImageError.
+    """
+    ext = _extension(path)
+    if _is_torch(array):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
+        raise ImageError(path, f"expected an (H, W) or (H, W, C) array with C in 1, 3, 4, "
+                               f"got shape {tuple(array.shape)}")
+    if not (array.dtype in (np.uint8, np.uint16) or np.issubdtype(array.dtype, np.floating)):
+        raise ImageError(path, f"unsupported dtype {array.dtype}; expected uint8, uint16 or float")
+    if array.dtype == np.uint16 and ext not in (".png", ".tif", ".tiff", ".npy"):
+        raise ImageError(path, "16-bit images can only be written as .png, .tif/.tiff or .npy")
+    folder = os.path.dirname(os.fspath(path))
+    try:
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        if ext == ".npy":
+            np.save(path, array)
+        elif array.dtype == np.uint16 and ext == ".png":
+            _write_png16(path, array)
+        elif array.dtype == np.uint16:
+            _write_tiff16(path, array)
+        else:
+            _write_pil(path, ext, _as_uint8(array), quality)
+    except OSError as e:
+        raise ImageError(path, f"cannot write ({e.strerror or e})") from None
