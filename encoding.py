@@ -262,16 +262,18 @@ _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.comple
 _PAIR_DTYPES = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
-def _fast_path() -> bool:
-    # the dtype views are not differentiable (double backward) and buy nothing under compile
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+def _fast_path(tensor: torch.Tensor) -> bool:
+    # CPU kernels only (elsewhere the plain kernels are fine, and complex atomics are not a
+    # given); the dtype views are not differentiable (double backward) and buy nothing
+    # under torch.compile.
+    return tensor.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """table: (R, F), index: (G, n) -> (G, n, F)."""
     n_features = table.shape[1]
     word = _WORD_DTYPES.get(n_features * table.element_size())
-    if word is not None and table.is_contiguous() and _fast_path():
+    if word is not None and table.is_contiguous() and _fast_path(table):
         rows = table.view(word).view(-1).index_select(0, index.reshape(-1))
         return rows.view(table.dtype).view(*index.shape, n_features)
     return table.index_select(0, index.reshape(-1)).view(*index.shape, n_features)
@@ -283,7 +285,7 @@ def _packable(table: torch.Tensor, acc_dtype: torch.dtype) -> bool:
     to it (a weighted sum). Elementwise ops then run over one long axis instead of broadcasting
     a weight over a trailing axis of size 2, several times faster on CPU."""
     n_features = table.shape[1]
-    return (_fast_path() and table.dtype == acc_dtype and table.is_contiguous()
+    return (_fast_path(table) and table.dtype == acc_dtype and table.is_contiguous()
             and (n_features == 1 or (n_features == 2 and table.dtype in _PAIR_DTYPES)))
 
 
@@ -530,7 +532,8 @@ class MultiResHashGrid(nn.Module):
                 n_vertices = math.prod(vertices)
                 level_rows = n_vertices if n_vertices <= hash_rows else hash_rows
             else:
-                level_scale = [_float32(_float32(2.0 ** _float32(level * _float32(math.log2(g)))) * b - 1.0)
+                # float32 at every step, as tcnn: exp2f(level * log2f(b)) * N_min - 1.0f
+                level_scale = [_float32(_float32(_float32(2.0 ** _float32(level * _float32(math.log2(g)))) * b) - 1.0)
                                for b, g in zip(base, growth)]
                 vertices = [math.ceil(s) + 1 for s in level_scale]
                 resolutions.append(tuple(vertices))

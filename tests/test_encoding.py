@@ -361,3 +361,42 @@ def test_chunked_passes_match_one_pass():
     small.chunk_size = 2
     x2 = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(raw(small), (x2, small.embedding.weight))
+
+
+def reference_tcnn(x, table, dim, n_levels, log2_t, base, per_level_scale):
+    """tcnn's HashGrid from its published formulas: float32 scale, +0.5 offset, rows padded to
+    a multiple of 8 and capped at T, dense index (axis 0 fastest) modulo rows, else the hash."""
+    outputs, offset = [], 0
+    for level in range(n_levels):
+        scale = (torch.exp2(torch.tensor(level, dtype=torch.float32) * torch.log2(torch.tensor(per_level_scale)))
+                 * base - 1).item()
+        resolution = math.ceil(scale) + 1
+        rows = min(-(-resolution**dim // 8) * 8, 2**log2_t)
+        hashed = resolution**dim > rows
+        pos = x * scale + 0.5
+        cell = torch.floor(pos)
+        frac = pos - cell
+        level_out = 0
+        for corner in itertools.product((0, 1), repeat=dim):
+            vertex = (cell + torch.tensor(corner, dtype=torch.float64)).long()
+            if hashed:
+                index = torch.zeros(len(x), dtype=torch.int64)
+                for d in range(dim):
+                    index = index ^ ((vertex[:, d] * PAPER_PRIMES[d]) % 2**32)
+            else:
+                index = sum(vertex[:, d] * resolution**d for d in range(dim))
+            weight = torch.prod(torch.where(torch.tensor(corner) == 1, frac, 1 - frac), dim=-1, keepdim=True)
+            level_out = level_out + weight * table[offset + index % rows]
+        outputs.append(level_out)
+        offset += rows
+    return torch.cat(outputs, dim=-1)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_tcnn_layout_matches_its_formulas(dim):
+    enc = make(dim, n_levels=4, log2_t=9, base=6, finest=None, per_level_scale=1.7, layout="tcnn")
+    assert enc.hashed_levels and len(enc.hashed_levels) < 4
+    x = torch.rand(200, dim, dtype=torch.float64)
+    x[0], x[1] = 0.0, 1.0
+    expected = reference_tcnn(x, enc.embedding.weight.detach(), dim, 4, 9, 6, 1.7)
+    torch.testing.assert_close(enc(x), expected, atol=1e-6, rtol=0)
