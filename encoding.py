@@ -467,7 +467,7 @@ class MultiResHashGrid(nn.Module):
     """
 
     # On CPU, points are processed in chunks of this many lookups per corner (points x levels).
-    CPU_LOOKUPS_PER_PASS = 1 << 17
+    CPU_LOOKUPS_PER_PASS = 1 << 16
 
     def __init__(
         self,
