@@ -364,13 +364,20 @@ def _backward_group(xt, table, group: _Group, grid: _Grid, g, grad_table, grad_x
     if packed:
         grad_rows, g_rows = _pack(group_grad), _pack(g)                     # (R,), (G, n)
 
+    # Under torch.compile, in-place adds into a view of the gradient would each be turned into
+    # a copy of the whole table: collect all corners and add them in one out-of-place op.
+    pending = [] if torch.compiler.is_compiling() else None
+
     def accumulate(corner, index, weight):
         if packed:
             values = g_rows if weight is None else g_rows * weight
             grad_rows.index_add_(0, index.reshape(-1), values.reshape(-1))
         elif group_grad is not None:
-            values = g if weight is None else g * weight.unsqueeze(-1)
-            _scatter_add(group_grad, index.reshape(-1), values.reshape(-1, n_features))
+            values = (g if weight is None else g * weight.unsqueeze(-1)).reshape(-1, n_features)
+            if pending is not None:
+                pending.append((index.reshape(-1), values))
+            else:
+                _scatter_add(group_grad, index.reshape(-1), values)
         if need_x:
             g_dot_feature = (g * _gather(group_table, index)).sum(-1)        # (G, n)
             for d in range(n_dims):
@@ -381,6 +388,10 @@ def _backward_group(xt, table, group: _Group, grid: _Grid, g, grad_table, grad_x
                 grad_frac[d] = term if grad_frac[d] is None else grad_frac[d] + term
 
     _for_each_corner(terms, factors, group, accumulate)
+    if pending:
+        rows = torch.cat([index for index, _ in pending]).long()
+        values = torch.cat([values for _, values in pending]).to(group_grad.dtype)
+        group_grad.copy_(torch.zeros_like(group_grad).index_add(0, rows, values))
     if need_x:
         for d in range(n_dims):
             ds = factors[d][2]
