@@ -1,0 +1,306 @@
+"""train.py: data path, scoring, fitting, resume, export, previews, DDP and CLI errors.
+
+Every fit runs on a small generated image in tmp_path with the CPU accelerator."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import images
+import render
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smooth_image(height=48, width=80, channels=3, seed=0):
+    """(H, W, C) uint8: a few low-frequency waves per channel, non-square and asymmetric so
+    that swapped axes or flipped coordinates show up."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] + 0.5
+    out = np.empty((height, width, channels))
+    for c in range(channels):
+        fx, fy, phase = rng.uniform(0.5, 2.0), rng.uniform(0.5, 2.0), rng.uniform(0, 6.3)
+        out[..., c] = (0.5 + 0.3 * np.sin(2 * np.pi * fx * x / width + phase)
+                       * np.cos(2 * np.pi * fy * y / height) + 0.15 * x / width)
+    return np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def save_png(path, array):
+    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
+    return str(path)
+
+
+def fit(tmp_path, image_path, *flags):
+    """train.main on the CPU with logs under tmp_path; returns its summary dict."""
+    argv = ["-i", str(image_path), "--root", str(tmp_path / "logs"), "--accelerator", "cpu",
+            "--batch_size", "4096", *flags]
+    return train.main(argv)
+
+
+def direct_render(field, width, height):
+    """Reference: the field on every pixel centre in one float32 batch, quantised to sRGB."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    xy = np.stack([(xs + 0.5) / width, (ys + 0.5) / height], -1).reshape(-1, 2)
+    with torch.no_grad():
+        colour = field(torch.from_numpy(xy).float())
+    return images.linear_to_uint8(colour).numpy().reshape(height, width, -1)
+
+
+# --- pure pieces ----------------------------------------------------------------------------
+
+def test_bilinear_sample_matches_float64_reference():
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    lut = images.SRGB_TO_LINEAR_LUT.astype(np.float64)
+    rng = np.random.default_rng(2)
+    xy = np.concatenate([rng.uniform(0, 1, (200, 2)), [[0, 0], [1, 1], [0, 1], [0.5 / 7, 0.5 / 5]]])
+    linear = lut[pixels]
+    expected = []
+    for x, y in xy:
+        u, v = x * 7 - 0.5, y * 5 - 0.5
+        c0, r0 = int(np.floor(u)), int(np.floor(v))
+        fx, fy = u - c0, v - r0
+        at = lambda r, c: linear[min(max(r, 0), 4), min(max(c, 0), 6)]
+        expected.append((1 - fy) * ((1 - fx) * at(r0, c0) + fx * at(r0, c0 + 1))
+                        + fy * ((1 - fx) * at(r0 + 1, c0) + fx * at(r0 + 1, c0 + 1)))
+    got = train.bilinear_sample(torch.from_numpy(pixels), torch.from_numpy(lut).float(),
+                                torch.from_numpy(xy).float())
+    np.testing.assert_allclose(got.numpy(), np.array(expected), atol=2e-6)
+    # at a pixel centre the target is that pixel, in linear light
+    centre = train.bilinear_sample(torch.from_numpy(pixels), torch.from_numpy(lut).float(),
+                                   torch.tensor([[(3 + 0.5) / 7, (2 + 0.5) / 5]]))
+    np.testing.assert_allclose(centre[0].numpy(), linear[2, 3], atol=1e-7)
+
+
+def test_preview_steps_are_log_spaced():
+    steps = [s for s in range(0, 2001) if train.is_preview_step(s)]
+    assert steps == ([1, 2, 4, 8] + list(range(10, 100, 10)) + list(range(100, 1000, 100))
+                     + [1000, 2000])
+
+
+def test_image_loss_formulas():
+    pred = torch.tensor([[0.5, 0.1], [0.0, 1.0]])
+    target = torch.tensor([[0.25, 0.1], [0.5, 0.0]])
+    assert train.image_loss(pred, target, "l2").item() == pytest.approx((0.0625 + 0.25 + 1) / 4)
+    relative = (0.0625 / 0.26 + 0.25 / 0.01 + 1 / 1.01) / 4
+    assert train.image_loss(pred, target, "relative_l2").item() == pytest.approx(relative)
+
+
+class ConstantField(torch.nn.Module):
+    """xy (N, 2) -> the same linear colour (N, C) everywhere."""
+
+    def __init__(self, colour):
+        super().__init__()
+        self.colour = torch.nn.Parameter(torch.tensor(colour, dtype=torch.float32))
+
+    def forward(self, xy):
+        return self.colour.expand(len(xy), -1)
+
+
+@pytest.mark.parametrize("max_pixels", [10 ** 6, 1000])
+def test_psnr_probe_counts_squared_8bit_errors(max_pixels):
+    source = smooth_image(40, 60)
+    field = ConstantField([0.2, 0.5, 0.8])
+    code = images.linear_to_uint8(np.array([0.2, 0.5, 0.8], np.float32)).astype(np.int64)
+    probe = train.PsnrProbe(source, max_pixels=max_pixels)
+    values = source.reshape(-1, 3)
+    if probe.index is not None:                        # the fixed random subset
+        assert len(probe.index) == max_pixels
+        values = values[probe.index]
+    expected = ((values.astype(np.int64) - code) ** 2).sum()
+    shares = [probe.sse(field, rank, 3, max_batch=120) for rank in range(3)]   # 2-row bands
+    assert sum(s for s, _ in shares) == expected
+    assert sum(n for _, n in shares) == values.size
+    assert train.psnr_from_sse(expected, values.size) == pytest.approx(
+        10 * np.log10(255 ** 2 * values.size / expected))
+
+
+# --- training through the command line ------------------------------------------------------
+
+def test_fit_reaches_psnr_a_guess_cannot(tmp_path):
+    source = smooth_image()
+    path = save_png(tmp_path / "waves.png", source)
+    summary = fit(tmp_path, path, "--epochs", "2", "--val_every", "100")
+    assert summary["steps"] == 200                     # --epochs counts 100 steps
+    # the best constant guess (the mean colour) scores far lower
+    mean = source.reshape(-1, 3).mean(0)
+    guess = train.psnr_from_sse(((source - mean) ** 2).sum(), source.size)
+    assert guess < 20 and summary["psnr"] > 30
+    # the logged PSNR is the one of the checkpointed field on every pixel
+    field, info = train.load_field(summary["checkpoint"])
+    assert (info["width"], info["height"], info["channels"]) == (80, 48, 3)
+    assert info["global_step"] == 200 and info["colour"] == "linear"
+    fit_u8 = render.render_region(field, 80, 48)
+    err = ((fit_u8.astype(np.int64) - source) ** 2).sum()
+    assert train.psnr_from_sse(err, source.size) == pytest.approx(summary["psnr"], abs=1e-3)
+    metrics = open(os.path.join(summary["log_dir"], "metrics.csv")).read().splitlines()
+    header = metrics[0].split(",")
+    logged = [row.split(",") for row in metrics[1:] if row.split(",")[header.index("val/psnr")]]
+    assert [int(r[header.index("step")]) for r in logged] == [100, 200]
+
+
+def test_resume_continues_from_saved_step(tmp_path):
+    path = save_png(tmp_path / "waves.png", smooth_image())
+    first = fit(tmp_path, path, "--max_steps", "20", "--val_every", "10")
+    saved = torch.load(first["checkpoint"], weights_only=True)
+    assert saved["global_step"] == 20
+    # nothing left to do: the weights come back exactly as saved
+    same = fit(tmp_path, path, "--max_steps", "20", "--ckpt", first["checkpoint"])
+    again = torch.load(same["checkpoint"], weights_only=True)
+    assert same["steps"] == 20
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(again["state_dict"][key], value), key
+    # 10 more steps on top of the saved 20, starting from the saved weights
+    more = fit(tmp_path, path, "--max_steps", "30", "--val_every", "10",
+               "--ckpt", first["checkpoint"])
+    assert more["steps"] == 30
+    assert torch.load(more["checkpoint"], weights_only=True)["global_step"] == 30
+    assert more["psnr"] > first["psnr"]
+
+
+def test_max_time_counts_training_seconds(tmp_path):
+    path = save_png(tmp_path / "waves.png", smooth_image())
+    summary = fit(tmp_path, path, "--max_steps", "100000", "--max_time", "1.5", "--val_every", "5")
+    assert 5 < summary["steps"] < 100000
+    # scoring every 5 steps is paused out: the clock stops just past the budget
+    assert 1.5 <= summary["train_seconds"] < 1.5 + 1.0
+
+
+def test_export_equals_direct_forward_pass(tmp_path):
+    source = smooth_image(channels=1)
+    path = save_png(tmp_path / "gray.png", source)
+    out_npy, out_png = tmp_path / "fit.npy", tmp_path / "fit.png"
+    summary = fit(tmp_path, path, "--max_steps", "15", "--export", str(out_npy))
+    field, info = train.load_field(summary["checkpoint"])
+    expected = direct_render(field, 80, 48)
+    exported = np.load(out_npy)
+    assert exported.dtype == np.uint8 and exported.shape == (48, 80, 1)
+    np.testing.assert_array_equal(exported, expected)
+    train.export_fit(field, 80, 48, 1, str(out_png))
+    np.testing.assert_array_equal(images.read_image(str(out_png)), expected)
+
+
+def test_visualize_writes_previews_and_gif(tmp_path):
+    source = smooth_image(60, 40)
+    path = save_png(tmp_path / "tall.png", source)
+    summary = fit(tmp_path, path, "--max_steps", "12", "--visualize")
+    folder = os.path.join(summary["log_dir"], "previews")
+    assert sorted(os.listdir(folder)) == [f"step_{s:06d}.png" for s in (1, 2, 4, 8, 10, 12)]
+    preview = np.asarray(Image.open(os.path.join(folder, "step_000012.png")))
+    # reference | fit, each the whole view (native size here) above a native crop 256 high
+    (pw, ph), (x0, y0, cw, ch) = train.preview_geometry(40, 60)
+    assert (pw, ph, x0, y0, cw, ch) == (40, 60, 0, 0, 40, 60)
+    assert preview.shape == (ph + ch, 2 * pw, 3)
+    np.testing.assert_array_equal(preview[ph:, :pw], source)       # crops carry no label
+    field, _ = train.load_field(summary["checkpoint"])
+    np.testing.assert_array_equal(preview[ph:, pw:], direct_render(field, 40, 60))
+    with Image.open(os.path.join(summary["log_dir"], "previews.gif")) as gif:
+        assert gif.n_frames == 6
+
+
+def test_preview_geometry_bounds_a_large_image():
+    (pw, ph), (x0, y0, cw, ch) = train.preview_geometry(3250, 4333)
+    assert (pw, ph) == (768, 1024)                   # long side 1024, aspect kept
+    assert (cw, ch) == (768, 512) and (x0, y0) == ((3250 - 768) // 2, (4333 - 512) // 2)
+    assert 2 * pw <= 2048 and ph + ch <= 2048
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    import lightning.pytorch as pl
+    import train
+
+    class Dump(pl.Callback):
+        def on_train_start(self, trainer, module):
+            self.initial = {k: v.clone() for k, v in module.field.state_dict().items()}
+
+        def on_train_end(self, trainer, module):
+            torch.save(dict(initial=self.initial, final=module.field.state_dict(),
+                            xy=module.draw_batch(64)[0]),
+                       f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+
+    train.main(sys.argv[2:], callbacks=[Dump()])
+""")
+
+
+def test_ddp_two_cpu_processes_train_the_same_weights(tmp_path):
+    path = save_png(tmp_path / "waves.png", smooth_image())
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, str(script), str(tmp_path), "-i", path, "--root", str(tmp_path / "logs"),
+           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--max_steps", "5",
+           "--batch_size", "1024", "--val_every", "5",
+           "--max_time", "60"]                 # exercises the ranks' agreement on stopping
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key, final in ranks[0]["final"].items():
+        assert torch.equal(final, ranks[1]["final"][key]), key
+    assert any(not torch.equal(value, ranks[0]["initial"][key])
+               for key, value in ranks[0]["final"].items())              # it did train
+    assert not torch.allclose(ranks[0]["xy"], ranks[1]["xy"])    # each rank draws its own pixels
+    assert "PSNR" in done.stdout
+
+
+# --- errors: one line on stderr, exit status 2 ------------------------------------------------
+
+def expect_usage_error(capsys, argv, needle):
+    capsys.readouterr()                                # drop what earlier runs printed
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error: ") and needle in err, err
+
+
+def test_unusable_images_are_one_line_errors(tmp_path, capsys):
+    root = ["--root", str(tmp_path / "logs"), "--accelerator", "cpu"]
+    expect_usage_error(capsys, ["-i", str(tmp_path / "missing.png"), *root], "missing.png")
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image at all")
+    expect_usage_error(capsys, ["-i", str(garbage), *root], "garbage.png")
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 5, 3), np.uint8))
+    expect_usage_error(capsys, ["-i", str(empty), *root], "empty.npy")
+    assert not os.path.exists(tmp_path / "logs")       # nothing started
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
+    path = save_png(tmp_path / "waves.png", smooth_image())
+    argv = ["-i", path, "--root", str(tmp_path / "logs"), "--accelerator", "cpu"]
+    expect_usage_error(capsys, [*argv, "--ckpt", str(tmp_path / "nope.ckpt")], "nope.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x00" * 100)
+    expect_usage_error(capsys, [*argv, "--ckpt", str(junk)], "junk.ckpt")
+    with pytest.raises(train.CheckpointError, match="junk.ckpt"):
+        train.load_field(str(junk))
+    first = fit(tmp_path, path, "--max_steps", "2")
+    expect_usage_error(capsys, [*argv, "--log2_hashmap_size", "12", "--ckpt", first["checkpoint"]],
+                       "log2_hashmap_size 19 vs 12")
+    other = save_png(tmp_path / "other.png", smooth_image(32, 32))
+    expect_usage_error(capsys, ["-i", other, *argv[2:], "--ckpt", first["checkpoint"]],
+                       "width 80 vs 32")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_without_gpu_exits_2_from_the_shell(tmp_path):
+    path = save_png(tmp_path / "waves.png", smooth_image())
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "-i", path,
+                           "--root", str(tmp_path / "logs"), "--accelerator", "gpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "train.py: error: --accelerator gpu: no GPU is available to torch"
+
+
+def test_bad_options_are_one_line_errors(tmp_path, capsys):
+    path = save_png(tmp_path / "waves.png", smooth_image())
+    argv = ["-i", path, "--root", str(tmp_path / "logs"), "--accelerator", "cpu"]
+    expect_usage_error(capsys, [*argv, "--export", str(tmp_path / "fit.xyz")],
+                       "unsupported format .xyz")
+    expect_usage_error(capsys, [*argv, "--precision", "bogus"], "Precision 'bogus' is invalid")

@@ -1,0 +1,885 @@
+"""Fit an image (pixel coordinate -> colour) with a multiresolution hash encoding and a small
+MLP under PyTorch Lightning: CPU, one GPU or several (DDP), thumbnails to gigapixels.
+
+    python train.py                                  # matplotlib's grace_hopper.jpg sample
+    python train.py -i data/albert.jpg --visualize --export albert_fit.png
+    python train.py -i data/tokyo.npy --finest_resolution 32768 --devices 2 --strategy ddp
+
+The image stays 8-bit (memory-mapped for ``.npy``); every step draws random continuous
+coordinates, bilinearly interpolates the 4 neighbouring pixels in linear light and fits the
+field with an L2 loss. PSNR is measured in sRGB 8-bit, the way the image would be saved.
+"""
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+import encoding
+import images
+import render
+
+STEPS_PER_EPOCH = 100                  # upstream's --epochs unit
+PSNR_MAX_PIXELS = 2 ** 22              # larger images are scored on this many random pixels
+PREVIEW_PANEL = 1024                   # long side of each preview panel; 2 side by side <= 2048
+PREVIEW_CROP_MIN = 256                 # minimum height of the native-resolution crop
+GIF_MAX_SIDE = 1024                    # GIF frames are halved previews: a few MB, not tens
+EVAL_BATCH = 2 ** 18                   # points per forward pass when rendering / scoring
+GPU_BATCH_SIZE = 2 ** 18               # the paper's batch
+CPU_BATCH_SIZE = 2 ** 16               # 2 cores, albert: 33 dB in 8 s (2^15: 6 s, 2^17: 15 s)
+CPU_VAL_EVERY, GPU_VAL_EVERY = 250, 1000  # a 2^22-pixel score costs ~25 CPU steps
+DEVICE_MEMORY_SHARE = 0.5              # pixels stay on a GPU within this share of free memory
+COLOUR = "linear"                      # the field predicts linear light (sRGB primaries)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or does not fit the run (one-line message)."""
+
+
+class UsageError(Exception):
+    """A command-line problem reported as one line and exit status 2."""
+
+
+# --- the field --------------------------------------------------------------------------
+
+class Field(nn.Module):
+    """Coordinate network: xy (N, 2) in [0, 1] -> linear colour (N, C)."""
+
+    def __init__(self, encoder: nn.Module, encoded_dim: int, channels: int, hidden_width: int,
+                 hidden_layers: int):
+        super().__init__()
+        self.encoder = encoder
+        layers, width = [], encoded_dim
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(width, hidden_width), nn.ReLU(inplace=True)]
+            width = hidden_width
+        layers.append(nn.Linear(width, channels))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, xy: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.encoder(xy))
+
+
+def default_finest_resolution(width: int, height: int, base_resolution: int) -> list:
+    """The paper's image setup: N_max = half the image size along each axis, (x, y)."""
+    return [max(base_resolution, width // 2), max(base_resolution, height // 2)]
+
+
+def build_field(width: int, height: int, channels: int, enc_method: str = "hashgrid",
+                n_levels: int = 16, n_features_per_level: int = 2, log2_hashmap_size: int = 19,
+                base_resolution: int = 16, finest_resolution=None, interpolation: str = "linear",
+                hidden_width: int = 64, hidden_layers: int = 2) -> Field:
+    """The coordinate network for a width x height image with `channels` channels.
+
+    enc_method: "hashgrid" (MultiResHashGrid; finest_resolution an int, an (x, y) pair or None
+    for half the image size per axis), "freq" (NeRF frequencies, n_levels octaves) or "none"
+    (raw xy into the MLP). Arguments that do not apply to `enc_method` are ignored.
+    """
+    if enc_method == "hashgrid":
+        if finest_resolution is None:
+            finest_resolution = default_finest_resolution(width, height, base_resolution)
+        encoder = encoding.MultiResHashGrid(
+            2, n_levels=n_levels, n_features_per_level=n_features_per_level,
+            log2_hashmap_size=log2_hashmap_size, base_resolution=base_resolution,
+            finest_resolution=finest_resolution, interpolation=interpolation)
+        encoded_dim = encoder.output_dim
+    elif enc_method == "freq":
+        encoder = encoding.Frequency(2, n_levels=n_levels)
+        encoded_dim = encoder.output_dim
+    elif enc_method == "none":
+        encoder, encoded_dim = nn.Identity(), 2
+    else:
+        raise ValueError(f"unknown enc_method {enc_method!r}")
+    return Field(encoder, encoded_dim, channels, hidden_width, hidden_layers)
+
+
+def field_config(args: argparse.Namespace, width: int, height: int, channels: int) -> dict:
+    """build_field kwargs for the command line `args`, holding only what `enc_method` uses so
+    that checkpoints compare equal whenever they build the same network."""
+    config = dict(width=width, height=height, channels=channels, enc_method=args.enc_method,
+                  hidden_width=64, hidden_layers=2)
+    if args.enc_method == "hashgrid":
+        finest = args.finest_resolution
+        if finest is None:
+            finest = default_finest_resolution(width, height, args.base_resolution)
+        config.update(n_levels=args.n_levels, n_features_per_level=args.n_features_per_level,
+                      log2_hashmap_size=args.log2_hashmap_size,
+                      base_resolution=args.base_resolution,
+                      finest_resolution=finest if isinstance(finest, int) else list(finest),
+                      interpolation=args.interpolation)
+    elif args.enc_method == "freq":
+        config.update(n_levels=args.n_levels)
+    return config
+
+
+def read_checkpoint(ckpt_path: str, device="cpu") -> dict:
+    """Lightning checkpoint dict written by train.py; CheckpointError otherwise."""
+    if not os.path.isfile(ckpt_path):
+        raise CheckpointError(f"{ckpt_path}: no such checkpoint file")
+    try:
+        # weights_only: a checkpoint is data; nothing in it should run code when loaded
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({reason})") from None
+    config = ckpt.get("hyper_parameters", {}).get("field") if isinstance(ckpt, dict) else None
+    if not isinstance(config, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{ckpt_path}: not a train.py checkpoint (no field config)")
+    return ckpt
+
+
+def load_field(ckpt_path: str, device="cpu"):
+    """(field, info) from a train.py checkpoint, without the source image.
+
+    field: eval-mode nn.Module on `device`, xy (N, 2) in [0, 1] -> linear colour (N, C).
+    info: dict with width, height, channels (ints), colour ("linear"), global_step, source.
+    """
+    ckpt = read_checkpoint(ckpt_path, device)
+    hparams = ckpt["hyper_parameters"]
+    config = hparams["field"]
+    try:
+        field = build_field(**config)
+        prefix = "field."
+        field.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items()
+                               if k.startswith(prefix)})
+    except (TypeError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{ckpt_path}: weights do not match their config ({reason})") from None
+    info = dict(width=int(config["width"]), height=int(config["height"]),
+                channels=int(config["channels"]), colour=hparams.get("colour", COLOUR),
+                global_step=int(ckpt.get("global_step", 0)), source=hparams.get("source", ""))
+    return field.to(device).eval(), info
+
+
+# --- data ---------------------------------------------------------------------------------
+
+def bilinear_sample(pixels: torch.Tensor, lut: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+    """Linear colour of an 8-bit image at continuous coordinates.
+
+    pixels: (H, W, C) uint8 sRGB; lut: (256,) float32 linear value of each code; xy: (N, 2)
+    in [0, 1], pixel (r, c) centred at ((c+.5)/W, (r+.5)/H); all on one device.
+    Returns (N, C) float32: the 4 neighbouring pixels converted through `lut`, then blended
+    bilinearly (edge pixels extend to the border).
+    """
+    height, width, channels = pixels.shape
+    flat = pixels.view(height * width, channels)
+    u = xy[:, 0] * width - 0.5
+    v = xy[:, 1] * height - 0.5
+    u0, v0 = u.floor(), v.floor()
+    fx, fy = (u - u0).unsqueeze(1), (v - v0).unsqueeze(1)
+    x0, y0 = u0.long(), v0.long()
+    x1, y1 = (x0 + 1).clamp_(0, width - 1), (y0 + 1).clamp_(0, height - 1)
+    x0.clamp_(0, width - 1)
+    y0.clamp_(0, height - 1)
+    row0, row1 = y0 * width, y1 * width
+
+    def corner(index):
+        return lut[flat[index].long()]
+
+    top = torch.lerp(corner(row0 + x0), corner(row0 + x1), fx)
+    bottom = torch.lerp(corner(row1 + x0), corner(row1 + x1), fx)
+    return torch.lerp(top, bottom, fy)
+
+
+def to_srgb8(array: np.ndarray, rows_per_chunk: int = 1024) -> np.ndarray:
+    """(H, W, C) array as read_image returns it -> uint8 sRGB (H, W, C); uint8 passes through
+    untouched (a memmap stays a memmap). 16-bit and float (linear) sources are quantised in
+    row chunks: the fit is scored in 8 bits anyway, and 8 bits keep gigapixels affordable."""
+    if array.dtype == np.uint8:
+        return array
+    out = np.empty(array.shape, np.uint8)
+    for r in range(0, array.shape[0], rows_per_chunk):
+        out[r:r + rows_per_chunk] = images.linear_to_uint8(
+            images.to_linear(np.asarray(array[r:r + rows_per_chunk])))
+    return out
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether `nbytes` of pixels may live on `device` (always on the CPU: host memory)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= DEVICE_MEMORY_SHARE * free
+
+
+def host_tensor(array: np.ndarray) -> torch.Tensor:
+    """Zero-copy torch view of a uint8 (H, W, C) array; a read-only memmap stays paged from
+    disk (never written through)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable" memmap: only read
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class PixelSource:
+    """The training image (H, W, C) uint8 sRGB plus the random batches drawn from it."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.height, self.width, self.channels = array.shape
+        self.pixels = host_tensor(array)
+        self.lut = torch.tensor(images.SRGB_TO_LINEAR_LUT, dtype=torch.float32)
+        self.device = self.pixels.device
+
+    def to(self, device) -> "PixelSource":
+        """Batches go to `device`; the pixels go there too when they fit, else they stay in
+        host memory and each batch is gathered there."""
+        self.device = torch.device(device)
+        if self.device != self.pixels.device and fits_on_device(self.array.nbytes, self.device):
+            self.pixels = self._copy_to(self.device)
+        self.lut = self.lut.to(self.pixels.device)
+        return self
+
+    def _copy_to(self, device: torch.device, rows_per_chunk: int = 4096) -> torch.Tensor:
+        """Row bands, so a memory-mapped source is never read into host memory whole."""
+        out = torch.empty(self.array.shape, dtype=torch.uint8, device=device)
+        for r in range(0, self.height, rows_per_chunk):
+            out[r:r + rows_per_chunk].copy_(host_tensor(self.array[r:r + rows_per_chunk]))
+        return out
+
+    def sample(self, n: int, generator: torch.Generator):
+        """xy: (n, 2) uniform in [0, 1]^2 and target: (n, C) linear colour there, on
+        `self.device`. `generator` lives with the pixels; host-resident pixels send the batch
+        through pinned memory without blocking."""
+        xy = torch.rand(n, 2, generator=generator, device=self.pixels.device)
+        target = bilinear_sample(self.pixels, self.lut, xy)
+        if self.pixels.device != self.device:
+            staged = torch.cat([xy, target], 1).pin_memory().to(self.device, non_blocking=True)
+            xy, target = staged[:, :2], staged[:, 2:]
+        return xy, target
+
+
+def sampling_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of a rank's batch stream: distinct per rank (each draws its own pixels) and per
+    starting step (a resumed run does not replay the first run's batches)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+class PsnrProbe:
+    """Squared 8-bit sRGB error of a field against the source: every pixel when the image
+    has at most `max_pixels`, else a fixed random set of `max_pixels` pixel centres."""
+
+    def __init__(self, source: np.ndarray, max_pixels: int = PSNR_MAX_PIXELS, seed: int = 0):
+        self.source = source
+        height, width, channels = source.shape
+        self.index = None
+        if height * width > max_pixels:
+            rng = np.random.default_rng(seed)
+            # sorted: a memory-mapped source is then read front to back, once
+            self.index = np.sort(rng.integers(0, height * width, max_pixels))
+            self.targets = torch.from_numpy(
+                np.asarray(source.reshape(height * width, channels)[self.index]))
+
+    def sse(self, field: nn.Module, rank: int = 0, world: int = 1, max_batch: int = EVAL_BATCH):
+        """(sum of squared 8-bit errors, number of values) over this rank's share."""
+        if self.index is None:
+            return self._sse_rows(field, rank, world, max_batch)
+        return self._sse_subset(field, rank, world, max_batch)
+
+    def _sse_rows(self, field, rank, world, max_batch):
+        height, width, channels = self.source.shape
+        band = max(1, max_batch // width)
+        sse, count = 0, 0
+        for r0 in range(rank * band, height, world * band):
+            r1 = min(height, r0 + band)
+            fit = render.render_region(field, width, r1 - r0, (0.0, r0 / height, 1.0, r1 / height),
+                                       max_batch=max_batch)
+            diff = fit.astype(np.int32) - np.asarray(self.source[r0:r1], dtype=np.int32)
+            sse += int(np.einsum("ijk,ijk->", diff, diff, dtype=np.int64))
+            count += diff.size
+        return float(sse), count
+
+    @torch.no_grad()
+    def _sse_subset(self, field, rank, world, max_batch):
+        height, width, channels = self.source.shape
+        device = next(field.parameters()).device
+        bounds = np.linspace(0, len(self.index), world + 1).astype(np.int64)
+        sse = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(bounds[rank], bounds[rank + 1], max_batch):
+            stop = min(start + max_batch, bounds[rank + 1])
+            index = torch.from_numpy(self.index[start:stop])
+            xy = torch.stack([(index % width).double().add_(0.5).div_(width),
+                              (index // width).double().add_(0.5).div_(height)], 1)
+            fit = images.linear_to_uint8(field(xy.float().to(device)))
+            diff = fit.int() - self.targets[start:stop].to(device).int()
+            sse += diff.square().sum(dtype=torch.float64)
+        return float(sse), int(bounds[rank + 1] - bounds[rank]) * channels
+
+
+def psnr_from_sse(sse: float, count: int) -> float:
+    """PSNR in dB of 8-bit values from a sum of squared errors over `count` values."""
+    if sse == 0:
+        return math.inf
+    return 10.0 * math.log10(255.0 ** 2 * count / sse)
+
+
+class _Steps(IterableDataset):
+    """Yields step numbers only: batches are drawn on the training device in training_step,
+    so the image is never pickled into DataLoader workers nor copied per batch."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __iter__(self):
+        return iter(range(self.length))
+
+    def __len__(self):
+        return self.length
+
+
+# --- the Lightning module -----------------------------------------------------------------
+
+class TrainClock:
+    """Seconds spent training, with scoring and previews paused out (pauses may nest)."""
+
+    def __init__(self):
+        self.elapsed, self.since, self.depth = 0.0, None, 0
+
+    def start(self):
+        self.since = time.perf_counter()
+
+    def seconds(self) -> float:
+        running = self.depth == 0 and self.since is not None
+        return self.elapsed + (time.perf_counter() - self.since if running else 0.0)
+
+    def pause(self):
+        if self.depth == 0 and self.since is not None:
+            self.elapsed += time.perf_counter() - self.since
+        self.depth += 1
+
+    def resume(self):
+        self.depth -= 1
+        if self.depth == 0 and self.since is not None:
+            self.since = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
+
+def image_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean L2 in linear light, or relative L2 (errors scaled by 1 / (pred^2 + 0.01), pred
+    detached: the Noise2Noise-style loss upstream uses). pred, target: (N, C)."""
+    err = (pred - target).square()
+    if kind == "relative_l2":
+        err = err / (pred.detach().square() + 0.01)
+    return err.mean()
+
+
+class ImageFit(pl.LightningModule):
+    """Fits `field` to an image attached with `attach`. The hyperparameters (including the
+    field config) go into every checkpoint, so load_field rebuilds the fit from it alone."""
+
+    def __init__(self, field: dict, source: str = "", batch_size: int = CPU_BATCH_SIZE,
+                 lr: float = 1e-2, loss: str = "l2", weight_decay: float = 1e-6, seed: int = 0,
+                 colour: str = COLOUR, max_time: float = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["max_time"])
+        self.max_time = max_time
+        self.field = build_field(**field)
+        self.clock = TrainClock()
+        self.image = None
+        self.probe = None
+        self.generator = None
+        self.last_val_step = None
+
+    def attach(self, image: PixelSource, probe: PsnrProbe) -> None:
+        """Training data (kept out of the module's state, hence out of checkpoints)."""
+        self.image, self.probe = image, probe
+
+    def forward(self, xy: torch.Tensor) -> torch.Tensor:
+        return self.field(xy)
+
+    def configure_optimizers(self):
+        # the paper: L2 regularisation of the MLP weights only, none on the hash tables
+        decay = [p for p in self.field.mlp.parameters() if p.ndim >= 2]
+        ids = {id(p) for p in decay}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        groups = [dict(params=decay, weight_decay=self.hparams.weight_decay),
+                  dict(params=rest, weight_decay=0.0)]
+        return torch.optim.Adam(groups, lr=self.hparams.lr, betas=(0.9, 0.99), eps=1e-15)
+
+    def on_train_start(self) -> None:
+        self.image.to(self.device)
+        gen_device = self.image.pixels.device
+        self.generator = torch.Generator(device=gen_device)
+        self.generator.manual_seed(sampling_seed(self.hparams.seed, self.global_rank,
+                                                 self.global_step))
+        self.clock.start()
+
+    def draw_batch(self, n: int):
+        """(xy (n, 2), target (n, C)) from this rank's stream."""
+        return self.image.sample(n, self.generator)
+
+    def training_step(self, batch, batch_idx):
+        xy, target = self.draw_batch(self.hparams.batch_size)
+        loss = image_loss(self.field(xy), target, self.hparams.loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(xy))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.max_time is not None:
+            # every rank must stop at the same step: stop when any rank's clock has run out
+            out = self.clock.seconds() >= self.max_time
+            if self.trainer.strategy.reduce_boolean_decision(out, all=False):
+                self.trainer.should_stop = True
+
+    def val_dataloader(self):
+        return DataLoader(_Steps(1), batch_size=None)
+
+    def on_validation_start(self):
+        self.clock.pause()
+
+    def on_validation_end(self):
+        self.clock.resume()
+
+    def validation_step(self, batch, batch_idx):
+        sse, count = self.probe.sse(self.field, self.global_rank, self.trainer.world_size)
+        total = torch.tensor([sse, count], dtype=torch.float64, device=self.device)
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        psnr = psnr_from_sse(float(total[0]), int(total[1]))
+        self.last_val_step = self.global_step
+        # identical on every rank already; sync_dist only keeps Lightning's DDP checks quiet
+        self.log("val/psnr", psnr, prog_bar=True, sync_dist=True, batch_size=1)
+        self.log("time/train_seconds", self.clock.seconds(), sync_dist=True, batch_size=1)
+        # x-axis of the validation rows: the steps taken (Lightning would write one less)
+        self.log("step", float(self.global_step), sync_dist=True, batch_size=1)
+
+
+# --- callbacks: progress bar, previews -----------------------------------------------------
+
+class StepBar(ProgressBar):
+    """One tqdm bar over all steps (not per 100-step epoch) with loss and PSNR; metrics are
+    read every `refresh` steps only, each read being a host-device sync."""
+
+    def __init__(self, refresh: int = 10):
+        super().__init__()
+        self.refresh = refresh
+        self.enabled = True
+        self.bar = None
+
+    def disable(self):
+        self.enabled = False
+
+    def enable(self):
+        self.enabled = True
+
+    def on_train_start(self, trainer, pl_module):
+        from tqdm.auto import tqdm
+        total = trainer.max_steps if trainer.max_steps > 0 else None
+        self.bar = tqdm(total=total, initial=trainer.global_step, desc="fit", unit="step",
+                        disable=not self.enabled, dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.bar.update(trainer.global_step - self.bar.n)
+        if trainer.global_step % self.refresh == 0:
+            self._show(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.bar is not None:
+            self._show(trainer, pl_module)
+
+    def _show(self, trainer, pl_module):
+        metrics = self.get_metrics(trainer, pl_module)
+        shown = {}
+        if "train/loss" in metrics:
+            shown["loss"] = f"{metrics['train/loss']:.3g}"
+        if "val/psnr" in metrics:
+            shown["psnr"] = f"{metrics['val/psnr']:.2f}dB"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def is_preview_step(step: int) -> bool:
+    """1, 2, 4, 8, then 10, 20, ..., 90, 100, 200, ...: log-spaced like upstream."""
+    if step < 1:
+        return False
+    if step < 10:
+        return step & (step - 1) == 0
+    return step % 10 ** int(math.log10(step)) == 0
+
+
+def preview_geometry(width: int, height: int, panel: int = PREVIEW_PANEL):
+    """Sizes of a preview: the downscaled whole view (pw, ph) and the native-resolution crop
+    window (x0, y0, cw, ch) at the image centre."""
+    scale = min(1.0, panel / max(width, height))
+    pw, ph = max(1, round(width * scale)), max(1, round(height * scale))
+    cw, ch = min(width, pw), min(height, max(PREVIEW_CROP_MIN, ph // 2))
+    return (pw, ph), ((width - cw) // 2, (height - ch) // 2, cw, ch)
+
+
+def grid_centres(width: int, height: int) -> torch.Tensor:
+    """(height*width, 2) pixel-centre xy of a width x height grid over [0, 1]^2, row-major."""
+    xs = (torch.arange(width, dtype=torch.float64) + 0.5) / width
+    ys = (torch.arange(height, dtype=torch.float64) + 0.5) / height
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx.reshape(-1), gy.reshape(-1)], 1).float()
+
+
+class Previews(pl.Callback):
+    """--visualize: at log-spaced steps writes previews/step_XXXXXX.png (reference | fit, whole
+    view above a native-resolution centre crop), rendered tile by tile; at the end
+    previews.gif cycles through them."""
+
+    def __init__(self, image: PixelSource, out_dir: str, gif_ms: int = 400):
+        self.image, self.out_dir, self.gif_ms = image, out_dir, gif_ms
+        self.written = []
+        self.reference = None
+        (self.pw, self.ph), self.crop = preview_geometry(image.width, image.height)
+
+    def _reference(self) -> np.ndarray:
+        """The source seen the way the fit is rendered: bilinear at the preview's pixel
+        centres (whole view) and its native pixels (crop)."""
+        x0, y0, cw, ch = self.crop
+        lut = torch.tensor(images.SRGB_TO_LINEAR_LUT, dtype=torch.float32)
+        pixels = host_tensor(self.image.array)
+        view = torch.cat([bilinear_sample(pixels, lut, xy)
+                          for xy in grid_centres(self.pw, self.ph).split(EVAL_BATCH)])
+        view = images.linear_to_uint8(view).reshape(self.ph, self.pw, -1).numpy()
+        crop = np.asarray(self.image.array[y0:y0 + ch, x0:x0 + cw])
+        return self._panel(view, crop)
+
+    def _fit(self, field: nn.Module) -> np.ndarray:
+        x0, y0, cw, ch = self.crop
+        width, height = self.image.width, self.image.height
+        view = render.render_region(field, self.pw, self.ph, max_batch=EVAL_BATCH)
+        crop = render.render_region(field, cw, ch, (x0 / width, y0 / height, (x0 + cw) / width,
+                                                    (y0 + ch) / height), max_batch=EVAL_BATCH)
+        return self._panel(view, crop)
+
+    def _panel(self, view: np.ndarray, crop: np.ndarray) -> np.ndarray:
+        """(ph + ch, pw, C) uint8: the whole view above the crop."""
+        out = np.zeros((self.ph + crop.shape[0], self.pw, view.shape[2]), np.uint8)
+        out[:self.ph] = view
+        out[self.ph:, :crop.shape[1]] = crop
+        return out
+
+    def write(self, field: nn.Module, step: int) -> str:
+        from PIL import Image, ImageDraw
+        if self.reference is None:
+            self.reference = self._reference()
+        canvas = np.concatenate([self.reference, self._fit(field)], 1)
+        mode = "L" if canvas.shape[2] == 1 else "RGB"
+        picture = Image.fromarray(canvas[..., 0] if mode == "L" else canvas, mode)
+        draw = ImageDraw.Draw(picture)
+        for x, text in ((4, "reference"), (self.pw + 4, f"step {step}")):
+            box = draw.textbbox((x, 4), text)
+            draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=0)
+            draw.text((x, 4), text, fill=255 if mode == "L" else (255, 255, 255))
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, f"step_{step:06d}.png")
+        picture.save(path)
+        self.written.append(path)
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if trainer.is_global_zero and is_preview_step(step):
+            with pl_module.clock.paused():
+                self.write(pl_module.field, step)
+
+    def on_train_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        last = f"step_{trainer.global_step:06d}.png"
+        if not self.written or os.path.basename(self.written[-1]) != last:
+            self.write(pl_module.field, trainer.global_step)
+        self.write_gif(os.path.join(os.path.dirname(self.out_dir), "previews.gif"))
+
+    def write_gif(self, path: str) -> str:
+        """Animated GIF of the previews written so far (long side <= GIF_MAX_SIDE), the last
+        frame held longer."""
+        from PIL import Image
+        frames = []
+        for png in self.written:
+            with Image.open(png) as im:
+                frame = im.copy()
+            frame.thumbnail((GIF_MAX_SIDE, GIF_MAX_SIDE), Image.Resampling.LANCZOS)
+            frames.append(frame.convert("P", palette=Image.Palette.ADAPTIVE)
+                          if frame.mode == "RGB" else frame)
+        durations = [self.gif_ms] * (len(frames) - 1) + [4 * self.gif_ms]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations,
+                       loop=0)
+        return path
+
+
+# --- command line -----------------------------------------------------------------------
+
+def sample_image_path() -> str:
+    """matplotlib's public-domain grace_hopper.jpg: on every install, no download."""
+    import matplotlib.cbook
+    return str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def parse_resolution(text: str):
+    """--finest_resolution: "N" (both axes) or "X,Y"."""
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or X,Y (positive ints), got {text!r}")
+    return parts[0] if len(parts) == 1 else parts
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_devices(text: str):
+    """--devices: "auto", a count ("2") or GPU indices ("0,1")."""
+    if text == "auto":
+        return text
+    try:
+        if "," in text:
+            return [int(p) for p in text.split(",") if p]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, N or i,j,..., got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("-i", "--input", help="image to fit: .jpg .png .tif .webp .bmp or .npy "
+                   "(default: matplotlib's grace_hopper.jpg sample)")
+    p.add_argument("--root", default="./logs", help="log root (default: ./logs)")
+    p.add_argument("--trace", default="experiments",
+                   help="experiment folder under --root (default: experiments); logs go to "
+                   "ROOT/TRACE/IMAGE_NAME/version_N")
+    p.add_argument("--batch_size", type=positive_int, default=None,
+                   help=f"pixels per step (default: {GPU_BATCH_SIZE} on GPU, "
+                   f"{CPU_BATCH_SIZE} on CPU)")
+    p.add_argument("--epochs", type=positive_int, default=5,
+                   help=f"training length in epochs of {STEPS_PER_EPOCH} steps (default: 5)")
+    p.add_argument("--max_steps", type=positive_int, default=None,
+                   help="training length in steps, overrides --epochs (default: none)")
+    p.add_argument("--max_time", type=float, default=None,
+                   help="stop after this many seconds of training steps; start-up, scoring "
+                   "and previews are not counted (default: none)")
+    p.add_argument("--device", type=int, default=0,
+                   help="GPU index to use when --devices is not given (default: 0)")
+    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="auto: a GPU if torch sees one, else the CPU (default: auto)")
+    p.add_argument("--devices", type=parse_devices, default=None,
+                   help="device count, GPU indices (0,1) or auto (default: 1; on GPU [--device])")
+    p.add_argument("--strategy", default="auto",
+                   help="Lightning strategy, e.g. ddp for several devices (default: auto)")
+    p.add_argument("--precision", default="32-true",
+                   help="Lightning precision, e.g. bf16-mixed (default: 32-true)")
+    p.add_argument("--enc_method", choices=["hashgrid", "freq", "none"], default="hashgrid",
+                   help="input encoding (default: hashgrid)")
+    p.add_argument("--n_levels", type=positive_int, default=16,
+                   help="hash-grid levels L, or frequency octaves for freq (default: 16)")
+    p.add_argument("--n_features_per_level", type=positive_int, default=2,
+                   help="features per level F (default: 2)")
+    p.add_argument("--log2_hashmap_size", type=positive_int, default=19,
+                   help="log2 of the table size T per level (default: 19)")
+    p.add_argument("--base_resolution", type=positive_int, default=16,
+                   help="coarsest grid resolution N_min (default: 16)")
+    p.add_argument("--finest_resolution", type=parse_resolution, default=None,
+                   help="finest resolution N_max: N for both axes or X,Y (default: half the "
+                   "image width, half its height)")
+    p.add_argument("--interpolation", choices=["linear", "smoothstep", "nearest"],
+                   default="linear", help="hash-grid interpolation (default: linear)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 1e-2)")
+    p.add_argument("--loss", choices=["l2", "relative_l2"], default="l2",
+                   help="loss in linear light (default: l2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="initialisation and sampling seed (default: 0)")
+    p.add_argument("--val_every", type=positive_int, default=None,
+                   help=f"PSNR every N steps (default: {CPU_VAL_EVERY} on CPU, "
+                   f"{GPU_VAL_EVERY} on GPU)")
+    p.add_argument("--ckpt_every", type=int, default=1000,
+                   help="also checkpoint every N steps, 0: only at the end (default: 1000)")
+    p.add_argument("--ckpt", default=None,
+                   help="resume from this checkpoint (same image and network flags)")
+    p.add_argument("--export", default=None,
+                   help="write the full-resolution fit here at the end: .png .jpg .tif .webp "
+                   ".bmp or .npy (uint8)")
+    p.add_argument("--visualize", action="store_true",
+                   help="write previews at steps 1, 2, 4, 8, 10, 20, ... and an animated GIF")
+    return p
+
+
+def resolve_accelerator(args) -> str:
+    """"cpu" or "gpu"; UsageError when a GPU is asked for and there is none."""
+    has_gpu = torch.cuda.is_available()
+    if args.accelerator == "gpu" and not has_gpu:
+        raise UsageError("--accelerator gpu: no GPU is available to torch")
+    if args.accelerator == "auto":
+        return "gpu" if has_gpu else "cpu"
+    return args.accelerator
+
+
+def load_source(path: str) -> np.ndarray:
+    """(H, W, C) uint8 sRGB of `path`; UsageError when it cannot be used."""
+    try:
+        array = images.read_image(path)
+    except images.ImageError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror or exc}") from None
+    if array.ndim != 3 or 0 in array.shape:
+        raise UsageError(f"{path}: empty image (shape {tuple(array.shape)})")
+    return to_srgb8(array)
+
+
+def check_resume(ckpt_path: str, config: dict) -> None:
+    """UsageError unless `ckpt_path` is a train.py checkpoint of the same network/image."""
+    try:
+        saved = read_checkpoint(ckpt_path)["hyper_parameters"]["field"]
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    diffs = [f"{k} {saved.get(k)!r} vs {config.get(k)!r}" for k in sorted(set(saved) | set(config))
+             if saved.get(k) != config.get(k)]
+    if diffs:
+        raise UsageError(f"--ckpt {ckpt_path} does not match this run (checkpoint vs now): "
+                         + ", ".join(diffs))
+
+
+def check_export(path: str) -> None:
+    """UsageError now, not after training, for an output format images.write_image lacks."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in images.EXTENSIONS:
+        raise UsageError(f"--export {path}: unsupported format {ext or '(none)'}; use one of "
+                         + " ".join(images.EXTENSIONS))
+
+
+def export_fit(field: nn.Module, width: int, height: int, channels: int, path: str) -> str:
+    """Full-resolution render of `field` to `path`, tile by tile: .npy is filled in place as
+    a memmap, other formats go through an in-RAM uint8 buffer to images.write_image."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    if path.lower().endswith(".npy"):
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
+                                        shape=(height, width, channels))
+        render.render_region(field, width, height, out=out, max_batch=EVAL_BATCH)
+        out.flush()
+        del out
+    else:
+        out = np.empty((height, width, channels), np.uint8)
+        render.render_region(field, width, height, out=out, max_batch=EVAL_BATCH)
+        images.write_image(path, out)
+    return path
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's advice that does not apply here (workers: batches are drawn on the
+    device; the 1-item validation set is deliberate)."""
+    for pattern in (".*does not have many workers.*", ".*number of training batches.*",
+                    ".*The `srun` command is available.*", ".*`IterableDataset` has `__len__`.*",
+                    ".*that ended before the epoch ended.*", ".*The dirpath has changed from.*",
+                    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def make_loggers(root: str, trace: str, name: str) -> list:
+    """CSV always, TensorBoard as well when it is installed."""
+    save_dir = os.path.join(root, trace)
+    loggers = [CSVLogger(save_dir, name=name)]
+    try:
+        import tensorboard  # noqa: F401  (optional dependency)
+        from lightning.pytorch.loggers import TensorBoardLogger
+        loggers.append(TensorBoardLogger(save_dir, name=name, version=loggers[0].version))
+    except ImportError:
+        pass
+    return loggers
+
+
+def run(args, callbacks=()) -> dict:
+    """Train as `args` say; returns a summary dict (rank 0 fills psnr/paths)."""
+    accelerator = resolve_accelerator(args)
+    path = args.input or sample_image_path()
+    source = load_source(path)
+    height, width, channels = source.shape
+    config = field_config(args, width, height, channels)
+    if args.ckpt is not None:
+        check_resume(args.ckpt, config)
+    if args.export:
+        check_export(args.export)
+    on_gpu = accelerator == "gpu"
+    batch_size = args.batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
+    val_every = args.val_every or (GPU_VAL_EVERY if on_gpu else CPU_VAL_EVERY)
+    max_steps = args.max_steps if args.max_steps is not None else args.epochs * STEPS_PER_EPOCH
+    devices = args.devices if args.devices is not None else ([args.device] if on_gpu else 1)
+
+    pl.seed_everything(args.seed, verbose=False)
+    model = ImageFit(config, source=os.path.basename(path), batch_size=batch_size, lr=args.lr,
+                     loss=args.loss, seed=args.seed, max_time=args.max_time)
+    image = PixelSource(source)
+    model.attach(image, PsnrProbe(source))
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    loggers = make_loggers(args.root, args.trace, name)
+    log_dir = loggers[0].log_dir
+    ckpt_dir = os.path.join(log_dir, "checkpoints")
+    all_callbacks = [StepBar(), *callbacks]
+    if args.ckpt_every > 0:
+        all_callbacks.append(ModelCheckpoint(ckpt_dir, filename="{step}", save_top_k=-1,
+                                             every_n_train_steps=args.ckpt_every))
+    if args.visualize:
+        all_callbacks.append(Previews(image, os.path.join(log_dir, "previews")))
+    quiet_lightning()
+    try:
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=devices, strategy=args.strategy,
+            precision=args.precision, max_steps=max_steps, max_epochs=-1,
+            val_check_interval=val_every, check_val_every_n_epoch=None,
+            num_sanity_val_steps=0, logger=loggers, callbacks=all_callbacks,
+            enable_checkpointing=args.ckpt_every > 0, enable_model_summary=False,
+            log_every_n_steps=min(50, val_every))
+    except (ValueError, TypeError, RuntimeError, MisconfigurationException) as exc:
+        raise UsageError(str(exc).strip().splitlines()[0]) from None
+
+    trainer.fit(model, train_dataloaders=DataLoader(_Steps(STEPS_PER_EPOCH), batch_size=None),
+                ckpt_path=args.ckpt, weights_only=True)
+    if model.last_val_step != trainer.global_step:
+        trainer.validate(model, verbose=False)      # score the final weights too
+    last_ckpt = os.path.join(ckpt_dir, "last.ckpt")
+    trainer.save_checkpoint(last_ckpt, weights_only=False)   # optimizer too: resumable
+
+    summary = dict(steps=trainer.global_step, train_seconds=model.clock.seconds(),
+                   psnr=float(trainer.callback_metrics.get("val/psnr", float("nan"))),
+                   log_dir=log_dir, checkpoint=last_ckpt, export=None,
+                   rank=trainer.global_rank)
+    if trainer.is_global_zero:
+        if args.export:
+            summary["export"] = export_fit(model.field.eval(), width, height, channels, args.export)
+        print(f"train.py: {summary['steps']} steps in {summary['train_seconds']:.1f} s, "
+              f"PSNR {summary['psnr']:.2f} dB; checkpoint {last_ckpt}"
+              + (f"; export {summary['export']}" if summary["export"] else ""))
+    return summary
+
+
+def main(argv=None, callbacks=()) -> dict:
+    """Command-line entry point: `argv` as sys.argv[1:]. Extra Lightning `callbacks` are
+    passed to the Trainer. Usage problems print one line and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, callbacks)
+    except UsageError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
