@@ -275,11 +275,9 @@ def _read_wide_colour(path, im, low_tiles, mode):
     return out
 
 
-def _read_npy(path, keep_alpha):
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ImageError(path, f"not a readable .npy array ({e})") from None
+def _as_hwc(array, path):
+    """(H, W) or (H, W, C) uint8 / uint16 / float array -> (H, W, C) view, C in {1, 3, 4};
+    ImageError naming `path` for any other shape or dtype."""
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
@@ -287,6 +285,15 @@ def _read_npy(path, keep_alpha):
                                f"got shape {tuple(array.shape)}")
     if not (array.dtype in (np.uint8, np.uint16) or np.issubdtype(array.dtype, np.floating)):
         raise ImageError(path, f"unsupported dtype {array.dtype}; expected uint8, uint16 or float")
+    return array
+
+
+def _read_npy(path, keep_alpha):
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ImageError(path, f"not a readable .npy array ({e})") from None
+    array = _as_hwc(array, path)
     return array if keep_alpha or array.shape[2] != 4 else array[:, :, :3]
 
 
@@ -412,13 +419,7 @@ def write_image(path, array, quality=95):
     if _is_torch(array):
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
-        raise ImageError(path, f"expected an (H, W) or (H, W, C) array with C in 1, 3, 4, "
-                               f"got shape {tuple(array.shape)}")
-    if not (array.dtype in (np.uint8, np.uint16) or np.issubdtype(array.dtype, np.floating)):
-        raise ImageError(path, f"unsupported dtype {array.dtype}; expected uint8, uint16 or float")
+    array = _as_hwc(array, path)
     if array.dtype == np.uint16 and ext not in (".png", ".tif", ".tiff", ".npy"):
         raise ImageError(path, "16-bit images can only be written as .png, .tif/.tiff or .npy")
     folder = os.path.dirname(os.fspath(path))
