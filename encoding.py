@@ -301,15 +301,6 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(packed) if packed.is_complex() else packed.unsqueeze(-1)
 
 
-def _scatter_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """target[index[i]] += values[i] for rows: target (R, F), index (M,), values (M, F)."""
-    values = values.to(target.dtype)
-    if _packable(target, target.dtype):
-        _pack(target).index_add_(0, index, _pack(values.contiguous()))
-    else:
-        target.index_add_(0, index.long(), values)   # the 2-D kernel is much slower with int32 indices
-
-
 def _encode_group(xt: torch.Tensor, table: torch.Tensor, group: _Group, grid: _Grid, acc_dtype) -> torch.Tensor:
     """xt: (D, n) -> this group's features (G, n, F)."""
     group_table = table[group.rows_start:group.rows_stop]
@@ -377,7 +368,8 @@ def _backward_group(xt, table, group: _Group, grid: _Grid, g, grad_table, grad_x
             if pending is not None:
                 pending.append((index.reshape(-1), values))
             else:
-                _scatter_add(group_grad, index.reshape(-1), values)
+                # (the 2-D index_add_ kernel is slow with int32 indices)
+                group_grad.index_add_(0, index.reshape(-1).long(), values.to(group_grad.dtype))
         if need_x:
             g_dot_feature = (g * _gather(group_table, index)).sum(-1)        # (G, n)
             for d in range(n_dims):
