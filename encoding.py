@@ -420,6 +420,50 @@ def _encode_backward(x, table, nan, grid: _Grid, grad_out, need_x: bool, need_ta
     return grad_x, grad_table
 
 
+def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor, grad_out: torch.Tensor,
+                      tensors: List[torch.Tensor], spec: List[int], interpolation: str) -> torch.Tensor:
+    """The table gradient by the eager CPU path, from a flat description of the grid (see
+    _flatten_grid): the body of the `hashgrid::table_grad` custom op below."""
+    tcnn, hash_mask, n_groups = spec[0], spec[1], spec[2]
+    groups, at = [], 0
+    for g in range(n_groups):
+        start, stop, hashed, rows_start, rows_stop, has_max_cell, has_rows = spec[3 + 7 * g: 10 + 7 * g]
+        scale, mult, offset = tensors[at:at + 3]
+        at += 3
+        max_cell = tensors[at] if has_max_cell else None
+        at += has_max_cell
+        rows = tensors[at] if has_rows else None
+        at += has_rows
+        groups.append(_Group(start, stop, bool(hashed), rows_start, rows_stop, scale, mult, offset, max_cell, rows))
+    chunk = max(MultiResHashGrid.CPU_LOOKUPS_PER_PASS // groups[-1].stop, 1)
+    grid = _Grid(groups, interpolation, bool(tcnn), hash_mask, chunk)
+    with torch.no_grad():
+        return _encode_backward(x, table, nan, grid, grad_out, False, True)[1]
+
+
+def _flatten_grid(grid: _Grid):
+    tensors, spec = [], [int(grid.tcnn), grid.hash_mask, len(grid.groups)]
+    for group in grid.groups:
+        spec += [group.start, group.stop, int(group.hashed), group.rows_start, group.rows_stop,
+                 int(group.max_cell is not None), int(group.rows is not None)]
+        tensors += [group.scale, group.mult, group.offset]
+        tensors += [t for t in (group.max_cell, group.rows) if t is not None]
+    return tensors, spec
+
+
+# Under torch.compile, inductor would turn the backward's scatter-adds into its own kernels,
+# which on CPU are several times slower than the eager path (int32 indices, complex
+# pairs, cache-sized chunks). A custom op keeps the eager path opaque to the compiler.
+# (torch >= 2.4; a second copy of this file reuses the op the first one registered.)
+_table_grad_op = None
+if hasattr(torch.library, "custom_op"):
+    try:
+        _table_grad_op = torch.library.custom_op("hashgrid::table_grad", _table_grad_eager, mutates_args=())
+        _table_grad_op.register_fake(lambda x, table, *rest: torch.empty_like(table))
+    except RuntimeError:
+        _table_grad_op = torch.ops.hashgrid.table_grad
+
+
 class _HashGridFunction(torch.autograd.Function):
     """Interpolated table lookup with a hand-written backward.
 
@@ -437,8 +481,12 @@ class _HashGridFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, table, nan = ctx.saved_tensors
-        grad_x, grad_table = _encode_backward(
-            x, table, nan, ctx.grid, grad_out, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if (_table_grad_op is not None and torch.compiler.is_compiling() and need_table and not need_x
+                and table.device.type == "cpu"):
+            tensors, spec = _flatten_grid(ctx.grid)
+            return None, _table_grad_op(x, table, nan, grad_out, tensors, spec, ctx.grid.interpolation), None, None
+        grad_x, grad_table = _encode_backward(x, table, nan, ctx.grid, grad_out, need_x, need_table)
         return grad_x, grad_table, None, None
 
 
