@@ -514,7 +514,13 @@ class MultiResHashGrid(nn.Module):
 
     Attributes: input_dim, output_dim, resolutions (per level, per axis: N_l in the paper
     layout, tcnn's vertex count in the tcnn layout), rows_per_level, level_offsets,
-    hashed_levels, embedding (nn.Embedding(sum(rows_per_level), F), the parameters).
+    hashed_levels, embedding (nn.Embedding(sum(rows_per_level), F), the parameters),
+    chunk_size (points per pass on CPU; None picks CPU_LOOKUPS_PER_PASS / n_levels, which
+    keeps temporaries in cache; GPUs and torch.compile always take one pass).
+
+    Speed notes: on CPU the eager path processes level-major chunks with int32 index math
+    and handles feature pairs as complex numbers; under torch.compile the table gradient
+    runs that eager path as the custom op ``hashgrid::table_grad`` (torch >= 2.4).
     """
 
     # On CPU, points are processed in chunks of this many lookups per corner (points x levels).
