@@ -405,9 +405,11 @@ def _encode_backward(x, table, nan, grid: _Grid, grad_out, need_x: bool, need_ta
     for lo, hi in grid.chunks(x.shape[0]):
         xt = x[lo:hi].t().contiguous()
         grad_xt = [None] * x.shape[1]
-        grad_chunk = grad_out[lo:hi].masked_fill(nan[lo:hi, None, None], 0.0)
         for group in grid.groups:
-            g = grad_chunk[:, group.start:group.stop].transpose(0, 1).contiguous()      # (G, n, F)
+            # one copy into a fresh level-major buffer, then NaN points zeroed in place there
+            g = grad_out.new_empty((group.stop - group.start, hi - lo, grad_out.shape[2]))  # (G, n, F)
+            g.copy_(grad_out[lo:hi, group.start:group.stop].transpose(0, 1))
+            g.masked_fill_(nan[None, lo:hi, None], 0.0)
             _backward_group(xt, table, group, grid, g, grad_table, grad_xt, need_x)
         if need_x:   # (nearest interpolation leaves every entry None: zero gradient)
             grad_x_chunks.append(torch.stack([g if g is not None else xt[0] * 0 for g in grad_xt], dim=1))
