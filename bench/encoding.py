@@ -184,7 +184,7 @@ def main(argv=None):
                 for spec, value in seconds.items():
                     rows.append(dict(workload=workload, mode=mode, step="fwd+bwd" if backward else "fwd",
                                      impl=spec, points_per_second=batch / value,
-                                     ratio_ours_over_impl=seconds[OURS] and value / seconds[OURS]))
+                                     ratio_ours_over_impl=value / seconds[OURS]))
         if not args.no_memory:
             for spec in modules:
                 memory = measure_memory(spec, workload, args.device)
