@@ -304,7 +304,8 @@ class PsnrProbe:
     @torch.no_grad()
     def _sse_subset(self, field, rank, world, max_batch):
         height, width, channels = self.source.shape
-        device = next(field.parameters()).device
+        device = render.field_device(field)
+        self.targets = self.targets.to(device)       # once: validation runs repeatedly
         bounds = np.linspace(0, len(self.index), world + 1).astype(np.int64)
         sse = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(bounds[rank], bounds[rank + 1], max_batch):
@@ -313,7 +314,7 @@ class PsnrProbe:
             xy = torch.stack([(index % width).double().add_(0.5).div_(width),
                               (index // width).double().add_(0.5).div_(height)], 1)
             fit = images.linear_to_uint8(field(xy.float().to(device)))
-            diff = fit.int() - self.targets[start:stop].to(device).int()
+            diff = fit.int() - self.targets[start:stop].int()
             sse += diff.square().sum(dtype=torch.float64)
         return float(sse), int(bounds[rank + 1] - bounds[rank]) * channels
 
@@ -527,14 +528,6 @@ def preview_geometry(width: int, height: int, panel: int = PREVIEW_PANEL):
     return (pw, ph), ((width - cw) // 2, (height - ch) // 2, cw, ch)
 
 
-def grid_centres(width: int, height: int) -> torch.Tensor:
-    """(height*width, 2) pixel-centre xy of a width x height grid over [0, 1]^2, row-major."""
-    xs = (torch.arange(width, dtype=torch.float64) + 0.5) / width
-    ys = (torch.arange(height, dtype=torch.float64) + 0.5) / height
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([gx.reshape(-1), gy.reshape(-1)], 1).float()
-
-
 class Previews(pl.Callback):
     """--visualize: at log-spaced steps writes previews/step_XXXXXX.png (reference | fit, whole
     view above a native-resolution centre crop), rendered tile by tile; at the end
@@ -552,9 +545,8 @@ class Previews(pl.Callback):
         x0, y0, cw, ch = self.crop
         lut = torch.tensor(images.SRGB_TO_LINEAR_LUT, dtype=torch.float32)
         pixels = host_tensor(self.image.array)
-        view = torch.cat([bilinear_sample(pixels, lut, xy)
-                          for xy in grid_centres(self.pw, self.ph).split(EVAL_BATCH)])
-        view = images.linear_to_uint8(view).reshape(self.ph, self.pw, -1).numpy()
+        view = render.render_region(lambda xy: bilinear_sample(pixels, lut, xy), self.pw, self.ph,
+                                    max_batch=EVAL_BATCH)
         crop = np.asarray(self.image.array[y0:y0 + ch, x0:x0 + cw])
         return self._panel(view, crop)
 
