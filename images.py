@@ -329,14 +329,17 @@ def read_image(path, keep_alpha=False, max_pixels=MAX_IMAGE_PIXELS):
 
 # ----------------------------------------------------------------------------- writing
 
-def _as_uint8(array):
-    """uint8 as is; float (linear) -> sRGB uint8, band by band to bound the temporaries."""
+def to_srgb8(array):
+    """(H, W, C) array as read_image returns it -> sRGB uint8, band by band to bound the
+    temporaries: uint8 as is (a memmap stays a memmap), uint16 requantised, float (linear)
+    encoded."""
     if array.dtype == np.uint8:
         return array
     height, width = array.shape[:2]
     out = np.empty(array.shape, np.uint8)
     for y0, y1 in _row_bands(height, width):
-        out[y0:y1] = linear_to_uint8(array[y0:y1])
+        band = np.asarray(array[y0:y1])
+        out[y0:y1] = linear_to_uint8(band if np.issubdtype(band.dtype, np.floating) else to_linear(band))
     return out
 
 
@@ -433,6 +436,6 @@ def write_image(path, array, quality=95):
         elif array.dtype == np.uint16:
             _write_tiff16(path, array)
         else:
-            _write_pil(path, ext, _as_uint8(array), quality)
+            _write_pil(path, ext, to_srgb8(array), quality)
     except OSError as e:
         raise ImageError(path, f"cannot write ({e.strerror or e})") from None

@@ -456,7 +456,8 @@ def _run(args, load_field):
     parent = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(args.output if kind == "frames" else parent, exist_ok=True)
     if kind in ("still", "npy"):
-        _render_still(field, width, height, region, channels, args)
+        render_to_file(field, width, height, channels, args.output, region,
+                       max_batch=args.max_batch, quality=args.quality, progress=True)
         print(f"render.py: wrote {args.output} ({width}x{height})")
         return
     sequence = render_frames(field, width, height, regions, max_batch=args.max_batch,
@@ -470,18 +471,19 @@ def _run(args, load_field):
     print(f"render.py: wrote {args.output} ({count} frames of {width}x{height})")
 
 
-def _render_still(field, width, height, region, channels, args):
-    """One image; a .npy output is rendered straight into a memory-mapped file."""
-    if os.path.splitext(args.output)[1].lower() == ".npy":
-        out = np.lib.format.open_memmap(args.output, mode="w+", dtype=np.uint8,
-                                        shape=(height, width, channels))
-        render_region(field, width, height, region, max_batch=args.max_batch, out=out,
-                      progress=True)
+def render_to_file(field, width, height, channels, path, region=FULL, *, max_batch=2**18,
+                   quality=95, progress=False):
+    """Render ``region`` at ``width x height`` into the image file ``path``; a .npy output is
+    rendered straight into a memory-mapped file (outputs bigger than RAM), anything else goes
+    through one uint8 buffer to images.write_image."""
+    if os.path.splitext(os.fspath(path))[1].lower() == ".npy":
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(height, width, channels))
+        render_region(field, width, height, region, max_batch=max_batch, out=out, progress=progress)
         out.flush()
         return
-    image = render_region(field, width, height, region, max_batch=args.max_batch,
-                          progress=True)
-    images.write_image(args.output, image, quality=args.quality)
+    image = render_region(field, width, height, region, max_batch=max_batch, progress=progress)
+    images.write_image(path, image, quality=quality)
 
 
 if __name__ == "__main__":

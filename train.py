@@ -194,19 +194,6 @@ def bilinear_sample(pixels: torch.Tensor, lut: torch.Tensor, xy: torch.Tensor) -
     return torch.lerp(top, bottom, fy)
 
 
-def to_srgb8(array: np.ndarray, rows_per_chunk: int = 1024) -> np.ndarray:
-    """(H, W, C) array as read_image returns it -> uint8 sRGB (H, W, C); uint8 passes through
-    untouched (a memmap stays a memmap). 16-bit and float (linear) sources are quantised in
-    row chunks: the fit is scored in 8 bits anyway, and 8 bits keep gigapixels affordable."""
-    if array.dtype == np.uint8:
-        return array
-    out = np.empty(array.shape, np.uint8)
-    for r in range(0, array.shape[0], rows_per_chunk):
-        out[r:r + rows_per_chunk] = images.linear_to_uint8(
-            images.to_linear(np.asarray(array[r:r + rows_per_chunk])))
-    return out
-
-
 def fits_on_device(nbytes: int, device: torch.device) -> bool:
     """Whether `nbytes` of pixels may live on `device` (always on the CPU: host memory)."""
     if device.type != "cuda":
@@ -732,7 +719,7 @@ def load_source(path: str) -> np.ndarray:
         raise UsageError(f"{path}: {exc.strerror or exc}") from None
     if array.ndim != 3 or 0 in array.shape:
         raise UsageError(f"{path}: empty image (shape {tuple(array.shape)})")
-    return to_srgb8(array)
+    return images.to_srgb8(array)
 
 
 def check_resume(ckpt_path: str, config: dict) -> None:
@@ -757,20 +744,8 @@ def check_export(path: str) -> None:
 
 
 def export_fit(field: nn.Module, width: int, height: int, channels: int, path: str) -> str:
-    """Full-resolution render of `field` to `path`, tile by tile: .npy is filled in place as
-    a memmap, other formats go through an in-RAM uint8 buffer to images.write_image."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    if path.lower().endswith(".npy"):
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
-                                        shape=(height, width, channels))
-        render.render_region(field, width, height, out=out, max_batch=EVAL_BATCH)
-        out.flush()
-        del out
-    else:
-        out = np.empty((height, width, channels), np.uint8)
-        render.render_region(field, width, height, out=out, max_batch=EVAL_BATCH)
-        images.write_image(path, out)
+    """Full-resolution render of `field` to `path`, tile by tile (render.render_to_file)."""
+    render.render_to_file(field, width, height, channels, path, max_batch=EVAL_BATCH)
     return path
 
 

@@ -281,3 +281,11 @@ def test_pixel_limit_is_explicit_and_can_be_lifted(tmp_path):
     saved = Image.MAX_IMAGE_PIXELS
     read_image(path)
     assert Image.MAX_IMAGE_PIXELS == saved  # PIL's global is left as it was
+
+
+def test_to_srgb8_requantises_16_bit_and_encodes_linear_float():
+    codes = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    # a 16-bit sRGB value v * 257 is exactly the 8-bit code v; a linear float is its LUT value
+    np.testing.assert_array_equal(images.to_srgb8(codes.astype(np.uint16) * 257), codes)
+    np.testing.assert_array_equal(images.to_srgb8(images.SRGB_TO_LINEAR_LUT[codes]), codes)
+    assert images.to_srgb8(codes) is codes
