@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from images import (EXTENSIONS, MAX_IMAGE_PIXELS, SRGB_TO_LINEAR_LUT, ImageError,
-                    linear_to_uint8, open_image, pil_rows, pixel_mode, read_image,
+from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, ImageError,
+                    extension, linear_to_uint8, open_image, pil_rows, pixel_mode, read_image,
                     srgb_to_linear, to_linear, write_image)
 
 # Resampling filters: PIL filter and its kernel radius in source pixels at scale 1.
@@ -111,7 +111,7 @@ def _open_source(path, max_pixels, out_size_of, draft, filter_name, progress):
 
     def rows(y0, y1):
         return pil_rows(im, y0, y1, mode)
-    source = _Source(im.size, rows, box, {"L": 1, "RGB": 3, "RGBA": 4}[mode], "srgb8",
+    source = _Source(im.size, rows, box, MODE_CHANNELS[mode], "srgb8",
                      im if im.mode == mode else None)
     return source, in_size, out_size
 
@@ -304,16 +304,8 @@ def _atomic_output(path, produce):
             os.remove(partial)
 
 
-def _check_extension(path, role):
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in EXTENSIONS:
-        raise ImageError(path, f"unsupported {role} extension {ext or '(none)'!r}; "
-                               f"expected one of {', '.join(EXTENSIONS)}")
-    return ext
-
-
 def _check_output(input_path, output_path, dtype):
-    ext = _check_extension(output_path, "output")
+    ext = extension(output_path, "output")
     if dtype == "float16" and ext != ".npy":
         raise ImageError(output_path, "--dtype float16 needs a .npy output")
     if os.path.isdir(output_path):
@@ -338,7 +330,7 @@ def convert(input_path, output_path, *, scale=None, width=None, height=None,
     Raises ImageError / ValueError with one-line messages.
     """
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
-    _check_extension(input_path, "input")
+    extension(input_path, "input")
     if not os.path.isfile(input_path):
         raise ImageError(input_path, "no such file")
     _check_output(input_path, output_path, dtype)
@@ -460,7 +452,7 @@ def write_chart(path, width, height, progress=None):
     by a band, any size); image formats are built in memory, so limited to
     CHART_IMAGE_LIMIT pixels."""
     path = os.fspath(path)
-    ext = _check_extension(path, "output")
+    ext = extension(path, "output")
     if ext != ".npy" and width * height > CHART_IMAGE_LIMIT:
         raise ImageError(path, f"a {width}x{height} chart is too large for {ext}; write .npy")
     _atomic_output(path, lambda p: _write_bands(

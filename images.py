@@ -40,11 +40,12 @@ class ImageError(Exception):
         super().__init__(f"{os.fspath(path)}: {reason}")
 
 
-def _extension(path):
-    """Lower-case extension of `path`, or ImageError if it is not a supported format."""
+def extension(path, role="file"):
+    """Lower-case extension of `path`, or ImageError if it is not a supported format
+    (`role` names the file in the message: "input", "output", ...)."""
     ext = os.path.splitext(os.fspath(path))[1].lower()
     if ext not in EXTENSIONS:
-        raise ImageError(path, f"unsupported file extension {ext or '(none)'!r}; "
+        raise ImageError(path, f"unsupported {role} extension {ext or '(none)'!r}; "
                                f"expected one of {', '.join(EXTENSIONS)}")
     return ext
 
@@ -164,7 +165,7 @@ def open_image(path, max_pixels=MAX_IMAGE_PIXELS):
     Returns a PIL.Image.Image. Raises ImageError for an unsupported extension, a missing
     or unreadable file, or more than `max_pixels` pixels (None: no limit).
     """
-    ext = _extension(path)
+    ext = extension(path)
     if ext == ".npy":
         raise ImageError(path, "is a .npy array, not an image file; use read_image")
     if not os.path.isfile(path):
@@ -182,7 +183,7 @@ def open_image(path, max_pixels=MAX_IMAGE_PIXELS):
     return im
 
 
-_CHANNELS = {"L": 1, "I;16": 1, "RGB": 3, "RGBA": 4}
+MODE_CHANNELS = {"L": 1, "I;16": 1, "RGB": 3, "RGBA": 4}
 
 
 def _target_mode(im, keep_alpha):
@@ -211,7 +212,7 @@ def pixel_mode(im, keep_alpha=False):
 
 
 def pil_rows(im, y0, y1, mode):
-    """Rows [y0, y1) of a PIL image as a (y1 - y0, W, C) array in `mode` (see _CHANNELS).
+    """Rows [y0, y1) of a PIL image as a (y1 - y0, W, C) array in `mode` (see MODE_CHANNELS).
 
     Converting a band at a time keeps the extra memory to one band rather than a second
     full copy of the image (PIL stores RGB with 4 bytes per pixel).
@@ -221,14 +222,14 @@ def pil_rows(im, y0, y1, mode):
         rows = np.asarray(band).astype(np.uint16, copy=False)  # I;16B arrives big-endian
     else:
         rows = np.asarray(band if band.mode == mode else band.convert(mode))
-    return rows.reshape(y1 - y0, im.width, _CHANNELS[mode])
+    return rows.reshape(y1 - y0, im.width, MODE_CHANNELS[mode])
 
 
 def _pil_to_array(im, mode):
     """Whole decoded PIL image -> (H, W, C) uint8 / uint16 array, band by band."""
     width, height = im.size
     dtype = np.uint16 if mode == "I;16" else np.uint8
-    out = np.empty((height, width, _CHANNELS[mode]), dtype)
+    out = np.empty((height, width, MODE_CHANNELS[mode]), dtype)
     for y0, y1 in _row_bands(height, width):
         out[y0:y1] = pil_rows(im, y0, y1, mode)
     return out
@@ -307,7 +308,7 @@ def read_image(path, keep_alpha=False, max_pixels=MAX_IMAGE_PIXELS):
     or float LINEAR light; an (H, W) array comes back as an (H, W, 1) view.
     Raises ImageError (one line naming the file) for every failure.
     """
-    if _extension(path) == ".npy":
+    if extension(path) == ".npy":
         if not os.path.isfile(path):
             raise ImageError(path, "no such file")
         return _read_npy(path, keep_alpha)
@@ -418,7 +419,7 @@ def write_image(path, array, quality=95):
     uint16 (sRGB) can go to .png, .tif/.tiff or .npy. JPEG drops alpha; `quality`
     applies to .jpg and .webp. Creates the parent folder. Raises ImageError.
     """
-    ext = _extension(path)
+    ext = extension(path)
     if _is_torch(array):
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
