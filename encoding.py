@@ -138,23 +138,43 @@ class _Group:
         self.rows_start, self.rows_stop = rows_start, rows_stop
         self.scale, self.mult, self.offset, self.max_cell, self.rows = scale, mult, offset, max_cell, rows
 
+    def levels(self, first: int, stop: int) -> "_Group":
+        """The sub-group of this group's levels first..stop-1 (counted from the group's start)."""
+        per_level = lambda t: None if t is None else t[..., first:stop, :]
+        return _Group(self.start + first, self.start + stop, self.hashed, self.rows_start, self.rows_stop,
+                      per_level(self.scale), per_level(self.mult), per_level(self.offset),
+                      per_level(self.max_cell), per_level(self.rows))
+
 
 class _Grid:
     """Everything forward and backward need: the level groups and the static options.
 
-    chunk_size: points per pass, or None for all at once. On CPU, chunks of a few thousand
-    points keep every temporary in cache and avoid the page faults of fresh 10-100 MB
-    buffers, which otherwise dominate; GPUs and torch.compile want one big pass.
+    cpu_passes (CPU eager): the work runs in passes of about lookups_per_pass lookups per cell
+    corner, level-major: all points for as many levels as fit, or, when one level's points
+    exceed it, one level for runs of lookups_per_pass points. Consecutive passes then visit
+    the same level's table, which stays in cache, and every temporary is a few hundred KB
+    that malloc recycles, instead of a fresh 10-100 MB buffer whose page faults would
+    dominate. Otherwise (GPUs, torch.compile) each group of levels is one pass over all
+    points. chunk_size, if given, sets the points per pass.
     """
 
     def __init__(self, groups: List[_Group], interpolation: str, tcnn: bool, hash_mask: int,
-                 chunk_size: Optional[int]):
+                 chunk_size: Optional[int], cpu_passes: bool, lookups_per_pass: int):
         self.groups, self.interpolation, self.tcnn, self.hash_mask = groups, interpolation, tcnn, hash_mask
-        self.chunk_size = chunk_size
+        self.chunk_size, self.cpu_passes, self.lookups_per_pass = chunk_size, cpu_passes, lookups_per_pass
 
-    def chunks(self, n_points: int):
-        step = max(self.chunk_size or n_points, 1)
-        return [(lo, min(lo + step, n_points)) for lo in range(0, n_points, step)]
+    def passes(self, n_points: int):
+        """[(levels: _Group, lo, hi)]: each pass computes `levels` for the points lo..hi-1."""
+        step = self.chunk_size or (self.lookups_per_pass if self.cpu_passes else n_points)
+        step = max(min(step, n_points), 1)
+        passes = []
+        for group in self.groups:
+            n_levels = group.stop - group.start
+            per_pass = min(max(self.lookups_per_pass // step, 1), n_levels) if self.cpu_passes else n_levels
+            for first in range(0, n_levels, per_pass):
+                levels = group if per_pass == n_levels else group.levels(first, min(first + per_pass, n_levels))
+                passes += [(levels, lo, min(lo + step, n_points)) for lo in range(0, n_points, step)]
+        return passes
 
 
 def _axis_terms(xt: torch.Tensor, group: _Group, grid: _Grid):
@@ -185,11 +205,11 @@ def _axis_terms(xt: torch.Tensor, group: _Group, grid: _Grid):
         fracs.append(pos - cell)
         mult = group.mult[d]
         if group.hashed:
-            # (v * prime) mod 2**32 mod T == (v * prime) & (T - 1), T being a power of two.
-            # The product is taken in int64, whose wrap-around keeps the low 32 bits exact;
-            # what remains is < T and continues in the (narrower, faster) index dtype.
-            t0 = ((cell.long() * mult) & grid.hash_mask).to(index_dtype)
-            t1 = (t0 + (mult & grid.hash_mask).to(index_dtype)) & grid.hash_mask   # (a + b) & m == ((a & m) + b) & m
+            # (v * prime) mod 2**32 mod T == (v * prime) & (T - 1), T being a power of two. The
+            # product wraps around in the index dtype (int32 or int64; primes >= 2**31 are
+            # stored as their int32 two's complement), which keeps its low 32 bits exact.
+            t0 = (cell.to(index_dtype) * mult) & grid.hash_mask
+            t1 = (t0 + (mult & grid.hash_mask)) & grid.hash_mask   # (a + b) & m == ((a & m) + b) & m
             if d == 0:   # hashed levels' offsets are multiples of T and t < T: ^ offset == + offset
                 t0, t1 = t0 ^ group.offset, t1 ^ group.offset
         else:
@@ -201,36 +221,33 @@ def _axis_terms(xt: torch.Tensor, group: _Group, grid: _Grid):
     return terms, fracs
 
 
-def _for_each_corner(terms, factors, group: _Group, visit) -> None:
+def _for_each_corner(terms, factors, group: _Group, visit, d: int = 0, corner: int = 0, index=None, weight=None):
     """Calls visit(corner, index, weight) for every cell corner: index (G, n) its table rows,
     weight (G, n) its interpolation weight (None without factors, i.e. "nearest": one corner).
     Bit d of `corner` set means the upper vertex on axis d.
 
-    Depth-first over the axes, so corners share partial sums and products: about 2 ops per
-    corner instead of 2 (D - 1), while only D partial results are alive at a time.
+    Depth-first over the axes (d, corner, index, weight: the partial results so far), so
+    corners share partial sums and products: about 2 ops per corner instead of 2 (D - 1),
+    while only D partial results are alive at a time. (A plain recursive function: a
+    recursive closure would be a reference cycle holding every pass's temporaries until
+    the garbage collector runs.)
     """
-    n_dims = len(terms)
-    bits = (0,) if factors is None else (0, 1)
-
-    def descend(d, corner, index, weight):
-        if d == n_dims:
-            if group.rows is not None:      # tcnn wraps dense indices modulo the level's rows
-                index = torch.remainder(index, group.rows) + group.offset
-            visit(corner, index, weight)
-            return
-        for bit in bits:
-            term = terms[d][bit]
-            if index is None:
-                next_index = term
-            else:
-                next_index = index ^ term if group.hashed else index + term
-            next_weight = None
-            if factors is not None:
-                factor = factors[d][bit]
-                next_weight = factor if weight is None else weight * factor
-            descend(d + 1, corner | (bit << d), next_index, next_weight)
-
-    descend(0, 0, None, None)
+    if d == len(terms):
+        if group.rows is not None:      # tcnn wraps dense indices modulo the level's rows
+            index = torch.remainder(index, group.rows) + group.offset
+        visit(corner, index, weight)
+        return
+    for bit in ((0,) if factors is None else (0, 1)):
+        term = terms[d][bit]
+        if index is None:
+            next_index = term
+        else:
+            next_index = index ^ term if group.hashed else index + term
+        next_weight = None
+        if factors is not None:
+            factor = factors[d][bit]
+            next_weight = factor if weight is None else weight * factor
+        _for_each_corner(terms, factors, group, visit, d + 1, corner | (bit << d), next_index, next_weight)
 
 
 def _product(factors: List[torch.Tensor]) -> torch.Tensor:
@@ -302,7 +319,7 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_group(xt: torch.Tensor, table: torch.Tensor, group: _Group, grid: _Grid, acc_dtype) -> torch.Tensor:
-    """xt: (D, n) -> this group's features (G, n, F)."""
+    """xt: (D, n) -> this group's features (G, F, n) (a view)."""
     group_table = table[group.rows_start:group.rows_stop]
     packed = _packable(group_table, acc_dtype)
     rows = _pack(group_table) if packed else None
@@ -324,36 +341,51 @@ def _encode_group(xt: torch.Tensor, table: torch.Tensor, group: _Group, grid: _G
             out[0].addcmul_(feature, weight)
 
     _for_each_corner(terms, factors, group, accumulate)
-    return _unpack(out[0]) if packed else out[0]
+    return (_unpack(out[0]) if packed else out[0]).transpose(1, 2)
 
 
 def _encode(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor, grid: _Grid) -> torch.Tensor:
-    """x: (N, D) in [0, 1] -> features (N, L, F) in the accumulation dtype; NaN for the
-    points flagged in nan (N,) (their x holds a placeholder)."""
+    """x: (N, D) in [0, 1] -> features (N, L * F) in the accumulation dtype, NaN for the
+    points flagged in nan (N,) (their x holds a placeholder).
+
+    In eager mode the result is the transpose of a contiguous (L * F, N) buffer: every level
+    is computed for a run of points at a time, and each feature's values for those points
+    are adjacent, so the passes write contiguous memory. A following matmul (the MLP's first
+    layer) reads this layout as is, and hands back its gradient in the same layout.
+    """
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
-    n_levels = grid.groups[-1].stop
-    out = x.new_empty((x.shape[0], n_levels, table.shape[1]), dtype=acc_dtype)
-    for lo, hi in grid.chunks(x.shape[0]):
-        xt = x[lo:hi].t().contiguous()
-        for group in grid.groups:
-            out[lo:hi, group.start:group.stop] = _encode_group(xt, table, group, grid, acc_dtype).transpose(0, 1)
-        out[lo:hi].masked_fill_(nan[lo:hi, None, None], float("nan"))
-    return out
+    n_points, n_features = x.shape[0], table.shape[1]
+    out = x.new_empty((grid.groups[-1].stop, n_features, n_points), dtype=acc_dtype)    # (L, F, N)
+    xt = x.t().contiguous()                                                             # (D, N)
+    for levels, lo, hi in grid.passes(n_points):
+        features = out[levels.start:levels.stop, :, lo:hi]
+        features.copy_(_encode_group(xt[:, lo:hi], table, levels, grid, acc_dtype))
+        features.masked_fill_(nan[lo:hi], float("nan"))
+    features = out.view(out.shape[0] * n_features, n_points).t()
+    # Under torch.compile the result is row-major: inductor writes that layout as cheaply, and
+    # AOTAutograd would copy an incoming row-major gradient (an elementwise loss) into the
+    # traced layout.
+    return features.contiguous() if torch.compiler.is_compiling() else features
 
 
-def _backward_group(xt, table, group: _Group, grid: _Grid, g, grad_table, grad_xt, need_x: bool):
-    """Adds one group's gradients for points xt (D, n), given g = dL/dfeatures (G, n, F),
-    to grad_table (R, F) and to the list grad_xt of D tensors (n,)."""
-    n_dims, n_features = xt.shape[0], g.shape[-1]
+def _backward_group(xt, table, group: _Group, grid: _Grid, g_planes, nan, grad_table, grad_xt, need_x: bool):
+    """Adds one group's gradients for points xt (D, n), given g_planes = dL/dfeatures (G, F, n)
+    (a view of the caller's gradient; points flagged in nan (n,) are skipped), to
+    grad_table (R, F) and to grad_xt (D, n)."""
+    n_dims, n_features = xt.shape[0], g_planes.shape[1]
     group_table = table[group.rows_start:group.rows_stop]
     group_grad = grad_table[group.rows_start:group.rows_stop] if grad_table is not None else None
     terms, fracs = _axis_terms(xt, group, grid)
     factors = _interpolation_factors(fracs, grid.interpolation)
     need_x = need_x and factors is not None       # "nearest" is piecewise constant: d/dx = 0
     grad_frac = [None] * n_dims
-    packed = group_grad is not None and _packable(group_grad, g.dtype)
-    if packed:
-        grad_rows, g_rows = _pack(group_grad), _pack(g)                     # (R,), (G, n)
+    packed = group_grad is not None and _packable(group_grad, g_planes.dtype)
+    if packed:   # one copy of the gradient, straight into the packed form, then NaN points zeroed
+        g_rows = (torch.complex(g_planes[:, 0], g_planes[:, 1]) if n_features == 2
+                  else g_planes[:, 0].clone()).masked_fill_(nan, 0.0)                # (G, n)
+        grad_rows, g = _pack(group_grad), _unpack(g_rows)                           # (R,), (G, n, F)
+    else:
+        g = g_planes.transpose(1, 2).masked_fill(nan[:, None], 0.0)                 # (G, n, F)
 
     # Under torch.compile, in-place adds into a view of the gradient would each be turned into
     # a copy of the whole table: collect all corners and add them in one out-of-place op.
@@ -389,34 +421,34 @@ def _backward_group(xt, table, group: _Group, grid: _Grid, g, grad_table, grad_x
             ds = factors[d][2]
             dfrac = grad_frac[d] if ds is None else grad_frac[d] * ds
             # d pos / d x = scale; the cell index is piecewise constant
-            contribution = (dfrac * group.scale[d].to(dfrac.dtype)).sum(0)
-            grad_xt[d] = contribution if grad_xt[d] is None else grad_xt[d] + contribution
+            grad_xt[d].add_((dfrac * group.scale[d].to(dfrac.dtype)).sum(0))
 
 
 def _encode_backward(x, table, nan, grid: _Grid, grad_out, need_x: bool, need_table: bool):
-    """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L, F).
-    NaN points (nan: (N,)) contribute nothing.
+    """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F), best
+    in _encode's output layout (else it is transposed once). NaN points (nan: (N,))
+    contribute nothing.
 
     Only differentiable torch ops, so autograd can differentiate this again (second-order
     gradients such as an eikonal loss on |df/dx|).
     """
+    n_points, n_features = x.shape[0], table.shape[1]
+    grad_planes = grad_out.t().reshape(grad_out.shape[1] // n_features, n_features, n_points)   # (L, F, N)
+    if not grad_planes.is_contiguous():
+        # e.g. a row-major gradient from an elementwise loss on the features: the passes would
+        # read it with a large stride, so transpose it once, in runs of points that fit in cache
+        planes = torch.empty_like(grad_planes, memory_format=torch.contiguous_format)
+        step = max(grid.lookups_per_pass // planes.shape[0] if grid.cpu_passes else n_points, 1)
+        for lo in range(0, n_points, step):
+            planes[..., lo:lo + step] = grad_planes[..., lo:lo + step]
+        grad_planes = planes
     grad_table = torch.zeros(table.shape, dtype=grad_out.dtype, device=table.device) if need_table else None
-    grad_x_chunks = []
-    for lo, hi in grid.chunks(x.shape[0]):
-        xt = x[lo:hi].t().contiguous()
-        grad_xt = [None] * x.shape[1]
-        for group in grid.groups:
-            # one copy into a fresh level-major buffer, then NaN points zeroed in place there
-            g = grad_out.new_empty((group.stop - group.start, hi - lo, grad_out.shape[2]))  # (G, n, F)
-            g.copy_(grad_out[lo:hi, group.start:group.stop].transpose(0, 1))
-            g.masked_fill_(nan[None, lo:hi, None], 0.0)
-            _backward_group(xt, table, group, grid, g, grad_table, grad_xt, need_x)
-        if need_x:   # (nearest interpolation leaves every entry None: zero gradient)
-            grad_x_chunks.append(torch.stack([g if g is not None else xt[0] * 0 for g in grad_xt], dim=1))
-    grad_x = None
-    if need_x:
-        grad_x = torch.cat(grad_x_chunks) if grad_x_chunks else torch.zeros_like(x)
-        grad_x = grad_x.to(x.dtype)
+    grad_xt = torch.zeros(x.shape[::-1], dtype=grad_out.dtype, device=x.device) if need_x else None   # (D, N)
+    xt = x.t().contiguous()
+    for levels, lo, hi in grid.passes(n_points):
+        _backward_group(xt[:, lo:hi], table, levels, grid, grad_planes[levels.start:levels.stop, :, lo:hi],
+                        nan[lo:hi], grad_table, grad_xt[:, lo:hi] if need_x else None, need_x)
+    grad_x = grad_xt.t().to(x.dtype) if need_x else None
     if need_table:
         grad_table = grad_table.to(table.dtype)
     return grad_x, grad_table
@@ -437,8 +469,7 @@ def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor, g
         rows = tensors[at] if has_rows else None
         at += has_rows
         groups.append(_Group(start, stop, bool(hashed), rows_start, rows_stop, scale, mult, offset, max_cell, rows))
-    chunk = max(MultiResHashGrid.CPU_LOOKUPS_PER_PASS // groups[-1].stop, 1)
-    grid = _Grid(groups, interpolation, bool(tcnn), hash_mask, chunk)
+    grid = _Grid(groups, interpolation, bool(tcnn), hash_mask, None, True, MultiResHashGrid.CPU_LOOKUPS_PER_PASS)
     with torch.no_grad():
         return _encode_backward(x, table, nan, grid, grad_out, False, True)[1]
 
@@ -517,15 +548,22 @@ class MultiResHashGrid(nn.Module):
     Attributes: input_dim, output_dim, resolutions (per level, per axis: N_l in the paper
     layout, tcnn's vertex count in the tcnn layout), rows_per_level, level_offsets,
     hashed_levels, embedding (nn.Embedding(sum(rows_per_level), F), the parameters),
-    chunk_size (points per pass on CPU; None picks CPU_LOOKUPS_PER_PASS / n_levels, which
-    keeps temporaries in cache; GPUs and torch.compile always take one pass).
+    chunk_size (points per pass; None: automatic, see the speed notes).
 
-    Speed notes: on CPU the eager path processes level-major chunks with int32 index math
-    and handles feature pairs as complex numbers; under torch.compile the table gradient
-    runs that eager path as the custom op ``hashgrid::table_grad`` (torch >= 2.4).
+    Output layout: in eager mode the (..., output_dim) result is a transposed view of a
+    contiguous (output_dim, points) buffer (tiny-cuda-nn's "SoA" layout): each pass writes
+    contiguous memory, and a following nn.Linear reads it, and returns its gradient, with no
+    copy. Under torch.compile it is row-major. Call .contiguous() if you need row-major.
+
+    Speed notes: in CPU eager mode, work runs level-major in passes of CPU_LOOKUPS_PER_PASS
+    lookups per cell corner (all points for as many levels as fit, or one level for a run of
+    points), so consecutive passes find a level's table in cache and temporaries stay small.
+    Index math is int32 and feature pairs are handled as complex numbers. GPUs and
+    torch.compile take each group of levels in one pass; under torch.compile the table
+    gradient runs the eager CPU path as the custom op ``hashgrid::table_grad`` (torch >= 2.4).
     """
 
-    # On CPU, points are processed in chunks of this many lookups per corner (points x levels).
+    # CPU eager passes (see the speed notes): lookups per cell corner (points x levels).
     CPU_LOOKUPS_PER_PASS = 1 << 16
 
     def __init__(
@@ -638,7 +676,9 @@ class MultiResHashGrid(nn.Module):
             axis_major = lambda per_level: [[[v] for v in axis] for axis in zip(*per_level[start:stop])]  # (D, G, 1)
             scale = torch.tensor(axis_major(scales), dtype=torch.float32)
             self.register_buffer(name + "_scale_bits", scale.view(torch.int32), persistent=False)
-            buffer("_mult", axis_major(mults), torch.int64 if hashed[start] else index_dtype)
+            # hash primes >= 2**31 become their int32 two's complement: the same low 32 bits
+            wrap = (lambda v: v - (1 << 32) if v >= 1 << 31 else v) if index_dtype == torch.int32 else (lambda v: v)
+            buffer("_mult", [[[wrap(v) for v in level] for level in axis] for axis in axis_major(mults)], index_dtype)
             buffer("_offset", [[offset - rows_start] for offset in self.level_offsets[start:stop]], index_dtype)
             if layout == "paper":
                 buffer("_max_cell", axis_major(max_cells))
@@ -646,13 +686,6 @@ class MultiResHashGrid(nn.Module):
                 buffer("_rows", [[r] for r in rows[start:stop]], index_dtype)
             self._groups.append((name, start, stop, hashed[start], rows_start, rows_start + sum(rows[start:stop])))
             start = stop
-
-    def _chunk_size(self, device: torch.device) -> Optional[int]:
-        if self.chunk_size is not None:
-            return self.chunk_size
-        if device.type != "cpu" or torch.compiler.is_compiling():
-            return None
-        return max(self.CPU_LOOKUPS_PER_PASS // self.n_levels, 1)
 
     def _grid(self, device: torch.device) -> _Grid:
         groups = [
@@ -664,7 +697,9 @@ class MultiResHashGrid(nn.Module):
                    rows=getattr(self, name + "_rows", None))
             for name, start, stop, is_hashed, rows_start, rows_stop in self._groups
         ]
-        return _Grid(groups, self.interpolation, self.layout == "tcnn", self._hash_mask, self._chunk_size(device))
+        cpu_passes = device.type == "cpu" and not torch.compiler.is_compiling()
+        return _Grid(groups, self.interpolation, self.layout == "tcnn", self._hash_mask, self.chunk_size,
+                     cpu_passes, self.CPU_LOOKUPS_PER_PASS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., dim) in [0, 1] -> (..., n_levels * n_features_per_level)."""
@@ -684,7 +719,7 @@ class MultiResHashGrid(nn.Module):
         # passes (cheap there, in cache) rather than as extra passes over the whole output.
         nan = torch.isnan(points)
         points = points.masked_fill(nan, 0.0).clamp(0.0, 1.0)
-        features = _HashGridFunction.apply(points, table, nan.any(-1), self._grid(points.device))  # (N, L, F)
+        features = _HashGridFunction.apply(points, table, nan.any(-1), self._grid(points.device))  # (N, L * F)
         return features.to(table.dtype).reshape(*batch_shape, self.output_dim)
 
     def tcnn_params(self) -> torch.Tensor:

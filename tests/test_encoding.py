@@ -1,4 +1,5 @@
 """MultiResHashGrid and Frequency against a float64 reference written from the formulas."""
+import gc
 import itertools
 import math
 
@@ -353,14 +354,55 @@ def test_chunked_passes_match_one_pass():
     one_pass = enc(x)
     (grad_one,) = torch.autograd.grad(one_pass.square().sum(), x)
     enc.chunk_size = 7
-    chunked = enc(x)
-    (grad_chunked,) = torch.autograd.grad(chunked.square().sum(), x)
-    torch.testing.assert_close(chunked, one_pass)
-    torch.testing.assert_close(grad_chunked, grad_one)
+    for lookups in (10**6, 14, 1):   # all levels of a group per pass, two, one
+        enc.CPU_LOOKUPS_PER_PASS = lookups
+        chunked = enc(x)
+        (grad_chunked,) = torch.autograd.grad(chunked.square().sum(), x)
+        torch.testing.assert_close(chunked, one_pass)
+        torch.testing.assert_close(grad_chunked, grad_one)
     small = make(2, n_levels=2, log2_t=5, base=2, finest=6)
     small.chunk_size = 2
+    small.CPU_LOOKUPS_PER_PASS = 2
     x2 = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(raw(small), (x2, small.embedding.weight))
+
+
+def test_output_layout_and_gradients_in_any_layout():
+    """Eager output is the transpose of a contiguous (output_dim, N) buffer; the gradient may
+    arrive in that layout (from nn.Linear), row-major (an elementwise loss) or strided."""
+    enc = make(2, n_levels=5, log2_t=8, base=3, finest=40)
+    enc.CPU_LOOKUPS_PER_PASS = 64   # several passes per level
+    x = torch.rand(300, 2, dtype=torch.float64, requires_grad=True)
+    out = enc(x)
+    assert out.t().is_contiguous()
+    linear = torch.nn.Linear(enc.output_dim, 3, dtype=torch.float64)
+    row_major = torch.randn(300, enc.output_dim, dtype=torch.float64)
+    losses = {
+        "linear": lambda y: linear(y).square().sum(),
+        "row-major": lambda y: (y * row_major).sum(),
+        "strided": lambda y: (y[:, ::2] * row_major[:, ::2]).sum() + y[::3].sum(),
+    }
+    for name, loss in losses.items():
+        grads = torch.autograd.grad(loss(enc(x)), (x, enc.embedding.weight))
+        reference = reference_encode(x, enc.embedding.weight, 2, 5, 8, 3, 40, "linear")
+        expected = torch.autograd.grad(loss(reference), (x, enc.embedding.weight))
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, msg=name)
+
+
+def test_no_reference_cycles():
+    """Cycles would hold every pass's temporaries (hundreds of MB) until the GC runs."""
+    enc = make(3, n_levels=4, log2_t=9, base=3, finest=50, dtype=torch.float32)
+    x = torch.rand(2000, 3, requires_grad=True)
+    gc.collect()
+    gc.disable()
+    try:
+        enc(x).square().sum().backward()
+        with torch.no_grad():
+            enc(x)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def reference_tcnn(x, table, dim, n_levels, log2_t, base, per_level_scale):
