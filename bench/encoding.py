@@ -5,9 +5,10 @@
 
 Every implementation is timed interleaved with ours in the same process (step by step, so
 machine noise hits all alike) and reported as points/second and as a ratio to ours. Peak
-memory is the extra resident memory (CPU; each measurement in a fresh child process) or
-the extra allocated memory (CUDA) of one forward+backward step, parameter gradients
-included. Peers are built from our constructor arguments, matched by parameter name
+memory of one forward+backward step, parameter gradients included, each measured in a fresh
+child process: the extra allocated tensor bytes (CUDA: the caching allocator's peak; CPU: the
+profiler's allocation counter), and on CPU also the extra resident memory (RSS), which adds
+what malloc keeps and the library code pages a first step touches. Peers are built from our constructor arguments, matched by parameter name
 (dim, n_levels / num_levels, n_features_per_level / features_per_level, log2_hashmap_size,
 base_resolution / min_res, finest_resolution / max_res).
 """
@@ -20,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -112,8 +114,23 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(field)
 
 
-def measure_memory_here(spec: str, workload: str, device: str) -> int:
-    """Extra memory (bytes) of one forward+backward step, in this process."""
+def _peak_allocated_cpu(step) -> int:
+    """Peak of the tensor bytes allocated and still alive during step(), from the profiler's
+    allocation counter (it starts at 0 when profiling starts)."""
+    from torch.profiler import profile
+    with profile(profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as trace:
+            events = json.load(trace)["traceEvents"]
+    return max((event["args"]["Total Allocated"] for event in events if event.get("name") == "[memory]"), default=0)
+
+
+def measure_memory_here(spec: str, workload: str, device: str, kind: str) -> int:
+    """Extra memory (bytes) of one forward+backward step, in this process. kind: "allocated"
+    (tensor bytes) or "rss" (resident memory, CPU)."""
     module = build(load_class(spec), workload, device)
     step = make_step(module, WORKLOADS[workload][6], WORKLOADS[workload][0], device, backward=True)
     gc.collect()
@@ -123,6 +140,8 @@ def measure_memory_here(spec: str, workload: str, device: str) -> int:
         before = torch.cuda.memory_allocated()
         step()
         return torch.cuda.max_memory_allocated() - before
+    if kind == "allocated":
+        return _peak_allocated_cpu(step)
     before = _rss_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:   # resets the peak (VmHWM) to now
         refs.write("5")
@@ -130,14 +149,14 @@ def measure_memory_here(spec: str, workload: str, device: str) -> int:
     return _rss_bytes("VmHWM") - before
 
 
-def measure_memory(spec: str, workload: str, device: str):
+def measure_memory(spec: str, workload: str, device: str, kind: str):
     """Fresh child process per measurement, so one implementation's freed memory cannot hide
-    another's peak. None where the platform has no /proc."""
+    another's peak. None for RSS on CUDA or where the platform has no /proc."""
     if device.startswith("cuda"):
-        return measure_memory_here(spec, workload, device)
-    if not os.path.exists("/proc/self/clear_refs"):
+        return measure_memory_here(spec, workload, device, kind) if kind == "allocated" else None
+    if kind == "rss" and not os.path.exists("/proc/self/clear_refs"):
         return None
-    out = subprocess.run([sys.executable, __file__, "--_memory", spec, workload, device],
+    out = subprocess.run([sys.executable, __file__, "--_memory", spec, workload, device, kind],
                          capture_output=True, text=True, check=False)
     if out.returncode != 0:
         print(f"  (memory of {spec} on {workload} failed: {out.stderr.strip().splitlines()[-1:]})")
@@ -155,7 +174,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "encoding.json"))
-    parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory:
         print(measure_memory_here(*args._memory))
@@ -187,9 +206,9 @@ def main(argv=None):
                                      ratio_ours_over_impl=value / seconds[OURS]))
         if not args.no_memory:
             for spec in modules:
-                memory = measure_memory(spec, workload, args.device)
                 rows.append(dict(workload=workload, mode="eager", step="memory", impl=spec,
-                                 extra_bytes=memory))
+                                 extra_bytes=measure_memory(spec, workload, args.device, "allocated"),
+                                 extra_rss_bytes=measure_memory(spec, workload, args.device, "rss")))
 
     print(f"\n{'workload':8} {'mode':9} {'step':8} {'implementation':44} {'M points/s':>11} {'ours is':>9}")
     for row in rows:
@@ -201,11 +220,16 @@ def main(argv=None):
               f"{row['points_per_second'] / 1e6:11.3f} {ratio:>9}")
     memory_rows = [row for row in rows if row["step"] == "memory"]
     if memory_rows:
-        print(f"\n{'workload':8} {'implementation':44} {'extra MiB, one fwd+bwd step':>28}")
+        print(f"\n{'workload':8} {'implementation':44} {'extra MiB, one fwd+bwd step:':>28}")
+        print(f"{'':8} {'':44} {'allocated':>11} {'ours is':>9} {'RSS':>7}")
         for row in memory_rows:
             name = row["impl"] if len(row["impl"]) <= 44 else "..." + row["impl"][-41:]
-            value = "n/a" if row["extra_bytes"] is None else f"{row['extra_bytes'] / 2**20:.0f}"
-            print(f"{row['workload']:8} {name:44} {value:>28}")
+            mib = lambda value: "n/a" if value is None else f"{value / 2**20:.0f}"
+            ours = next(r["extra_bytes"] for r in memory_rows if r["workload"] == row["workload"] and r["impl"] == OURS)
+            ratio = (f"{ours / row['extra_bytes']:.2f}x" if row["impl"] != OURS and ours and row["extra_bytes"]
+                     else "")
+            print(f"{row['workload']:8} {name:44} {mib(row['extra_bytes']):>11} {ratio:>9} "
+                  f"{mib(row['extra_rss_bytes']):>7}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as out:
         json.dump(dict(torch=torch.__version__, device=args.device, threads=torch.get_num_threads(),
