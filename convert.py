@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, ImageError,
+from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, ArgumentParser, ImageError,
                     extension, linear_to_uint8, open_image, pil_rows, pixel_mode, read_image,
                     srgb_to_linear, to_linear, write_image)
 
@@ -462,13 +462,6 @@ def write_chart(path, width, height, progress=None):
 
 # ----------------------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, no usage block: scripts and people both read the reason directly.
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 def _chart_size(text):
     match = re.fullmatch(r"(\d+)[xX](\d+)", text)
     if not match or min(int(match[1]), int(match[2])) < 1:
@@ -488,7 +481,7 @@ def _bounded_int(low, high=None):
 
 
 def build_parser():
-    p = _Parser(prog="convert.py", description="Convert/downscale an image to a training-"
+    p = ArgumentParser(prog="convert.py", description="Convert/downscale an image to a training-"
                 "ready .npy (uint8 sRGB by default), or write a synthetic test chart.")
     p.add_argument("-i", "--input", help="input image (.jpg .jpeg .png .tif .tiff .webp .bmp .npy)")
     p.add_argument("-o", "--output", help="output file (.npy or an image format); "

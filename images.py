@@ -9,6 +9,7 @@ Conventions
 - uint8 / uint16 arrays hold sRGB-encoded values; float arrays hold LINEAR light in [0, 1]
   (the upstream `.npy` convention). A uint8 `.npy` is therefore sRGB, a float `.npy` linear.
 """
+import argparse
 import contextlib
 import os
 import struct
@@ -38,6 +39,14 @@ class ImageError(Exception):
     def __init__(self, path, reason):
         reason = " ".join(str(reason).split())  # PIL/numpy messages may span lines
         super().__init__(f"{os.fspath(path)}: {reason}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' argument parser: a bad flag is reported in one line on stderr (no usage
+    block), exit status 2, like every other input error of train.py, convert.py and render.py."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def extension(path, role="file"):

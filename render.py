@@ -7,7 +7,6 @@ output, and the output can be a ``np.memmap`` larger than RAM.
 
 Command line: ``python render.py --ckpt last.ckpt -o out.png`` (see ``--help``).
 """
-import argparse
 import itertools
 import math
 import os
@@ -317,16 +316,9 @@ def write_video(path, frames, fps, encoder):
     return count
 
 
-class _Parser(argparse.ArgumentParser):
-    """Reports every error as one line on stderr, exit status 2 (no usage dump)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser():
     """The command-line interface of render.py."""
-    parser = _Parser(
+    parser = images.ArgumentParser(
         prog="render.py",
         description="Render a fit trained by train.py at any size, region or zoom; "
                     "needs only the checkpoint, not the source image.")

@@ -637,7 +637,7 @@ def parse_devices(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    p = images.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("-i", "--input", help="image to fit: .jpg .png .tif .webp .bmp or .npy "
                    "(default: matplotlib's grace_hopper.jpg sample)")
     p.add_argument("--root", default="./logs", help="log root (default: ./logs)")

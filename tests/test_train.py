@@ -271,6 +271,11 @@ def test_unusable_images_are_one_line_errors(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "logs")       # nothing started
 
 
+def test_bad_flags_are_one_line_errors(capsys):
+    expect_usage_error(capsys, ["--lr", "abc"], "--lr: invalid float value: 'abc'")
+    expect_usage_error(capsys, ["--no_such_flag"], "unrecognized arguments: --no_such_flag")
+
+
 def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     path = save_png(tmp_path / "waves.png", smooth_image())
     argv = ["-i", path, "--root", str(tmp_path / "logs"), "--accelerator", "cpu"]
