@@ -354,18 +354,19 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor, grid: _Grid
     layer) reads this layout as is, and hands back its gradient in the same layout.
     """
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
-    n_points, n_features = x.shape[0], table.shape[1]
-    out = x.new_empty((grid.groups[-1].stop, n_features, n_points), dtype=acc_dtype)    # (L, F, N)
+    n_points, n_features, n_levels = x.shape[0], table.shape[1], grid.groups[-1].stop
+    # A tensor of its own (not a view, which autograd would forbid to modify in place)
+    out = torch.empty_strided((n_points, n_levels * n_features), (1, n_points), dtype=acc_dtype, device=x.device)
+    planes = out.t().view(n_levels, n_features, n_points)                              # (L, F, N)
     xt = x.t().contiguous()                                                             # (D, N)
     for levels, lo, hi in grid.passes(n_points):
-        features = out[levels.start:levels.stop, :, lo:hi]
+        features = planes[levels.start:levels.stop, :, lo:hi]
         features.copy_(_encode_group(xt[:, lo:hi], table, levels, grid, acc_dtype))
         features.masked_fill_(nan[lo:hi], float("nan"))
-    features = out.view(out.shape[0] * n_features, n_points).t()
     # Under torch.compile the result is row-major: inductor writes that layout as cheaply, and
     # AOTAutograd would copy an incoming row-major gradient (an elementwise loss) into the
     # traced layout.
-    return features.contiguous() if torch.compiler.is_compiling() else features
+    return out.contiguous() if torch.compiler.is_compiling() else out
 
 
 def _backward_group(xt, table, group: _Group, grid: _Grid, g_planes, nan, grad_table, grad_xt, need_x: bool):

@@ -381,6 +381,7 @@ def test_output_layout_and_gradients_in_any_layout():
         "linear": lambda y: linear(y).square().sum(),
         "row-major": lambda y: (y * row_major).sum(),
         "strided": lambda y: (y[:, ::2] * row_major[:, ::2]).sum() + y[::3].sum(),
+        "in place": lambda y: y.relu_().square().sum(),   # the output is not a view
     }
     for name, loss in losses.items():
         grads = torch.autograd.grad(loss(enc(x)), (x, enc.embedding.weight))
