@@ -122,12 +122,13 @@ def _smoothstep_derivative(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Group:
-    """Consecutive levels that index alike (all dense or all hashed), computed in one pass.
+    """Consecutive levels that index alike (all dense or all hashed), computed together.
 
     scale, mult, max_cell: (D, G, 1) -- axis-major, so each per-axis operand broadcasts as a
     (G, 1) column against a (1, n) row of points and every intermediate is a contiguous
     level-major (G, n) tensor (one level's lookups stay together, which keeps the table
-    accesses local). mult holds the dense strides or the hash primes. rows_start/rows_stop:
+    accesses local). mult holds the dense strides or the hash primes (in the index dtype:
+    int32 holds primes >= 2**31 as their two's complement). rows_start/rows_stop:
     the group's slice of the table; offset: (G, 1) each level's first row relative to
     rows_start. max_cell: highest cell index (paper layout) or None. rows: (G, 1) rows per
     level for tcnn's dense wrap-around, or None.
@@ -458,7 +459,7 @@ def _encode_backward(x, table, nan, grid: _Grid, grad_out, need_x: bool, need_ta
 def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor, grad_out: torch.Tensor,
                       tensors: List[torch.Tensor], spec: List[int], interpolation: str) -> torch.Tensor:
     """The table gradient by the eager CPU path, from a flat description of the grid (see
-    _flatten_grid): the body of the `hashgrid::table_grad` custom op below."""
+    _flatten_grid): the body of the _TABLE_GRAD_OP custom op below."""
     tcnn, hash_mask, n_groups = spec[0], spec[1], spec[2]
     groups, at = [], 0
     for g in range(n_groups):
@@ -487,15 +488,19 @@ def _flatten_grid(grid: _Grid):
 
 # Under torch.compile, inductor would turn the backward's scatter-adds into its own kernels,
 # which on CPU are several times slower than the eager path (int32 indices, complex
-# pairs, cache-sized chunks). A custom op keeps the eager path opaque to the compiler.
-# (torch >= 2.4; a second copy of this file reuses the op the first one registered.)
+# pairs, cache-sized passes). A custom op keeps the eager path opaque to the compiler
+# (torch >= 2.4). Its name carries a version, bumped whenever its inputs change: a second
+# copy of this file in the same process reuses the op of an equal version, and a copy of
+# another version registers its own instead of silently replacing this one.
+_TABLE_GRAD_OP = "hashgrid::table_grad_v2"
 _table_grad_op = None
 if hasattr(torch.library, "custom_op"):
-    try:
-        _table_grad_op = torch.library.custom_op("hashgrid::table_grad", _table_grad_eager, mutates_args=())
+    _namespace, _name = _TABLE_GRAD_OP.split("::")
+    if hasattr(getattr(torch.ops, _namespace), _name):
+        _table_grad_op = getattr(getattr(torch.ops, _namespace), _name)
+    else:
+        _table_grad_op = torch.library.custom_op(_TABLE_GRAD_OP, _table_grad_eager, mutates_args=())
         _table_grad_op.register_fake(lambda x, table, *rest: torch.empty_like(table))
-    except RuntimeError:
-        _table_grad_op = torch.ops.hashgrid.table_grad
 
 
 class _HashGridFunction(torch.autograd.Function):
@@ -559,9 +564,10 @@ class MultiResHashGrid(nn.Module):
     Speed notes: in CPU eager mode, work runs level-major in passes of CPU_LOOKUPS_PER_PASS
     lookups per cell corner (all points for as many levels as fit, or one level for a run of
     points), so consecutive passes find a level's table in cache and temporaries stay small.
-    Index math is int32 and feature pairs are handled as complex numbers. GPUs and
-    torch.compile take each group of levels in one pass; under torch.compile the table
-    gradient runs the eager CPU path as the custom op ``hashgrid::table_grad`` (torch >= 2.4).
+    Index math is int32 (int64 for tables of 2**31 rows or more) and feature pairs are
+    handled as complex numbers. GPUs and torch.compile take each group of levels in one pass
+    (of chunk_size points if set); under torch.compile the table gradient runs the eager CPU
+    path as the custom op ``hashgrid::table_grad_v2`` (torch >= 2.4).
     """
 
     # CPU eager passes (see the speed notes): lookups per cell corner (points x levels).
@@ -654,8 +660,9 @@ class MultiResHashGrid(nn.Module):
         self.embedding = nn.Embedding(sum(rows), n_features_per_level)
         nn.init.uniform_(self.embedding.weight, -1e-4, 1e-4)
 
-        # Consecutive levels that index alike (all dense or all hashed) form a group that is
-        # computed in one vectorised pass. Buffers are non-persistent (derived from the
+        # Consecutive levels that index alike (all dense or all hashed) form a group, computed
+        # by the same vectorised ops (in one pass on a GPU or under torch.compile, in
+        # cache-sized passes on a CPU). Buffers are non-persistent (derived from the
         # config) and integer-typed, so .half()/.to(dtype) cannot round them; the float32
         # scales are stored as their bit patterns for that reason.
         # Row indices fit int32 (half the memory traffic of int64) unless the table is huge;

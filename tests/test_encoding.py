@@ -1,5 +1,6 @@
 """MultiResHashGrid and Frequency against a float64 reference written from the formulas."""
 import gc
+import importlib.util
 import itertools
 import math
 
@@ -332,6 +333,19 @@ def test_compile_matches_eager():
     out.square().sum().backward()
     torch.testing.assert_close(out, eager_out)
     torch.testing.assert_close(enc.embedding.weight.grad, eager_grad)
+
+
+@pytest.mark.skipif(encoding._table_grad_op is None, reason="torch.library.custom_op needs torch >= 2.4")
+def test_a_second_copy_of_the_file_shares_the_custom_op():
+    spec = importlib.util.spec_from_file_location("encoding_copy", encoding.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)      # registers nothing new, and does not fail
+    enc = make(2, n_levels=3, log2_t=6, base=2, finest=20, dtype=torch.float32)
+    x, grad_out = torch.rand(40, 2), torch.randn(40, enc.output_dim)
+    nan, table, grid = torch.zeros(40, dtype=torch.bool), enc.embedding.weight.detach(), enc._grid(x.device)
+    tensors, flat = encoding._flatten_grid(grid)
+    expected = encoding._encode_backward(x, table, nan, grid, grad_out, False, True)[1]
+    torch.testing.assert_close(copy._table_grad_op(x, table, nan, grad_out, tensors, flat, "linear"), expected)
 
 
 def test_frequency_encoding():
