@@ -320,7 +320,7 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_group(xt: torch.Tensor, table: torch.Tensor, group: _Group, grid: _Grid, acc_dtype) -> torch.Tensor:
-    """xt: (D, n) -> this group's features (G, F, n) (a view)."""
+    """xt: (D, n) -> this group's features (G, n, F)."""
     group_table = table[group.rows_start:group.rows_stop]
     packed = _packable(group_table, acc_dtype)
     rows = _pack(group_table) if packed else None
@@ -342,7 +342,7 @@ def _encode_group(xt: torch.Tensor, table: torch.Tensor, group: _Group, grid: _G
             out[0].addcmul_(feature, weight)
 
     _for_each_corner(terms, factors, group, accumulate)
-    return (_unpack(out[0]) if packed else out[0]).transpose(1, 2)
+    return _unpack(out[0]) if packed else out[0]
 
 
 def _encode(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor, grid: _Grid) -> torch.Tensor:
@@ -356,18 +356,18 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor, grid: _Grid
     """
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
     n_points, n_features, n_levels = x.shape[0], table.shape[1], grid.groups[-1].stop
-    # A tensor of its own (not a view, which autograd would forbid to modify in place)
-    out = torch.empty_strided((n_points, n_levels * n_features), (1, n_points), dtype=acc_dtype, device=x.device)
-    planes = out.t().view(n_levels, n_features, n_points)                              # (L, F, N)
-    xt = x.t().contiguous()                                                             # (D, N)
-    for levels, lo, hi in grid.passes(n_points):
-        features = planes[levels.start:levels.stop, :, lo:hi]
-        features.copy_(_encode_group(xt[:, lo:hi], table, levels, grid, acc_dtype))
-        features.masked_fill_(nan[lo:hi], float("nan"))
     # Under torch.compile the result is row-major: inductor writes that layout as cheaply, and
     # AOTAutograd would copy an incoming row-major gradient (an elementwise loss) into the
-    # traced layout.
-    return out.contiguous() if torch.compiler.is_compiling() else out
+    # traced layout. Either way a tensor of its own, not a view (autograd forbids modifying
+    # a view made inside a custom Function in place).
+    strides = (n_levels * n_features, 1) if torch.compiler.is_compiling() else (1, n_points)
+    out = torch.empty_strided((n_points, n_levels * n_features), strides, dtype=acc_dtype, device=x.device)
+    xt = x.t().contiguous()                                                             # (D, N)
+    for levels, lo, hi in grid.passes(n_points):
+        features = out.view(n_points, n_levels, n_features)[lo:hi, levels.start:levels.stop]   # (n, G, F)
+        features.copy_(_encode_group(xt[:, lo:hi], table, levels, grid, acc_dtype).transpose(0, 1))
+        features.masked_fill_(nan[lo:hi, None, None], float("nan"))
+    return out
 
 
 def _backward_group(xt, table, group: _Group, grid: _Grid, g_planes, nan, grad_table, grad_xt, need_x: bool):
