@@ -127,8 +127,8 @@ class _Group:
     scale, mult, max_cell: (D, G, 1) -- axis-major, so each per-axis operand broadcasts as a
     (G, 1) column against a (1, n) row of points and every intermediate is a contiguous
     level-major (G, n) tensor (one level's lookups stay together, which keeps the table
-    accesses local). mult holds the dense strides or the hash primes (in the index dtype:
-    int32 holds primes >= 2**31 as their two's complement). rows_start/rows_stop:
+    accesses local). mult holds the dense strides (index dtype) or the hash primes (int64).
+    rows_start/rows_stop:
     the group's slice of the table; offset: (G, 1) each level's first row relative to
     rows_start. max_cell: highest cell index (paper layout) or None. rows: (G, 1) rows per
     level for tcnn's dense wrap-around, or None.
@@ -206,11 +206,11 @@ def _axis_terms(xt: torch.Tensor, group: _Group, grid: _Grid):
         fracs.append(pos - cell)
         mult = group.mult[d]
         if group.hashed:
-            # (v * prime) mod 2**32 mod T == (v * prime) & (T - 1), T being a power of two. The
-            # product wraps around in the index dtype (int32 or int64; primes >= 2**31 are
-            # stored as their int32 two's complement), which keeps its low 32 bits exact.
-            t0 = (cell.to(index_dtype) * mult) & grid.hash_mask
-            t1 = (t0 + (mult & grid.hash_mask)) & grid.hash_mask   # (a + b) & m == ((a & m) + b) & m
+            # (v * prime) mod 2**32 mod T == (v * prime) & (T - 1), T being a power of two.
+            # The product is taken in int64, whose wrap-around keeps the low 32 bits exact;
+            # what remains is < T and continues in the (narrower, faster) index dtype.
+            t0 = ((cell.long() * mult) & grid.hash_mask).to(index_dtype)
+            t1 = (t0 + (mult & grid.hash_mask).to(index_dtype)) & grid.hash_mask   # (a + b) & m == ((a & m) + b) & m
             if d == 0:   # hashed levels' offsets are multiples of T and t < T: ^ offset == + offset
                 t0, t1 = t0 ^ group.offset, t1 ^ group.offset
         else:
@@ -364,9 +364,9 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor, grid: _Grid
     out = torch.empty_strided((n_points, n_levels * n_features), strides, dtype=acc_dtype, device=x.device)
     xt = x.t().contiguous()                                                             # (D, N)
     for levels, lo, hi in grid.passes(n_points):
-        features = out.view(n_points, n_levels, n_features)[lo:hi, levels.start:levels.stop]   # (n, G, F)
-        features.copy_(_encode_group(xt[:, lo:hi], table, levels, grid, acc_dtype).transpose(0, 1))
-        features.masked_fill_(nan[lo:hi, None, None], float("nan"))
+        values = _encode_group(xt[:, lo:hi], table, levels, grid, acc_dtype).transpose(0, 1)      # (n, G, F)
+        out.view(n_points, n_levels, n_features)[lo:hi, levels.start:levels.stop] = values.masked_fill(
+            nan[lo:hi, None, None], float("nan"))
     return out
 
 
@@ -684,9 +684,7 @@ class MultiResHashGrid(nn.Module):
             axis_major = lambda per_level: [[[v] for v in axis] for axis in zip(*per_level[start:stop])]  # (D, G, 1)
             scale = torch.tensor(axis_major(scales), dtype=torch.float32)
             self.register_buffer(name + "_scale_bits", scale.view(torch.int32), persistent=False)
-            # hash primes >= 2**31 become their int32 two's complement: the same low 32 bits
-            wrap = (lambda v: v - (1 << 32) if v >= 1 << 31 else v) if index_dtype == torch.int32 else (lambda v: v)
-            buffer("_mult", [[[wrap(v) for v in level] for level in axis] for axis in axis_major(mults)], index_dtype)
+            buffer("_mult", axis_major(mults), torch.int64 if hashed[start] else index_dtype)
             buffer("_offset", [[offset - rows_start] for offset in self.level_offsets[start:stop]], index_dtype)
             if layout == "paper":
                 buffer("_max_cell", axis_major(max_cells))
