@@ -349,10 +349,11 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor, grid: _Grid
     """x: (N, D) in [0, 1] -> features (N, L * F) in the accumulation dtype, NaN for the
     points flagged in nan (N,) (their x holds a placeholder).
 
-    In eager mode the result is the transpose of a contiguous (L * F, N) buffer: every level
-    is computed for a run of points at a time, and each feature's values for those points
-    are adjacent, so the passes write contiguous memory. A following matmul (the MLP's first
-    layer) reads this layout as is, and hands back its gradient in the same layout.
+    In eager mode the result has the strides of a transposed contiguous (L * F, N) matrix:
+    every level is computed for a run of points at a time, and each feature's values for
+    those points are adjacent, so the passes write contiguous memory. A following matmul
+    (the MLP's first layer) reads this layout as is, and hands back its gradient in the same
+    layout.
     """
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
     n_points, n_features, n_levels = x.shape[0], table.shape[1], grid.groups[-1].stop
@@ -556,15 +557,16 @@ class MultiResHashGrid(nn.Module):
     hashed_levels, embedding (nn.Embedding(sum(rows_per_level), F), the parameters),
     chunk_size (points per pass; None: automatic, see the speed notes).
 
-    Output layout: in eager mode the (..., output_dim) result is a transposed view of a
-    contiguous (output_dim, points) buffer (tiny-cuda-nn's "SoA" layout): each pass writes
-    contiguous memory, and a following nn.Linear reads it, and returns its gradient, with no
-    copy. Under torch.compile it is row-major. Call .contiguous() if you need row-major.
+    Output layout: in eager mode the (..., output_dim) result is stored feature-major, with the
+    strides of a transposed contiguous (output_dim, points) matrix (tiny-cuda-nn's "SoA"
+    layout): each pass writes contiguous memory, and a following nn.Linear reads it, and
+    returns its gradient, with no copy. Under torch.compile it is row-major. Call
+    .contiguous() if you need row-major.
 
     Speed notes: in CPU eager mode, work runs level-major in passes of CPU_LOOKUPS_PER_PASS
     lookups per cell corner (all points for as many levels as fit, or one level for a run of
     points), so consecutive passes find a level's table in cache and temporaries stay small.
-    Index math is int32 (int64 for tables of 2**31 rows or more) and feature pairs are
+    Row indices are int32 (int64 for tables of 2**31 rows or more) and feature pairs are
     handled as complex numbers. GPUs and torch.compile take each group of levels in one pass
     (of chunk_size points if set); under torch.compile the table gradient runs the eager CPU
     path as the custom op ``hashgrid::table_grad_v2`` (torch >= 2.4).

@@ -382,7 +382,7 @@ def test_chunked_passes_match_one_pass():
 
 
 def test_output_layout_and_gradients_in_any_layout():
-    """Eager output is the transpose of a contiguous (output_dim, N) buffer; the gradient may
+    """Eager output has the strides of a transposed (output_dim, N) matrix; the gradient may
     arrive in that layout (from nn.Linear), row-major (an elementwise loss) or strided."""
     enc = make(2, n_levels=5, log2_t=8, base=3, finest=40)
     enc.CPU_LOOKUPS_PER_PASS = 64   # several passes per level
