@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, ArgumentParser, ImageError,
-                    extension, linear_to_uint8, open_image, pil_rows, pixel_mode, read_image,
-                    srgb_to_linear, to_linear, write_image)
+from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, ArgumentParser,
+                    ImageError, extension, linear_to_uint8, open_image, pil_rows, pixel_mode,
+                    read_image, srgb_to_linear, to_linear, write_image)
 
 # Resampling filters: PIL filter and its kernel radius in source pixels at scale 1.
 # "box" averages each output pixel's exact footprint (area-correct, and what JPEG draft
@@ -482,7 +482,7 @@ def _bounded_int(low, high=None):
 
 def build_parser():
     p = ArgumentParser(prog="convert.py", description="Convert/downscale an image to a training-"
-                "ready .npy (uint8 sRGB by default), or write a synthetic test chart.")
+                       "ready .npy (uint8 sRGB by default), or write a synthetic test chart.")
     p.add_argument("-i", "--input", help="input image (.jpg .jpeg .png .tif .tiff .webp .bmp .npy)")
     p.add_argument("-o", "--output", help="output file (.npy or an image format); "
                    "default: the input name with .npy")

@@ -363,11 +363,11 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor, grid: _Grid
     # a view made inside a custom Function in place).
     strides = (n_levels * n_features, 1) if torch.compiler.is_compiling() else (1, n_points)
     out = torch.empty_strided((n_points, n_levels * n_features), strides, dtype=acc_dtype, device=x.device)
+    per_level = out.view(n_points, n_levels, n_features)                               # (N, L, F)
     xt = x.t().contiguous()                                                             # (D, N)
     for levels, lo, hi in grid.passes(n_points):
         values = _encode_group(xt[:, lo:hi], table, levels, grid, acc_dtype).transpose(0, 1)      # (n, G, F)
-        out.view(n_points, n_levels, n_features)[lo:hi, levels.start:levels.stop] = values.masked_fill(
-            nan[lo:hi, None, None], float("nan"))
+        per_level[lo:hi, levels.start:levels.stop] = values.masked_fill(nan[lo:hi, None, None], float("nan"))
     return out
 
 

@@ -8,9 +8,10 @@ machine noise hits all alike) and reported as points/second and as a ratio to ou
 memory of one forward+backward step, parameter gradients included, each measured in a fresh
 child process: the extra allocated tensor bytes (CUDA: the caching allocator's peak; CPU: the
 profiler's allocation counter), and on CPU also the extra resident memory (RSS), which adds
-what malloc keeps and the library code pages a first step touches. Peers are built from our constructor arguments, matched by parameter name
-(dim, n_levels / num_levels, n_features_per_level / features_per_level, log2_hashmap_size,
-base_resolution / min_res, finest_resolution / max_res).
+what malloc keeps and the library code pages a first step touches. Peers are built from our
+constructor arguments, matched by parameter name (dim, n_levels / num_levels,
+n_features_per_level / features_per_level, log2_hashmap_size, base_resolution / min_res,
+finest_resolution / max_res).
 """
 import argparse
 import gc
@@ -222,12 +223,13 @@ def main(argv=None):
     if memory_rows:
         print(f"\n{'workload':8} {'implementation':44} {'extra MiB, one fwd+bwd step:':>28}")
         print(f"{'':8} {'':44} {'allocated':>11} {'ours is':>9} {'RSS':>7}")
+        mib = lambda value: "n/a" if value is None else f"{value / 2**20:.0f}"
+        ours = {row["workload"]: row["extra_bytes"] for row in memory_rows if row["impl"] == OURS}
         for row in memory_rows:
             name = row["impl"] if len(row["impl"]) <= 44 else "..." + row["impl"][-41:]
-            mib = lambda value: "n/a" if value is None else f"{value / 2**20:.0f}"
-            ours = next(r["extra_bytes"] for r in memory_rows if r["workload"] == row["workload"] and r["impl"] == OURS)
-            ratio = (f"{ours / row['extra_bytes']:.2f}x" if row["impl"] != OURS and ours and row["extra_bytes"]
-                     else "")
+            theirs = row["extra_bytes"]
+            mine = ours[row["workload"]]
+            ratio = f"{mine / theirs:.2f}x" if row["impl"] != OURS and mine and theirs else ""
             print(f"{row['workload']:8} {name:44} {mib(row['extra_bytes']):>11} {ratio:>9} "
                   f"{mib(row['extra_rss_bytes']):>7}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
