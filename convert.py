@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, ArgumentParser,
-                    ImageError, extension, linear_to_uint8, open_image, pil_rows, pixel_mode,
+import cli
+from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, ImageError,
+                    extension, linear_to_uint8, open_image, pil_rows, pixel_mode,
                     read_image, srgb_to_linear, to_linear, write_image)
 
 # Resampling filters: PIL filter and its kernel radius in source pixels at scale 1.
@@ -36,7 +37,7 @@ CHART_IMAGE_LIMIT = 1 << 28  # charts larger than this must go to .npy (streamed
 
 # ----------------------------------------------------------------------------- sizes
 
-def output_size(width, height, scale=None, out_width=None, out_height=None):
+def resized_size(width, height, scale=None, out_width=None, out_height=None):
     """Target (width, height): explicit sizes win; one of them keeps the aspect ratio;
     otherwise floor(size * scale) like the upstream tool. Raises ValueError for a size
     or scale <= 0, or a result of 0 pixels."""
@@ -336,7 +337,7 @@ def convert(input_path, output_path, *, scale=None, width=None, height=None,
     _check_output(input_path, output_path, dtype)
 
     def out_size_of(w, h):
-        return output_size(w, h, scale, width, height)
+        return resized_size(w, h, scale, width, height)
     if filter not in FILTERS:
         raise ValueError(f"unknown filter {filter!r}; expected one of {', '.join(FILTERS)}")
     source, in_size, out_size = _open_source(
@@ -469,19 +470,8 @@ def _chart_size(text):
     return int(match[1]), int(match[2])
 
 
-def _bounded_int(low, high=None):
-    def parse(text):
-        value = int(text)  # ValueError -> argparse's own "invalid value" message
-        if value < low or (high is not None and value > high):
-            bounds = f"{low}..{high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {value}")
-        return value
-    parse.__name__ = "integer"
-    return parse
-
-
 def build_parser():
-    p = ArgumentParser(prog="convert.py", description="Convert/downscale an image to a training-"
+    p = cli.ArgumentParser(prog="convert.py", description="Convert/downscale an image to a training-"
                        "ready .npy (uint8 sRGB by default), or write a synthetic test chart.")
     p.add_argument("-i", "--input", help="input image (.jpg .jpeg .png .tif .tiff .webp .bmp .npy)")
     p.add_argument("-o", "--output", help="output file (.npy or an image format); "
@@ -498,9 +488,9 @@ def build_parser():
                    help="resampling filter: box = area average (default), lanczos = sharper")
     p.add_argument("--no-draft", dest="draft", action="store_false",
                    help="decode JPEGs at full size: exactly PIL's resize, ~4 B/px more memory")
-    p.add_argument("--quality", type=_bounded_int(1, 100), default=95,
+    p.add_argument("--quality", type=cli.integer(1, 100), default=95,
                    help="JPEG/WebP output quality, 1..100 (95)")
-    p.add_argument("--max-pixels", type=_bounded_int(0), default=MAX_IMAGE_PIXELS,
+    p.add_argument("--max-pixels", type=cli.integer(0), default=MAX_IMAGE_PIXELS,
                    help=f"refuse inputs with more pixels (default {MAX_IMAGE_PIXELS}; 0: no limit)")
     p.add_argument("--chart", type=_chart_size, metavar="WIDTHxHEIGHT",
                    help="write a synthetic test chart of this size to -o instead")
@@ -534,7 +524,7 @@ def main(argv=None):
               f"{args.dtype} ({time.perf_counter() - start:.1f} s)")
         return 0
     except (ImageError, ValueError, OSError) as e:
-        parser.error(" ".join(str(e).split()))
+        parser.error(e)
     except MemoryError:
         parser.error("out of memory; try a smaller --scale or free some RAM")
 

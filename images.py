@@ -9,12 +9,9 @@ Conventions
 - uint8 / uint16 arrays hold sRGB-encoded values; float arrays hold LINEAR light in [0, 1]
   (the upstream `.npy` convention). A uint8 `.npy` is therefore sRGB, a float `.npy` linear.
 """
-import argparse
 import contextlib
 import os
-import struct
 import sys
-import zlib
 
 import numpy as np
 from PIL import Image
@@ -39,14 +36,6 @@ class ImageError(Exception):
     def __init__(self, path, reason):
         reason = " ".join(str(reason).split())  # PIL/numpy messages may span lines
         super().__init__(f"{os.fspath(path)}: {reason}")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """The scripts' argument parser: a bad flag is reported in one line on stderr (no usage
-    block), exit status 2, like every other input error of train.py, convert.py and render.py."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def extension(path, role="file"):
@@ -353,60 +342,6 @@ def to_srgb8(array):
     return out
 
 
-def _png_chunk(f, kind, data):
-    f.write(struct.pack(">I", len(data)) + kind + data)
-    f.write(struct.pack(">I", zlib.crc32(kind + data)))
-
-
-def _write_png16(path, array):
-    """(H, W, C) uint16 -> 16-bit PNG (gray / RGB / RGBA); PIL cannot write 16-bit colour."""
-    height, width, channels = array.shape
-    colour_type = {1: 0, 3: 2, 4: 6}[channels]
-    packer = zlib.compressobj(6)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n")
-        _png_chunk(f, b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
-        for y0, y1 in _row_bands(height, width):
-            rows = np.ascontiguousarray(array[y0:y1], dtype=">u2").view(np.uint8)
-            rows = rows.reshape(y1 - y0, width * channels * 2)
-            filtered = np.concatenate([np.zeros((y1 - y0, 1), np.uint8), rows], axis=1)  # filter 0
-            data = packer.compress(filtered.tobytes())
-            if data:
-                _png_chunk(f, b"IDAT", data)
-        _png_chunk(f, b"IDAT", packer.flush())
-        _png_chunk(f, b"IEND", b"")
-
-
-def _write_tiff16(path, array):
-    """(H, W, C) uint16 -> uncompressed little-endian 16-bit TIFF (one strip)."""
-    height, width, channels = array.shape
-    nbytes = array.size * 2
-    if nbytes + 4096 >= 2**32:
-        raise ImageError(path, "too large for a classic TIFF (4 GB); write .png or .npy")
-    bits_offset = 8 + nbytes  # BitsPerSample needs out-of-line storage for 3-4 samples
-    ifd_offset = bits_offset + 2 * channels  # even, as TIFF requires
-    short, long_ = 3, 4
-    tags = [(256, long_, 1, width), (257, long_, 1, height),
-            (258, short, channels, 16 if channels == 1 else bits_offset),
-            (259, short, 1, 1),                              # no compression
-            (262, short, 1, 1 if channels == 1 else 2),      # min-is-black / RGB
-            (273, long_, 1, 8), (277, short, 1, channels), (278, long_, 1, height),
-            (279, long_, 1, nbytes), (284, short, 1, 1)]     # chunky samples
-    if channels == 4:
-        tags.append((338, short, 1, 2))                      # unassociated alpha
-    with open(path, "wb") as f:
-        f.write(b"II" + struct.pack("<HI", 42, ifd_offset))
-        for y0, y1 in _row_bands(height, width):
-            f.write(np.ascontiguousarray(array[y0:y1], dtype="<u2").tobytes())
-        f.write(struct.pack("<" + "H" * channels, *[16] * channels))
-        f.write(struct.pack("<H", len(tags)))
-        for tag, kind, count, value in tags:
-            inline = "<HH" if kind == short and count == 1 else "<I"
-            packed = struct.pack(inline, value, 0) if inline == "<HH" else struct.pack("<I", value)
-            f.write(struct.pack("<HHI", tag, kind, count) + packed)
-        f.write(struct.pack("<I", 0))  # no further IFD
-
-
 def _write_pil(path, ext, array, quality):
     if ext in (".jpg", ".jpeg") and array.shape[2] == 4:
         array = array[:, :, :3]  # JPEG has no alpha channel
@@ -425,7 +360,7 @@ def write_image(path, array, quality=95):
 
     uint8 is sRGB and written as is; float is linear light, converted to sRGB uint8
     (except .npy, which stores the array unchanged, so float .npy stays linear);
-    uint16 (sRGB) can go to .png, .tif/.tiff or .npy. JPEG drops alpha; `quality`
+    uint16 (sRGB) can only go to .npy (PIL writes no 16-bit colour). JPEG drops alpha; `quality`
     applies to .jpg and .webp. Creates the parent folder. Raises ImageError.
     """
     ext = extension(path)
@@ -433,18 +368,14 @@ def write_image(path, array, quality=95):
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
     array = _as_hwc(array, path)
-    if array.dtype == np.uint16 and ext not in (".png", ".tif", ".tiff", ".npy"):
-        raise ImageError(path, "16-bit images can only be written as .png, .tif/.tiff or .npy")
+    if array.dtype == np.uint16 and ext != ".npy":
+        raise ImageError(path, "16-bit images can only be written as .npy")
     folder = os.path.dirname(os.fspath(path))
     try:
         if folder:
             os.makedirs(folder, exist_ok=True)
         if ext == ".npy":
             np.save(path, array)
-        elif array.dtype == np.uint16 and ext == ".png":
-            _write_png16(path, array)
-        elif array.dtype == np.uint16:
-            _write_tiff16(path, array)
         else:
             _write_pil(path, ext, to_srgb8(array), quality)
     except OSError as e:

@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import images
+from field import CheckpointError, load_field
 
 FULL = (0.0, 0.0, 1.0, 1.0)
 STILL_EXTS = images.EXTENSIONS
@@ -318,7 +320,7 @@ def write_video(path, frames, fps, encoder):
 
 def build_parser():
     """The command-line interface of render.py."""
-    parser = images.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="render.py",
         description="Render a fit trained by train.py at any size, region or zoom; "
                     "needs only the checkpoint, not the source image.")
@@ -388,31 +390,25 @@ def resolve_device(name):
         device = torch.device(name)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
-        raise ValueError(f"device {name!r} is not usable: {_one_line(error)}") from None
+        raise ValueError(f"device {name!r} is not usable: {cli.one_line(error)}") from None
     return device
-
-
-def _one_line(error):
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(argv=None):
     """Command-line entry point; returns 0, or exits 2 with a one-line error."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    import train  # not at module level: train.py imports render.py
-
     try:
-        _run(args, train.load_field)
+        _run(args)
     except MemoryError:
         parser.error("out of memory for the output image; write a .npy (memory-mapped) "
                      "or render a smaller size/region")
-    except (ValueError, OSError, images.ImageError, train.CheckpointError) as error:
-        parser.error(_one_line(error))
+    except (ValueError, OSError, images.ImageError, CheckpointError) as error:
+        parser.error(error)
     return 0
 
 
-def _run(args, load_field):
+def _run(args):
     """Render what the parsed arguments ask for; raises ValueError/OSError on bad input."""
     zooming = args.zoom is not None
     if not zooming and (args.center or args.frames is not None or args.fps is not None):

@@ -27,9 +27,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-import encoding
+import cli
 import images
 import render
+from field import CheckpointError, FieldConfig, checkpoint_config, read_checkpoint
 
 STEPS_PER_EPOCH = 100                  # upstream's --epochs unit
 PSNR_MAX_PIXELS = 2 ** 22              # larger images are scored on this many random pixels
@@ -41,127 +42,6 @@ GPU_BATCH_SIZE = 2 ** 18               # the paper's batch
 CPU_BATCH_SIZE = 2 ** 16               # 2 cores, albert: 33 dB in 8 s (2^15: 6 s, 2^17: 15 s)
 CPU_VAL_EVERY, GPU_VAL_EVERY = 250, 1000  # a 2^22-pixel score costs ~25 CPU steps
 DEVICE_MEMORY_SHARE = 0.5              # pixels stay on a GPU within this share of free memory
-COLOUR = "linear"                      # the field predicts linear light (sRGB primaries)
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable or does not fit the run (one-line message)."""
-
-
-class UsageError(Exception):
-    """A command-line problem reported as one line and exit status 2."""
-
-
-# --- the field --------------------------------------------------------------------------
-
-class Field(nn.Module):
-    """Coordinate network: xy (N, 2) in [0, 1] -> linear colour (N, C)."""
-
-    def __init__(self, encoder: nn.Module, encoded_dim: int, channels: int, hidden_width: int,
-                 hidden_layers: int):
-        super().__init__()
-        self.encoder = encoder
-        layers, width = [], encoded_dim
-        for _ in range(hidden_layers):
-            layers += [nn.Linear(width, hidden_width), nn.ReLU(inplace=True)]
-            width = hidden_width
-        layers.append(nn.Linear(width, channels))
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, xy: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.encoder(xy))
-
-
-def default_finest_resolution(width: int, height: int, base_resolution: int) -> list:
-    """The paper's image setup: N_max = half the image size along each axis, (x, y)."""
-    return [max(base_resolution, width // 2), max(base_resolution, height // 2)]
-
-
-def build_field(width: int, height: int, channels: int, enc_method: str = "hashgrid",
-                n_levels: int = 16, n_features_per_level: int = 2, log2_hashmap_size: int = 19,
-                base_resolution: int = 16, finest_resolution=None, interpolation: str = "linear",
-                hidden_width: int = 64, hidden_layers: int = 2) -> Field:
-    """The coordinate network for a width x height image with `channels` channels.
-
-    enc_method: "hashgrid" (MultiResHashGrid; finest_resolution an int, an (x, y) pair or None
-    for half the image size per axis), "freq" (NeRF frequencies, n_levels octaves) or "none"
-    (raw xy into the MLP). Arguments that do not apply to `enc_method` are ignored.
-    """
-    if enc_method == "hashgrid":
-        if finest_resolution is None:
-            finest_resolution = default_finest_resolution(width, height, base_resolution)
-        encoder = encoding.MultiResHashGrid(
-            2, n_levels=n_levels, n_features_per_level=n_features_per_level,
-            log2_hashmap_size=log2_hashmap_size, base_resolution=base_resolution,
-            finest_resolution=finest_resolution, interpolation=interpolation)
-        encoded_dim = encoder.output_dim
-    elif enc_method == "freq":
-        encoder = encoding.Frequency(2, n_levels=n_levels)
-        encoded_dim = encoder.output_dim
-    elif enc_method == "none":
-        encoder, encoded_dim = nn.Identity(), 2
-    else:
-        raise ValueError(f"unknown enc_method {enc_method!r}")
-    return Field(encoder, encoded_dim, channels, hidden_width, hidden_layers)
-
-
-def field_config(args: argparse.Namespace, width: int, height: int, channels: int) -> dict:
-    """build_field kwargs for the command line `args`, holding only what `enc_method` uses so
-    that checkpoints compare equal whenever they build the same network."""
-    config = dict(width=width, height=height, channels=channels, enc_method=args.enc_method,
-                  hidden_width=64, hidden_layers=2)
-    if args.enc_method == "hashgrid":
-        finest = args.finest_resolution
-        if finest is None:
-            finest = default_finest_resolution(width, height, args.base_resolution)
-        config.update(n_levels=args.n_levels, n_features_per_level=args.n_features_per_level,
-                      log2_hashmap_size=args.log2_hashmap_size,
-                      base_resolution=args.base_resolution,
-                      finest_resolution=finest if isinstance(finest, int) else list(finest),
-                      interpolation=args.interpolation)
-    elif args.enc_method == "freq":
-        config.update(n_levels=args.n_levels)
-    return config
-
-
-def read_checkpoint(ckpt_path: str, device="cpu") -> dict:
-    """Lightning checkpoint dict written by train.py; CheckpointError otherwise."""
-    if not os.path.isfile(ckpt_path):
-        raise CheckpointError(f"{ckpt_path}: no such checkpoint file")
-    try:
-        # weights_only: a checkpoint is data; nothing in it should run code when loaded
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({reason})") from None
-    config = ckpt.get("hyper_parameters", {}).get("field") if isinstance(ckpt, dict) else None
-    if not isinstance(config, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{ckpt_path}: not a train.py checkpoint (no field config)")
-    return ckpt
-
-
-def load_field(ckpt_path: str, device="cpu"):
-    """(field, info) from a train.py checkpoint, without the source image.
-
-    field: eval-mode nn.Module on `device`, xy (N, 2) in [0, 1] -> linear colour (N, C).
-    info: dict with width, height, channels (ints), colour ("linear"), global_step, source.
-    """
-    ckpt = read_checkpoint(ckpt_path, device)
-    hparams = ckpt["hyper_parameters"]
-    config = hparams["field"]
-    try:
-        field = build_field(**config)
-        prefix = "field."
-        field.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items()
-                               if k.startswith(prefix)})
-    except (TypeError, ValueError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0]
-        raise CheckpointError(
-            f"{ckpt_path}: weights do not match their config ({reason})") from None
-    info = dict(width=int(config["width"]), height=int(config["height"]),
-                channels=int(config["channels"]), colour=hparams.get("colour", COLOUR),
-                global_step=int(ckpt.get("global_step", 0)), source=hparams.get("source", ""))
-    return field.to(device).eval(), info
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -372,15 +252,15 @@ def image_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Ten
 
 class ImageFit(pl.LightningModule):
     """Fits `field` to an image attached with `attach`. The hyperparameters (including the
-    field config) go into every checkpoint, so load_field rebuilds the fit from it alone."""
+    field config) go into every checkpoint, so field.load_field rebuilds the fit from it."""
 
     def __init__(self, field: dict, source: str = "", batch_size: int = CPU_BATCH_SIZE,
                  lr: float = 1e-2, loss: str = "l2", weight_decay: float = 1e-6, seed: int = 0,
-                 colour: str = COLOUR, max_time: float = None):
+                 colour: str = "linear", max_time: float = None):
         super().__init__()
         self.save_hyperparameters(ignore=["max_time"])
         self.max_time = max_time
-        self.field = build_field(**field)
+        self.field = FieldConfig.from_dict(field).build()
         self.clock = TrainClock()
         self.image = None
         self.probe = None
@@ -617,13 +497,6 @@ def parse_resolution(text: str):
     return parts[0] if len(parts) == 1 else parts
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parse_devices(text: str):
     """--devices: "auto", a count ("2") or GPU indices ("0,1")."""
     if text == "auto":
@@ -637,19 +510,19 @@ def parse_devices(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = images.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("-i", "--input", help="image to fit: .jpg .png .tif .webp .bmp or .npy "
                    "(default: matplotlib's grace_hopper.jpg sample)")
     p.add_argument("--root", default="./logs", help="log root (default: ./logs)")
     p.add_argument("--trace", default="experiments",
                    help="experiment folder under --root (default: experiments); logs go to "
                    "ROOT/TRACE/IMAGE_NAME/version_N")
-    p.add_argument("--batch_size", type=positive_int, default=None,
+    p.add_argument("--batch_size", type=cli.integer(1), default=None,
                    help=f"pixels per step (default: {GPU_BATCH_SIZE} on GPU, "
                    f"{CPU_BATCH_SIZE} on CPU)")
-    p.add_argument("--epochs", type=positive_int, default=5,
+    p.add_argument("--epochs", type=cli.integer(1), default=5,
                    help=f"training length in epochs of {STEPS_PER_EPOCH} steps (default: 5)")
-    p.add_argument("--max_steps", type=positive_int, default=None,
+    p.add_argument("--max_steps", type=cli.integer(1), default=None,
                    help="training length in steps, overrides --epochs (default: none)")
     p.add_argument("--max_time", type=float, default=None,
                    help="stop after this many seconds of training steps; start-up, scoring "
@@ -666,25 +539,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Lightning precision, e.g. bf16-mixed (default: 32-true)")
     p.add_argument("--enc_method", choices=["hashgrid", "freq", "none"], default="hashgrid",
                    help="input encoding (default: hashgrid)")
-    p.add_argument("--n_levels", type=positive_int, default=16,
-                   help="hash-grid levels L, or frequency octaves for freq (default: 16)")
-    p.add_argument("--n_features_per_level", type=positive_int, default=2,
-                   help="features per level F (default: 2)")
-    p.add_argument("--log2_hashmap_size", type=positive_int, default=19,
-                   help="log2 of the table size T per level (default: 19)")
-    p.add_argument("--base_resolution", type=positive_int, default=16,
-                   help="coarsest grid resolution N_min (default: 16)")
+    p.add_argument("--n_levels", type=cli.integer(1), default=FieldConfig.n_levels,
+                   help="hash-grid levels L, or frequency octaves for freq (default: %(default)s)")
+    p.add_argument("--n_features_per_level", type=cli.integer(1),
+                   default=FieldConfig.n_features_per_level,
+                   help="features per level F (default: %(default)s)")
+    p.add_argument("--log2_hashmap_size", type=cli.integer(1, 31),
+                   default=FieldConfig.log2_hashmap_size,
+                   help="log2 of the table size T per level, 1..31 (default: %(default)s)")
+    p.add_argument("--base_resolution", type=cli.integer(1), default=FieldConfig.base_resolution,
+                   help="coarsest grid resolution N_min (default: %(default)s)")
     p.add_argument("--finest_resolution", type=parse_resolution, default=None,
                    help="finest resolution N_max: N for both axes or X,Y (default: half the "
                    "image width, half its height)")
     p.add_argument("--interpolation", choices=["linear", "smoothstep", "nearest"],
-                   default="linear", help="hash-grid interpolation (default: linear)")
+                   default=FieldConfig.interpolation,
+                   help="hash-grid interpolation (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 1e-2)")
     p.add_argument("--loss", choices=["l2", "relative_l2"], default="l2",
                    help="loss in linear light (default: l2)")
     p.add_argument("--seed", type=int, default=0,
                    help="initialisation and sampling seed (default: 0)")
-    p.add_argument("--val_every", type=positive_int, default=None,
+    p.add_argument("--val_every", type=cli.integer(1), default=None,
                    help=f"PSNR every N steps (default: {CPU_VAL_EVERY} on CPU, "
                    f"{GPU_VAL_EVERY} on GPU)")
     p.add_argument("--ckpt_every", type=int, default=1000,
@@ -697,6 +573,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visualize", action="store_true",
                    help="write previews at steps 1, 2, 4, 8, 10, 20, ... and an animated GIF")
     return p
+
+
+class UsageError(Exception):
+    """A command-line problem found after parsing: one line, exit status 2 (see cli.py)."""
+
+
+def field_config(args: argparse.Namespace, width: int, height: int,
+                 channels: int) -> FieldConfig:
+    """The network the command line asks for, for a width x height image."""
+    return FieldConfig(width, height, channels, enc_method=args.enc_method,
+                       n_levels=args.n_levels, n_features_per_level=args.n_features_per_level,
+                       log2_hashmap_size=args.log2_hashmap_size,
+                       base_resolution=args.base_resolution,
+                       finest_resolution=args.finest_resolution,
+                       interpolation=args.interpolation)
 
 
 def resolve_accelerator(args) -> str:
@@ -722,12 +613,13 @@ def load_source(path: str) -> np.ndarray:
     return images.to_srgb8(array)
 
 
-def check_resume(ckpt_path: str, config: dict) -> None:
+def check_resume(ckpt_path: str, config: FieldConfig) -> None:
     """UsageError unless `ckpt_path` is a train.py checkpoint of the same network/image."""
     try:
-        saved = read_checkpoint(ckpt_path)["hyper_parameters"]["field"]
+        saved = checkpoint_config(read_checkpoint(ckpt_path), ckpt_path).to_dict()
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
+    config = config.to_dict()
     diffs = [f"{k} {saved.get(k)!r} vs {config.get(k)!r}" for k in sorted(set(saved) | set(config))
              if saved.get(k) != config.get(k)]
     if diffs:
@@ -790,7 +682,7 @@ def run(args, callbacks=()) -> dict:
     devices = args.devices if args.devices is not None else ([args.device] if on_gpu else 1)
 
     pl.seed_everything(args.seed, verbose=False)
-    model = ImageFit(config, source=os.path.basename(path), batch_size=batch_size, lr=args.lr,
+    model = ImageFit(config.to_dict(), source=os.path.basename(path), batch_size=batch_size, lr=args.lr,
                      loss=args.loss, seed=args.seed, max_time=args.max_time)
     image = PixelSource(source)
     model.attach(image, PsnrProbe(source))
@@ -840,12 +732,12 @@ def run(args, callbacks=()) -> dict:
 def main(argv=None, callbacks=()) -> dict:
     """Command-line entry point: `argv` as sys.argv[1:]. Extra Lightning `callbacks` are
     passed to the Trainer. Usage problems print one line and exit with status 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return run(args, callbacks)
     except UsageError as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        parser.error(exc)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import render  # noqa: E402  (after the path set-up)
-import train  # noqa: E402
+from field import FieldConfig  # noqa: E402
 
 
 def timings(cases, repeats):
@@ -62,7 +62,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    field = train.build_field(*args.source, channels=3).to(device).eval()
+    field = FieldConfig(*args.source, channels=3).build().to(device).eval()
     width, height = args.size
     megapixels = width * height / 1e6
 

@@ -1,8 +1,57 @@
-"""Put the repository root on sys.path so tests import the modules the way a user's
-copy-paste project does (``import encoding``), without installing a package."""
+"""Shared test helpers. The repository root goes on sys.path so tests import the modules the
+way a user's copy-paste project does (``import encoding``), without installing a package."""
+import math
 import os
+import struct
 import sys
+import zlib
+
+import numpy as np
+import tifffile
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import images  # noqa: E402  (after the path set-up)
+
+
+def psnr(a, b, peak=255.0):
+    """PSNR in dB of two arrays of the same shape, computed in float64."""
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def reference_render(field, width, height):
+    """A field on every training pixel centre ((c + 0.5) / W, (r + 0.5) / H) in one float32
+    batch, quantised to sRGB: (H, W, C) uint8. What every renderer must reproduce."""
+    cols, rows = np.meshgrid(np.arange(width), np.arange(height))
+    xy = np.stack([(cols + 0.5) / width, (rows + 0.5) / height], -1).reshape(-1, 2)
+    with torch.no_grad():
+        colour = field(torch.from_numpy(xy).float())
+    return images.linear_to_uint8(colour).numpy().reshape(height, width, -1)
+
+
+def write_16bit(path, array):
+    """(H, W, C) uint16 -> a 16-bit .tif (tifffile) or .png, as test input for the readers
+    (the project itself writes 16-bit data only as .npy)."""
+    path = os.fspath(path)
+    if path.endswith(".tif"):
+        tifffile.imwrite(path, array[..., 0] if array.shape[2] == 1 else array,
+                         photometric="minisblack" if array.shape[2] == 1 else "rgb")
+    else:
+        _write_png16(path, array)
+
+
+def _write_png16(path, array):
+    """Minimal 16-bit PNG (no filtering, one IDAT): PIL cannot write 16-bit colour."""
+    height, width, channels = array.shape
+    rows = np.ascontiguousarray(array, dtype=">u2").view(np.uint8).reshape(height, -1)
+    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()
+    header = struct.pack(">IIBBBBB", width, height, 16, {1: 0, 3: 2, 4: 6}[channels], 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        for kind, data in ((b"IHDR", header), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")):
+            f.write(struct.pack(">I", len(data)) + kind + data
+                    + struct.pack(">I", zlib.crc32(kind + data)))

@@ -11,15 +11,11 @@ from PIL import Image, JpegImagePlugin
 
 import convert
 import images
-from convert import chart_tile, main, output_size
+from conftest import psnr, write_16bit
+from convert import chart_tile, main, resized_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R = Image.Resampling
-
-
-def psnr(a, b, peak=255.0):
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 @pytest.fixture
@@ -50,15 +46,15 @@ def assert_cli_error(status, err, *needles):
 
 # ----------------------------------------------------------------------------- sizes
 
-def test_output_size_rules():
-    assert output_size(101, 51) == (50, 25)                  # default 0.5, floored (upstream)
-    assert output_size(100, 100, scale=0.29) == (29, 29)     # no float-rounding floor to 28
-    assert output_size(300, 200, out_width=150) == (150, 100)
-    assert output_size(300, 200, out_height=50) == (75, 50)
-    assert output_size(300, 200, out_width=7, out_height=9) == (7, 9)
+def test_resized_size_rules():
+    assert resized_size(101, 51) == (50, 25)                  # default 0.5, floored (upstream)
+    assert resized_size(100, 100, scale=0.29) == (29, 29)     # no float-rounding floor to 28
+    assert resized_size(300, 200, out_width=150) == (150, 100)
+    assert resized_size(300, 200, out_height=50) == (75, 50)
+    assert resized_size(300, 200, out_width=7, out_height=9) == (7, 9)
     for kwargs in ({"scale": 0}, {"scale": -1}, {"out_width": 0}, {"scale": 0.001}):
         with pytest.raises(ValueError):
-            output_size(300, 200, **kwargs)
+            resized_size(300, 200, **kwargs)
 
 
 # ----------------------------------------------------------------------------- resampling
@@ -155,7 +151,7 @@ def test_float_npy_input_is_resampled_as_linear_light(tmp_path):
 
 def test_sixteen_bit_input(tmp_path):
     deep = np.random.default_rng(1).integers(0, 65536, (6, 8, 3)).astype(np.uint16)
-    images.write_image(tmp_path / "deep.png", deep)
+    write_16bit(tmp_path / "deep.png", deep)
     convert.convert(tmp_path / "deep.png", tmp_path / "out.npy", scale=0.5)
     block_means = deep.reshape(3, 2, 4, 2, 3).mean(axis=(1, 3)) / 65535
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), block_means * 255, atol=0.51)

@@ -8,12 +8,8 @@ import torch
 from PIL import Image
 
 import images
+from conftest import psnr, write_16bit
 from images import ImageError, read_image, write_image
-
-
-def psnr(a, b, peak=255.0):
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def noise(shape, dtype=np.uint8, seed=0):
@@ -77,7 +73,7 @@ def test_lossy_round_trip_psnr(tmp_path, ext, quality, min_psnr):
 @pytest.mark.parametrize("channels", [1, 3, 4])
 def test_sixteen_bit_round_trip_keeps_all_bits(tmp_path, ext, channels):
     array = noise((7, 10, channels), np.uint16, seed=channels)
-    write_image(tmp_path / f"x{ext}", array)
+    write_16bit(tmp_path / f"x{ext}", array)
     back = read_image(tmp_path / f"x{ext}", keep_alpha=True)
     assert back.dtype == np.uint16
     np.testing.assert_array_equal(back, array)
@@ -85,7 +81,7 @@ def test_sixteen_bit_round_trip_keeps_all_bits(tmp_path, ext, channels):
 
 def test_sixteen_bit_read_drops_alpha_unless_asked(tmp_path):
     array = noise((5, 6, 4), np.uint16)
-    write_image(tmp_path / "a.png", array)
+    write_16bit(tmp_path / "a.png", array)
     np.testing.assert_array_equal(read_image(tmp_path / "a.png"), array[:, :, :3])
 
 

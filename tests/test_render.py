@@ -12,6 +12,8 @@ from PIL import Image, ImageSequence
 
 import images
 import render
+from conftest import reference_render
+from field import FieldConfig, load_field
 
 RENDER_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "render.py")
@@ -35,35 +37,25 @@ class Sin(torch.nn.Module):
         return torch.sin(x)
 
 
-def reference(field, width, height):
-    """Field on the training pixel centres ((c + 0.5) / W, (r + 0.5) / H), one batch,
-    quantised: (H, W, C) uint8."""
-    cols, rows = np.meshgrid(np.arange(width), np.arange(height))
-    xy = np.stack([(cols + 0.5) / width, (rows + 0.5) / height], -1).reshape(-1, 2)
-    with torch.no_grad():
-        colour = field(torch.from_numpy(xy).float())
-    return images.linear_to_uint8(colour).numpy().reshape(height, width, -1)
-
-
 # --- core -------------------------------------------------------------------------------
 
 def test_native_render_equals_forward_on_pixel_centres():
     field = mlp_field()
     image = render.render_region(field, 40, 24)
     assert image.dtype == np.uint8 and image.shape == (24, 40, 3)
-    np.testing.assert_array_equal(image, reference(field, 40, 24))
+    np.testing.assert_array_equal(image, reference_render(field, 40, 24))
     assert len(np.unique(image)) > 50  # a field with structure, not a constant
 
 
 def test_hashgrid_field_native_and_tiled_equal_forward():
-    # The real network (train.build_field: hash grid + MLP) with random weights.
+    # The real network (FieldConfig: hash grid + MLP) with random weights.
     import train
     torch.manual_seed(0)
-    field = train.build_field(48, 32, 3, n_levels=4, log2_hashmap_size=10).eval()
+    field = FieldConfig(48, 32, 3, n_levels=4, log2_hashmap_size=10).build().eval()
     with torch.no_grad():
         for parameter in field.parameters():
             parameter.normal_(0.0, 0.5)
-    expected = reference(field, 48, 32)
+    expected = reference_render(field, 48, 32)
     assert len(np.unique(expected)) > 50
     for max_batch in (5, 48 * 3 + 1, 2**18):
         np.testing.assert_array_equal(render.render_region(field, 48, 32, max_batch=max_batch),
@@ -134,7 +126,7 @@ def test_out_memmap_is_filled_in_place(tmp_path):
     assert returned is out
     out.flush()
     del out, returned
-    np.testing.assert_array_equal(np.load(path), reference(field, 40, 24))
+    np.testing.assert_array_equal(np.load(path), reference_render(field, 40, 24))
 
 
 @pytest.mark.parametrize("out, message", [
@@ -329,7 +321,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(checkpoint):
     import train
-    field, info = train.load_field(checkpoint)
+    field, info = load_field(checkpoint)
     assert (info["width"], info["height"], info["channels"]) == (40, 24, 3)
     return field
 

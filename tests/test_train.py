@@ -14,6 +14,8 @@ from PIL import Image
 import images
 import render
 import train
+from conftest import reference_render
+from field import CheckpointError, load_field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,15 +43,6 @@ def fit(tmp_path, image_path, *flags):
     argv = ["-i", str(image_path), "--root", str(tmp_path / "logs"), "--accelerator", "cpu",
             "--batch_size", "4096", *flags]
     return train.main(argv)
-
-
-def direct_render(field, width, height):
-    """Reference: the field on every pixel centre in one float32 batch, quantised to sRGB."""
-    ys, xs = np.mgrid[0:height, 0:width]
-    xy = np.stack([(xs + 0.5) / width, (ys + 0.5) / height], -1).reshape(-1, 2)
-    with torch.no_grad():
-        colour = field(torch.from_numpy(xy).float())
-    return images.linear_to_uint8(colour).numpy().reshape(height, width, -1)
 
 
 # --- pure pieces ----------------------------------------------------------------------------
@@ -132,7 +125,7 @@ def test_fit_reaches_psnr_a_guess_cannot(tmp_path):
     guess = train.psnr_from_sse(((source - mean) ** 2).sum(), source.size)
     assert guess < 20 and summary["psnr"] > 30
     # the logged PSNR is the one of the checkpointed field on every pixel
-    field, info = train.load_field(summary["checkpoint"])
+    field, info = load_field(summary["checkpoint"])
     assert (info["width"], info["height"], info["channels"]) == (80, 48, 3)
     assert info["global_step"] == 200 and info["colour"] == "linear"
     fit_u8 = render.render_region(field, 80, 48)
@@ -176,8 +169,8 @@ def test_export_equals_direct_forward_pass(tmp_path):
     path = save_png(tmp_path / "gray.png", source)
     out_npy, out_png = tmp_path / "fit.npy", tmp_path / "fit.png"
     summary = fit(tmp_path, path, "--max_steps", "15", "--export", str(out_npy))
-    field, info = train.load_field(summary["checkpoint"])
-    expected = direct_render(field, 80, 48)
+    field, info = load_field(summary["checkpoint"])
+    expected = reference_render(field, 80, 48)
     exported = np.load(out_npy)
     assert exported.dtype == np.uint8 and exported.shape == (48, 80, 1)
     np.testing.assert_array_equal(exported, expected)
@@ -197,8 +190,8 @@ def test_visualize_writes_previews_and_gif(tmp_path):
     assert (pw, ph, x0, y0, cw, ch) == (40, 60, 0, 0, 40, 60)
     assert preview.shape == (ph + ch, 2 * pw, 3)
     np.testing.assert_array_equal(preview[ph:, :pw], source)       # crops carry no label
-    field, _ = train.load_field(summary["checkpoint"])
-    np.testing.assert_array_equal(preview[ph:, pw:], direct_render(field, 40, 60))
+    field, _ = load_field(summary["checkpoint"])
+    np.testing.assert_array_equal(preview[ph:, pw:], reference_render(field, 40, 60))
     with Image.open(os.path.join(summary["log_dir"], "previews.gif")) as gif:
         assert gif.n_frames == 6
 
@@ -283,8 +276,8 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"\x00" * 100)
     expect_usage_error(capsys, [*argv, "--ckpt", str(junk)], "junk.ckpt")
-    with pytest.raises(train.CheckpointError, match="junk.ckpt"):
-        train.load_field(str(junk))
+    with pytest.raises(CheckpointError, match="junk.ckpt"):
+        load_field(str(junk))
     first = fit(tmp_path, path, "--max_steps", "2")
     expect_usage_error(capsys, [*argv, "--log2_hashmap_size", "12", "--ckpt", first["checkpoint"]],
                        "log2_hashmap_size 19 vs 12")
