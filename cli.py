@@ -37,7 +37,7 @@ def integer(low=None, high=None):
 def number(low=None, high=None, *, above=None):
     """Argument type: a finite float in [low, high], or > above (bounds may be None)."""
     def parse(text):
-        value = float(text)   # a ValueError becomes argparse's "invalid number value: ..."
+        value = float(text)   # a ValueError becomes argparse's "invalid float value: ..."
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if ((low is not None and value < low) or (high is not None and value > high)
@@ -45,7 +45,7 @@ def number(low=None, high=None, *, above=None):
             bounds = f"> {above:g}" if above is not None else _bounds(low, high)
             raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {value:g}")
         return value
-    parse.__name__ = "number"
+    parse.__name__ = "float"
     return parse
 
 

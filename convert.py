@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 import cli
 from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, ImageError,
-                    extension, linear_to_uint8, open_image, pil_rows, pixel_mode,
-                    read_image, srgb_to_linear, to_linear, write_image)
+                    atomic_output, available_memory, check_free_space, extension,
+                    linear_to_uint8, open_image, pil_rows, pixel_mode, read_image,
+                    srgb_to_linear, to_linear, write_image)
 
 # Resampling filters: PIL filter and its kernel radius in source pixels at scale 1.
 # "box" averages each output pixel's exact footprint (area-correct, and what JPEG draft
@@ -41,8 +42,8 @@ def resized_size(width, height, scale=None, out_width=None, out_height=None):
     """Target (width, height): explicit sizes win; one of them keeps the aspect ratio;
     otherwise floor(size * scale) like the upstream tool. Raises ValueError for a size
     or scale <= 0, or a result of 0 pixels."""
-    if scale is not None and scale <= 0:
-        raise ValueError(f"--scale must be > 0, got {scale:g}")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"--scale must be > 0 and finite, got {scale:g}")
     for name, value in (("--width", out_width), ("--height", out_height)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")
@@ -155,6 +156,9 @@ def _array_source(array, out_size_of, rows=None):
 
 def _as_float(block, kind, linear):
     """(h, w, C) block -> float32 in the resampling domain (linear light if `linear`)."""
+    if kind == "linear" and not np.isfinite(block).all():
+        raise ValueError("the input holds NaN or infinite values, which have no colour; "
+                         "replace them (e.g. numpy.nan_to_num) first")
     if kind == "linear" or linear:
         return to_linear(block)
     return block.astype(np.float32) / (65535.0 if kind == "srgb16" else 255.0)
@@ -289,22 +293,6 @@ def _write_bands(path, shape, dtype, bands, quality, progress, label):
     bar.close()
 
 
-def _atomic_output(path, produce):
-    """Run produce(temporary_path) and move the result onto `path` only when complete,
-    so a failed or interrupted run never leaves a half-written file under the real name."""
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    root, ext = os.path.splitext(path)
-    partial = f"{root}.partial{ext}"
-    try:
-        produce(partial)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-
-
 def _check_output(input_path, output_path, dtype):
     ext = extension(output_path, "output")
     if dtype == "float16" and ext != ".npy":
@@ -345,9 +333,25 @@ def convert(input_path, output_path, *, scale=None, width=None, height=None,
     shape = (out_size[1], out_size[0], source.channels)
     np_dtype = np.uint8 if dtype == "uint8" else np.float16
     bands = _resampled_bands(source, out_size, linear, dtype, filter)
-    _atomic_output(output_path, lambda path: _write_bands(
-        path, shape, np_dtype, bands, quality, progress, os.path.basename(output_path)))
+    _check_output_size(output_path, shape, np_dtype)
+    with atomic_output(output_path) as partial:
+        _write_bands(partial, shape, np_dtype, bands, quality, progress,
+                     os.path.basename(output_path))
     return in_size, out_size
+
+
+def _check_output_size(path, shape, dtype):
+    """ImageError before any work when the output cannot be written: a .npy is streamed to
+    disk (it must fit there), any other format is assembled in memory first."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if path.lower().endswith(".npy"):
+        check_free_space(path, nbytes + 4096)
+        return
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise ImageError(path, f"a {shape[1]}x{shape[0]} image needs {nbytes / 1e9:.1f} GB of "
+                               f"memory to encode, {free / 1e9:.1f} GB is available; write "
+                               f".npy (streamed to disk) or a smaller size")
 
 
 # ----------------------------------------------------------------------------- chart
@@ -456,9 +460,10 @@ def write_chart(path, width, height, progress=None):
     ext = extension(path, "output")
     if ext != ".npy" and width * height > CHART_IMAGE_LIMIT:
         raise ImageError(path, f"a {width}x{height} chart is too large for {ext}; write .npy")
-    _atomic_output(path, lambda p: _write_bands(
-        p, (height, width, 3), np.uint8, chart_bands(width, height), 95, progress,
-        os.path.basename(path)))
+    _check_output_size(path, (height, width, 3), np.uint8)
+    with atomic_output(path) as partial:
+        _write_bands(partial, (height, width, 3), np.uint8, chart_bands(width, height), 95,
+                     progress, os.path.basename(path))
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -11,7 +11,10 @@ Conventions
 """
 import contextlib
 import os
+import shutil
+import struct
 import sys
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -53,6 +56,50 @@ def _row_bands(height, width):
     step = max(1, _BAND_PIXELS // max(1, width))
     for y0 in range(0, height, step):
         yield y0, min(height, y0 + step)
+
+
+# ----------------------------------------------------------------------------- output files
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Write a file all or nothing: yields a temporary name in `path`'s folder (same
+    extension, so writers pick the same format), flushed to disk and renamed onto `path` when
+    the block succeeds, removed when it fails or is interrupted. A crash, Ctrl-C or a full
+    disk therefore never leaves a partial file under the real name, nor destroys the
+    previous one. Creates the folder. Two processes writing one path each use their own
+    temporary name; the last rename wins with a complete file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    root, ext = os.path.splitext(os.path.basename(path))
+    partial = os.path.join(folder, f".{root}.{os.getpid()}-{os.urandom(3).hex()}.partial{ext}")
+    try:
+        yield partial
+        with open(partial, "rb+") as f:   # data on disk before the name points at it
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def check_free_space(path, nbytes, what="output"):
+    """ImageError unless the file system holding `path` has `nbytes` free (memory-mapped or
+    sparse writes would otherwise die with SIGBUS, or fill the disk hours into a run)."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.isdir(folder):     # the folder may not exist yet
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise ImageError(path, f"the {what} needs {_size(nbytes)} but only {_size(free)} is "
+                               f"free there")
+
+
+def _size(nbytes):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
 
 
 # ----------------------------------------------------------------------------- colour
@@ -296,6 +343,72 @@ def _read_npy(path, keep_alpha):
     return array if keep_alpha or array.shape[2] != 4 else array[:, :, :3]
 
 
+def available_memory():
+    """Bytes of memory the system can still hand out without swapping (Linux's MemAvailable),
+    or None where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(path, im, mode):
+    """ImageError, before decoding, when decoding `im` cannot fit in memory: PIL's decoded
+    copy plus the returned array. (A MemoryError mid-decode says nothing useful, and with
+    overcommit the process may be killed instead.)"""
+    pil_bytes = {"L": 1, "I;16": 2}.get(mode, 4 if ";16" not in mode else 8)
+    out_bytes = MODE_CHANNELS[mode.split(";")[0] if mode != "I;16" else mode] * (
+        2 if ";16" in mode else 1)
+    needed = im.width * im.height * (pil_bytes + out_bytes)
+    free = available_memory()
+    if free is not None and needed > free:
+        raise ImageError(path, f"decoding {im.width}x{im.height} pixels needs about "
+                               f"{_size(needed)} of memory, {_size(free)} is available; convert "
+                               f"it to .npy with convert.py (bounded memory) and use that")
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}    # colour type -> samples per pixel
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))                            # x0, y0, dx, dy of the 7 interlace passes
+
+
+def _png_data_complete(path):
+    """Whether a PNG's compressed pixel data holds every row. PIL accepts a file whose zlib
+    stream ends properly but early (the missing rows come back black), so the stream is
+    inflated once more and its length compared with what the header promises."""
+    with open(path, "rb") as f:
+        f.read(8)
+        inflate, size, expected = zlib.decompressobj(), 0, None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            length, kind = struct.unpack(">I4s", head)
+            data = f.read(length)
+            f.read(4)                                    # CRC: PIL checked it
+            if kind == b"IHDR":
+                width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB",
+                                                                             data[:13])
+                bits = depth * _PNG_CHANNELS.get(colour, 1)
+                passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+                expected = 0
+                for x0, y0, dx, dy in passes:
+                    cols, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+                    if cols > 0 and rows > 0:
+                        expected += rows * (1 + -(-(cols * bits) // 8))
+            elif kind == b"IDAT":
+                while data:                              # bounded output per call
+                    size += len(inflate.decompress(data, 1 << 20))
+                    data = inflate.unconsumed_tail
+            elif kind == b"IEND":
+                break
+    return expected is None or size >= expected
+
+
 def read_image(path, keep_alpha=False, max_pixels=MAX_IMAGE_PIXELS):
     """Read an image file as an (H, W, C) array, C in {1, 3, 4}.
 
@@ -316,9 +429,13 @@ def read_image(path, keep_alpha=False, max_pixels=MAX_IMAGE_PIXELS):
             mode = pixel_mode(im, keep_alpha)
             if mode is None:
                 raise ImageError(path, f"unsupported pixel mode {im.mode}")
+            _check_memory(path, im, mode)
             if mode in ("RGB;16", "RGBA;16"):
                 return _read_wide_colour(path, im, _wide_colour_tiles(im), mode[:-3])
             im.load()
+            if im.format == "PNG" and not _png_data_complete(path):
+                raise ImageError(path, "truncated image: its pixel data stops before the last "
+                                       "row (the file ends properly, but rows are missing)")
             return _pil_to_array(im, mode)
     except (ImageError, MemoryError):
         raise
@@ -331,14 +448,22 @@ def read_image(path, keep_alpha=False, max_pixels=MAX_IMAGE_PIXELS):
 def to_srgb8(array):
     """(H, W, C) array as read_image returns it -> sRGB uint8, band by band to bound the
     temporaries: uint8 as is (a memmap stays a memmap), uint16 requantised, float (linear)
-    encoded."""
+    encoded. ValueError for NaN or infinite values, which have no colour to encode."""
     if array.dtype == np.uint8:
         return array
     height, width = array.shape[:2]
     out = np.empty(array.shape, np.uint8)
+    bad = 0
     for y0, y1 in _row_bands(height, width):
         band = np.asarray(array[y0:y1])
-        out[y0:y1] = linear_to_uint8(band if np.issubdtype(band.dtype, np.floating) else to_linear(band))
+        if np.issubdtype(band.dtype, np.floating):
+            bad += int(band.size - np.count_nonzero(np.isfinite(band)))
+        else:
+            band = to_linear(band)
+        out[y0:y1] = linear_to_uint8(band)
+    if bad:
+        raise ValueError(f"{bad} of {array.size} values are NaN or infinite; replace them "
+                         f"(e.g. numpy.nan_to_num) before using the image")
     return out
 
 

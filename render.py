@@ -7,7 +7,9 @@ output, and the output can be a ``np.memmap`` larger than RAM.
 
 Command line: ``python render.py --ckpt last.ckpt -o out.png`` (see ``--help``).
 """
+import hashlib
 import itertools
+import json
 import math
 import os
 import shutil
@@ -256,7 +258,8 @@ def write_frames(folder, frames):
     os.makedirs(folder, exist_ok=True)
     count = 0
     for count, frame in enumerate(frames, start=1):
-        images.write_image(os.path.join(folder, f"frame_{count - 1:06d}.png"), frame)
+        with images.atomic_output(os.path.join(folder, f"frame_{count - 1:06d}.png")) as partial:
+            images.write_image(partial, frame)
     return count
 
 
@@ -273,8 +276,10 @@ def write_animation(path, frames, fps, quality=95):
     total duration stays ``len(frames) / fps``. Returns the number of frames given.
     """
     pictures = [_pil_frame(frame) for frame in frames]
-    pictures[0].save(path, save_all=True, append_images=pictures[1:],
-                     duration=1000.0 / fps, loop=0, quality=quality)
+    with images.atomic_output(path) as partial:
+        pictures[0].save(partial, format=os.path.splitext(path)[1][1:].upper(), save_all=True,
+                         append_images=pictures[1:], duration=1000.0 / fps, loop=0,
+                         quality=quality)
     return len(pictures)
 
 
@@ -295,7 +300,12 @@ _FFMPEG_PIXEL_FORMATS = {1: "gray", 3: "rgb24", 4: "rgba"}
 
 def write_video(path, frames, fps, encoder):
     """Pipe raw frames into ffmpeg (H.264, yuv420p; odd sides padded to even, which the
-    codec needs). Returns the number of frames written."""
+    codec needs), all or nothing (images.atomic_output). Returns the number of frames."""
+    with images.atomic_output(path) as partial:
+        return _encode_video(partial, frames, fps, encoder)
+
+
+def _encode_video(path, frames, fps, encoder):
     frames = iter(frames)
     first = next(frames)
     height, width, channels = first.shape
@@ -318,6 +328,205 @@ def write_video(path, frames, fps, encoder):
     return count
 
 
+# --- Deep Zoom pyramid (.dzi) -----------------------------------------------------------
+#
+# The layout OpenSeadragon and other gigapixel viewers read (Microsoft's Deep Zoom, as libvips
+# dzsave writes it): ``name.dzi`` (XML: tile size, overlap, format, full size) next to
+# ``name_files/<level>/<col>_<row>.<format>``. Level L of a W x H image is
+# ceil(W / 2**(M - L)) x ceil(H / 2**(M - L)) with M = ceil(log2(max(W, H))), so level M is
+# full size and level 0 is 1 x 1. Each level is cut into TileSize squares; a tile also
+# carries Overlap pixels of its neighbours on each interior side, and edge tiles are
+# smaller. Every level is rendered from the field at its own resolution, never downsampled.
+
+DZI_NAMESPACE = "http://schemas.microsoft.com/deepzoom/2008"
+DZI_FORMATS = ("jpg", "png")
+DZI_DEFAULTS = dict(tile_size=254, overlap=1, tile_format="jpg")   # dzsave's defaults
+# Written in the tiles folder at the start: what the tiles there are a pyramid of.
+DZI_MANIFEST = ".pyramid.json"
+# Free-space estimate per pixel and channel of a tile not yet written (PNG about the raw
+# size at worst, JPEG q95 4:4:4 about a quarter), plus a file-system block per tile.
+DZI_BYTES_PER_SAMPLE = {"png": 1.0, "jpg": 0.25}
+DZI_BYTES_PER_FILE = 4096
+
+
+def dzi_levels(width, height):
+    """Size ``(w, h)`` of every Deep Zoom level, level 0 (1 x 1) first, the full
+    ``width x height`` last: ceil(log2(max(width, height))) + 1 levels."""
+    if width < 1 or height < 1:
+        raise ValueError(f"pyramid size {width}x{height} is empty")
+    top = (max(width, height) - 1).bit_length()       # ceil(log2(n)) for integers n >= 1
+    return [(-(-width // 2 ** (top - level)), -(-height // 2 ** (top - level)))
+            for level in range(top + 1)]
+
+
+def dzi_tiles(width, height, tile_size, overlap):
+    """Tiles of one ``width x height`` level: a list of ``(col, row, x0, y0, x1, y1)``,
+    pixels [x0, x1) x [y0, y1), in raster order. Tile (col, row) covers the
+    ``tile_size`` square at (col * tile_size, row * tile_size) plus ``overlap`` pixels on
+    each side that has a neighbour, clipped to the level."""
+    if tile_size < 1 or not 0 <= overlap <= tile_size:
+        raise ValueError(f"need tile size >= 1 and 0 <= overlap <= tile size, got tile size "
+                         f"{tile_size}, overlap {overlap}")
+
+    def spans(length):
+        return [(i * tile_size - (overlap if i else 0),
+                 min(length, (i + 1) * tile_size + overlap))
+                for i in range(-(-length // tile_size))]
+
+    return [(col, row, x0, y0, x1, y1)
+            for row, (y0, y1) in enumerate(spans(height))
+            for col, (x0, x1) in enumerate(spans(width))]
+
+
+def dzi_xml(width, height, tile_size, overlap, tile_format):
+    """The ``.dzi`` descriptor of a ``width x height`` pyramid (text)."""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n'
+            f'<Image xmlns="{DZI_NAMESPACE}" TileSize="{int(tile_size)}" '
+            f'Overlap="{int(overlap)}" Format="{tile_format}">\n'
+            f'  <Size Width="{int(width)}" Height="{int(height)}"/>\n'
+            f'</Image>\n')
+
+
+def dzi_files_folder(path):
+    """Tiles folder of a ``.dzi`` path: ``fit.dzi`` -> ``fit_files``."""
+    return os.path.splitext(os.fspath(path))[0] + "_files"
+
+
+def field_fingerprint(field):
+    """sha256 (hex) of a module's weights (names, shapes, values), or None for a plain
+    callable: tells apart two fits that stopped at the same step."""
+    if not isinstance(field, torch.nn.Module):
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in field.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def render_window(field, width, height, region, rows, cols, *, max_batch=2**18):
+    """Pixels ``rows x cols`` (``(start, stop)`` ranges) of the ``width x height`` render of
+    ``region``: the same coordinates (pixel_centres) and so the same values, bit for bit, as
+    that block of ``render_region(field, width, height, region)``, without the rest.
+    Returns ``(rows, cols, C)`` uint8."""
+    n_rows, n_cols = rows[1] - rows[0], cols[1] - cols[0]
+    device = field_device(field)
+    out = None
+    with torch.no_grad():
+        for (r0, r1), (c0, c1) in tiles(n_cols, n_rows, max_batch):
+            xy = pixel_centres(region, width, height, (rows[0] + r0, rows[0] + r1),
+                               (cols[0] + c0, cols[0] + c1))
+            colour = _evaluate(field, torch.from_numpy(xy).float().to(device))
+            block = images.linear_to_uint8(colour).cpu().numpy().reshape(r1 - r0, c1 - c0, -1)
+            if out is None:
+                out = np.empty((n_rows, n_cols, block.shape[2]), dtype=np.uint8)
+            out[r0:r1, c0:c1] = block
+    return out
+
+
+def _check_dzi_manifest(folder, wanted):
+    """Check the tiles folder's manifest matches ``wanted``; returns the manifest path when
+    there is none yet (a new pyramid: the caller writes it), else None.
+
+    A folder with tiles but another (or no, or an unreadable) manifest belongs to another
+    pyramid: ValueError rather than mixing tiles."""
+    path = os.path.join(folder, DZI_MANIFEST)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                found = json.load(f)
+        except (OSError, ValueError):
+            found = None
+        if found == json.loads(json.dumps(wanted)):     # tuples -> lists, as read back
+            return None
+        if isinstance(found, dict):
+            diffs = [f"{key} {found.get(key)!r} vs {wanted.get(key)!r}"
+                     for key in sorted(set(found) | set(wanted))
+                     if found.get(key) != wanted.get(key)]
+            what = "a different pyramid (" + ", ".join(diffs[:3]) + ")"
+        else:
+            what = f"an unreadable {DZI_MANIFEST}"
+        raise ValueError(f"{folder} holds {what}; delete it or pick another output name")
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise ValueError(f"{folder} exists and was not written by render.py; delete it or "
+                         f"pick another output name")
+    return path
+
+
+def write_deep_zoom(field, width, height, channels, path, region=FULL, *,
+                    tile_size=254, overlap=1, tile_format="jpg", quality=95,
+                    max_batch=2**18, progress=False, stamp=None):
+    """Write the Deep Zoom pyramid of ``region`` at ``width x height`` (the top level):
+    tiles ``<path minus .dzi>_files/<level>/<col>_<row>.<tile_format>``, then the ``.dzi``.
+
+    Every tile is rendered straight from the field at its level's resolution (render_window:
+    a level's tiles are exactly the pixels of render_region at that level's size), one tile
+    at a time (peak memory: one tile), and written atomically; the ``.dzi`` comes last, so
+    its presence means a complete pyramid. Resumable: tiles already on disk are skipped. A
+    manifest (DZI_MANIFEST, with ``stamp``, e.g. the checkpoint's global_step, and the
+    field's weights fingerprint) makes a tiles folder of another pyramid an error instead
+    of a mix. ``quality`` applies to jpg. Free space for the missing tiles is estimated
+    roughly (DZI_BYTES_PER_SAMPLE) and checked up front. Raises ValueError / ImageError.
+    Returns ``(rendered, total)`` tile counts.
+    """
+    if tile_format not in DZI_FORMATS:
+        raise ValueError(f"tile format must be one of {', '.join(DZI_FORMATS)}, "
+                         f"got {tile_format!r}")
+    region = check_region(region)
+    levels = dzi_levels(width, height)
+    work = [(level, w, h, tile) for level, (w, h) in enumerate(levels)
+            for tile in dzi_tiles(w, h, tile_size, overlap)]   # validates the tile sizes
+    folder = dzi_files_folder(path)
+    manifest = dict(kind="hashgrid deep zoom", width=int(width), height=int(height),
+                    channels=int(channels), region=list(region), tile_size=int(tile_size),
+                    overlap=int(overlap), tile_format=tile_format,
+                    quality=int(quality) if tile_format == "jpg" else None,
+                    fingerprint=field_fingerprint(field), **(stamp or {}))
+    new_manifest = _check_dzi_manifest(folder, manifest)
+    present = {}
+    for level in range(len(levels)):
+        level_dir = os.path.join(folder, str(level))
+        present[level] = set(os.listdir(level_dir)) if os.path.isdir(level_dir) else set()
+    todo = [(level, w, h, tile) for level, w, h, tile in work
+            if f"{tile[0]}_{tile[1]}.{tile_format}" not in present[level]]
+    samples = sum((x1 - x0) * (y1 - y0) for *_, (_, _, x0, y0, x1, y1) in todo)
+    samples *= min(channels, 3) if tile_format == "jpg" else channels
+    images.check_free_space(path, int(samples * DZI_BYTES_PER_SAMPLE[tile_format])
+                            + DZI_BYTES_PER_FILE * len(todo), what="Deep Zoom pyramid")
+    if new_manifest:
+        with images.atomic_output(new_manifest) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(manifest, f, indent=1)
+    with tqdm(total=len(work), initial=len(work) - len(todo), unit="tile", desc="deep zoom",
+              disable=not progress) as bar:
+        for level, w, h, (col, row, x0, y0, x1, y1) in todo:
+            tile = render_window(field, w, h, region, (y0, y1), (x0, x1), max_batch=max_batch)
+            tile_path = os.path.join(folder, str(level), f"{col}_{row}.{tile_format}")
+            with images.atomic_output(tile_path) as tmp:
+                images.write_image(tmp, tile, quality=quality)
+            bar.update(1)
+    with images.atomic_output(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(dzi_xml(width, height, tile_size, overlap, tile_format))
+    return len(todo), len(work)
+
+
+def deep_zoom_options(args, kind):
+    """The Deep Zoom flags as write_deep_zoom keywords (defaults filled in) for a .dzi
+    output; ValueError when they are given for another output or do not fit."""
+    given = {name: getattr(args, name) for name in DZI_DEFAULTS
+             if getattr(args, name, None) is not None}
+    if kind != "dzi":
+        if given:
+            raise ValueError("--tile_size, --overlap and --tile_format only apply to a .dzi "
+                             "output")
+        return None
+    options = {**DZI_DEFAULTS, **given}
+    dzi_tiles(1, 1, options["tile_size"], options["overlap"])   # validates the pair
+    return options
+
+
 def build_parser():
     """The command-line interface of render.py."""
     parser = cli.ArgumentParser(
@@ -328,8 +537,9 @@ def build_parser():
     parser.add_argument("-o", "--output", required=True,
                         help="output file: .png .jpg .tif .webp .bmp, or .npy (rendered "
                              "straight into a memory-mapped file, for outputs larger "
-                             "than RAM). With --zoom: .gif, .webp, .mp4 (needs ffmpeg), "
-                             "or a folder of numbered PNG frames")
+                             "than RAM), or .dzi (a Deep Zoom tile pyramid for "
+                             "OpenSeadragon & co.). With --zoom: .gif, .webp, .mp4 (needs "
+                             "ffmpeg), or a folder of numbered PNG frames")
     size = parser.add_argument_group(
         "output size", "default: the region at the trained resolution; with --zoom, "
         f"scaled down to at most {ZOOM_MAX_SIDE} px on the longer side")
@@ -351,8 +561,8 @@ def build_parser():
     parser.add_argument("--device", default="auto",
                         help="'auto' (GPU if available, else CPU) or a torch device "
                              "string such as cpu, cuda, cuda:1 [default: %(default)s]")
-    parser.add_argument("--quality", type=int, default=95,
-                        help="JPEG/WebP quality [default: %(default)s]")
+    parser.add_argument("--quality", type=cli.integer(1, 100), default=95,
+                        help="JPEG/WebP quality, 1..100 [default: %(default)s]")
     zoom = parser.add_argument_group("zoom sequence (hold, ease in, hold, ease out)")
     zoom.add_argument("--zoom", type=float, metavar="FACTOR",
                       help="render a zoom sequence into --center up to this factor (>= 1)")
@@ -360,16 +570,34 @@ def build_parser():
                       help="zoom target, normalised [0, 1] [default: centre of the region]")
     zoom.add_argument("--frames", type=int, help="number of frames [default: 150]")
     zoom.add_argument("--fps", type=float, help="frames per second [default: 30]")
+    deep = parser.add_argument_group(
+        "Deep Zoom (-o NAME.dzi)", "a tile pyramid: NAME.dzi plus NAME_files/LEVEL/COL_ROW."
+        "FORMAT, every level rendered from the field; the output size sets the top level; "
+        "an interrupted run resumes where it stopped")
+    deep.add_argument("--tile_size", type=cli.integer(1), metavar="PX",
+                      help=f"tile side in pixels [default: {DZI_DEFAULTS['tile_size']}]")
+    deep.add_argument("--overlap", type=cli.integer(0), metavar="PX",
+                      help="pixels each tile shares with its neighbours, per side "
+                           f"[default: {DZI_DEFAULTS['overlap']}]")
+    deep.add_argument("--tile_format", choices=DZI_FORMATS,
+                      help=f"tile image format; --quality applies to jpg "
+                           f"[default: {DZI_DEFAULTS['tile_format']}]")
     return parser
 
 
 def output_kind(path, zoom):
-    """What ``path`` asks for: 'still', 'npy', 'animation', 'video' or 'frames' (a folder).
-    Raises ValueError for an extension that does not fit the mode."""
+    """What ``path`` asks for: 'still', 'npy', 'dzi' (Deep Zoom pyramid), 'animation',
+    'video' or 'frames' (a folder). Raises ValueError for an extension that does not fit
+    the mode."""
     ext = os.path.splitext(path)[1].lower()
+    if ext == ".dzi":
+        if zoom:
+            raise ValueError("--zoom cannot write a Deep Zoom pyramid (.dzi); the viewer "
+                             "zooms by itself")
+        return "dzi"
     if not zoom:
         if ext not in STILL_EXTS:
-            raise ValueError(f"cannot write {path!r}: use one of {' '.join(STILL_EXTS)}")
+            raise ValueError(f"cannot write {path!r}: use one of {' '.join(STILL_EXTS)} .dzi")
         return "npy" if ext == ".npy" else "still"
     if ext in ANIMATED_EXTS:
         return "animation"
@@ -416,6 +644,7 @@ def _run(args):
     if args.max_batch < 1:
         raise ValueError(f"--max_batch must be at least 1, got {args.max_batch}")
     kind = output_kind(args.output, zooming)
+    deep_zoom = deep_zoom_options(args, kind)
     encoder = video_encoder() if kind == "video" else None
     if kind == "video" and encoder is None:
         raise ValueError("writing .mp4 needs ffmpeg (on PATH, or pip install "
@@ -443,6 +672,15 @@ def _run(args):
                                         scale=ZOOM_MAX_SIDE / max(width, height))
     parent = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(args.output if kind == "frames" else parent, exist_ok=True)
+    if kind == "dzi":
+        rendered, total = write_deep_zoom(
+            field, width, height, channels, args.output, region, **deep_zoom,
+            quality=args.quality, max_batch=args.max_batch, progress=True,
+            stamp=dict(global_step=info["global_step"], source=info["source"]))
+        print(f"render.py: wrote {args.output} ({width}x{height}, "
+              f"{len(dzi_levels(width, height))} levels, {total} tiles, "
+              f"{total - rendered} of them already there)")
+        return
     if kind in ("still", "npy"):
         render_to_file(field, width, height, channels, args.output, region,
                        max_batch=args.max_batch, quality=args.quality, progress=True)
@@ -461,17 +699,26 @@ def _run(args):
 
 def render_to_file(field, width, height, channels, path, region=FULL, *, max_batch=2**18,
                    quality=95, progress=False):
-    """Render ``region`` at ``width x height`` into the image file ``path``; a .npy output is
-    rendered straight into a memory-mapped file (outputs bigger than RAM), anything else goes
-    through one uint8 buffer to images.write_image."""
+    """Render ``region`` at ``width x height`` into the image file ``path``, all or nothing
+    (images.atomic_output: an interrupted or failed render leaves any previous file intact).
+    A .npy output is rendered straight into a memory-mapped file (outputs bigger than RAM),
+    after checking that the disk can hold it; anything else goes through one uint8 buffer to
+    images.write_image."""
     if os.path.splitext(os.fspath(path))[1].lower() == ".npy":
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(height, width, channels))
-        render_region(field, width, height, region, max_batch=max_batch, out=out, progress=progress)
-        out.flush()
+        # a memory-mapped file is sparse until written: a full disk would show up as SIGBUS
+        # hours later, so the space is checked first (plus a page for the header)
+        images.check_free_space(path, height * width * channels + 4096)
+        with images.atomic_output(path) as partial:
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
+                                            shape=(height, width, channels))
+            render_region(field, width, height, region, max_batch=max_batch, out=out,
+                          progress=progress)
+            out.flush()
+            del out
         return
     image = render_region(field, width, height, region, max_batch=max_batch, progress=progress)
-    images.write_image(path, image, quality=quality)
+    with images.atomic_output(path) as partial:
+        images.write_image(partial, image, quality=quality)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,14 @@ field with an L2 loss. PSNR is measured in sRGB 8-bit, the way the image would b
 """
 import argparse
 import contextlib
+import hashlib
 import math
 import os
+import shlex
+import signal
 import sys
+import tempfile
+import threading
 import time
 import warnings
 
@@ -23,8 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 import cli
@@ -41,6 +48,9 @@ EVAL_BATCH = 2 ** 18                   # points per forward pass when rendering 
 GPU_BATCH_SIZE = 2 ** 18               # the paper's batch
 CPU_BATCH_SIZE = 2 ** 16               # 2 cores, albert: 33 dB in 8 s (2^15: 6 s, 2^17: 15 s)
 CPU_VAL_EVERY, GPU_VAL_EVERY = 250, 1000  # a 2^22-pixel score costs ~25 CPU steps
+CKPT_MINUTES = 10.0                    # last.ckpt refreshed this often: bounds lost work in time
+GPU_LOSS_CHECK_EVERY = 20              # steps between NaN checks on a GPU (each one waits for it)
+LOG_VERSION_ENV = "HASHGRID_LOG_VERSION"  # the log version rank 0 claimed, for its DDP workers
 DEVICE_MEMORY_SHARE = 0.5              # pixels stay on a GPU within this share of free memory
 
 
@@ -254,7 +264,8 @@ class ImageFit(pl.LightningModule):
     """Fits `field` to an image attached with `attach`. The hyperparameters (including the
     field config) go into every checkpoint, so field.load_field rebuilds the fit from it."""
 
-    def __init__(self, field: dict, source: str = "", batch_size: int = CPU_BATCH_SIZE,
+    def __init__(self, field: dict, source: str = "", source_digest: str = "",
+                 batch_size: int = CPU_BATCH_SIZE,
                  lr: float = 1e-2, loss: str = "l2", weight_decay: float = 1e-6, seed: int = 0,
                  colour: str = "linear", max_time: float = None):
         super().__init__()
@@ -328,6 +339,114 @@ class ImageFit(pl.LightningModule):
         self.log("time/train_seconds", self.clock.seconds(), sync_dist=True, batch_size=1)
         # x-axis of the validation rows: the steps taken (Lightning would write one less)
         self.log("step", float(self.global_step), sync_dist=True, batch_size=1)
+
+
+# --- keeping the work: checkpoints, signals, divergence -----------------------------------
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints go to a temporary name and are renamed when complete (images.atomic_output):
+    a full disk or a kill mid-write leaves the previous file intact, never a truncated one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        with images.atomic_output(path) as partial:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+
+
+class NonFiniteLoss(Exception):
+    """The loss (or the weights) became NaN or infinite: the run diverged."""
+
+    def __init__(self, step: int, what: str = "the loss"):
+        super().__init__(f"{what} became NaN or infinite at step {step}")
+        self.step = step
+
+
+class KeepWork(pl.Callback):
+    """Bounds what a long run can lose, and stops it cleanly when asked to.
+
+    - last.ckpt is refreshed every `minutes` of wall time, so a kill (even SIGKILL) loses at
+      most that much work on any device; step=N.ckpt is kept every `every_steps` steps.
+    - SIGINT (Ctrl-C) and SIGTERM (schedulers, `timeout`) stop the run after the current step,
+      every rank at the same step; the caller then saves last.ckpt. A second signal
+      interrupts at once.
+    - A non-finite loss stops the run at the step it appears, and nothing non-finite is ever
+      saved: weights are checked before every save. On a GPU the loss is checked every
+      `check_every` steps (each check waits for the device) and always before a save.
+    """
+
+    def __init__(self, ckpt_dir: str, every_steps: int = 0, minutes: float = 10.0,
+                 check_every: int = 1):
+        self.ckpt_dir, self.every_steps, self.minutes = ckpt_dir, every_steps, minutes
+        self.check_every = check_every
+        self.signal = None            # the signal that asked us to stop
+        self.saved = []               # checkpoints written by this callback, oldest first
+        self._previous_handlers = {}
+        self._first_bad = None        # device scalar: first step with a non-finite loss, or -1
+
+    def on_train_start(self, trainer, pl_module):
+        self._last_save = time.monotonic()
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=pl_module.device)
+        if threading.current_thread() is threading.main_thread():   # signals: main thread only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.signal is not None:       # asked twice: stop now
+            self.restore_signals()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+        self.signal = signum
+
+    def restore_signals(self):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
+        save_step = self.every_steps > 0 and step % self.every_steps == 0
+        save_time = time.monotonic() - self._last_save >= 60 * self.minutes
+        strategy = trainer.strategy
+        # one decision for all ranks, so that they save and stop at the same step
+        save_time = strategy.reduce_boolean_decision(save_time, all=False)
+        if save_step or save_time or step % self.check_every == 0:
+            self.check_finite(trainer, pl_module)
+        if save_step:
+            self.save(trainer, os.path.join(self.ckpt_dir, f"step={step}.ckpt"))
+        if save_time:
+            self.save(trainer, os.path.join(self.ckpt_dir, "last.ckpt"))
+        if strategy.reduce_boolean_decision(self.signal is not None, all=False):
+            trainer.should_stop = True
+
+    def check_finite(self, trainer, pl_module, weights: bool = False):
+        """NonFiniteLoss if any rank has seen a non-finite loss (or, with `weights`, holds
+        non-finite weights)."""
+        step = -1 if self._first_bad is None else int(self._first_bad)
+        bad_weights = weights and not all(bool(torch.isfinite(p).all())
+                                          for p in pl_module.parameters())
+        if trainer.strategy.reduce_boolean_decision(step >= 0 or bad_weights, all=False):
+            if step >= 0:
+                raise NonFiniteLoss(step)
+            raise NonFiniteLoss(trainer.global_step, "the weights")
+
+    def save(self, trainer, path: str):
+        self.check_finite(trainer, trainer.lightning_module, weights=True)
+        trainer.save_checkpoint(path, weights_only=False)     # optimizer too: resumable
+        for logger in trainer.loggers:                          # logs as far as the checkpoint
+            logger.save()
+        self._last_save = time.monotonic()
+        if path not in self.saved:
+            self.saved.append(path)
+
+    def on_train_end(self, trainer, pl_module):
+        self.restore_signals()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.restore_signals()
 
 
 # --- callbacks: progress bar, previews -----------------------------------------------------
@@ -521,12 +640,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"pixels per step (default: {GPU_BATCH_SIZE} on GPU, "
                    f"{CPU_BATCH_SIZE} on CPU)")
     p.add_argument("--epochs", type=cli.integer(1), default=5,
-                   help=f"training length in epochs of {STEPS_PER_EPOCH} steps (default: 5)")
+                   help=f"training length in epochs of {STEPS_PER_EPOCH} steps, counted from "
+                   "step 0 (a resumed run trains up to this total) (default: 5)")
     p.add_argument("--max_steps", type=cli.integer(1), default=None,
-                   help="training length in steps, overrides --epochs (default: none)")
-    p.add_argument("--max_time", type=float, default=None,
-                   help="stop after this many seconds of training steps; start-up, scoring "
-                   "and previews are not counted (default: none)")
+                   help="training length in steps in total, overrides --epochs (default: none)")
+    p.add_argument("--max_time", type=cli.number(above=0), default=None,
+                   help="stop after this many seconds of training steps in this run; "
+                   "start-up, scoring and previews are not counted (default: none)")
     p.add_argument("--device", type=int, default=0,
                    help="GPU index to use when --devices is not given (default: 0)")
     p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
@@ -535,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device count, GPU indices (0,1) or auto (default: 1; on GPU [--device])")
     p.add_argument("--strategy", default="auto",
                    help="Lightning strategy, e.g. ddp for several devices (default: auto)")
+    p.add_argument("--num_nodes", type=cli.integer(1), default=1,
+                   help="machines for multi-node DDP, launched by SLURM or torchrun "
+                   "(default: 1)")
     p.add_argument("--precision", default="32-true",
                    help="Lightning precision, e.g. bf16-mixed (default: 32-true)")
     p.add_argument("--enc_method", choices=["hashgrid", "freq", "none"], default="hashgrid",
@@ -555,16 +678,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolation", choices=["linear", "smoothstep", "nearest"],
                    default=FieldConfig.interpolation,
                    help="hash-grid interpolation (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 1e-2)")
+    p.add_argument("--lr", type=cli.number(above=0), default=1e-2,
+                   help="Adam learning rate (default: 1e-2)")
     p.add_argument("--loss", choices=["l2", "relative_l2"], default="l2",
                    help="loss in linear light (default: l2)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=cli.integer(0, 2**32 - 1), default=0,
                    help="initialisation and sampling seed (default: 0)")
     p.add_argument("--val_every", type=cli.integer(1), default=None,
                    help=f"PSNR every N steps (default: {CPU_VAL_EVERY} on CPU, "
                    f"{GPU_VAL_EVERY} on GPU)")
-    p.add_argument("--ckpt_every", type=int, default=1000,
-                   help="also checkpoint every N steps, 0: only at the end (default: 1000)")
+    p.add_argument("--ckpt_every", type=cli.integer(0), default=0,
+                   help="also keep checkpoints/step=N.ckpt every N steps, 0: none (default: 0)")
+    p.add_argument("--ckpt_minutes", type=cli.number(above=0), default=CKPT_MINUTES,
+                   help="refresh checkpoints/last.ckpt every this many minutes, so that a "
+                   "crash or kill loses at most that much work (default: %(default)s)")
     p.add_argument("--ckpt", default=None,
                    help="resume from this checkpoint (same image and network flags)")
     p.add_argument("--export", default=None,
@@ -604,19 +731,28 @@ def load_source(path: str) -> np.ndarray:
     """(H, W, C) uint8 sRGB of `path`; UsageError when it cannot be used."""
     try:
         array = images.read_image(path)
+        return images.to_srgb8(array)
     except images.ImageError as exc:
         raise UsageError(str(exc)) from None
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror or exc}") from None
-    if array.ndim != 3 or 0 in array.shape:
-        raise UsageError(f"{path}: empty image (shape {tuple(array.shape)})")
-    return images.to_srgb8(array)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def check_resume(ckpt_path: str, config: FieldConfig) -> None:
-    """UsageError unless `ckpt_path` is a train.py checkpoint of the same network/image."""
+def source_digest(source: np.ndarray) -> str:
+    """A fingerprint of an image (its size and 64 rows spread over it): a resumed run warns
+    when its checkpoint was trained on another image of the same size."""
+    digest = hashlib.sha1(repr(source.shape).encode())
+    for row in np.linspace(0, source.shape[0] - 1, 64).astype(np.int64):
+        digest.update(np.ascontiguousarray(source[row]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_resume(ckpt_path: str, config: FieldConfig, source_name: str, digest: str) -> None:
+    """UsageError unless `ckpt_path` is a train.py checkpoint of the same network and image
+    size; a one-line warning when it was trained on another image of that size."""
     try:
-        saved = checkpoint_config(read_checkpoint(ckpt_path), ckpt_path).to_dict()
+        ckpt = read_checkpoint(ckpt_path)
+        saved = checkpoint_config(ckpt, ckpt_path).to_dict()
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
     config = config.to_dict()
@@ -625,14 +761,52 @@ def check_resume(ckpt_path: str, config: FieldConfig) -> None:
     if diffs:
         raise UsageError(f"--ckpt {ckpt_path} does not match this run (checkpoint vs now): "
                          + ", ".join(diffs))
+    hparams = ckpt["hyper_parameters"]
+    saved_digest, saved_name = hparams.get("source_digest"), hparams.get("source", "")
+    if saved_digest != digest if saved_digest else saved_name != source_name:
+        print(f"train.py: warning: --ckpt {ckpt_path} was trained on another image "
+              f"({saved_name or 'unknown'}) of the same size; continuing from its weights",
+              file=sys.stderr)
 
 
-def check_export(path: str) -> None:
-    """UsageError now, not after training, for an output format images.write_image lacks."""
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (also through links), the second perhaps not yet made."""
+    return os.path.realpath(a) == os.path.realpath(b) or (
+        os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def check_writable_folder(folder: str, flag: str) -> None:
+    """UsageError now, not hours later, unless files can be created in `folder` (made here)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
+
+
+def check_export(path: str, source_path: str) -> None:
+    """UsageError before training for an export that could not be written at the end: a
+    format images.write_image lacks, a folder, an unwritable place, or the source image."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in images.EXTENSIONS:
         raise UsageError(f"--export {path}: unsupported format {ext or '(none)'}; use one of "
                          + " ".join(images.EXTENSIONS))
+    if os.path.isdir(path):
+        raise UsageError(f"--export {path}: is a folder")
+    if same_file(path, source_path):
+        raise UsageError(f"--export {path}: would overwrite the input image; choose another name")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), "--export")
+
+
+def check_field(config: FieldConfig) -> None:
+    """UsageError for network flags that cannot build a field (e.g. N_max below N_min); built
+    on the meta device, so checking costs no memory."""
+    try:
+        with torch.device("meta"):
+            config.build()
+    except ValueError as exc:
+        raise UsageError(cli.one_line(exc)) from None
 
 
 def export_fit(field: nn.Module, width: int, height: int, channels: int, path: str) -> str:
@@ -651,30 +825,78 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def claim_version(folder: str) -> int:
+    """N of a new folder/version_N, created here: os.mkdir either creates it or fails, so two
+    runs started together on one --root never share a folder. Only rank 0 claims; the DDP
+    workers it launches inherit the number through the environment (other ranks never
+    write logs)."""
+    if rank_zero_only.rank != 0:
+        return int(os.environ.get(LOG_VERSION_ENV, 0))
+    os.makedirs(folder, exist_ok=True)
+    taken = [int(name[8:]) for name in os.listdir(folder)
+             if name.startswith("version_") and name[8:].isdigit()]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(os.path.join(folder, f"version_{version}"))
+            break
+        except FileExistsError:
+            version += 1
+    os.environ[LOG_VERSION_ENV] = str(version)
+    return version
+
+
 def make_loggers(root: str, trace: str, name: str) -> list:
-    """CSV always, TensorBoard as well when it is installed."""
+    """CSV always, TensorBoard as well when it is installed, in a freshly claimed version."""
     save_dir = os.path.join(root, trace)
-    loggers = [CSVLogger(save_dir, name=name)]
+    try:
+        version = claim_version(os.path.join(save_dir, name))
+    except OSError as exc:
+        raise UsageError(f"--root {root}: cannot create the log folder there "
+                         f"({exc.strerror or exc})") from None
+    loggers = [CSVLogger(save_dir, name=name, version=version)]
     try:
         import tensorboard  # noqa: F401  (optional dependency)
         from lightning.pytorch.loggers import TensorBoardLogger
-        loggers.append(TensorBoardLogger(save_dir, name=name, version=loggers[0].version))
+        loggers.append(TensorBoardLogger(save_dir, name=name, version=version))
     except ImportError:
         pass
     return loggers
 
 
-def run(args, callbacks=()) -> dict:
-    """Train as `args` say; returns a summary dict (rank 0 fills psnr/paths)."""
+def resume_command(argv, ckpt: str) -> str:
+    """The command line that continues a run: its arguments with --ckpt set to `ckpt`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg == "--ckpt" or arg.startswith("--ckpt="):
+            skip = arg == "--ckpt"
+            continue
+        kept.append(arg)
+    return shlex.join(["python", "train.py", *kept, "--ckpt", ckpt])
+
+
+class Stopped(Exception):
+    """The run stopped early on purpose (a signal): checkpoint saved; exit status 128 + N."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.status = 128 + signum
+
+
+def run(args, callbacks=(), argv=()) -> dict:
+    """Train as `args` say; returns a summary dict (rank 0 fills psnr/paths). `argv`: the
+    command line, for the resume hint printed when a signal stops the run."""
     accelerator = resolve_accelerator(args)
     path = args.input or sample_image_path()
     source = load_source(path)
     height, width, channels = source.shape
     config = field_config(args, width, height, channels)
+    check_field(config)
+    digest = source_digest(source)
     if args.ckpt is not None:
-        check_resume(args.ckpt, config)
+        check_resume(args.ckpt, config, os.path.basename(path), digest)
     if args.export:
-        check_export(args.export)
+        check_export(args.export, path)
     on_gpu = accelerator == "gpu"
     batch_size = args.batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
     val_every = args.val_every or (GPU_VAL_EVERY if on_gpu else CPU_VAL_EVERY)
@@ -682,8 +904,9 @@ def run(args, callbacks=()) -> dict:
     devices = args.devices if args.devices is not None else ([args.device] if on_gpu else 1)
 
     pl.seed_everything(args.seed, verbose=False)
-    model = ImageFit(config.to_dict(), source=os.path.basename(path), batch_size=batch_size, lr=args.lr,
-                     loss=args.loss, seed=args.seed, max_time=args.max_time)
+    model = ImageFit(config.to_dict(), source=os.path.basename(path), source_digest=digest,
+                     batch_size=batch_size, lr=args.lr, loss=args.loss, seed=args.seed,
+                     max_time=args.max_time)
     image = PixelSource(source)
     model.attach(image, PsnrProbe(source))
 
@@ -691,53 +914,84 @@ def run(args, callbacks=()) -> dict:
     loggers = make_loggers(args.root, args.trace, name)
     log_dir = loggers[0].log_dir
     ckpt_dir = os.path.join(log_dir, "checkpoints")
-    all_callbacks = [StepBar(), *callbacks]
-    if args.ckpt_every > 0:
-        all_callbacks.append(ModelCheckpoint(ckpt_dir, filename="{step}", save_top_k=-1,
-                                             every_n_train_steps=args.ckpt_every))
+    keep = KeepWork(ckpt_dir, args.ckpt_every, args.ckpt_minutes,
+                    check_every=GPU_LOSS_CHECK_EVERY if on_gpu else 1)
+    all_callbacks = [StepBar(), keep, *callbacks]
     if args.visualize:
         all_callbacks.append(Previews(image, os.path.join(log_dir, "previews")))
     quiet_lightning()
     try:
         trainer = pl.Trainer(
-            accelerator=accelerator, devices=devices, strategy=args.strategy,
-            precision=args.precision, max_steps=max_steps, max_epochs=-1,
-            val_check_interval=val_every, check_val_every_n_epoch=None,
+            accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
+            strategy=args.strategy, precision=args.precision, max_steps=max_steps,
+            max_epochs=-1, val_check_interval=val_every, check_val_every_n_epoch=None,
             num_sanity_val_steps=0, logger=loggers, callbacks=all_callbacks,
-            enable_checkpointing=args.ckpt_every > 0, enable_model_summary=False,
-            log_every_n_steps=min(50, val_every))
+            plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
+            enable_model_summary=False, log_every_n_steps=min(50, val_every))
     except (ValueError, TypeError, RuntimeError, MisconfigurationException) as exc:
         raise UsageError(str(exc).strip().splitlines()[0]) from None
 
-    trainer.fit(model, train_dataloaders=DataLoader(_Steps(STEPS_PER_EPOCH), batch_size=None),
-                ckpt_path=args.ckpt, weights_only=True)
+    last_ckpt = os.path.join(ckpt_dir, "last.ckpt")
+    first_step = None
+    try:
+        if args.ckpt is not None:
+            first_step = int(read_checkpoint(args.ckpt).get("global_step", 0))
+        trainer.fit(model, train_dataloaders=DataLoader(_Steps(STEPS_PER_EPOCH), batch_size=None),
+                    ckpt_path=args.ckpt, weights_only=True)
+    except NonFiniteLoss as exc:
+        kept = [p for p in keep.saved if os.path.exists(p)]
+        raise Diverged(f"{exc}: the run diverged (a lower --lr may help); "
+                       + (f"last finite checkpoint: {kept[-1]}" if kept
+                          else "no checkpoint was written before it")) from None
+    keep.save(trainer, last_ckpt)
+    steps_this_run = trainer.global_step - (first_step or 0)
+    if keep.signal is not None:
+        signame = signal.Signals(keep.signal).name
+        raise Stopped(keep.signal, f"stopped by {signame} at step {trainer.global_step}; "
+                      f"checkpoint {last_ckpt}, logs {log_dir}; resume with: "
+                      + resume_command(argv, last_ckpt))
     if model.last_val_step != trainer.global_step:
         trainer.validate(model, verbose=False)      # score the final weights too
-    last_ckpt = os.path.join(ckpt_dir, "last.ckpt")
-    trainer.save_checkpoint(last_ckpt, weights_only=False)   # optimizer too: resumable
 
-    summary = dict(steps=trainer.global_step, train_seconds=model.clock.seconds(),
+    summary = dict(steps=trainer.global_step, steps_this_run=steps_this_run,
+                   train_seconds=model.clock.seconds(),
                    psnr=float(trainer.callback_metrics.get("val/psnr", float("nan"))),
                    log_dir=log_dir, checkpoint=last_ckpt, export=None,
                    rank=trainer.global_rank)
     if trainer.is_global_zero:
         if args.export:
             summary["export"] = export_fit(model.field.eval(), width, height, channels, args.export)
-        print(f"train.py: {summary['steps']} steps in {summary['train_seconds']:.1f} s, "
-              f"PSNR {summary['psnr']:.2f} dB; checkpoint {last_ckpt}"
+        resumed = f" ({steps_this_run} in this run)" if args.ckpt is not None else ""
+        print(f"train.py: {summary['steps']} steps{resumed}, {summary['train_seconds']:.1f} s of "
+              f"training in this run, PSNR {summary['psnr']:.2f} dB; checkpoint {last_ckpt}"
               + (f"; export {summary['export']}" if summary["export"] else ""))
     return summary
 
 
+class Diverged(Exception):
+    """A non-finite loss stopped the run (exit status 1)."""
+
+
 def main(argv=None, callbacks=()) -> dict:
     """Command-line entry point: `argv` as sys.argv[1:]. Extra Lightning `callbacks` are
-    passed to the Trainer. Usage problems print one line and exit with status 2."""
+    passed to the Trainer. Usage problems print one line and exit with status 2; a run
+    stopped by SIGINT/SIGTERM exits 128 + the signal's number after saving last.ckpt, a
+    diverged one with status 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args, callbacks)
+        return run(args, callbacks, argv)
     except UsageError as exc:
         parser.error(exc)
+    except (images.ImageError, OSError) as exc:      # e.g. the disk filled up mid-run
+        parser.exit(1, f"train.py: error: {cli.one_line(exc)}\n")
+    except Diverged as exc:
+        parser.exit(1, f"train.py: error: {exc}\n")
+    except Stopped as exc:
+        parser.exit(exc.status, f"train.py: {exc}\n")
+    except KeyboardInterrupt:     # before training started, or a second Ctrl-C
+        parser.exit(128 + signal.SIGINT, "train.py: interrupted\n")
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ def test_video_pipes_raw_frames_to_ffmpeg(tmp_path, monkeypatch):
     fake.parent.mkdir()
     fake.write_text(f"#!{sys.executable}\nimport sys\n"
                     "open(sys.argv[-1], 'wb').write(sys.stdin.buffer.read())\n"
-                    "open(sys.argv[-1] + '.args', 'w').write(' '.join(sys.argv[1:]))\n")
+                    f"open({str(tmp_path / 'args')!r}, 'w').write(' '.join(sys.argv[1:]))\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", str(fake.parent))
     encoder = render.video_encoder()
@@ -269,7 +269,7 @@ def test_video_pipes_raw_frames_to_ffmpeg(tmp_path, monkeypatch):
     assert render.write_video(out, frames, 24.0, encoder) == 4
     raw = np.fromfile(out, dtype=np.uint8)
     np.testing.assert_array_equal(raw, np.concatenate([f.ravel() for f in frames]))
-    args = open(out + ".args").read().split()
+    args = open(tmp_path / "args").read().split()
     assert args[args.index("-pix_fmt") + 1] == "rgb24"
     assert args[args.index("-s") + 1] == "24x16" and args[args.index("-r") + 1] == "24.0"
 
