@@ -8,6 +8,12 @@ MLP under PyTorch Lightning: CPU, one GPU or several (DDP), thumbnails to gigapi
 The image stays 8-bit (memory-mapped for ``.npy``); every step draws random continuous
 coordinates, bilinearly interpolates the 4 neighbouring pixels in linear light and fits the
 field with an L2 loss. PSNR is measured in sRGB 8-bit, the way the image would be saved.
+
+The file follows the data: the pixels and how batches are drawn (PixelSource), how a fit is
+scored (PsnrProbe), the LightningModule (ImageFit, with the learning-rate schedule), what
+keeps a long run's work (KeepWork: checkpoints, signals, divergence), the progress bar and
+previews, then the command line (build_parser, run, main). The network itself and its
+checkpoints live in field.py, which render.py shares; nothing imports this file.
 """
 import argparse
 import contextlib
@@ -50,6 +56,7 @@ CPU_BATCH_SIZE = 2 ** 16               # 2 cores, albert: 33 dB in 8 s (2^15: 6 
 CPU_VAL_EVERY, GPU_VAL_EVERY = 250, 1000  # a 2^22-pixel score costs ~25 CPU steps
 CKPT_MINUTES = 10.0                    # last.ckpt refreshed this often: bounds lost work in time
 GPU_LOSS_CHECK_EVERY = 20              # steps between NaN checks on a GPU (each one waits for it)
+LR_DECAY_START, LR_DECAY_FINAL = 0.5, 0.05   # --lr_schedule decay: from half-way, down to 1/20
 LOG_VERSION_ENV = "HASHGRID_LOG_VERSION"  # the log version rank 0 claimed, for its DDP workers
 DEVICE_MEMORY_SHARE = 0.5              # pixels stay on a GPU within this share of free memory
 
@@ -251,6 +258,21 @@ class TrainClock:
             self.resume()
 
 
+def learning_rate(base: float, progress: float, schedule: str = "decay") -> float:
+    """Adam's step size at `progress` in [0, 1] of the run (the larger of steps done / the
+    step budget and seconds trained / --max_time, so the schedule ends where training does).
+
+    "constant": base throughout. "decay": base for the first LR_DECAY_START of the run, then
+    an exponential decay to base * LR_DECAY_FINAL at its end: large steps find the
+    structure, small ones settle the fine detail that a constant rate keeps shaking
+    (instant-ngp's configs decay their rate exponentially as well).
+    """
+    if schedule == "constant" or progress <= LR_DECAY_START:
+        return base
+    t = min(1.0, (progress - LR_DECAY_START) / (1.0 - LR_DECAY_START))
+    return base * LR_DECAY_FINAL ** t
+
+
 def image_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean L2 in linear light, or relative L2 (errors scaled by 1 / (pred^2 + 0.01), pred
     detached: the Noise2Noise-style loss upstream uses). pred, target: (N, C)."""
@@ -266,7 +288,8 @@ class ImageFit(pl.LightningModule):
 
     def __init__(self, field: dict, source: str = "", source_digest: str = "",
                  batch_size: int = CPU_BATCH_SIZE,
-                 lr: float = 1e-2, loss: str = "l2", weight_decay: float = 1e-6, seed: int = 0,
+                 lr: float = 1e-2, lr_schedule: str = "decay", loss: str = "l2",
+                 weight_decay: float = 1e-6, seed: int = 0,
                  colour: str = "linear", max_time: float = None):
         super().__init__()
         self.save_hyperparameters(ignore=["max_time"])
@@ -301,6 +324,23 @@ class ImageFit(pl.LightningModule):
         self.generator.manual_seed(sampling_seed(self.hparams.seed, self.global_rank,
                                                  self.global_step))
         self.clock.start()
+
+    def progress(self) -> float:
+        """How far the run is, in [0, 1]: steps against the step budget and training seconds
+        against --max_time, whichever is further. Rank 0's value, so every replica takes
+        the same step size."""
+        max_steps = self.trainer.max_steps if self.trainer is not None else -1
+        done = self.global_step / max_steps if max_steps and max_steps > 0 else 0.0
+        if self.max_time is not None:
+            done = max(done, self.clock.seconds() / self.max_time)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            done = float(self.trainer.strategy.broadcast(done, src=0))
+        return min(1.0, done)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        lr = learning_rate(self.hparams.lr, self.progress(), self.hparams.lr_schedule)
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = lr
 
     def draw_batch(self, n: int):
         """(xy (n, 2), target (n, C)) from this rank's stream."""
@@ -337,6 +377,9 @@ class ImageFit(pl.LightningModule):
         # identical on every rank already; sync_dist only keeps Lightning's DDP checks quiet
         self.log("val/psnr", psnr, prog_bar=True, sync_dist=True, batch_size=1)
         self.log("time/train_seconds", self.clock.seconds(), sync_dist=True, batch_size=1)
+        if self.device.type == "cuda":      # what the run needs of the GPU, for sizing runs
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.log("memory/peak_mib", peak, sync_dist=True, batch_size=1, reduce_fx="max")
         # x-axis of the validation rows: the steps taken (Lightning would write one less)
         self.log("step", float(self.global_step), sync_dist=True, batch_size=1)
 
@@ -565,7 +608,8 @@ class Previews(pl.Callback):
             draw.text((x, 4), text, fill=255 if mode == "L" else (255, 255, 255))
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"step_{step:06d}.png")
-        picture.save(path)
+        with images.atomic_output(path) as partial:
+            picture.save(partial, format="PNG")
         self.written.append(path)
         return path
 
@@ -595,8 +639,9 @@ class Previews(pl.Callback):
             frames.append(frame.convert("P", palette=Image.Palette.ADAPTIVE)
                           if frame.mode == "RGB" else frame)
         durations = [self.gif_ms] * (len(frames) - 1) + [4 * self.gif_ms]
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations,
-                       loop=0)
+        with images.atomic_output(path) as partial:
+            frames[0].save(partial, format="GIF", save_all=True, append_images=frames[1:],
+                           duration=durations, loop=0)
         return path
 
 
@@ -680,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hash-grid interpolation (default: %(default)s)")
     p.add_argument("--lr", type=cli.number(above=0), default=1e-2,
                    help="Adam learning rate (default: 1e-2)")
+    p.add_argument("--lr_schedule", choices=["decay", "constant"], default="decay",
+                   help="decay: constant for the first half of the run (steps or --max_time), "
+                   "then exponential decay to 1/20 (default: decay)")
     p.add_argument("--loss", choices=["l2", "relative_l2"], default="l2",
                    help="loss in linear light (default: l2)")
     p.add_argument("--seed", type=cli.integer(0, 2**32 - 1), default=0,
@@ -905,7 +953,8 @@ def run(args, callbacks=(), argv=()) -> dict:
 
     pl.seed_everything(args.seed, verbose=False)
     model = ImageFit(config.to_dict(), source=os.path.basename(path), source_digest=digest,
-                     batch_size=batch_size, lr=args.lr, loss=args.loss, seed=args.seed,
+                     batch_size=batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+                     loss=args.loss, seed=args.seed,
                      max_time=args.max_time)
     image = PixelSource(source)
     model.attach(image, PsnrProbe(source))

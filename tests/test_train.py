@@ -302,3 +302,23 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     expect_usage_error(capsys, [*argv, "--export", str(tmp_path / "fit.xyz")],
                        "unsupported format .xyz")
     expect_usage_error(capsys, [*argv, "--precision", "bogus"], "Precision 'bogus' is invalid")
+
+
+def test_learning_rate_schedule_by_hand():
+    lr = train.learning_rate
+    assert lr(1e-2, 0.0) == lr(1e-2, 0.5) == 1e-2                    # constant first half
+    assert lr(1e-2, 0.75) == pytest.approx(1e-2 * 0.05 ** 0.5)          # half-way down
+    assert lr(1e-2, 1.0) == pytest.approx(5e-4)                        # 1/20 at the end
+    assert lr(1e-2, 0.9, "constant") == 1e-2
+
+
+def test_the_run_follows_the_schedule(tmp_path):
+    path = save_png(tmp_path / "waves.png", smooth_image())
+    summary = fit(tmp_path, path, "--max_steps", "8", "--lr", "0.02", "--ckpt_every", "4")
+    groups = torch.load(summary["checkpoint"], weights_only=True)["optimizer_states"][0][
+        "param_groups"]
+    # the last step (index 7 of 8) ran at progress 7/8; step 4's checkpoint at 3/8
+    assert [g["lr"] for g in groups] == [pytest.approx(train.learning_rate(0.02, 7 / 8))] * 2
+    halfway = torch.load(os.path.join(summary["log_dir"], "checkpoints", "step=4.ckpt"),
+                         weights_only=True)["optimizer_states"][0]["param_groups"]
+    assert halfway[0]["lr"] == 0.02

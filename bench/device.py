@@ -1,0 +1,130 @@
+"""The GPU check, in one command: everything that only a CUDA machine can tell us.
+
+    python bench/device.py                                            # on a machine with a GPU
+    python bench/device.py --vs ../peers/upstream_encoding.py:MultiResHashGrid
+
+1. the encoding's tests on the GPU (tests/test_encoding.py with every tensor made on cuda:
+   HASHGRID_TEST_DEVICE, see tests/conftest.py), so the one-pass device branch, its backward
+   and double backward run where users run them;
+2. the encoding benchmark on the GPU (bench/encoding.py: 2-D and 3-D, eager and compiled,
+   fwd and fwd+bwd, peak allocated memory; the peers given with --vs side by side);
+3. a --seconds albert fit at batch 2^18 (the paper's batch): PSNR, steps, pixels/s and the
+   peak GPU memory train.py logs.
+It prints one markdown table (for the README) and writes bench/out/device.json; all of it takes
+under 8 minutes on one GPU. On a machine without a CUDA GPU it says so in one line and exits 0.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "bench", "out")
+
+
+def run(command, timeout, env=None):
+    """(exit status, seconds, last lines of output) of a child process."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+        status, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as expired:
+        status, output = "timeout", str(expired.stdout or "")
+    return status, time.perf_counter() - start, output.strip().splitlines()
+
+
+def encoding_tests(timeout):
+    status, seconds, lines = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                  "tests/test_encoding.py"], timeout,
+                                 env={"HASHGRID_TEST_DEVICE": "cuda"})
+    summary = next((line for line in reversed(lines) if " passed" in line or " failed" in line
+                    or " error" in line), f"exit {status}")
+    return dict(check="encoding tests on cuda", result=summary.strip("= "), seconds=seconds,
+                ok=status == 0)
+
+
+def encoding_bench(peers, timeout):
+    out = os.path.join(OUT, "device_encoding.json")
+    command = [sys.executable, "bench/encoding.py", "--device", "cuda", "--workloads", "2d",
+               "3d", "--repeats", "5", "--out", out]
+    for peer in peers:
+        command += ["--vs", peer]
+    status, seconds, lines = run(command, timeout)
+    if status != 0:
+        return [dict(check="encoding benchmark", result=f"failed: {lines[-1:] or status}",
+                     seconds=seconds, ok=False)]
+    with open(out) as f:
+        rows = json.load(f)["rows"]
+    memory = {(r["workload"], r["impl"]): r.get("extra_bytes") for r in rows
+              if r["step"] == "memory"}
+    checks = []
+    for r in rows:
+        if r["step"] == "memory":
+            continue
+        ratio = "" if r["impl"] == "ours" else f" (ours is {r['ratio_ours_over_impl']:.2f}x)"
+        peak = memory.get((r["workload"], r["impl"]))
+        checks.append(dict(check=f"encoding {r['workload']} {r['mode']} {r['step']} "
+                                 f"[{os.path.basename(r['impl'])}]",
+                           result=f"{r['points_per_second'] / 1e6:.1f} M points/s{ratio}",
+                           peak_mib=None if peak is None else peak / 2**20, ok=True))
+    checks[0]["seconds"] = seconds
+    return checks
+
+
+def training(image, seconds, timeout):
+    root = os.path.join(OUT, "logs")
+    status, wall, lines = run([sys.executable, "train.py", "-i", image, "--root", root,
+                               "--trace", "device", "--accelerator", "gpu", "--batch_size",
+                               str(2**18), "--max_time", str(seconds), "--max_steps", "10000000",
+                               "--val_every", "500"], timeout)
+    if status != 0:
+        return dict(check="albert training", result=f"failed: {lines[-1:] or status}",
+                    seconds=wall, ok=False)
+    folder = os.path.join(root, "device", os.path.splitext(os.path.basename(image))[0])
+    latest = max(os.listdir(folder), key=lambda name: int(name.split("_")[1]))
+    with open(os.path.join(folder, latest, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/psnr")]
+    last = rows[-1]
+    steps, train_seconds = int(float(last["step"])), float(last["time/train_seconds"])
+    peak = max((float(r["memory/peak_mib"]) for r in rows if r.get("memory/peak_mib")),
+               default=None)
+    return dict(check=f"albert fit, {seconds:g} s at batch 2^18",
+                result=f"{float(last['val/psnr']):.2f} dB after {steps} steps, "
+                       f"{steps * 2**18 / train_seconds / 1e6:.1f} M pixels/s",
+                seconds=wall, peak_mib=peak, ok=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vs", action="append", default=[], metavar="FILE.py:CLASS",
+                        help="encoding peers for the benchmark (bench/encoding.py --vs)")
+    parser.add_argument("--image", default=os.path.join(ROOT, "..", "shared", "data",
+                                                        "albert.jpg"))
+    parser.add_argument("--seconds", type=float, default=60.0, help="training seconds")
+    args = parser.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        print("bench/device.py: no CUDA GPU is visible to torch here; nothing to measure")
+        return 0
+    name = torch.cuda.get_device_name(0)
+    checks = [encoding_tests(timeout=200)]
+    checks += encoding_bench(args.vs, timeout=180)
+    checks.append(training(args.image, args.seconds, timeout=args.seconds + 90))
+    print(f"\n{name}, torch {torch.__version__}\n")
+    print("| check | result | wall s | peak GPU MiB |\n|---|---|---:|---:|")
+    for c in checks:
+        seconds = f"{c['seconds']:.0f}" if c.get("seconds") is not None else ""
+        peak = f"{c['peak_mib']:.0f}" if c.get("peak_mib") is not None else ""
+        print(f"| {c['check']} | {c['result']} | {seconds} | {peak} |")
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "device.json"), "w") as f:
+        json.dump(dict(device=name, torch=torch.__version__, checks=checks), f, indent=1)
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
