@@ -33,13 +33,16 @@ class Field(nn.Module):
     """Coordinate network: xy (N, 2) in [0, 1] -> linear colour (N, C).
 
     encoder: (N, 2) -> (N, encoded_dim); then `hidden_layers` ReLU layers of `hidden_width`
-    and a linear output layer of `channels`.
+    and a linear output layer of `channels`. periodic: "", "x", "y" or "xy", the axes along
+    which the field wraps around (a 360-degree panorama): coordinates there are taken modulo
+    1, so any x (e.g. 0.9 to 1.1, across the seam) is valid.
     """
 
     def __init__(self, encoder: nn.Module, encoded_dim: int, channels: int, hidden_width: int,
-                 hidden_layers: int):
+                 hidden_layers: int, periodic: str = ""):
         super().__init__()
         self.encoder = encoder
+        self.periodic = periodic
         layers, width = [], encoded_dim
         for _ in range(hidden_layers):
             layers += [nn.Linear(width, hidden_width), nn.ReLU(inplace=True)]
@@ -48,6 +51,9 @@ class Field(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, xy: torch.Tensor) -> torch.Tensor:
+        if self.periodic:
+            wrap = torch.tensor(["x" in self.periodic, "y" in self.periodic], device=xy.device)
+            xy = torch.where(wrap, torch.remainder(xy, 1.0), xy)
         return self.mlp(self.encoder(xy))
 
 
@@ -68,6 +74,8 @@ class FieldConfig:
     T = 2**log2_hashmap_size, N_min = base_resolution, N_max = finest_resolution (an int, an
     (x, y) pair, or None for half the image size per axis), and the interpolation.
     MLP: hidden_layers ReLU layers of hidden_width (the paper: 2 x 64).
+    periodic: "", "x", "y" or "xy": axes along which the image wraps around (a 360-degree
+        panorama: "x"), made seamless by a hash grid with periodic axes.
     """
     width: int
     height: int
@@ -81,11 +89,16 @@ class FieldConfig:
     interpolation: str = "linear"
     hidden_width: int = 64
     hidden_layers: int = 2
+    periodic: str = ""
 
     def __post_init__(self):
         if self.enc_method not in ENCODINGS:
             raise ValueError(f"unknown enc_method {self.enc_method!r}; expected one of "
                              + ", ".join(ENCODINGS))
+        if self.periodic not in ("", "x", "y", "xy"):
+            raise ValueError(f"periodic must be '', 'x', 'y' or 'xy', got {self.periodic!r}")
+        if self.periodic and self.enc_method != "hashgrid":
+            raise ValueError("periodic axes need enc_method 'hashgrid'")
         if self.finest_resolution is None:
             self.finest_resolution = default_finest_resolution(self.width, self.height,
                                                                self.base_resolution)
@@ -100,8 +113,12 @@ class FieldConfig:
     _ALWAYS = ("width", "height", "channels", "enc_method", "hidden_width", "hidden_layers")
 
     def to_dict(self) -> dict:
-        """Plain data for a checkpoint: only the options `enc_method` uses."""
-        return {key: getattr(self, key) for key in self._ALWAYS + self._USES[self.enc_method]}
+        """Plain data for a checkpoint: only the options `enc_method` uses (periodic only
+        when set, so checkpoints from before it existed compare equal)."""
+        values = {key: getattr(self, key) for key in self._ALWAYS + self._USES[self.enc_method]}
+        if self.periodic:
+            values["periodic"] = self.periodic
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "FieldConfig":
@@ -118,7 +135,9 @@ class FieldConfig:
             encoder = encoding.MultiResHashGrid(
                 2, n_levels=self.n_levels, n_features_per_level=self.n_features_per_level,
                 log2_hashmap_size=self.log2_hashmap_size, base_resolution=self.base_resolution,
-                finest_resolution=self.finest_resolution, interpolation=self.interpolation)
+                finest_resolution=self.finest_resolution, interpolation=self.interpolation,
+                **({"periodic": ("x" in self.periodic, "y" in self.periodic)}
+                   if self.periodic else {}))
             return encoder, encoder.output_dim
         if self.enc_method == "freq":
             encoder = encoding.Frequency(2, n_levels=self.n_levels)
@@ -127,7 +146,8 @@ class FieldConfig:
 
     def build(self) -> Field:
         encoder, encoded_dim = self.build_encoder()
-        return Field(encoder, encoded_dim, self.channels, self.hidden_width, self.hidden_layers)
+        return Field(encoder, encoded_dim, self.channels, self.hidden_width, self.hidden_layers,
+                     self.periodic)
 
 
 # --- checkpoints ---------------------------------------------------------------------------

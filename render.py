@@ -39,34 +39,39 @@ ZOOM_MAX_SIDE = 1024
 ZOOM_PHASES = (1 / 6, 1 / 3, 1 / 6, 1 / 3)
 
 
-def check_region(region):
+def check_region(region, periodic=""):
     """Validate a normalised region ``(x0, y0, x1, y1)`` and return it as 4 floats.
 
-    Raises ValueError unless ``0 <= x0 < x1 <= 1`` and ``0 <= y0 < y1 <= 1``.
+    Raises ValueError unless ``0 <= x0 < x1 <= 1`` and ``0 <= y0 < y1 <= 1``. Along an axis
+    named in ``periodic`` ("x", "y" or "xy": a field that wraps around, e.g. a 360-degree
+    panorama) the region may extend past 0 and 1 and cross the seam, e.g. x from 0.9 to 1.1.
     """
     values = tuple(float(v) for v in region)
     if len(values) != 4:
         raise ValueError(f"region needs 4 numbers x0 y0 x1 y1, got {len(values)}")
     x0, y0, x1, y1 = values
-    if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values):
+    inside = [axis in periodic or 0.0 <= v <= 1.0 for v, axis in zip(values, "xyxy")]
+    if not all(math.isfinite(v) for v in values) or not all(inside):
         raise ValueError(f"region {values} is outside [0, 1]")
     if not (x0 < x1 and y0 < y1):
         raise ValueError(f"region {values} is empty (need x0 < x1 and y0 < y1)")
     return values
 
 
-def region_from_pixels(region_px, src_width, src_height):
+def region_from_pixels(region_px, src_width, src_height, periodic=""):
     """Convert a region in source pixels ``(x0, y0, x1, y1)`` (pixel edges, 0..W and 0..H)
-    to normalised coordinates, validated."""
+    to normalised coordinates, validated (see check_region for ``periodic``)."""
     x0, y0, x1, y1 = (float(v) for v in region_px)
     try:
-        return check_region((x0 / src_width, y0 / src_height, x1 / src_width, y1 / src_height))
+        return check_region((x0 / src_width, y0 / src_height, x1 / src_width, y1 / src_height),
+                            periodic)
     except ValueError:
         raise ValueError(f"pixel region ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty or outside "
                          f"the {src_width}x{src_height} image") from None
 
 
-def output_size(src_width, src_height, region=FULL, width=None, height=None, scale=None):
+def output_size(src_width, src_height, region=FULL, width=None, height=None, scale=None,
+                periodic=""):
     """Output size ``(width, height)`` in pixels for rendering ``region`` of a
     ``src_width x src_height`` image.
 
@@ -74,7 +79,7 @@ def output_size(src_width, src_height, region=FULL, width=None, height=None, sca
     in source pixels. ``scale``: the region's size in source pixels times scale. Nothing:
     scale 1 (native resolution). Derived sides are at least 1 pixel.
     """
-    x0, y0, x1, y1 = check_region(region)
+    x0, y0, x1, y1 = check_region(region, periodic)
     region_w = (x1 - x0) * src_width
     region_h = (y1 - y0) * src_height
     for name, value in (("width", width), ("height", height)):
@@ -164,7 +169,7 @@ def render_region(field, width, height, region=FULL, *, max_batch=2**18, out=Non
     progress: show a tqdm bar (pixels).
     Returns the ``(height, width, C)`` uint8 sRGB image (``out`` when given).
     """
-    region = check_region(region)
+    region = check_region(region, getattr(field, "periodic", ""))
     if width < 1 or height < 1:
         raise ValueError(f"output size {width}x{height} is empty")
     if max_batch < 1:
@@ -215,7 +220,7 @@ def zoom_factors(n_frames, zoom):
     return zoom ** (going_in - going_out)
 
 
-def zoom_regions(n_frames, zoom, center=None, base=FULL):
+def zoom_regions(n_frames, zoom, center=None, base=FULL, periodic=""):
     """Regions of a zoom sequence into ``center`` (normalised image coordinates).
 
     At zoom z the window is ``base`` shrunk by z. Its centre moves linearly with the window
@@ -224,7 +229,7 @@ def zoom_regions(n_frames, zoom, center=None, base=FULL):
     ends fit, every window in between does too. Default center: the centre of ``base``.
     Returns a list of ``n_frames`` regions ``(x0, y0, x1, y1)``.
     """
-    bx0, by0, bx1, by1 = check_region(base)
+    bx0, by0, bx1, by1 = check_region(base, periodic)
     size = np.array([bx1 - bx0, by1 - by0])
     lo, hi = np.array([bx0, by0]), np.array([bx1, by1])
     middle = (lo + hi) / 2
@@ -473,7 +478,7 @@ def write_deep_zoom(field, width, height, channels, path, region=FULL, *,
     if tile_format not in DZI_FORMATS:
         raise ValueError(f"tile format must be one of {', '.join(DZI_FORMATS)}, "
                          f"got {tile_format!r}")
-    region = check_region(region)
+    region = check_region(region, getattr(field, "periodic", ""))
     levels = dzi_levels(width, height)
     work = [(level, w, h, tile) for level, (w, h) in enumerate(levels)
             for tile in dzi_tiles(w, h, tile_size, overlap)]   # validates the tile sizes
@@ -659,17 +664,20 @@ def _run(args):
     device = resolve_device(args.device)
     field, info = load_field(args.ckpt, device)
     src_w, src_h, channels = info["width"], info["height"], info["channels"]
+    periodic = info["config"].periodic
     if args.region_px is not None:
-        region = region_from_pixels(args.region_px, src_w, src_h)
+        region = region_from_pixels(args.region_px, src_w, src_h, periodic)
     else:
-        region = check_region(FULL if args.region is None else args.region)
-    width, height = output_size(src_w, src_h, region, args.width, args.height, args.scale)
+        region = check_region(FULL if args.region is None else args.region, periodic)
+    width, height = output_size(src_w, src_h, region, args.width, args.height, args.scale,
+                                periodic)
     if zooming:
-        regions = zoom_regions(frames, args.zoom, args.center, base=region)
+        regions = zoom_regions(frames, args.zoom, args.center, base=region, periodic=periodic)
         if args.width is None and args.height is None and args.scale is None \
                 and max(width, height) > ZOOM_MAX_SIDE:
             width, height = output_size(src_w, src_h, region,
-                                        scale=ZOOM_MAX_SIDE / max(width, height))
+                                        scale=ZOOM_MAX_SIDE / max(width, height),
+                                        periodic=periodic)
     parent = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(args.output if kind == "frames" else parent, exist_ok=True)
     if kind == "dzi":

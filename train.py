@@ -63,13 +63,15 @@ DEVICE_MEMORY_SHARE = 0.5              # pixels stay on a GPU within this share 
 
 # --- data ---------------------------------------------------------------------------------
 
-def bilinear_sample(pixels: torch.Tensor, lut: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+def bilinear_sample(pixels: torch.Tensor, lut: torch.Tensor, xy: torch.Tensor,
+                    periodic: str = "") -> torch.Tensor:
     """Linear colour of an 8-bit image at continuous coordinates.
 
     pixels: (H, W, C) uint8 sRGB; lut: (256,) float32 linear value of each code; xy: (N, 2)
     in [0, 1], pixel (r, c) centred at ((c+.5)/W, (r+.5)/H); all on one device.
     Returns (N, C) float32: the 4 neighbouring pixels converted through `lut`, then blended
-    bilinearly (edge pixels extend to the border).
+    bilinearly. Edge pixels extend to the border, except along the axes in `periodic` ("x",
+    "y" or "xy": a 360-degree panorama), where the first and last pixels are neighbours.
     """
     height, width, channels = pixels.shape
     flat = pixels.view(height * width, channels)
@@ -78,9 +80,14 @@ def bilinear_sample(pixels: torch.Tensor, lut: torch.Tensor, xy: torch.Tensor) -
     u0, v0 = u.floor(), v.floor()
     fx, fy = (u - u0).unsqueeze(1), (v - v0).unsqueeze(1)
     x0, y0 = u0.long(), v0.long()
-    x1, y1 = (x0 + 1).clamp_(0, width - 1), (y0 + 1).clamp_(0, height - 1)
-    x0.clamp_(0, width - 1)
-    y0.clamp_(0, height - 1)
+    x1, y1 = x0 + 1, y0 + 1
+    for low, high, size, axis in ((x0, x1, width, "x"), (y0, y1, height, "y")):
+        if axis in periodic:
+            low.remainder_(size)
+            high.remainder_(size)
+        else:
+            low.clamp_(0, size - 1)
+            high.clamp_(0, size - 1)
     row0, row1 = y0 * width, y1 * width
 
     def corner(index):
@@ -108,10 +115,11 @@ def host_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 class PixelSource:
-    """The training image (H, W, C) uint8 sRGB plus the random batches drawn from it."""
+    """The training image (H, W, C) uint8 sRGB plus the random batches drawn from it
+    (`periodic`: the axes along which it wraps around, see bilinear_sample)."""
 
-    def __init__(self, array: np.ndarray):
-        self.array = array
+    def __init__(self, array: np.ndarray, periodic: str = ""):
+        self.array, self.periodic = array, periodic
         self.height, self.width, self.channels = array.shape
         self.pixels = host_tensor(array)
         self.lut = torch.tensor(images.SRGB_TO_LINEAR_LUT, dtype=torch.float32)
@@ -138,7 +146,7 @@ class PixelSource:
         `self.device`. `generator` lives with the pixels; host-resident pixels send the batch
         through pinned memory without blocking."""
         xy = torch.rand(n, 2, generator=generator, device=self.pixels.device)
-        target = bilinear_sample(self.pixels, self.lut, xy)
+        target = bilinear_sample(self.pixels, self.lut, xy, self.periodic)
         if self.pixels.device != self.device:
             staged = torch.cat([xy, target], 1).pin_memory().to(self.device, non_blocking=True)
             xy, target = staged[:, :2], staged[:, 2:]
@@ -574,8 +582,9 @@ class Previews(pl.Callback):
         x0, y0, cw, ch = self.crop
         lut = torch.tensor(images.SRGB_TO_LINEAR_LUT, dtype=torch.float32)
         pixels = host_tensor(self.image.array)
-        view = render.render_region(lambda xy: bilinear_sample(pixels, lut, xy), self.pw, self.ph,
-                                    max_batch=EVAL_BATCH)
+        periodic = self.image.periodic
+        view = render.render_region(lambda xy: bilinear_sample(pixels, lut, xy, periodic),
+                                    self.pw, self.ph, max_batch=EVAL_BATCH)
         crop = np.asarray(self.image.array[y0:y0 + ch, x0:x0 + cw])
         return self._panel(view, crop)
 
@@ -720,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finest_resolution", type=parse_resolution, default=None,
                    help="finest resolution N_max: N for both axes or X,Y (default: half the "
                    "image width, half its height)")
+    p.add_argument("--periodic", choices=["x", "y", "xy"], default="",
+                   help="axes along which the image wraps around, e.g. x for a 360-degree "
+                   "panorama: the fit is seamless across them (default: none)")
     p.add_argument("--interpolation", choices=["linear", "smoothstep", "nearest"],
                    default=FieldConfig.interpolation,
                    help="hash-grid interpolation (default: %(default)s)")
@@ -762,7 +774,7 @@ def field_config(args: argparse.Namespace, width: int, height: int,
                        log2_hashmap_size=args.log2_hashmap_size,
                        base_resolution=args.base_resolution,
                        finest_resolution=args.finest_resolution,
-                       interpolation=args.interpolation)
+                       interpolation=args.interpolation, periodic=args.periodic)
 
 
 def resolve_accelerator(args) -> str:
@@ -956,7 +968,7 @@ def run(args, callbacks=(), argv=()) -> dict:
                      batch_size=batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                      loss=args.loss, seed=args.seed,
                      max_time=args.max_time)
-    image = PixelSource(source)
+    image = PixelSource(source, config.periodic)
     model.attach(image, PsnrProbe(source))
 
     name = os.path.splitext(os.path.basename(path))[0]
