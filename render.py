@@ -157,42 +157,47 @@ def _evaluate(field, xy):
     return colour.reshape(n, -1)
 
 
-def render_region(field, width, height, region=FULL, *, max_batch=2**18, out=None,
-                  progress=False):
+def render_region(field, width, height, region=FULL, *, window=None, max_batch=2**18,
+                  out=None, progress=False):
     """Render ``region = (x0, y0, x1, y1)`` (normalised) of ``field`` at ``width x height``.
 
     field: callable ``xy: (N, 2) float32 in [0, 1] -> linear colour (N, C)``; runs on the
         device of its parameters (CPU for a parameter-less callable), under no_grad.
         Its train/eval mode is left as the caller set it.
+    window: optional ``((row0, row1), (col0, col1))``: only that block of the render, with
+        the same pixel coordinates and so the same values, bit for bit (Deep Zoom tiles).
     max_batch: at most this many pixels per field call (the tile size).
-    out: optional preallocated ``(height, width, C)`` uint8 array or np.memmap to fill.
+    out: optional preallocated ``(h, w, C)`` uint8 array or np.memmap to fill (h, w: the
+        window's size, else height, width).
     progress: show a tqdm bar (pixels).
-    Returns the ``(height, width, C)`` uint8 sRGB image (``out`` when given).
+    Returns the ``(h, w, C)`` uint8 sRGB image (``out`` when given).
     """
     region = check_region(region, getattr(field, "periodic", ""))
     if width < 1 or height < 1:
         raise ValueError(f"output size {width}x{height} is empty")
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    (row0, row1), (col0, col1) = window or ((0, height), (0, width))
+    out_h, out_w = row1 - row0, col1 - col0
     if out is not None and (out.dtype != np.uint8 or out.ndim != 3
-                            or out.shape[:2] != (height, width)):
-        raise ValueError(f"out must be a uint8 array of shape ({height}, {width}, C), "
+                            or out.shape[:2] != (out_h, out_w)):
+        raise ValueError(f"out must be a uint8 array of shape ({out_h}, {out_w}, C), "
                          f"got {out.dtype} {out.shape}")
     device = field_device(field)
-    with torch.no_grad(), tqdm(total=width * height, unit="px", unit_scale=True,
+    with torch.no_grad(), tqdm(total=out_w * out_h, unit="px", unit_scale=True,
                                desc="render", disable=not progress) as bar:
-        for rows, cols in tiles(width, height, max_batch):
-            xy = torch.from_numpy(pixel_centres(region, width, height, rows, cols))
+        for (r0, r1), (c0, c1) in tiles(out_w, out_h, max_batch):
+            xy = pixel_centres(region, width, height, (row0 + r0, row0 + r1),
+                               (col0 + c0, col0 + c1))
             # float32 on the CPU first: not every accelerator has float64.
-            colour = _evaluate(field, xy.float().to(device))
-            tile = images.linear_to_uint8(colour).cpu().numpy()
-            tile = tile.reshape(rows[1] - rows[0], cols[1] - cols[0], -1)
+            colour = _evaluate(field, torch.from_numpy(xy).float().to(device))
+            tile = images.linear_to_uint8(colour).cpu().numpy().reshape(r1 - r0, c1 - c0, -1)
             if out is None:
-                out = np.empty((height, width, tile.shape[2]), dtype=np.uint8)
+                out = np.empty((out_h, out_w, tile.shape[2]), dtype=np.uint8)
             elif out.shape[2] != tile.shape[2]:
                 raise ValueError(f"out has {out.shape[2]} channels, the field gives "
                                  f"{tile.shape[2]}")
-            out[rows[0]:rows[1], cols[0]:cols[1]] = tile
+            out[r0:r1, c0:c1] = tile
             bar.update(tile.shape[0] * tile.shape[1])
     return out
 
@@ -410,26 +415,6 @@ def field_fingerprint(field):
     return digest.hexdigest()
 
 
-def render_window(field, width, height, region, rows, cols, *, max_batch=2**18):
-    """Pixels ``rows x cols`` (``(start, stop)`` ranges) of the ``width x height`` render of
-    ``region``: the same coordinates (pixel_centres) and so the same values, bit for bit, as
-    that block of ``render_region(field, width, height, region)``, without the rest.
-    Returns ``(rows, cols, C)`` uint8."""
-    n_rows, n_cols = rows[1] - rows[0], cols[1] - cols[0]
-    device = field_device(field)
-    out = None
-    with torch.no_grad():
-        for (r0, r1), (c0, c1) in tiles(n_cols, n_rows, max_batch):
-            xy = pixel_centres(region, width, height, (rows[0] + r0, rows[0] + r1),
-                               (cols[0] + c0, cols[0] + c1))
-            colour = _evaluate(field, torch.from_numpy(xy).float().to(device))
-            block = images.linear_to_uint8(colour).cpu().numpy().reshape(r1 - r0, c1 - c0, -1)
-            if out is None:
-                out = np.empty((n_rows, n_cols, block.shape[2]), dtype=np.uint8)
-            out[r0:r1, c0:c1] = block
-    return out
-
-
 def _check_dzi_manifest(folder, wanted):
     """Check the tiles folder's manifest matches ``wanted``; returns the manifest path when
     there is none yet (a new pyramid: the caller writes it), else None.
@@ -465,8 +450,8 @@ def write_deep_zoom(field, width, height, channels, path, region=FULL, *,
     """Write the Deep Zoom pyramid of ``region`` at ``width x height`` (the top level):
     tiles ``<path minus .dzi>_files/<level>/<col>_<row>.<tile_format>``, then the ``.dzi``.
 
-    Every tile is rendered straight from the field at its level's resolution (render_window:
-    a level's tiles are exactly the pixels of render_region at that level's size), one tile
+    Every tile is rendered straight from the field at its level's resolution (render_region
+    with a window: a level's tiles are exactly the pixels of its render at that size), one tile
     at a time (peak memory: one tile), and written atomically; the ``.dzi`` comes last, so
     its presence means a complete pyramid. Resumable: tiles already on disk are skipped. A
     manifest (DZI_MANIFEST, with ``stamp``, e.g. the checkpoint's global_step, and the
@@ -506,7 +491,8 @@ def write_deep_zoom(field, width, height, channels, path, region=FULL, *,
     with tqdm(total=len(work), initial=len(work) - len(todo), unit="tile", desc="deep zoom",
               disable=not progress) as bar:
         for level, w, h, (col, row, x0, y0, x1, y1) in todo:
-            tile = render_window(field, w, h, region, (y0, y1), (x0, x1), max_batch=max_batch)
+            tile = render_region(field, w, h, region, window=((y0, y1), (x0, x1)),
+                                 max_batch=max_batch)
             tile_path = os.path.join(folder, str(level), f"{col}_{row}.{tile_format}")
             with images.atomic_output(tile_path) as tmp:
                 images.write_image(tmp, tile, quality=quality)

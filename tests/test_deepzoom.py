@@ -175,12 +175,12 @@ def tile_bytes(folder):
 
 def count_renders(monkeypatch):
     calls = []
-    real = render.render_window
+    real = render.render_region
 
-    def counting(field, width, height, region, rows, cols, **kwargs):
-        calls.append((width, height, rows, cols))
-        return real(field, width, height, region, rows, cols, **kwargs)
-    monkeypatch.setattr(render, "render_window", counting)
+    def counting(field, width, height, region, window=None, **kwargs):
+        calls.append((width, height, *window))
+        return real(field, width, height, region, window=window, **kwargs)
+    monkeypatch.setattr(render, "render_region", counting)
     return calls
 
 
