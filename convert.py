@@ -154,11 +154,24 @@ def _array_source(array, out_size_of, rows=None):
 
 # ----------------------------------------------------------------------------- resampling
 
+class _NonFinite(ValueError):
+    """A float source holds NaN or infinite values (convert counts them for the message)."""
+
+
+def _count_non_finite(source):
+    """(NaN or infinite values, all values) of a source, read band by band."""
+    (width, height), step = source.size, max(1, BAND_PIXELS // source.size[0])
+    bad = 0
+    for y0 in range(0, height, step):
+        block = source.rows(y0, min(height, y0 + step))
+        bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+    return bad, width * height * source.channels
+
+
 def _as_float(block, kind, linear):
     """(h, w, C) block -> float32 in the resampling domain (linear light if `linear`)."""
     if kind == "linear" and not np.isfinite(block).all():
-        raise ValueError("the input holds NaN or infinite values, which have no colour; "
-                         "replace them (e.g. numpy.nan_to_num) first")
+        raise _NonFinite("the input holds NaN or infinite values")
     if kind == "linear" or linear:
         return to_linear(block)
     return block.astype(np.float32) / (65535.0 if kind == "srgb16" else 255.0)
@@ -334,9 +347,15 @@ def convert(input_path, output_path, *, scale=None, width=None, height=None,
     np_dtype = np.uint8 if dtype == "uint8" else np.float16
     bands = _resampled_bands(source, out_size, linear, dtype, filter)
     _check_output_size(output_path, shape, np_dtype)
-    with atomic_output(output_path) as partial:
-        _write_bands(partial, shape, np_dtype, bands, quality, progress,
-                     os.path.basename(output_path))
+    try:
+        with atomic_output(output_path) as partial:
+            _write_bands(partial, shape, np_dtype, bands, quality, progress,
+                         os.path.basename(output_path))
+    except _NonFinite:
+        bad, total = _count_non_finite(source)
+        raise ImageError(input_path, f"{bad} of {total} values are NaN or infinite, which have "
+                                     f"no colour; replace them (e.g. numpy.nan_to_num) "
+                                     f"first") from None
     return in_size, out_size
 
 

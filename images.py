@@ -78,6 +78,13 @@ def atomic_output(path):
         with open(partial, "rb+") as f:   # data on disk before the name points at it
             os.fsync(f.fileno())
         os.replace(partial, path)
+    except ImageError as exc:             # errors name the file asked for, not the temporary
+        exc.args = tuple(a.replace(partial, path) if isinstance(a, str) else a for a in exc.args)
+        raise
+    except OSError as exc:                # e.g. a full disk: same errno (and subclass)
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, path) from None
     finally:
         if os.path.exists(partial):
             os.remove(partial)
@@ -460,7 +467,8 @@ def to_srgb8(array):
             bad += int(band.size - np.count_nonzero(np.isfinite(band)))
         else:
             band = to_linear(band)
-        out[y0:y1] = linear_to_uint8(band)
+        if not bad:                 # past the first bad band: only counting (no cast warning)
+            out[y0:y1] = linear_to_uint8(band)
     if bad:
         raise ValueError(f"{bad} of {array.size} values are NaN or infinite; replace them "
                          f"(e.g. numpy.nan_to_num) before using the image")

@@ -118,8 +118,8 @@ class PixelSource:
     """The training image (H, W, C) uint8 sRGB plus the random batches drawn from it
     (`periodic`: the axes along which it wraps around, see bilinear_sample)."""
 
-    def __init__(self, array: np.ndarray, periodic: str = ""):
-        self.array, self.periodic = array, periodic
+    def __init__(self, array: np.ndarray, periodic: str = "", sampling: str = "bilinear"):
+        self.array, self.periodic, self.sampling = array, periodic, sampling
         self.height, self.width, self.channels = array.shape
         self.pixels = host_tensor(array)
         self.lut = torch.tensor(images.SRGB_TO_LINEAR_LUT, dtype=torch.float32)
@@ -145,8 +145,16 @@ class PixelSource:
         """xy: (n, 2) uniform in [0, 1]^2 and target: (n, C) linear colour there, on
         `self.device`. `generator` lives with the pixels; host-resident pixels send the batch
         through pinned memory without blocking."""
-        xy = torch.rand(n, 2, generator=generator, device=self.pixels.device)
-        target = bilinear_sample(self.pixels, self.lut, xy, self.periodic)
+        if self.sampling == "pixel":
+            # pixel centres: the exact stored colours, where the fit is scored and exported
+            index = torch.randint(self.height * self.width, (n,), generator=generator,
+                                  device=self.pixels.device)
+            xy = torch.stack([(index % self.width).float().add_(0.5).div_(self.width),
+                              (index // self.width).float().add_(0.5).div_(self.height)], 1)
+            target = self.lut[self.pixels.view(-1, self.channels)[index].long()]
+        else:
+            xy = torch.rand(n, 2, generator=generator, device=self.pixels.device)
+            target = bilinear_sample(self.pixels, self.lut, xy, self.periodic)
         if self.pixels.device != self.device:
             staged = torch.cat([xy, target], 1).pin_memory().to(self.device, non_blocking=True)
             xy, target = staged[:, :2], staged[:, 2:]
@@ -282,8 +290,11 @@ def learning_rate(base: float, progress: float, schedule: str = "decay") -> floa
 
 
 def image_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean L2 in linear light, or relative L2 (errors scaled by 1 / (pred^2 + 0.01), pred
-    detached: the Noise2Noise-style loss upstream uses). pred, target: (N, C)."""
+    """Mean L2 in linear light ("l2"), relative L2 (errors scaled by 1 / (pred^2 + 0.01), pred
+    detached: the Noise2Noise-style loss upstream uses), or L2 between the sRGB encodings
+    ("srgb_l2": the space PSNR is scored in). pred, target: (N, C) linear light."""
+    if kind == "srgb_l2":
+        pred, target = images.linear_to_srgb(pred), images.linear_to_srgb(target)
     err = (pred - target).square()
     if kind == "relative_l2":
         err = err / (pred.detach().square() + 0.01)
@@ -411,6 +422,16 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
+class Interrupted(BaseException):
+    """A second SIGINT/SIGTERM: the run stops at once, unsaved (exit status 128 + N). Not a
+    KeyboardInterrupt, which Lightning turns into exit status 1 (and a repeated SIGTERM would
+    reach Lightning's own handler, which exits with status 0)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.status = signum, 128 + signum
+
+
 class KeepWork(pl.Callback):
     """Bounds what a long run can lose, and stops it cleanly when asked to.
 
@@ -444,9 +465,7 @@ class KeepWork(pl.Callback):
     def _on_signal(self, signum, frame):
         if self.signal is not None:       # asked twice: stop now
             self.restore_signals()
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signum)
+            raise Interrupted(signum)
         self.signal = signum
 
     def restore_signals(self):
@@ -545,6 +564,10 @@ class StepBar(ProgressBar):
     def on_train_end(self, trainer, pl_module):
         if self.bar is not None:
             self.bar.close()
+
+    def on_exception(self, trainer, pl_module, exception):
+        # end the bar's line, so that the one-line error printed next starts its own
+        self.on_train_end(trainer, pl_module)
 
 
 def is_preview_step(step: int) -> bool:
@@ -740,8 +763,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_schedule", choices=["decay", "constant"], default="decay",
                    help="decay: constant for the first half of the run (steps or --max_time), "
                    "then exponential decay to 1/20 (default: decay)")
-    p.add_argument("--loss", choices=["l2", "relative_l2"], default="l2",
-                   help="loss in linear light (default: l2)")
+    p.add_argument("--sampling", choices=["bilinear", "pixel"], default="bilinear",
+                   help="training coordinates: bilinear (uniform, the 4 nearest pixels "
+                   "blended) or pixel (pixel centres, exact colours) (default: bilinear)")
+    p.add_argument("--loss", choices=["l2", "relative_l2", "srgb_l2"], default="l2",
+                   help="l2 or relative_l2 in linear light, or srgb_l2 between the sRGB "
+                   "encodings, where PSNR is scored (default: l2)")
     p.add_argument("--seed", type=cli.integer(0, 2**32 - 1), default=0,
                    help="initialisation and sampling seed (default: 0)")
     p.add_argument("--val_every", type=cli.integer(1), default=None,
@@ -968,7 +995,7 @@ def run(args, callbacks=(), argv=()) -> dict:
                      batch_size=batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                      loss=args.loss, seed=args.seed,
                      max_time=args.max_time)
-    image = PixelSource(source, config.periodic)
+    image = PixelSource(source, config.periodic, args.sampling)
     model.attach(image, PsnrProbe(source))
 
     name = os.path.splitext(os.path.basename(path))[0]
@@ -1051,7 +1078,10 @@ def main(argv=None, callbacks=()) -> dict:
         parser.exit(1, f"train.py: error: {exc}\n")
     except Stopped as exc:
         parser.exit(exc.status, f"train.py: {exc}\n")
-    except KeyboardInterrupt:     # before training started, or a second Ctrl-C
+    except Interrupted as exc:    # a second signal during training
+        parser.exit(exc.status, f"train.py: interrupted by a second "
+                    f"{signal.Signals(exc.signum).name}; not saved since the last checkpoint\n")
+    except KeyboardInterrupt:     # before training started
         parser.exit(128 + signal.SIGINT, "train.py: interrupted\n")
 
 
