@@ -9,11 +9,11 @@ The image stays 8-bit (memory-mapped for ``.npy``); every step draws random cont
 coordinates, bilinearly interpolates the 4 neighbouring pixels in linear light and fits the
 field with an L2 loss. PSNR is measured in sRGB 8-bit, the way the image would be saved.
 
-The file follows the data: the pixels and how batches are drawn (PixelSource), how a fit is
-scored (PsnrProbe), the LightningModule (ImageFit, with the learning-rate schedule), what
+The file follows the run: the LightningModule (ImageFit, with the learning-rate schedule), what
 keeps a long run's work (KeepWork: checkpoints, signals, divergence), the progress bar and
-previews, then the command line (build_parser, run, main). The network itself and its
-checkpoints live in field.py, which render.py shares; nothing imports this file.
+previews, then the command line (build_parser, run, main). The pixels and how batches are
+drawn and scored live in pixels.py, the network and its checkpoints in field.py (which
+render.py shares); nothing imports this file.
 """
 import argparse
 import contextlib
@@ -43,14 +43,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 import cli
 import images
 import render
+from pixels import EVAL_BATCH, PixelSource, PsnrProbe, bilinear_sample, host_tensor, \
+    psnr_from_sse, sampling_seed
 from field import CheckpointError, FieldConfig, checkpoint_config, read_checkpoint
 
 STEPS_PER_EPOCH = 100                  # upstream's --epochs unit
-PSNR_MAX_PIXELS = 2 ** 22              # larger images are scored on this many random pixels
 PREVIEW_PANEL = 1024                   # long side of each preview panel; 2 side by side <= 2048
 PREVIEW_CROP_MIN = 256                 # minimum height of the native-resolution crop
 GIF_MAX_SIDE = 1024                    # GIF frames are halved previews: a few MB, not tens
-EVAL_BATCH = 2 ** 18                   # points per forward pass when rendering / scoring
 GPU_BATCH_SIZE = 2 ** 18               # the paper's batch
 CPU_BATCH_SIZE = 2 ** 16               # 2 cores, albert: 33 dB in 8 s (2^15: 6 s, 2^17: 15 s)
 CPU_VAL_EVERY, GPU_VAL_EVERY = 250, 1000  # a 2^22-pixel score costs ~25 CPU steps
@@ -58,172 +58,6 @@ CKPT_MINUTES = 10.0                    # last.ckpt refreshed this often: bounds 
 GPU_LOSS_CHECK_EVERY = 20              # steps between NaN checks on a GPU (each one waits for it)
 LR_DECAY_START, LR_DECAY_FINAL = 0.5, 0.05   # --lr_schedule decay: from half-way, down to 1/20
 LOG_VERSION_ENV = "HASHGRID_LOG_VERSION"  # the log version rank 0 claimed, for its DDP workers
-DEVICE_MEMORY_SHARE = 0.5              # pixels stay on a GPU within this share of free memory
-
-
-# --- data ---------------------------------------------------------------------------------
-
-def bilinear_sample(pixels: torch.Tensor, lut: torch.Tensor, xy: torch.Tensor,
-                    periodic: str = "") -> torch.Tensor:
-    """Linear colour of an 8-bit image at continuous coordinates.
-
-    pixels: (H, W, C) uint8 sRGB; lut: (256,) float32 linear value of each code; xy: (N, 2)
-    in [0, 1], pixel (r, c) centred at ((c+.5)/W, (r+.5)/H); all on one device.
-    Returns (N, C) float32: the 4 neighbouring pixels converted through `lut`, then blended
-    bilinearly. Edge pixels extend to the border, except along the axes in `periodic` ("x",
-    "y" or "xy": a 360-degree panorama), where the first and last pixels are neighbours.
-    """
-    height, width, channels = pixels.shape
-    flat = pixels.view(height * width, channels)
-    u = xy[:, 0] * width - 0.5
-    v = xy[:, 1] * height - 0.5
-    u0, v0 = u.floor(), v.floor()
-    fx, fy = (u - u0).unsqueeze(1), (v - v0).unsqueeze(1)
-    x0, y0 = u0.long(), v0.long()
-    x1, y1 = x0 + 1, y0 + 1
-    for low, high, size, axis in ((x0, x1, width, "x"), (y0, y1, height, "y")):
-        if axis in periodic:
-            low.remainder_(size)
-            high.remainder_(size)
-        else:
-            low.clamp_(0, size - 1)
-            high.clamp_(0, size - 1)
-    row0, row1 = y0 * width, y1 * width
-
-    def corner(index):
-        return lut[flat[index].long()]
-
-    top = torch.lerp(corner(row0 + x0), corner(row0 + x1), fx)
-    bottom = torch.lerp(corner(row1 + x0), corner(row1 + x1), fx)
-    return torch.lerp(top, bottom, fy)
-
-
-def fits_on_device(nbytes: int, device: torch.device) -> bool:
-    """Whether `nbytes` of pixels may live on `device` (always on the CPU: host memory)."""
-    if device.type != "cuda":
-        return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return nbytes <= DEVICE_MEMORY_SHARE * free
-
-
-def host_tensor(array: np.ndarray) -> torch.Tensor:
-    """Zero-copy torch view of a uint8 (H, W, C) array; a read-only memmap stays paged from
-    disk (never written through)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable" memmap: only read
-        return torch.from_numpy(np.ascontiguousarray(array))
-
-
-class PixelSource:
-    """The training image (H, W, C) uint8 sRGB plus the random batches drawn from it
-    (`periodic`: the axes along which it wraps around, see bilinear_sample)."""
-
-    def __init__(self, array: np.ndarray, periodic: str = "", sampling: str = "bilinear"):
-        self.array, self.periodic, self.sampling = array, periodic, sampling
-        self.height, self.width, self.channels = array.shape
-        self.pixels = host_tensor(array)
-        self.lut = torch.tensor(images.SRGB_TO_LINEAR_LUT, dtype=torch.float32)
-        self.device = self.pixels.device
-
-    def to(self, device) -> "PixelSource":
-        """Batches go to `device`; the pixels go there too when they fit, else they stay in
-        host memory and each batch is gathered there."""
-        self.device = torch.device(device)
-        if self.device != self.pixels.device and fits_on_device(self.array.nbytes, self.device):
-            self.pixels = self._copy_to(self.device)
-        self.lut = self.lut.to(self.pixels.device)
-        return self
-
-    def _copy_to(self, device: torch.device, rows_per_chunk: int = 4096) -> torch.Tensor:
-        """Row bands, so a memory-mapped source is never read into host memory whole."""
-        out = torch.empty(self.array.shape, dtype=torch.uint8, device=device)
-        for r in range(0, self.height, rows_per_chunk):
-            out[r:r + rows_per_chunk].copy_(host_tensor(self.array[r:r + rows_per_chunk]))
-        return out
-
-    def sample(self, n: int, generator: torch.Generator):
-        """xy: (n, 2) uniform in [0, 1]^2 and target: (n, C) linear colour there, on
-        `self.device`. `generator` lives with the pixels; host-resident pixels send the batch
-        through pinned memory without blocking."""
-        if self.sampling == "pixel":
-            # pixel centres: the exact stored colours, where the fit is scored and exported
-            index = torch.randint(self.height * self.width, (n,), generator=generator,
-                                  device=self.pixels.device)
-            xy = torch.stack([(index % self.width).float().add_(0.5).div_(self.width),
-                              (index // self.width).float().add_(0.5).div_(self.height)], 1)
-            target = self.lut[self.pixels.view(-1, self.channels)[index].long()]
-        else:
-            xy = torch.rand(n, 2, generator=generator, device=self.pixels.device)
-            target = bilinear_sample(self.pixels, self.lut, xy, self.periodic)
-        if self.pixels.device != self.device:
-            staged = torch.cat([xy, target], 1).pin_memory().to(self.device, non_blocking=True)
-            xy, target = staged[:, :2], staged[:, 2:]
-        return xy, target
-
-
-def sampling_seed(seed: int, rank: int, step: int) -> int:
-    """Seed of a rank's batch stream: distinct per rank (each draws its own pixels) and per
-    starting step (a resumed run does not replay the first run's batches)."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-class PsnrProbe:
-    """Squared 8-bit sRGB error of a field against the source: every pixel when the image
-    has at most `max_pixels`, else a fixed random set of `max_pixels` pixel centres."""
-
-    def __init__(self, source: np.ndarray, max_pixels: int = PSNR_MAX_PIXELS, seed: int = 0):
-        self.source = source
-        height, width, channels = source.shape
-        self.index = None
-        if height * width > max_pixels:
-            rng = np.random.default_rng(seed)
-            # sorted: a memory-mapped source is then read front to back, once
-            self.index = np.sort(rng.integers(0, height * width, max_pixels))
-            self.targets = torch.from_numpy(
-                np.asarray(source.reshape(height * width, channels)[self.index]))
-
-    def sse(self, field: nn.Module, rank: int = 0, world: int = 1, max_batch: int = EVAL_BATCH):
-        """(sum of squared 8-bit errors, number of values) over this rank's share."""
-        if self.index is None:
-            return self._sse_rows(field, rank, world, max_batch)
-        return self._sse_subset(field, rank, world, max_batch)
-
-    def _sse_rows(self, field, rank, world, max_batch):
-        height, width, channels = self.source.shape
-        band = max(1, max_batch // width)
-        sse, count = 0, 0
-        for r0 in range(rank * band, height, world * band):
-            r1 = min(height, r0 + band)
-            fit = render.render_region(field, width, r1 - r0, (0.0, r0 / height, 1.0, r1 / height),
-                                       max_batch=max_batch)
-            diff = fit.astype(np.int32) - np.asarray(self.source[r0:r1], dtype=np.int32)
-            sse += int(np.einsum("ijk,ijk->", diff, diff, dtype=np.int64))
-            count += diff.size
-        return float(sse), count
-
-    @torch.no_grad()
-    def _sse_subset(self, field, rank, world, max_batch):
-        height, width, channels = self.source.shape
-        device = render.field_device(field)
-        self.targets = self.targets.to(device)       # once: validation runs repeatedly
-        bounds = np.linspace(0, len(self.index), world + 1).astype(np.int64)
-        sse = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(bounds[rank], bounds[rank + 1], max_batch):
-            stop = min(start + max_batch, bounds[rank + 1])
-            index = torch.from_numpy(self.index[start:stop])
-            xy = torch.stack([(index % width).double().add_(0.5).div_(width),
-                              (index // width).double().add_(0.5).div_(height)], 1)
-            fit = images.linear_to_uint8(field(xy.float().to(device)))
-            diff = fit.int() - self.targets[start:stop].int()
-            sse += diff.square().sum(dtype=torch.float64)
-        return float(sse), int(bounds[rank + 1] - bounds[rank]) * channels
-
-
-def psnr_from_sse(sse: float, count: int) -> float:
-    """PSNR in dB of 8-bit values from a sum of squared errors over `count` values."""
-    if sse == 0:
-        return math.inf
-    return 10.0 * math.log10(255.0 ** 2 * count / sse)
 
 
 class _Steps(IterableDataset):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import images
+import pixels
 import render
 import train
 from conftest import reference_render
@@ -48,11 +49,11 @@ def fit(tmp_path, image_path, *flags):
 # --- pure pieces ----------------------------------------------------------------------------
 
 def test_bilinear_sample_matches_float64_reference():
-    pixels = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    codes = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     lut = images.SRGB_TO_LINEAR_LUT.astype(np.float64)
     rng = np.random.default_rng(2)
     xy = np.concatenate([rng.uniform(0, 1, (200, 2)), [[0, 0], [1, 1], [0, 1], [0.5 / 7, 0.5 / 5]]])
-    linear = lut[pixels]
+    linear = lut[codes]
     expected = []
     for x, y in xy:
         u, v = x * 7 - 0.5, y * 5 - 0.5
@@ -61,11 +62,11 @@ def test_bilinear_sample_matches_float64_reference():
         at = lambda r, c: linear[min(max(r, 0), 4), min(max(c, 0), 6)]
         expected.append((1 - fy) * ((1 - fx) * at(r0, c0) + fx * at(r0, c0 + 1))
                         + fy * ((1 - fx) * at(r0 + 1, c0) + fx * at(r0 + 1, c0 + 1)))
-    got = train.bilinear_sample(torch.from_numpy(pixels), torch.from_numpy(lut).float(),
+    got = pixels.bilinear_sample(torch.from_numpy(codes), torch.from_numpy(lut).float(),
                                 torch.from_numpy(xy).float())
     np.testing.assert_allclose(got.numpy(), np.array(expected), atol=2e-6)
     # at a pixel centre the target is that pixel, in linear light
-    centre = train.bilinear_sample(torch.from_numpy(pixels), torch.from_numpy(lut).float(),
+    centre = pixels.bilinear_sample(torch.from_numpy(codes), torch.from_numpy(lut).float(),
                                    torch.tensor([[(3 + 0.5) / 7, (2 + 0.5) / 5]]))
     np.testing.assert_allclose(centre[0].numpy(), linear[2, 3], atol=1e-7)
 
@@ -100,7 +101,7 @@ def test_psnr_probe_counts_squared_8bit_errors(max_pixels):
     source = smooth_image(40, 60)
     field = ConstantField([0.2, 0.5, 0.8])
     code = images.linear_to_uint8(np.array([0.2, 0.5, 0.8], np.float32)).astype(np.int64)
-    probe = train.PsnrProbe(source, max_pixels=max_pixels)
+    probe = pixels.PsnrProbe(source, max_pixels=max_pixels)
     values = source.reshape(-1, 3)
     if probe.index is not None:                        # the fixed random subset
         assert len(probe.index) == max_pixels
@@ -109,7 +110,7 @@ def test_psnr_probe_counts_squared_8bit_errors(max_pixels):
     shares = [probe.sse(field, rank, 3, max_batch=120) for rank in range(3)]   # 2-row bands
     assert sum(s for s, _ in shares) == expected
     assert sum(n for _, n in shares) == values.size
-    assert train.psnr_from_sse(expected, values.size) == pytest.approx(
+    assert pixels.psnr_from_sse(expected, values.size) == pytest.approx(
         10 * np.log10(255 ** 2 * values.size / expected))
 
 
@@ -122,7 +123,7 @@ def test_fit_reaches_psnr_a_guess_cannot(tmp_path):
     assert summary["steps"] == 200                     # --epochs counts 100 steps
     # the best constant guess (the mean colour) scores far lower
     mean = source.reshape(-1, 3).mean(0)
-    guess = train.psnr_from_sse(((source - mean) ** 2).sum(), source.size)
+    guess = pixels.psnr_from_sse(((source - mean) ** 2).sum(), source.size)
     assert guess < 20 and summary["psnr"] > 30
     # the logged PSNR is the one of the checkpointed field on every pixel
     field, info = load_field(summary["checkpoint"])
@@ -130,7 +131,7 @@ def test_fit_reaches_psnr_a_guess_cannot(tmp_path):
     assert info["global_step"] == 200 and info["colour"] == "linear"
     fit_u8 = render.render_region(field, 80, 48)
     err = ((fit_u8.astype(np.int64) - source) ** 2).sum()
-    assert train.psnr_from_sse(err, source.size) == pytest.approx(summary["psnr"], abs=1e-3)
+    assert pixels.psnr_from_sse(err, source.size) == pytest.approx(summary["psnr"], abs=1e-3)
     metrics = open(os.path.join(summary["log_dir"], "metrics.csv")).read().splitlines()
     header = metrics[0].split(",")
     logged = [row.split(",") for row in metrics[1:] if row.split(",")[header.index("val/psnr")]]
