@@ -3,6 +3,7 @@ import gc
 import importlib.util
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from encoding import Frequency, MultiResHashGrid
 
 def raw(enc):
     """The autograd Function of `enc` as a function of (x, table), for gradcheck."""
-    return lambda x, t: encoding._HashGridFunction.apply(x, t, torch.zeros(len(x), dtype=torch.bool), enc._grid(x.device))
+    return lambda x, t: encoding._HashGridFunction.apply(x, t, torch.zeros(len(x), dtype=torch.bool), enc._passes(x.device))
 
 
 PAPER_PRIMES = [1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737]
@@ -31,8 +32,10 @@ def reference_primes(dim):
     return primes
 
 
-def reference_levels(dim, n_levels, log2_t, base, finest):
-    """Paper layout: per level (cells per axis, rows, hashed), from N_l = floor(N_min * b**l)."""
+def reference_levels(dim, n_levels, log2_t, base, finest, periodic=None):
+    """Paper layout: per level (cells per axis, rows, hashed), from N_l = floor(N_min * b**l);
+    a periodic axis stores N_l vertices (vertex N_l is vertex 0), others N_l + 1."""
+    periodic = periodic or (False,) * dim
     levels = []
     for level in range(n_levels):
         cells = []
@@ -41,21 +44,24 @@ def reference_levels(dim, n_levels, log2_t, base, finest):
             b_max = finest[d] if isinstance(finest, (list, tuple)) else finest
             growth = math.exp((math.log(b_max) - math.log(b_min)) / (n_levels - 1)) if n_levels > 1 else 1.0
             cells.append(math.floor(b_min * growth ** level + 1e-9))
-        vertices = math.prod(c + 1 for c in cells)
+        vertices = math.prod(c if p else c + 1 for c, p in zip(cells, periodic))
         hashed = vertices > 2**log2_t
         levels.append((cells, 2**log2_t if hashed else vertices, hashed))
     return levels
 
 
-def reference_encode(x, table, dim, n_levels, log2_t, base, finest, interpolation):
+def reference_encode(x, table, dim, n_levels, log2_t, base, finest, interpolation, periodic=None):
     """Plain loops over levels and corners, float64 torch ops (differentiable in x and table)."""
     primes = reference_primes(dim)
+    periodic = periodic or (False,) * dim
     outputs, offset = [], 0
-    for cells, rows, hashed in reference_levels(dim, n_levels, log2_t, base, finest):
+    for cells, rows, hashed in reference_levels(dim, n_levels, log2_t, base, finest, periodic):
         n = torch.tensor(cells, dtype=torch.float64)
         pos = x * n
 
         def row(vertex):  # vertex: (P, dim) int64
+            wrap = torch.tensor(periodic)
+            vertex = torch.where(wrap, vertex % torch.tensor(cells), vertex)
             if hashed:
                 h = torch.zeros(vertex.shape[0], dtype=torch.int64)
                 for d in range(dim):
@@ -64,7 +70,7 @@ def reference_encode(x, table, dim, n_levels, log2_t, base, finest, interpolatio
             index, stride = torch.zeros(vertex.shape[0], dtype=torch.int64), 1
             for d in range(dim):
                 index = index + vertex[:, d] * stride
-                stride *= cells[d] + 1
+                stride *= cells[d] if periodic[d] else cells[d] + 1
             return offset + index
 
         if interpolation == "nearest":
@@ -157,6 +163,144 @@ def test_single_level_and_bad_configs():
         MultiResHashGrid(2, finest_resolution=(8, 8, 8))
     with pytest.raises(ValueError, match="layout"):
         MultiResHashGrid(2, layout="ngp")
+
+
+# --- the formula functions, against hand-computed values -----------------------------------
+
+def test_resolution_formulas_by_hand():
+    assert encoding._paper_growth(16, 512, 6) == pytest.approx(2.0)     # 16 * 2**5 = 512
+    assert encoding._paper_growth(5, 5, 1) == 1.0
+    assert [encoding._paper_cells(16, 2.0, level) for level in range(3)] == [16, 32, 64]
+    assert encoding._paper_cells(3, 1.5, 2) == 6                       # floor(6.75)
+    # exp/log round-off lands 16 * b**15 a hair below 8192; the paper means 8192
+    assert encoding._paper_cells(16, encoding._paper_growth(16, 8192, 16), 15) == 8192
+    # tcnn: exp2(l * log2(b)) * N_min - 1 (exact here), then ceil + 1 vertices
+    assert [encoding._tcnn_scale(16, 2.0, level) for level in range(3)] == [15.0, 31.0, 63.0]
+    assert encoding._tcnn_vertices(15.0) == 16 and encoding._tcnn_vertices(15.25) == 17
+    # float32 at every step, b included: 1.1**7 * 3 - 1 in float32 is not its float64 value
+    scale = encoding._tcnn_scale(3, 1.1, 7)
+    f32 = torch.exp2(7 * torch.log2(torch.tensor(1.1, device="cpu"))) * 3 - 1   # float32
+    assert scale == f32.item() and scale != 1.1**7 * 3 - 1 and abs(scale - (1.1**7 * 3 - 1)) < 1e-5
+
+
+def test_row_formulas_by_hand():
+    rows = encoding._level_rows
+    assert rows(9, "paper", "hash", 128, 0) == 9 and rows(200, "paper", "hash", 128, 0) == 128
+    assert rows(200, "paper", "dense", 128, 0) == 200            # dense: every vertex
+    assert rows(9, "tcnn", "hash", 128, 0) == 16                 # next multiple of 8
+    assert rows(144, "tcnn", "hash", 128, 0) == 128              # at most T
+    assert rows(144, "tcnn", "dense", 128, 0) == 144             # not capped by T
+    assert rows(3**19, "tcnn", "dense", 128, 0) == 1162261472    # next multiple of 8
+    assert rows(5**14, "tcnn", "dense", 128, 0) == 2**31         # at most 2**31
+    assert rows(144, "tcnn", "tiled", 128, 81) == 81             # at most N_min**D
+    assert rows(9, "tcnn", "tiled", 128, 81) == 16
+    assert encoding._dense_strides((3, 4, 5)) == (1, 3, 12)
+    # dense: vertex (2, 1, 3) of a 3 x 4 x 5 vertex grid -> 2 + 1 * 3 + 3 * 12 = 41
+    terms = [encoding._dense_term(v, s) for v, s in zip((2, 1, 3), (1, 3, 12))]
+    assert terms[0] + terms[1] + terms[2] == 41
+    assert encoding._combine(encoding._combine(terms[0], terms[1], False), terms[2], False) == 41
+    # hashed, T = 256: vertex (3, 22) -> (3 * 1 ^ 22 * 2654435761 mod 2**32) mod 256 = 53
+    t0, t1 = encoding._hash_term(3, 1, 255), encoding._hash_term(22, 2654435761, 255)
+    assert (t0, t1) == (3, (22 * 2654435761 % 2**32) % 256) and encoding._combine(t0, t1, True) == 53
+    # int64 tensors give the same terms (the product wraps, its low 32 bits stay exact)
+    v = torch.tensor([0, 1, 22, 2**20 + 7, 2**31 - 1])
+    for prime in PAPER_PRIMES:
+        expected = [(int(vi) * prime % 2**32) % 2**19 for vi in v]
+        assert encoding._hash_term(v, prime, 2**19 - 1).tolist() == expected
+
+
+def test_position_and_weight_formulas_by_hand():
+    x = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
+    scale = torch.tensor([[4.0]])
+    # paper: pos = 4x, the highest cell is N - 1 = 3 so x = 1 sits at frac 1 of cell 3
+    cell, frac = encoding._cell_and_frac(x, scale, 0.0, False, torch.tensor([[3]]))
+    assert cell.tolist() == [[0, 1, 3]] and frac.tolist() == [[0, 0, 1]]
+    # tcnn: pos = x * scale + 0.5 in float32, no clamp: x = 1 -> pos 4.5, cell 4
+    cell, frac = encoding._cell_and_frac(x.float(), scale, 0.5, True, None)
+    assert cell.tolist() == [[0, 1, 4]] and frac.tolist() == [[0.5, 0.5, 0.5]]
+    frac = torch.tensor([0.25], dtype=torch.float64)
+    low, high, slope = encoding._interpolation_weights(frac, "linear")
+    assert (low.item(), high.item(), slope) == (0.75, 0.25, None)
+    low, high, slope = encoding._interpolation_weights(frac, "smoothstep")
+    # S(t) = t^2 (3 - 2t) = 0.15625, S'(t) = 6t(1 - t) = 1.125
+    assert (low.item(), high.item(), slope.item()) == (0.84375, 0.15625, 1.125)
+
+
+def test_level_plan_by_hand():
+    # paper, 2-D, N = 2, 4, 8 (b = 2), T = 16: (N + 1)**2 = 9 rows dense, then 25, 81 > 16 hashed
+    levels = encoding._plan_levels((2.0, 2.0), (2.0, 2.0), 3, 4, "paper", "hash", (False, False))
+    assert [lv.resolution for lv in levels] == [(2, 2), (4, 4), (8, 8)]
+    assert [(lv.rows, lv.offset, lv.hashed) for lv in levels] == [(9, 0, False), (16, 9, True),
+                                                                   (16, 25, True)]
+    enc = MultiResHashGrid(2, 3, 1, 4, 2, 8)
+    assert enc.rows_per_level == (9, 16, 16) and enc.level_offsets == (0, 9, 25)
+    assert enc.hashed_levels == (1, 2)
+
+
+def test_dtype_casts_keep_the_index_buffers():
+    enc = MultiResHashGrid(2, 4, 2, 8, 4, per_level_scale=1.37, layout="tcnn")
+    before = {name: buffer.clone() for name, buffer in enc.named_buffers()}
+    for cast in (torch.nn.Module.half, torch.nn.Module.double, lambda m: m.to(torch.bfloat16)):
+        cast(enc)
+        for name, buffer in enc.named_buffers():
+            assert buffer.dtype == before[name].dtype and torch.equal(buffer, before[name]), name
+    assert list(enc.state_dict()) == ["embedding.weight"]
+
+
+# --- robustness: invalid configs fail at construction, big tables initialise once ----------
+
+def test_base_resolution_below_one_is_rejected():
+    for base in (0.5, (2, 0.9), 0):
+        with pytest.raises(ValueError, match="base_resolution"):
+            MultiResHashGrid(2, 4, 2, 8, base, 64)
+    with pytest.raises(ValueError, match="base_resolution"):
+        MultiResHashGrid(2, 4, 2, 8, 0.5, per_level_scale=2.0, layout="tcnn")
+    enc = MultiResHashGrid(2, 3, 2, 8, 1, 8)             # 1 cell at the coarsest level is fine
+    assert enc.resolutions[0] == (1, 1) and enc(torch.rand(5, 2)).isfinite().all()
+
+
+def test_table_is_initialised_once_uniformly(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("nn.Embedding's default init ran (minutes on a 2**31-row table)")
+
+    monkeypatch.setattr(torch.nn.init, "normal_", refuse)
+    torch.manual_seed(0)
+    weight = MultiResHashGrid(2, 4, 2, 12, 4, 64).embedding.weight.detach()
+    assert weight.abs().max() <= 1e-4 and weight.min() < -0.9e-4 and weight.max() > 0.9e-4
+    assert abs(weight.mean().item()) < 1e-5 and weight.dtype == torch.float32
+
+
+def test_dimension_limit():
+    with pytest.raises(ValueError, match=r"2\*\*40 cell corners.*nearest"):
+        MultiResHashGrid(40, 2, 1, 8, 2, 4)
+    with pytest.raises(ValueError, match="dim=16"):
+        MultiResHashGrid(17, 2, 1, 8, 2, 4, interpolation="smoothstep")
+    MultiResHashGrid(16, 1, 1, 8, 1, 1)                   # the largest interpolated dim
+    enc = MultiResHashGrid(40, 2, 1, 8, 2, 4, interpolation="nearest")   # one vertex per point
+    assert enc(torch.rand(10, 40)).shape == (10, 2)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(log2_hashmap_size=12, finest_resolution=(40, 90)),
+                                    dict(per_level_scale=1.5, layout="tcnn", n_features_per_level=4)])
+def test_table_shape_without_allocating(kwargs):
+    enc = MultiResHashGrid(2, **kwargs)
+    assert MultiResHashGrid.table_shape(2, **kwargs) == tuple(enc.embedding.weight.shape)
+    # over 10 levels of 2**31 rows (160+ GiB of float32 pairs) are planned, not allocated
+    rows, features = MultiResHashGrid.table_shape(3, 16, 2, 31, 16, 2**20)
+    assert features == 2 and rows > 10 * 2**31
+    with pytest.raises(ValueError, match="base_resolution"):
+        MultiResHashGrid.table_shape(2, base_resolution=0.5)
+
+
+def test_meta_device_construction_then_to_empty():
+    with torch.device("meta"):
+        enc = MultiResHashGrid(2, 4, 2, 8, 3, per_level_scale=1.7, layout="tcnn")
+    assert enc.embedding.weight.is_meta
+    enc.to_empty(device=torch.empty(0).device)          # the default device
+    reference = MultiResHashGrid(2, 4, 2, 8, 3, per_level_scale=1.7, layout="tcnn")
+    enc.load_state_dict(reference.state_dict())
+    x = torch.rand(64, 2)
+    assert torch.equal(enc(x), reference(x))
 
 
 # --- tcnn layout, cases computed by hand from tcnn's formulas -------------------------------
@@ -342,10 +486,13 @@ def test_a_second_copy_of_the_file_shares_the_custom_op():
     spec.loader.exec_module(copy)      # registers nothing new, and does not fail
     enc = make(2, n_levels=3, log2_t=6, base=2, finest=20, dtype=torch.float32)
     x, grad_out = torch.rand(40, 2), torch.randn(40, enc.output_dim)
-    nan, table, grid = torch.zeros(40, dtype=torch.bool), enc.embedding.weight.detach(), enc._grid(x.device)
-    tensors, flat = encoding._flatten_grid(grid)
-    expected = encoding._encode_backward(x, table, nan, grid, grad_out, False, True)[1]
-    torch.testing.assert_close(copy._table_grad_op(x, table, nan, grad_out, tensors, flat, "linear"), expected)
+    nan, table, passes = torch.zeros(40, dtype=torch.bool), enc.embedding.weight.detach(), enc._passes(x.device)
+    tensors, ints = [], []
+    for group in passes.groups:
+        tensors += group.op_args()[0]
+        ints += group.op_args()[1]
+    expected = encoding._encode_backward(x, table, nan, passes, grad_out, False, True)[1]
+    torch.testing.assert_close(copy._table_grad_op(x, table, nan, grad_out, tensors, ints, "linear"), expected)
 
 
 def test_frequency_encoding():
@@ -420,16 +567,18 @@ def test_no_reference_cycles():
         gc.enable()
 
 
-def reference_tcnn(x, table, dim, n_levels, log2_t, base, per_level_scale):
-    """tcnn's HashGrid from its published formulas: float32 scale, +0.5 offset, rows padded to
-    a multiple of 8 and capped at T, dense index (axis 0 fastest) modulo rows, else the hash."""
+def reference_tcnn(x, table, dim, n_levels, log2_t, base, per_level_scale, grid_type="hash"):
+    """tcnn's Grid encodings from their published formulas: float32 scale, +0.5 offset, rows
+    padded to a multiple of 8 and capped at T (hash) or base**dim (tiled), dense index (axis 0
+    fastest) modulo rows, else the hash."""
     outputs, offset = [], 0
     for level in range(n_levels):
-        scale = (torch.exp2(torch.tensor(level, dtype=torch.float32) * torch.log2(torch.tensor(per_level_scale)))
-                 * base - 1).item()
+        scale = (torch.exp2(torch.tensor(level, dtype=torch.float32, device="cpu")
+                            * torch.log2(torch.tensor(per_level_scale, device="cpu"))) * base - 1).item()
         resolution = math.ceil(scale) + 1
-        rows = min(-(-resolution**dim // 8) * 8, 2**log2_t)
-        hashed = resolution**dim > rows
+        rows = min(-(-resolution**dim // 8) * 8, 2**31)
+        rows = {"hash": min(rows, 2**log2_t), "dense": rows, "tiled": min(rows, base**dim)}[grid_type]
+        hashed = grid_type == "hash" and resolution**dim > rows
         pos = x * scale + 0.5
         cell = torch.floor(pos)
         frac = pos - cell
@@ -457,3 +606,288 @@ def test_tcnn_layout_matches_its_formulas(dim):
     x[0], x[1] = 0.0, 1.0
     expected = reference_tcnn(x, enc.embedding.weight.detach(), dim, 4, 9, 6, 1.7)
     torch.testing.assert_close(enc(x), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "nearest"])
+@pytest.mark.parametrize("grid_type", ["dense", "tiled"])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_dense_and_tiled_grids_match_tcnn_formulas(dim, grid_type, interpolation):
+    enc = make(dim, interpolation, n_levels=3, log2_t=4, base=5, finest=None, per_level_scale=1.6,
+               layout="tcnn", grid_type=grid_type)
+    assert not enc.hashed_levels
+    x = torch.rand(200, dim, dtype=torch.float64)
+    x[0], x[1] = 0.0, 1.0
+    if interpolation == "nearest":
+        expected = reference_tcnn_nearest(x, enc, dim, 5, 1.6, grid_type)
+    else:
+        expected = reference_tcnn(x, enc.embedding.weight.detach(), dim, 3, 4, 5, 1.6, grid_type)
+    torch.testing.assert_close(enc(x), expected, atol=1e-6, rtol=0)
+    if interpolation == "linear" and dim == 2:    # (3-D: thousands of table entries to perturb)
+        assert torch.autograd.gradcheck(raw(enc), (x[2:6].requires_grad_(), enc.embedding.weight))
+
+
+def reference_tcnn_nearest(x, enc, dim, base, per_level_scale, grid_type):
+    """Nearest in tcnn: the vertex floor(x * scale + 0.5), dense index modulo rows."""
+    table, outputs = enc.embedding.weight.detach(), []
+    for level in range(enc.n_levels):
+        scale = (torch.exp2(torch.tensor(level, dtype=torch.float32, device="cpu")
+                            * torch.log2(torch.tensor(per_level_scale, device="cpu"))) * base - 1).item()
+        resolution = math.ceil(scale) + 1
+        vertex = torch.floor(x * scale + 0.5).long()
+        index = sum(vertex[:, d] * resolution**d for d in range(dim))
+        outputs.append(table[enc.level_offsets[level] + index % enc.rows_per_level[level]])
+    return torch.cat(outputs, dim=-1)
+
+
+def test_dense_grid_rows_and_indices_by_hand():
+    # base 3, b = 2, 2-D: level 0 scale 2, 3 vertices per axis, 9 -> 16 rows; level 1 scale 5,
+    # 6 per axis, 36 -> 40 rows: every vertex, never capped by T (here 2**4 = 16)
+    enc = MultiResHashGrid(2, 2, 1, 4, 3, per_level_scale=2.0, interpolation="nearest",
+                           layout="tcnn", grid_type="dense").double()
+    assert enc.resolutions == ((3, 3), (6, 6)) and enc.rows_per_level == (16, 40)
+    assert enc.level_offsets == (0, 16) and enc.hashed_levels == ()
+    # x = (1, 0.5): level 0 pos (2.5, 1.5) -> vertex (2, 1) -> 2 + 1 * 3 = 5;
+    # level 1 pos (5.5, 3.0) -> (5, 3) -> 5 + 3 * 6 = 23, + offset 16
+    assert tcnn_readout(enc, [[1.0, 0.5]]) == [[5, 16 + 23]]
+
+
+def test_tiled_grid_rows_and_indices_by_hand():
+    # base 4, b = 2, 2-D: resolutions 4, 8, 16 per axis, rows min(res**2, 4**2) = 16 each
+    enc = MultiResHashGrid(2, 3, 1, 19, 4, per_level_scale=2.0, interpolation="nearest",
+                           layout="tcnn", grid_type="tiled").double()
+    assert enc.resolutions == ((4, 4), (8, 8), (16, 16))
+    assert enc.rows_per_level == (16, 16, 16) and enc.level_offsets == (0, 16, 32)
+    # x = (0.5, 0.75): level 1 scale 7: pos (4.0, 5.75) -> vertex (4, 5) -> 4 + 5 * 8 = 44,
+    # mod 16 = 12 (tcnn wraps the whole index, not each axis: that would give 0 + 1 * 4 = 4);
+    # level 2 scale 15: pos (8.0, 11.75) -> (8, 11) -> 8 + 11 * 16 = 184, mod 16 = 8
+    # level 0 scale 3: pos (2.0, 2.75) -> (2, 2) -> 2 + 2 * 4 = 10
+    assert tcnn_readout(enc, [[0.5, 0.75]]) == [[10, 16 + 12, 32 + 8]]
+    with pytest.raises(ValueError, match="tiled"):
+        MultiResHashGrid(2, grid_type="tiled")                    # paper layout: no tiles
+    with pytest.raises(ValueError, match="tiled"):
+        MultiResHashGrid(2, base_resolution=4.5, per_level_scale=2.0, layout="tcnn", grid_type="tiled")
+    with pytest.raises(ValueError, match="32-bit"):
+        MultiResHashGrid(3, 2, 1, 19, 1700, per_level_scale=2.0, layout="tcnn", grid_type="dense")
+
+
+def test_paper_layout_dense_grid():
+    enc = MultiResHashGrid(2, 3, 2, 4, 4, 16, grid_type="dense")
+    assert enc.rows_per_level == (25, 81, 289) and enc.hashed_levels == ()
+    with pytest.raises(ValueError, match="grid_type"):
+        MultiResHashGrid(2, grid_type="sparse")
+
+
+# instant-ngp's configs/image/base.json, its "encoding" block, as written there
+INSTANT_NGP_IMAGE_ENCODING = {
+    "otype": "HashGrid",
+    "n_levels": 16,
+    "n_features_per_level": 2,
+    "log2_hashmap_size": 24,
+    "base_resolution": 16,
+}
+
+
+def test_instant_ngp_image_config():
+    with torch.device("meta"):    # 139,810,048 rows: planned, not allocated
+        enc = MultiResHashGrid.from_tcnn_config(2, INSTANT_NGP_IMAGE_ENCODING)
+    # per_level_scale defaults to 2: scale 16 * 2**l - 1, resolution 16 * 2**l vertices per
+    # axis; (16 * 2**l)**2 rows while that fits in 2**24 (levels 0-8), then 2**24 hashed
+    assert enc.resolutions == tuple((16 * 2**l,) * 2 for l in range(16))
+    expected_rows = [256 * 4**l for l in range(9)] + [2**24] * 7
+    assert list(enc.rows_per_level) == expected_rows and enc.hashed_levels == tuple(range(9, 16))
+    assert list(enc.level_offsets) == [sum(expected_rows[:l]) for l in range(16)]
+    assert enc.embedding.weight.shape == (139810048, 2) and enc.output_dim == 32
+    assert enc.interpolation == "linear" and enc.layout == "tcnn" and enc.grid_type == "hash"
+
+
+def test_tcnn_config_defaults_and_round_trip():
+    enc = MultiResHashGrid.from_tcnn_config(3, {"otype": "HashGrid", "log2_hashmap_size": 12})
+    assert (enc.n_levels, enc.n_features_per_level, enc.log2_hashmap_size) == (16, 2, 12)
+    assert enc.base_resolution == 16 and enc.per_level_scale == (2.0,) * 3
+    assert enc.tcnn_config() == {"otype": "Grid", "type": "Hash", "n_levels": 16,
+                                 "n_features_per_level": 2, "base_resolution": 16,
+                                 "per_level_scale": 2.0, "interpolation": "Linear",
+                                 "hash": "CoherentPrime", "log2_hashmap_size": 12}
+    # tcnn's DenseGrid default: per_level_scale = exp(ln(256 / base) / (n_levels - 1)), float32
+    dense = MultiResHashGrid.from_tcnn_config(2, {"otype": "DenseGrid", "n_levels": 4, "base_resolution": 4})
+    f32 = torch.exp(torch.log(torch.tensor(256 / 4, device="cpu")) / 3).item()
+    assert dense.grid_type == "dense" and dense.per_level_scale == (f32,) * 2
+    # n_features instead of n_levels; case-insensitive names
+    grid = MultiResHashGrid.from_tcnn_config(2, {"otype": "grid", "type": "TILE", "n_features": 8,
+                                                 "n_features_per_level": 4, "base_resolution": 8,
+                                                 "interpolation": "smoothstep"})
+    assert (grid.grid_type, grid.n_levels, grid.interpolation) == ("tiled", 2, "smoothstep")
+    for config in ({"otype": "Grid", "type": "Tiled", "n_levels": 3, "n_features_per_level": 4,
+                    "base_resolution": 8, "per_level_scale": 1.5, "interpolation": "Smoothstep",
+                    "hash": "CoherentPrime"},
+                   {"otype": "Grid", "type": "Dense", "n_levels": 2, "n_features_per_level": 1,
+                    "base_resolution": 3, "per_level_scale": 1.25, "interpolation": "Nearest",
+                    "hash": "CoherentPrime"},
+                   dict(enc.tcnn_config())):
+        built = MultiResHashGrid.from_tcnn_config(2, config)
+        assert built.tcnn_config() == config
+        again = MultiResHashGrid.from_tcnn_config(2, built.tcnn_config())
+        assert (again.rows_per_level, again.resolutions) == (built.rows_per_level, built.resolutions)
+    params = torch.randn(grid.tcnn_params().numel())
+    grid.load_tcnn_params(params)
+    assert torch.equal(grid.tcnn_params(), params)
+    with pytest.raises(ValueError, match="one integer base_resolution"):
+        MultiResHashGrid(2, base_resolution=(16, 8), per_level_scale=2.0, layout="tcnn").tcnn_config()
+    with pytest.raises(ValueError, match="layout='tcnn'"):
+        MultiResHashGrid(2).tcnn_config()
+
+
+@pytest.mark.parametrize("config, name", [
+    ({"otype": "HashGrid", "hash": "Prime"}, "'Prime'"),
+    ({"otype": "HashGrid", "n_dims_to_encode": 2}, "n_dims_to_encode"),
+    ({"otype": "Frequency", "n_frequencies": 12}, "n_frequencies"),
+    ({"otype": "Frequency"}, "'Frequency'"),
+    ({"n_levels": 4}, "otype"),
+    ({"otype": "Grid", "type": "Sparse"}, "'Sparse'"),
+    ({"otype": "HashGrid", "interpolation": "Cubic"}, "'Cubic'"),
+    ({"otype": "HashGrid", "stochastic_interpolation": True}, "stochastic_interpolation"),
+    ({"otype": "HashGrid", "fixed_point_pos": True}, "fixed_point_pos"),
+    ({"otype": "HashGrid", "n_features": 32, "n_levels": 16}, "n_features and n_levels"),
+    ({"otype": "HashGrid", "n_features": 7}, "n_features=7"),
+    ({"otype": "HashGrid", "base_resolution": 16.5}, "base_resolution"),
+    ({"otype": "DenseGrid", "n_levels": 1}, "per_level_scale"),
+])
+def test_unsupported_tcnn_configs_name_the_problem(config, name):
+    with pytest.raises(ValueError, match=re.escape(name)):
+        MultiResHashGrid.from_tcnn_config(2, config)
+
+
+# --- periodic axes ----------------------------------------------------------------------------
+
+PERIODIC_CASES = [(1, (True,)), (2, (True, False)), (2, (False, True)), (3, (True, False, True))]
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "smoothstep", "nearest"])
+@pytest.mark.parametrize("dim, periodic", PERIODIC_CASES)
+def test_periodic_matches_float64_reference(dim, periodic, interpolation):
+    n_levels, log2_t, base, finest = CONFIGS[dim]
+    enc = make(dim, interpolation, n_levels, log2_t, base, finest, periodic=periodic)
+    assert enc.periodic == periodic and enc.hashed_levels and 0 not in enc.hashed_levels
+    # a dense level stores N vertices along a periodic axis, N + 1 along the others
+    cells = enc.resolutions[0]
+    assert enc.rows_per_level[0] == math.prod(c if p else c + 1 for c, p in zip(cells, periodic))
+    x = torch.rand(300, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(dim))
+    x[0], x[1] = 0.0, 1.0
+    x[2, 0], x[3, 0] = 1.0, 1 - 1e-12
+    expected = reference_encode(x, enc.embedding.weight.detach(), dim, n_levels, log2_t, base, finest,
+                                interpolation, periodic)
+    torch.testing.assert_close(enc(x), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "smoothstep"])
+def test_periodic_gradients_across_the_seam(interpolation):
+    enc = make(2, interpolation, n_levels=3, log2_t=6, base=2, finest=12, periodic=(True, False))
+    assert enc.hashed_levels
+    # points in the last cell (whose upper vertex is vertex 0) and in the first one
+    x = torch.tensor([[0.004, 0.3], [0.996, 0.3], [0.02, 0.71], [0.985, 0.55]], dtype=torch.float64,
+                     requires_grad=True)
+    assert torch.autograd.gradcheck(raw(enc), (x, enc.embedding.weight))
+    assert torch.autograd.gradgradcheck(raw(enc), (x, enc.embedding.weight))
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "smoothstep", "nearest"])
+def test_periodic_axis_is_continuous_at_every_level(interpolation):
+    enc = make(3, interpolation, n_levels=4, log2_t=9, base=3, finest=50, periodic=(False, True, False))
+    assert enc.hashed_levels and len(enc.hashed_levels) < 4
+    x = torch.rand(100, 3, dtype=torch.float64)
+
+    def along(value, axis=1):
+        moved = x.clone()
+        moved[:, axis] = value
+        return moved
+
+    # every level's features (all output_dim of them) agree at x = 0 and x = 1, and just
+    # inside the seam from both sides
+    torch.testing.assert_close(enc(along(0.0)), enc(along(1.0)), atol=1e-12, rtol=0)
+    torch.testing.assert_close(enc(along(1e-9)), enc(along(1 - 1e-9)), atol=1e-6, rtol=0)
+    assert not torch.allclose(enc(along(0.0, axis=0)), enc(along(1.0, axis=0)))   # not periodic
+    if interpolation == "smoothstep":   # continuous derivatives too
+        weights = torch.randn(enc.output_dim, dtype=torch.float64)
+
+        def d_dx(value):
+            point = along(value).requires_grad_(True)
+            (grad,) = torch.autograd.grad((enc(point) * weights).sum(), point)
+            return grad
+
+        torch.testing.assert_close(d_dx(1e-10), d_dx(1 - 1e-10), atol=1e-4, rtol=0)
+
+
+def test_periodic_options():
+    enc = MultiResHashGrid(2, 3, 2, 10, 4, 16, periodic=True)
+    assert enc.periodic == (True, True) and enc.rows_per_level[0] == 16
+    assert MultiResHashGrid(2).periodic == (False, False)
+    with pytest.raises(ValueError, match="periodic"):
+        MultiResHashGrid(2, periodic=(True,))
+    with pytest.raises(ValueError, match="layout='paper'"):
+        MultiResHashGrid(2, per_level_scale=2.0, layout="tcnn", periodic=True)
+
+
+# --- the device branch (GPUs, torch.compile), forced on a CPU ---------------------------------
+
+def device_branch(enc, monkeypatch, chunk_size=None):
+    """enc, set to take the one-pass device branch on this CPU; the CPU-only packing must not
+    run, and each level group is one pass (of chunk_size points if set)."""
+    enc.CPU_PASSES = False
+    enc.chunk_size = chunk_size
+
+    def no_packing(rows):
+        raise AssertionError("a CPU speed trick ran in the device branch")
+
+    monkeypatch.setattr(encoding, "_pack", no_packing)
+    passes = enc._passes(torch.device("cpu"))
+    assert not passes.cpu_passes
+    n = 50
+    step = chunk_size or n
+    assert len(passes.split(n)) == len(passes.groups) * -(-n // step)
+    return enc
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "smoothstep", "nearest"])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_device_branch_forward_and_backward(interpolation, chunk_size, monkeypatch):
+    dim, (n_levels, log2_t, base, finest) = 3, CONFIGS[3]
+    enc = device_branch(make(dim, interpolation, n_levels, log2_t, base, finest), monkeypatch, chunk_size)
+    assert enc.hashed_levels and len(enc.hashed_levels) < n_levels
+    x = torch.rand(50, dim, dtype=torch.float64, requires_grad=True)
+    table = enc.embedding.weight
+    out = enc(x)
+    expected = reference_encode(x, table, dim, n_levels, log2_t, base, finest, interpolation)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), (x, table))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (x, table), allow_unused=True)
+    for got, want in zip(grads, expected_grads):   # ("nearest": no gradient to x)
+        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want,
+                                   atol=1e-6, rtol=0)
+
+
+def test_device_branch_gradgradcheck(monkeypatch):
+    # chunked: 2 points per pass
+    enc = device_branch(make(2, "smoothstep", n_levels=3, log2_t=5, base=2, finest=12), monkeypatch, 2)
+    x = torch.rand(4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(raw(enc), (x, enc.embedding.weight))
+    assert torch.autograd.gradgradcheck(raw(enc), (x, enc.embedding.weight))
+
+
+def test_device_branch_tcnn_periodic_and_float32(monkeypatch):
+    x = torch.rand(50, 2, dtype=torch.float64)
+    # float32 tables, no grad (the branch a GPU's inference runs) against the CPU branch
+    enc32 = make(2, n_levels=4, log2_t=8, base=2, finest=30, dtype=torch.float32)
+    with torch.no_grad():
+        cpu_branch = enc32(x.float())
+        device = device_branch(enc32, monkeypatch)(x.float())
+    torch.testing.assert_close(device, cpu_branch)
+    tiled = device_branch(make(2, n_levels=3, log2_t=4, base=5, finest=None, per_level_scale=1.6,
+                               layout="tcnn", grid_type="tiled"), monkeypatch)
+    expected = reference_tcnn(x, tiled.embedding.weight.detach(), 2, 3, 4, 5, 1.6, "tiled")
+    torch.testing.assert_close(tiled(x), expected, atol=1e-6, rtol=0)
+    periodic = device_branch(make(2, n_levels=4, log2_t=8, base=2, finest=30, periodic=(False, True)),
+                             monkeypatch)
+    expected = reference_encode(x, periodic.embedding.weight.detach(), 2, 4, 8, 2, 30, "linear",
+                                (False, True))
+    torch.testing.assert_close(periodic(x), expected, atol=1e-6, rtol=0)
