@@ -78,8 +78,8 @@ class PixelSource:
     """The training image (H, W, C) uint8 sRGB plus the random batches drawn from it
     (`periodic`: the axes along which it wraps around, see bilinear_sample)."""
 
-    def __init__(self, array: np.ndarray, periodic: str = "", sampling: str = "bilinear"):
-        self.array, self.periodic, self.sampling = array, periodic, sampling
+    def __init__(self, array: np.ndarray, periodic: str = ""):
+        self.array, self.periodic = array, periodic
         self.height, self.width, self.channels = array.shape
         self.pixels = host_tensor(array)
         self.lut = torch.tensor(images.SRGB_TO_LINEAR_LUT, dtype=torch.float32)
@@ -105,16 +105,8 @@ class PixelSource:
         """xy: (n, 2) uniform in [0, 1]^2 and target: (n, C) linear colour there, on
         `self.device`. `generator` lives with the pixels; host-resident pixels send the batch
         through pinned memory without blocking."""
-        if self.sampling == "pixel":
-            # pixel centres: the exact stored colours, where the fit is scored and exported
-            index = torch.randint(self.height * self.width, (n,), generator=generator,
-                                  device=self.pixels.device)
-            xy = torch.stack([(index % self.width).float().add_(0.5).div_(self.width),
-                              (index // self.width).float().add_(0.5).div_(self.height)], 1)
-            target = self.lut[self.pixels.view(-1, self.channels)[index].long()]
-        else:
-            xy = torch.rand(n, 2, generator=generator, device=self.pixels.device)
-            target = bilinear_sample(self.pixels, self.lut, xy, self.periodic)
+        xy = torch.rand(n, 2, generator=generator, device=self.pixels.device)
+        target = bilinear_sample(self.pixels, self.lut, xy, self.periodic)
         if self.pixels.device != self.device:
             staged = torch.cat([xy, target], 1).pin_memory().to(self.device, non_blocking=True)
             xy, target = staged[:, :2], staged[:, 2:]

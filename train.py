@@ -7,7 +7,9 @@ MLP under PyTorch Lightning: CPU, one GPU or several (DDP), thumbnails to gigapi
 
 The image stays 8-bit (memory-mapped for ``.npy``); every step draws random continuous
 coordinates, bilinearly interpolates the 4 neighbouring pixels in linear light and fits the
-field with an L2 loss. PSNR is measured in sRGB 8-bit, the way the image would be saved.
+field with an L2 loss between the sRGB encodings, the space PSNR is measured in (sRGB 8-bit,
+the way the image would be saved), at a learning rate that decays over the second half of
+the run.
 
 The file follows the run: the LightningModule (ImageFit, with the learning-rate schedule), what
 keeps a long run's work (KeepWork: checkpoints, signals, divergence), the progress bar and
@@ -141,7 +143,7 @@ class ImageFit(pl.LightningModule):
 
     def __init__(self, field: dict, source: str = "", source_digest: str = "",
                  batch_size: int = CPU_BATCH_SIZE,
-                 lr: float = 1e-2, lr_schedule: str = "decay", loss: str = "l2",
+                 lr: float = 1e-2, lr_schedule: str = "decay", loss: str = "srgb_l2",
                  weight_decay: float = 1e-6, seed: int = 0,
                  colour: str = "linear", max_time: float = None):
         super().__init__()
@@ -578,9 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_features_per_level", type=cli.integer(1),
                    default=FieldConfig.n_features_per_level,
                    help="features per level F (default: %(default)s)")
-    p.add_argument("--log2_hashmap_size", type=cli.integer(1, 31),
-                   default=FieldConfig.log2_hashmap_size,
-                   help="log2 of the table size T per level, 1..31 (default: %(default)s)")
+    p.add_argument("--log2_hashmap_size", type=cli.integer(1, 31), default=None,
+                   help="log2 of the table size T per level, 1..31 (default: by image size, "
+                   "round(log2(pixels / 16)) within 14..24; albert: 20)")
     p.add_argument("--base_resolution", type=cli.integer(1), default=FieldConfig.base_resolution,
                    help="coarsest grid resolution N_min (default: %(default)s)")
     p.add_argument("--finest_resolution", type=parse_resolution, default=None,
@@ -597,12 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_schedule", choices=["decay", "constant"], default="decay",
                    help="decay: constant for the first half of the run (steps or --max_time), "
                    "then exponential decay to 1/20 (default: decay)")
-    p.add_argument("--sampling", choices=["bilinear", "pixel"], default="bilinear",
-                   help="training coordinates: bilinear (uniform, the 4 nearest pixels "
-                   "blended) or pixel (pixel centres, exact colours) (default: bilinear)")
-    p.add_argument("--loss", choices=["l2", "relative_l2", "srgb_l2"], default="l2",
-                   help="l2 or relative_l2 in linear light, or srgb_l2 between the sRGB "
-                   "encodings, where PSNR is scored (default: l2)")
+    p.add_argument("--loss", choices=["srgb_l2", "l2", "relative_l2"], default="srgb_l2",
+                   help="srgb_l2: L2 between the sRGB encodings, where PSNR is scored; l2 or "
+                   "relative_l2 in linear light (default: srgb_l2)")
     p.add_argument("--seed", type=cli.integer(0, 2**32 - 1), default=0,
                    help="initialisation and sampling seed (default: 0)")
     p.add_argument("--val_every", type=cli.integer(1), default=None,
@@ -829,7 +828,7 @@ def run(args, callbacks=(), argv=()) -> dict:
                      batch_size=batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                      loss=args.loss, seed=args.seed,
                      max_time=args.max_time)
-    image = PixelSource(source, config.periodic, args.sampling)
+    image = PixelSource(source, config.periodic)
     model.attach(image, PsnrProbe(source))
 
     name = os.path.splitext(os.path.basename(path))[0]
