@@ -7,6 +7,7 @@ import sys
 import zlib
 
 import numpy as np
+import pytest
 import tifffile
 import torch
 
@@ -38,6 +39,24 @@ def reference_render(field, width, height):
     return images.linear_to_uint8(colour).numpy().reshape(height, width, -1)
 
 
+def mlp_field(channels=3, seed=0):
+    """A small deterministic MLP xy (N, 2) -> (N, channels) with plenty of structure (sin
+    features, a full [0, 1] output range), standing in for a trained field."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(2, 32), _Sin(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+        torch.nn.Linear(32, channels), torch.nn.Sigmoid())
+    with torch.no_grad():
+        net[0].weight.mul_(12.0)
+        net[4].weight.mul_(10.0)
+    return net.eval()
+
+
+class _Sin(torch.nn.Module):
+    def forward(self, x):
+        return torch.sin(x)
+
+
 def write_16bit(path, array):
     """(H, W, C) uint16 -> a 16-bit .tif (tifffile) or .png, as test input for the readers
     (the project itself writes 16-bit data only as .npy)."""
@@ -60,3 +79,18 @@ def _write_png16(path, array):
         for kind, data in ((b"IHDR", header), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")):
             f.write(struct.pack(">I", len(data)) + kind + data
                     + struct.pack(">I", zlib.crc32(kind + data)))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A real train.py checkpoint (3 steps on a 40 x 24 RGB gradient, a 4-level grid): its
+    path. Made once per test session; tests only read it."""
+    import train
+    folder = tmp_path_factory.mktemp("fit")
+    y, x = np.mgrid[0:24, 0:40]
+    source = np.stack([x * 6, y * 10, (x + y) * 3], -1).astype(np.uint8)
+    images.write_image(str(folder / "src.png"), source)
+    summary = train.main(["-i", str(folder / "src.png"), "--root", str(folder / "logs"),
+                          "--max_steps", "3", "--batch_size", "256", "--n_levels", "4",
+                          "--log2_hashmap_size", "8", "--ckpt_every", "0", "--val_every", "3"])
+    return summary["checkpoint"]

@@ -1,6 +1,5 @@
 """convert.py: resampling against PIL's own resize, sizes, dtypes, linear light, the CLI's
 one-line errors, and the synthetic chart (deterministic, seamless, high-frequency)."""
-import math
 import os
 import subprocess
 import sys

@@ -8,30 +8,12 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import images
 import render
-from conftest import psnr, reference_render
+from conftest import mlp_field, psnr, reference_render
 from field import load_field
-
-
-def mlp_field(channels=3, seed=0):
-    """A small deterministic MLP xy (N, 2) -> (N, channels) with plenty of structure."""
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(2, 32), Sin(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
-        torch.nn.Linear(32, channels), torch.nn.Sigmoid())
-    with torch.no_grad():
-        net[0].weight.mul_(12.0)
-        net[4].weight.mul_(10.0)
-    return net.eval()
-
-
-class Sin(torch.nn.Module):
-    def forward(self, x):
-        return torch.sin(x)
 
 
 def read_level(folder, level, fmt="png"):
@@ -268,20 +250,6 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
 
 
 # --- command line, from a real train.py checkpoint -----------------------------------------
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A few training steps of train.py on a 40 x 24 RGB gradient: the checkpoint path."""
-    import train
-    folder = tmp_path_factory.mktemp("fit")
-    y, x = np.mgrid[0:24, 0:40]
-    source = np.stack([x * 6, y * 10, (x + y) * 3], -1).astype(np.uint8)
-    images.write_image(str(folder / "src.png"), source)
-    summary = train.main(["-i", str(folder / "src.png"), "--root", str(folder / "logs"),
-                          "--max_steps", "3", "--batch_size", "256", "--n_levels", "4",
-                          "--log2_hashmap_size", "8", "--ckpt_every", "0", "--val_every", "3"])
-    return summary["checkpoint"]
-
 
 def test_cli_scale_2_png_pyramid_and_resume(checkpoint, tmp_path, capsys):
     fitted, info = load_field(checkpoint)

@@ -1,6 +1,5 @@
 """images.py: format round-trips, sRGB <-> linear against the IEC 61966-2-1 formulas,
 memory mapping, and one-line errors naming the file."""
-import math
 
 import numpy as np
 import pytest

@@ -12,29 +12,11 @@ from PIL import Image, ImageSequence
 
 import images
 import render
-from conftest import reference_render
+from conftest import mlp_field, reference_render
 from field import FieldConfig, load_field
 
 RENDER_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "render.py")
-
-
-def mlp_field(channels=3, seed=0):
-    """A small deterministic MLP xy (N, 2) -> (N, channels) with plenty of structure (sin
-    features), standing in for a trained field."""
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(2, 32), Sin(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
-        torch.nn.Linear(32, channels), torch.nn.Sigmoid())
-    with torch.no_grad():  # high frequencies and a full [0, 1] output range
-        net[0].weight.mul_(12.0)
-        net[4].weight.mul_(10.0)
-    return net.eval()
-
-
-class Sin(torch.nn.Module):
-    def forward(self, x):
-        return torch.sin(x)
 
 
 # --- core -------------------------------------------------------------------------------
@@ -49,7 +31,6 @@ def test_native_render_equals_forward_on_pixel_centres():
 
 def test_hashgrid_field_native_and_tiled_equal_forward():
     # The real network (FieldConfig: hash grid + MLP) with random weights.
-    import train
     torch.manual_seed(0)
     field = FieldConfig(48, 32, 3, n_levels=4, log2_hashmap_size=10).build().eval()
     with torch.no_grad():
@@ -305,22 +286,7 @@ def test_resolve_device():
 # --- command line, from a real train.py checkpoint -----------------------------------------
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A few training steps of train.py on a 40 x 24 RGB gradient: the checkpoint path."""
-    import train
-    folder = tmp_path_factory.mktemp("fit")
-    y, x = np.mgrid[0:24, 0:40]
-    source = np.stack([x * 6, y * 10, (x + y) * 3], -1).astype(np.uint8)
-    images.write_image(str(folder / "src.png"), source)
-    summary = train.main(["-i", str(folder / "src.png"), "--root", str(folder / "logs"),
-                          "--max_steps", "3", "--batch_size", "256", "--n_levels", "4",
-                          "--log2_hashmap_size", "8", "--ckpt_every", "0", "--val_every", "3"])
-    return summary["checkpoint"]
-
-
-@pytest.fixture(scope="module")
 def fitted(checkpoint):
-    import train
     field, info = load_field(checkpoint)
     assert (info["width"], info["height"], info["channels"]) == (40, 24, 3)
     return field
