@@ -367,9 +367,9 @@ def _check_memory(path, im, mode):
     """ImageError, before decoding, when decoding `im` cannot fit in memory: PIL's decoded
     copy plus the returned array. (A MemoryError mid-decode says nothing useful, and with
     overcommit the process may be killed instead.)"""
-    pil_bytes = {"L": 1, "I;16": 2}.get(mode, 4 if ";16" not in mode else 8)
-    out_bytes = MODE_CHANNELS[mode.split(";")[0] if mode != "I;16" else mode] * (
-        2 if ";16" in mode else 1)
+    # PIL holds L in 1 byte, I;16 in 2 and colour in 4 (16-bit colour: two 8-bit decodes)
+    pil_bytes = {"L": 1, "I;16": 2, "RGB;16": 8, "RGBA;16": 8}.get(mode, 4)
+    out_bytes = {"L": 1, "I;16": 2, "RGB": 3, "RGBA": 4, "RGB;16": 6, "RGBA;16": 8}[mode]
     needed = im.width * im.height * (pil_bytes + out_bytes)
     free = available_memory()
     if free is not None and needed > free:

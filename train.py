@@ -667,9 +667,10 @@ def source_digest(source: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_resume(ckpt_path: str, config: FieldConfig, source_name: str, digest: str) -> None:
-    """UsageError unless `ckpt_path` is a train.py checkpoint of the same network and image
-    size; a one-line warning when it was trained on another image of that size."""
+def check_resume(ckpt_path: str, config: FieldConfig, source_name: str, digest: str) -> int:
+    """The step `ckpt_path` was saved at. UsageError unless it is a train.py checkpoint of the
+    same network and image size; a one-line warning when it was trained on another image of
+    that size."""
     try:
         ckpt = read_checkpoint(ckpt_path)
         saved = checkpoint_config(ckpt, ckpt_path).to_dict()
@@ -687,6 +688,7 @@ def check_resume(ckpt_path: str, config: FieldConfig, source_name: str, digest: 
         print(f"train.py: warning: --ckpt {ckpt_path} was trained on another image "
               f"({saved_name or 'unknown'}) of the same size; continuing from its weights",
               file=sys.stderr)
+    return int(ckpt.get("global_step", 0))
 
 
 def same_file(a: str, b: str) -> bool:
@@ -813,8 +815,9 @@ def run(args, callbacks=(), argv=()) -> dict:
     config = field_config(args, width, height, channels)
     check_field(config)
     digest = source_digest(source)
+    first_step = 0
     if args.ckpt is not None:
-        check_resume(args.ckpt, config, os.path.basename(path), digest)
+        first_step = check_resume(args.ckpt, config, os.path.basename(path), digest)
     if args.export:
         check_export(args.export, path)
     on_gpu = accelerator == "gpu"
@@ -826,8 +829,7 @@ def run(args, callbacks=(), argv=()) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     model = ImageFit(config.to_dict(), source=os.path.basename(path), source_digest=digest,
                      batch_size=batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
-                     loss=args.loss, seed=args.seed,
-                     max_time=args.max_time)
+                     loss=args.loss, seed=args.seed, max_time=args.max_time)
     image = PixelSource(source, config.periodic)
     model.attach(image, PsnrProbe(source))
 
@@ -853,19 +855,16 @@ def run(args, callbacks=(), argv=()) -> dict:
         raise UsageError(str(exc).strip().splitlines()[0]) from None
 
     last_ckpt = os.path.join(ckpt_dir, "last.ckpt")
-    first_step = None
     try:
-        if args.ckpt is not None:
-            first_step = int(read_checkpoint(args.ckpt).get("global_step", 0))
         trainer.fit(model, train_dataloaders=DataLoader(_Steps(STEPS_PER_EPOCH), batch_size=None),
                     ckpt_path=args.ckpt, weights_only=True)
+        keep.save(trainer, last_ckpt)           # checks the weights are finite first
     except NonFiniteLoss as exc:
         kept = [p for p in keep.saved if os.path.exists(p)]
         raise Diverged(f"{exc}: the run diverged (a lower --lr may help); "
                        + (f"last finite checkpoint: {kept[-1]}" if kept
                           else "no checkpoint was written before it")) from None
-    keep.save(trainer, last_ckpt)
-    steps_this_run = trainer.global_step - (first_step or 0)
+    steps_this_run = trainer.global_step - first_step
     if keep.signal is not None:
         signame = signal.Signals(keep.signal).name
         raise Stopped(keep.signal, f"stopped by {signame} at step {trainer.global_step}; "

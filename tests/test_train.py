@@ -16,7 +16,7 @@ import pixels
 import render
 import train
 from conftest import reference_render
-from field import CheckpointError, load_field
+from field import CheckpointError, FieldConfig, load_field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -281,7 +281,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
         load_field(str(junk))
     first = fit(tmp_path, path, "--max_steps", "2")
     expect_usage_error(capsys, [*argv, "--log2_hashmap_size", "12", "--ckpt", first["checkpoint"]],
-                       "log2_hashmap_size 19 vs 12")
+                       f"log2_hashmap_size {FieldConfig(80, 48, 3).log2_hashmap_size} vs 12")
     other = save_png(tmp_path / "other.png", smooth_image(32, 32))
     expect_usage_error(capsys, ["-i", other, *argv[2:], "--ckpt", first["checkpoint"]],
                        "width 80 vs 32")
