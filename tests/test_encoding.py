@@ -528,6 +528,31 @@ def test_chunked_passes_match_one_pass():
     assert torch.autograd.gradgradcheck(raw(small), (x2, small.embedding.weight))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_passes_on_any_thread_count(threads, dtype):
+    """CPU passes split each gather among the intra-op threads and scatter the hashed levels'
+    table gradient one level per thread (passes of `threads` levels): the results must not
+    depend on the thread count, nor on point counts that do not divide among the threads."""
+    enc = make(2, n_levels=5, log2_t=8, base=3, finest=40, dtype=dtype)   # dense and hashed
+    enc.CPU_LOOKUPS_PER_PASS = 128   # several passes per level
+    x = torch.rand(301, 2, dtype=dtype)
+    weights = torch.randn(301, enc.output_dim, dtype=torch.float64)
+    table = enc.embedding.weight
+    reference = reference_encode(x.double(), table.double(), 2, 5, 8, 3, 40, "linear")
+    (expected,) = torch.autograd.grad((reference * weights).sum(), table)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = enc(x)
+        (got,) = torch.autograd.grad((out.double() * weights).sum(), table)
+    finally:
+        torch.set_num_threads(before)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out.double(), reference.detach(), **tol)
+    torch.testing.assert_close(got.double(), expected.double(), **tol)
+
+
 def test_output_layout_and_gradients_in_any_layout():
     """Eager output has the strides of a transposed (output_dim, N) matrix; the gradient may
     arrive in that layout (from nn.Linear), row-major (an elementwise loss) or strided."""
