@@ -65,8 +65,8 @@ def default_finest_resolution(width: int, height: int, base_resolution: int) -> 
 
 def default_log2_hashmap_size(width: int, height: int) -> int:
     """T grows with the image: about one table row per 16 pixels per level, from 2**14 to
-    the paper's gigapixel 2**24. Albert (3250 x 4333): 2**20, which reaches 40.7 dB in 120 s
-    on 2 CPU cores where 2**19 reaches 39.8 (fewer collisions on the fine levels outweigh
+    the paper's gigapixel 2**24. Albert (3250 x 4333): 2**20, which reaches 40.6-41.3 dB in 120
+    s on 2 CPU cores where 2**19 reaches 39.8 (fewer collisions on the fine levels outweigh
     the slower, less cache-friendly steps)."""
     return min(24, max(14, round(math.log2(width * height / 16))))
 

@@ -54,7 +54,7 @@ PREVIEW_PANEL = 1024                   # long side of each preview panel; 2 side
 PREVIEW_CROP_MIN = 256                 # minimum height of the native-resolution crop
 GIF_MAX_SIDE = 1024                    # GIF frames are halved previews: a few MB, not tens
 GPU_BATCH_SIZE = 2 ** 18               # the paper's batch
-CPU_BATCH_SIZE = 2 ** 16               # 2 cores, albert, 120 s: 40.6 dB (T = 2^19: 2^16 39.8, 2^15 40.2)
+CPU_BATCH_SIZE = 2 ** 16               # 2 cores, albert, 120 s: 41.3 dB (T = 2^19: 2^16 39.8, 2^15 40.2)
 CPU_VAL_EVERY, GPU_VAL_EVERY = 250, 1000  # a 2^22-pixel score costs ~25 CPU steps
 CKPT_MINUTES = 10.0                    # last.ckpt refreshed this often: bounds lost work in time
 GPU_LOSS_CHECK_EVERY = 20              # steps between NaN checks on a GPU (each one waits for it)
