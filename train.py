@@ -582,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="features per level F (default: %(default)s)")
     p.add_argument("--log2_hashmap_size", type=cli.integer(1, 31), default=None,
                    help="log2 of the table size T per level, 1..31 (default: by image size, "
-                   "round(log2(pixels / 16)) within 14..24; albert: 20)")
+                   "round(log2(pixels / 16)) within 19..24; albert: 20)")
     p.add_argument("--base_resolution", type=cli.integer(1), default=FieldConfig.base_resolution,
                    help="coarsest grid resolution N_min (default: %(default)s)")
     p.add_argument("--finest_resolution", type=parse_resolution, default=None,

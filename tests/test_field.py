@@ -31,10 +31,10 @@ def test_config_defaults_are_the_papers_image_setup():
     assert (config.n_levels, config.n_features_per_level, config.log2_hashmap_size,
             config.base_resolution, config.hidden_width, config.hidden_layers) == (16, 2, 20, 16,
                                                                                   64, 2)
-    # T by image size: log2(pixels / 16) rounded, within 2**14 .. 2**24
+    # T by image size: log2(pixels / 16) rounded, within 2**19 .. 2**24
     assert [FieldConfig(w, h, 3).log2_hashmap_size for w, h in
-            ((512, 600), (3250, 4333), (28359, 10725), (56718, 21450))] == [14, 20, 24, 24]
-    assert FieldConfig(2048, 2048, 3).log2_hashmap_size == 18
+            ((512, 600), (3250, 4333), (4096, 8192), (28359, 10725), (56718, 21450))] == [
+                19, 20, 21, 24, 24]
     field = config.build()
     assert field.encoder.resolutions[-1] == (1625, 2166)
     assert [m.out_features for m in field.mlp if isinstance(m, torch.nn.Linear)] == [64, 64, 3]
