@@ -44,6 +44,9 @@ class Field(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.periodic = periodic
+        # which coordinates wrap (x, y): a buffer, so it follows .to(device), made once
+        self.register_buffer("wraps", torch.tensor(["x" in periodic, "y" in periodic]),
+                             persistent=False)
         layers, width = [], encoded_dim
         for _ in range(hidden_layers):
             layers += [nn.Linear(width, hidden_width), nn.ReLU(inplace=True)]
@@ -53,8 +56,7 @@ class Field(nn.Module):
 
     def forward(self, xy: torch.Tensor) -> torch.Tensor:
         if self.periodic:
-            wrap = torch.tensor(["x" in self.periodic, "y" in self.periodic], device=xy.device)
-            xy = torch.where(wrap, torch.remainder(xy, 1.0), xy)
+            xy = torch.where(self.wraps, torch.remainder(xy, 1.0), xy)
         return self.mlp(self.encoder(xy))
 
 

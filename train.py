@@ -188,8 +188,8 @@ class ImageFit(pl.LightningModule):
         done = self.global_step / max_steps if max_steps and max_steps > 0 else 0.0
         if self.max_time is not None:
             done = max(done, self.clock.seconds() / self.max_time)
-        if self.trainer is not None and self.trainer.world_size > 1:
-            done = float(self.trainer.strategy.broadcast(done, src=0))
+            if self.trainer is not None and self.trainer.world_size > 1:   # clocks differ
+                done = float(self.trainer.strategy.broadcast(done, src=0))
         return min(1.0, done)
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -268,6 +268,14 @@ class Interrupted(BaseException):
         self.signum, self.status = signum, 128 + signum
 
 
+def any_rank(trainer, *flags: bool):
+    """Each flag OR-ed over all ranks, in one all-reduce (none on a single device)."""
+    if trainer.world_size == 1:
+        return flags
+    votes = torch.tensor(flags, dtype=torch.float32, device=trainer.strategy.root_device)
+    return tuple(bool(v) for v in trainer.strategy.reduce(votes, reduce_op="sum") > 0)
+
+
 class KeepWork(pl.Callback):
     """Bounds what a long run can lose, and stops it cleanly when asked to.
 
@@ -315,17 +323,17 @@ class KeepWork(pl.Callback):
         bad = ~torch.isfinite(loss.detach())
         self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
         save_step = self.every_steps > 0 and step % self.every_steps == 0
-        save_time = time.monotonic() - self._last_save >= 60 * self.minutes
-        strategy = trainer.strategy
-        # one decision for all ranks, so that they save and stop at the same step
-        save_time = strategy.reduce_boolean_decision(save_time, all=False)
+        # one decision for all ranks (one all-reduce under DDP), so that they save and stop
+        # at the same step
+        save_time, stop = any_rank(trainer, time.monotonic() - self._last_save
+                                   >= 60 * self.minutes, self.signal is not None)
         if save_step or save_time or step % self.check_every == 0:
             self.check_finite(trainer, pl_module)
         if save_step:
             self.save(trainer, os.path.join(self.ckpt_dir, f"step={step}.ckpt"))
         if save_time:
             self.save(trainer, os.path.join(self.ckpt_dir, "last.ckpt"))
-        if strategy.reduce_boolean_decision(self.signal is not None, all=False):
+        if stop:
             trainer.should_stop = True
 
     def check_finite(self, trainer, pl_module, weights: bool = False):
