@@ -24,7 +24,7 @@ import cli
 from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, ImageError,
                     atomic_output, available_memory, check_free_space, extension,
                     linear_to_uint8, open_image, pil_rows, pixel_mode, read_image,
-                    srgb_to_linear, to_linear, write_image)
+                    same_file, srgb_to_linear, to_linear, write_image)
 
 # Resampling filters: PIL filter and its kernel radius in source pixels at scale 1.
 # "box" averages each output pixel's exact footprint (area-correct, and what JPEG draft
@@ -312,9 +312,7 @@ def _check_output(input_path, output_path, dtype):
         raise ImageError(output_path, "--dtype float16 needs a .npy output")
     if os.path.isdir(output_path):
         raise ImageError(output_path, "is a folder")
-    same = os.path.realpath(input_path) == os.path.realpath(output_path) or (
-        os.path.exists(output_path) and os.path.samefile(input_path, output_path))
-    if same:
+    if same_file(input_path, output_path):
         raise ImageError(output_path, "output would overwrite the input; choose another -o")
 
 

@@ -90,6 +90,13 @@ def atomic_output(path):
             os.remove(partial)
 
 
+def same_file(a, b):
+    """Whether two paths name one file (also through symbolic or hard links); either may not
+    exist yet. Outputs use it to refuse to replace their input."""
+    return os.path.realpath(a) == os.path.realpath(b) or (
+        os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
 def check_free_space(path, nbytes, what="output"):
     """ImageError unless the file system holding `path` has `nbytes` free (memory-mapped or
     sparse writes would otherwise die with SIGBUS, or fill the disk hours into a run)."""

@@ -699,12 +699,6 @@ def check_resume(ckpt_path: str, config: FieldConfig, source_name: str, digest: 
     return int(ckpt.get("global_step", 0))
 
 
-def same_file(a: str, b: str) -> bool:
-    """Whether two paths name one file (also through links), the second perhaps not yet made."""
-    return os.path.realpath(a) == os.path.realpath(b) or (
-        os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
-
-
 def check_writable_folder(folder: str, flag: str) -> None:
     """UsageError now, not hours later, unless files can be created in `folder` (made here)."""
     try:
@@ -724,7 +718,7 @@ def check_export(path: str, source_path: str) -> None:
                          + " ".join(images.EXTENSIONS))
     if os.path.isdir(path):
         raise UsageError(f"--export {path}: is a folder")
-    if same_file(path, source_path):
+    if images.same_file(path, source_path):
         raise UsageError(f"--export {path}: would overwrite the input image; choose another name")
     check_writable_folder(os.path.dirname(os.path.abspath(path)), "--export")
 
