@@ -57,7 +57,26 @@ class Field(nn.Module):
     def forward(self, xy: torch.Tensor) -> torch.Tensor:
         if self.periodic:
             xy = torch.where(self.wraps, torch.remainder(xy, 1.0), xy)
-        return self.mlp(self.encoder(xy))
+        hidden = self.mlp[:-1](self.encoder(xy))
+        output = self.mlp[-1]
+        if hidden.dtype != output.weight.dtype:
+            # under autocast (train.py --precision bf16-mixed) the hidden layers ran in
+            # bfloat16; the colour itself is computed in float32, since bfloat16's 8 bits
+            # would round it to about half an 8-bit level (albert at step 1000: 41.3 dB this
+            # way, 40.9 with a bfloat16 output layer; 41.4 all float32). A tiny matmul.
+            with torch.autocast(hidden.device.type, enabled=False):
+                return output(hidden.to(output.weight.dtype))
+        return output(hidden)
+
+
+    @torch.no_grad()
+    def start_at(self, colour: torch.Tensor) -> None:
+        """Sets the output layer's bias to `colour` (C,) (linear light): the untrained field
+        then predicts about that colour everywhere (the small random MLP adds a little), and
+        training starts from the image's mean colour instead of from a random offset
+        (albert, 150 steps, seeds 0 / 2: 36.5 / 36.7 dB, against 36.0 / 33.7)."""
+        bias = self.mlp[-1].bias
+        bias.copy_(colour.to(bias.device, bias.dtype))
 
 
 def default_finest_resolution(width: int, height: int, base_resolution: int) -> List[int]:

@@ -85,6 +85,15 @@ class PixelSource:
         self.lut = torch.tensor(images.SRGB_TO_LINEAR_LUT, dtype=torch.float32)
         self.device = self.pixels.device
 
+    def mean_colour(self, max_pixels: int = 1 << 20) -> torch.Tensor:
+        """(C,) float32 mean linear colour, over an even grid of at most about `max_pixels`
+        pixels (whole rows of a memory-mapped source are read, never all of it)."""
+        step = max(1, math.isqrt(self.height * self.width // max_pixels))
+        grid = np.asarray(self.array[::step, ::step]).reshape(-1, self.channels)
+        counts = np.stack([np.bincount(grid[:, c], minlength=256) for c in range(self.channels)])
+        lut = self.lut.cpu().double().numpy()
+        return torch.from_numpy(counts @ lut / len(grid)).float()
+
     def to(self, device) -> "PixelSource":
         """Batches go to `device`; the pixels go there too when they fit, else they stay in
         host memory and each batch is gathered there."""

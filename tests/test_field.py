@@ -73,6 +73,20 @@ def test_a_checkpoint_from_before_field_py_resumes(tmp_path):
     assert resumed["global_step"] == 5
     assert resumed["hyper_parameters"]["field"] == read_checkpoint(OLD_CKPT)[
         "hyper_parameters"]["field"]
+    # saved with two groups (tables and MLP biases together), resumed with three
+    saved_groups = read_checkpoint(OLD_CKPT)["optimizer_states"][0]["param_groups"]
+    assert [len(g["params"]) for g in saved_groups] == [3, 4]
+    groups = resumed["optimizer_states"][0]["param_groups"]
+    assert [len(g["params"]) for g in groups] == [3, 1, 3]
+    assert [g["base_lr"] for g in groups] == [3e-3, 1e-2, 3e-3]
+    table = resumed["state_dict"]["field.encoder.embedding.weight"]
+    moments = resumed["optimizer_states"][0]["state"][groups[1]["params"][0]]["exp_avg"]
+    assert moments.shape == table.shape            # the tables' Adam state came along
+    # saved unfused, resumed with this device's fused Adam
+    assert all(group.get("fused") is None
+               for group in read_checkpoint(OLD_CKPT)["optimizer_states"][0]["param_groups"])
+    assert all(group["fused"] == train.fused_adam(torch.device("cpu"))
+               for group in resumed["optimizer_states"][0]["param_groups"])
 
 
 def test_weights_are_checked_against_the_config_before_anything_is_built(tmp_path):
@@ -126,3 +140,33 @@ def test_render_runs_without_lightning():
     code = "import sys, render, field; print(any(m.startswith('lightning') for m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_output_layer_stays_float32_under_autocast():
+    torch.manual_seed(0)
+    field = FieldConfig(width=64, height=48, channels=3, log2_hashmap_size=12).build()
+    with torch.no_grad():
+        field.encoder.embedding.weight.uniform_(-1, 1)
+    xy = torch.rand(500, 2)
+    with torch.no_grad():
+        full = field(xy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = field(xy)
+            hidden = field.mlp[:-1](field.encoder(xy))
+    assert hidden.dtype == torch.bfloat16 and mixed.dtype == torch.float32
+    # the output layer itself ran in float32 on the bfloat16 hidden features
+    output = field.mlp[-1]
+    expected = hidden.double() @ output.weight.double().t() + output.bias.double()
+    assert torch.allclose(mixed.double(), expected, rtol=0, atol=1e-6)
+    assert torch.allclose(mixed, full, atol=0.05) and not torch.equal(mixed, full)
+
+
+def test_start_at_sets_the_untrained_colour():
+    torch.manual_seed(0)
+    field = FieldConfig(width=64, height=48, channels=3, log2_hashmap_size=12).build()
+    colour = torch.tensor([0.1, 0.4, 0.9])
+    field.start_at(colour)
+    assert torch.equal(field.mlp[-1].bias.detach(), colour)
+    with torch.no_grad():       # a fresh table is ~1e-4: the MLP adds only its bias paths
+        prediction = field(torch.rand(1000, 2))
+    assert (prediction - colour).abs().max() < 0.3

@@ -114,6 +114,35 @@ def test_psnr_probe_counts_squared_8bit_errors(max_pixels):
         10 * np.log10(255 ** 2 * values.size / expected))
 
 
+def test_mean_colour_against_a_float64_reference():
+    source = smooth_image(40, 60)
+    image = pixels.PixelSource(source)
+    lut = np.asarray(images.SRGB_TO_LINEAR_LUT, np.float64)
+    assert image.mean_colour().numpy() == pytest.approx(lut[source].mean((0, 1)), abs=1e-6)
+    # a grid of at most ~max_pixels: every 3rd row and column here
+    assert image.mean_colour(max_pixels=250).numpy() == pytest.approx(
+        lut[source[::3, ::3]].mean((0, 1)), abs=1e-6)
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    assert train.resolve_precision("32-true", "cpu") == "32-true"
+    assert train.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native,
+                            raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert train.resolve_precision("auto", "cpu") == expected
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args: native)
+        assert train.resolve_precision("auto", "gpu") == expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")     # an older torch
+    assert train.resolve_precision("auto", "cpu") == "32-true"
+
+
+def test_fused_adam_where_torch_has_it():
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    assert train.fused_adam(torch.device("cpu")) == ((major, minor) >= (2, 4))
+
+
 # --- training through the command line ------------------------------------------------------
 
 def test_fit_reaches_psnr_a_guess_cannot(tmp_path):
@@ -136,6 +165,22 @@ def test_fit_reaches_psnr_a_guess_cannot(tmp_path):
     header = metrics[0].split(",")
     logged = [row.split(",") for row in metrics[1:] if row.split(",")[header.index("val/psnr")]]
     assert [int(r[header.index("step")]) for r in logged] == [100, 200]
+
+
+def test_bf16_mixed_trains_and_scores_in_float32(tmp_path):
+    source = smooth_image()
+    path = save_png(tmp_path / "waves.png", source)
+    summary = fit(tmp_path, path, "--max_steps", "150", "--val_every", "150",
+                  "--precision", "bf16-mixed")
+    assert summary["psnr"] > 30
+    field, _ = load_field(summary["checkpoint"])
+    assert field.encoder.embedding.weight.dtype == torch.float32      # master weights
+    err = ((render.render_region(field, 80, 48).astype(np.int64) - source) ** 2).sum()
+    # the logged score is the float32 render's, not the bfloat16 forward's
+    assert pixels.psnr_from_sse(err, source.size) == pytest.approx(summary["psnr"], abs=1e-3)
+    optimizer = torch.load(summary["checkpoint"], weights_only=True)["optimizer_states"][0]
+    assert all(group["fused"] == train.fused_adam(torch.device("cpu"))
+               for group in optimizer["param_groups"])
 
 
 def test_resume_continues_from_saved_step(tmp_path):
@@ -315,11 +360,16 @@ def test_learning_rate_schedule_by_hand():
 
 def test_the_run_follows_the_schedule(tmp_path):
     path = save_png(tmp_path / "waves.png", smooth_image())
-    summary = fit(tmp_path, path, "--max_steps", "8", "--lr", "0.02", "--ckpt_every", "4")
+    summary = fit(tmp_path, path, "--max_steps", "8", "--lr", "0.02", "--mlp_lr", "0.004",
+                  "--ckpt_every", "4")
     groups = torch.load(summary["checkpoint"], weights_only=True)["optimizer_states"][0][
         "param_groups"]
+    # groups: MLP weights, tables, MLP biases; only the weights are L2-regularised
+    assert [len(g["params"]) for g in groups] == [3, 1, 3]
+    assert [g["weight_decay"] for g in groups] == [1e-6, 0.0, 0.0]
     # the last step (index 7 of 8) ran at progress 7/8; step 4's checkpoint at 3/8
-    assert [g["lr"] for g in groups] == [pytest.approx(train.learning_rate(0.02, 7 / 8))] * 2
+    assert [g["lr"] for g in groups] == [pytest.approx(train.learning_rate(base, 7 / 8))
+                                         for base in (0.004, 0.02, 0.004)]
     halfway = torch.load(os.path.join(summary["log_dir"], "checkpoints", "step=4.ckpt"),
                          weights_only=True)["optimizer_states"][0]["param_groups"]
-    assert halfway[0]["lr"] == 0.02
+    assert [g["lr"] for g in halfway] == [0.004, 0.02, 0.004]
