@@ -87,9 +87,9 @@ def default_finest_resolution(width: int, height: int, base_resolution: int) -> 
 def default_log2_hashmap_size(width: int, height: int) -> int:
     """T grows with the image: about one table row per 16 pixels per level, from 2**19 (the
     paper's default; smaller tables cost small images PSNR: grace_hopper at 2**14 fits to
-    31.1 dB in 500 steps, at 2**19 to 32.0) to the paper's gigapixel 2**24. Albert (3250 x 4333): 2**20, which reaches 40.6-41.3 dB in 120
-    s on 2 CPU cores where 2**19 reaches 39.8 (fewer collisions on the fine levels outweigh
-    the slower, less cache-friendly steps)."""
+    31.1 dB in 500 steps, at 2**19 to 32.0) to the paper's gigapixel 2**24. Albert (3250 x
+    4333): 2**20, which reached 40.6-41.3 dB in 120 s on 2 CPU cores where 2**19 reached 39.8
+    (fewer collisions on the fine levels outweigh the slower, less cache-friendly steps)."""
     return min(24, max(19, round(math.log2(width * height / 16))))
 
 

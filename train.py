@@ -55,7 +55,7 @@ PREVIEW_PANEL = 1024                   # long side of each preview panel; 2 side
 PREVIEW_CROP_MIN = 256                 # minimum height of the native-resolution crop
 GIF_MAX_SIDE = 1024                    # GIF frames are halved previews: a few MB, not tens
 GPU_BATCH_SIZE = 2 ** 18               # the paper's batch
-CPU_BATCH_SIZE = 2 ** 16               # 2 cores, albert, 120 s: 41.3 dB (T = 2^19: 2^16 39.8, 2^15 40.2)
+CPU_BATCH_SIZE = 2 ** 16               # 2 cores, albert, 120 s: 42.1 dB
 CPU_VAL_EVERY, GPU_VAL_EVERY = 250, 1000  # a 2^22-pixel score costs ~25 CPU steps
 CKPT_MINUTES = 10.0                    # last.ckpt refreshed this often: bounds lost work in time
 GPU_LOSS_CHECK_EVERY = 20              # steps between NaN checks on a GPU (each one waits for it)
@@ -697,7 +697,8 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     GPUs that support it; CPUs with AVX512-BF16 or AMX), else "32-true". Under bf16-mixed
     the hidden layers' matmuls run in bfloat16 (the paper runs its MLP in half precision);
     the table, the encoding, the output layer, the loss, the weights and Adam stay float32.
-    Albert on 2 AVX512-BF16 cores: 77 vs 129 ms per step, and 41.3 vs 41.4 dB at step 1000.
+    Albert on 2 AVX512-BF16 cores: 77 vs 129 ms per step, 41.3 vs 41.4 dB at step 1000 (one
+    thread, MLP rate 1e-2).
     Emulated bfloat16 would be slower than float32, hence the hardware test."""
     if precision != "auto":
         return precision
