@@ -370,6 +370,12 @@ class _LevelGroup(nn.Module):
                 self._buffers[name] = self._host[name].to(device)
         return self
 
+    def row_span(self, first: int, stop: int) -> Tuple[int, int]:
+        """(first row, end row) of levels first..stop-1, counted from rows_start."""
+        offsets = self._host["offset"].view(-1).tolist()
+        end = offsets[stop] if stop < len(offsets) else self.rows_stop - self.rows_start
+        return offsets[first], end
+
     def op_args(self) -> Tuple[List[Optional[torch.Tensor]], List[int]]:
         """(tensors, ints) in TENSORS / STATICS order, for the custom op's schema."""
         return ([getattr(self, name) for name in self.TENSORS],
@@ -443,7 +449,7 @@ class MultiResHashGrid(nn.Module):
     points), so consecutive passes find a level's table in cache and temporaries stay small.
     Row indices are int32 (int64 for tables of 2**31 rows or more) and feature pairs are
     handled as complex numbers. Gathers run on all intra-op threads, and so does the table
-    gradient of hashed levels (one level per thread). GPUs and torch.compile take each group
+    gradient (one level per thread). GPUs and torch.compile take each group
     of levels in one pass (of chunk_size points if set); under torch.compile the table
     gradient runs the eager CPU path as the custom op ``hashgrid::table_grad_v4`` (torch >=
     2.4). CPU_PASSES = False makes a CPU take the GPU branch too (to test it without a GPU).
@@ -809,21 +815,20 @@ class _Passes:
 
 
 def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
-                wide: bool = False, fold_offset: bool = True):
+                offset: Optional[torch.Tensor], wide: bool = False):
     """Per-axis pieces of every corner's row index, and the positions inside the cells.
 
     xt: (D, n), levels first..stop-1 of group (G of them) -> terms: D pairs (t0, t1) of
     (G, n) integers, the axis' share of the row index of the lower / upper vertex (combined
-    over axes by _combine), with the level offset folded into axis 0 (one op per axis rather
-    than one per corner; for hashed levels the offset is a multiple of T and the terms are
-    < T, so XOR adds it); fracs: D tensors (G, n) in [0, 1]. wide: int64 terms (what
-    gather / scatter_add_ take). fold_offset=False: rows within each level (hashed groups:
-    for scatter_add_ into a (G, T) view, _per_level).
+    over axes by _combine), with offset (G, 1), each level's first row in the rows indexed,
+    folded into axis 0 (one op per axis rather than one per corner; for hashed levels the
+    offset is a multiple of T and the terms are < T, so XOR adds it); offset None: rows
+    within each level. fracs: D tensors (G, n) in [0, 1]. wide: int64 terms (what gather /
+    scatter_add_ take).
     """
     scale, mult = group.scale[:, first:stop], group.mult[:, first:stop]
-    offset = group.offset[first:stop]
     max_cell = group.max_cell[:, first:stop] if group.max_cell is not None else None
-    index_dtype, mask = offset.dtype, group.hash_mask
+    index_dtype, mask = group.offset.dtype, group.hash_mask
     if wide:   # int64 arithmetic costs less than a copy of each corner's index to int64
         index_dtype = torch.int64
     terms, fracs = [], []
@@ -831,7 +836,7 @@ def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
         cell, frac = _cell_and_frac(xt[d], scale[d], group.shift, group.tcnn,
                                     max_cell[d] if max_cell is not None else None)
         fracs.append(frac)
-        fold = d == 0 and group.rows is None and fold_offset  # (tcnn: offset after wrap)
+        fold = d == 0 and group.rows is None and offset is not None  # (tcnn: after the wrap)
         upper = None                              # the upper vertex, when it is not cell + 1
         if (group.periodic_bits >> d) & 1:             # vertex v is v mod N (N = scale, paper)
             period = scale[d].to(cell.dtype)
@@ -892,17 +897,17 @@ def _for_each_corner(terms, factors, hashed: bool, wrap, visit: Callable, d: int
                          next_index, next_weight)
 
 
-def _corner_setup(xt, group: _LevelGroup, first: int, stop: int, wide: bool = False,
-                  fold_offset: bool = True):
-    """(terms, factors, wrap) of a pass: factors per axis from _interpolation_weights, None
-    for "nearest" (one vertex at full weight)."""
-    terms, fracs = _axis_terms(xt, group, first, stop, wide, fold_offset)
+def _corner_setup(xt, group: _LevelGroup, first: int, stop: int,
+                  offset: Optional[torch.Tensor], wide: bool = False):
+    """(terms, factors, wrap) of a pass (offset, wide: see _axis_terms): factors per axis from
+    _interpolation_weights, None for "nearest" (one vertex at full weight)."""
+    terms, fracs = _axis_terms(xt, group, first, stop, offset, wide)
     factors = None
     if group.interpolation != "nearest":
         factors = [_interpolation_weights(frac, group.interpolation) for frac in fracs]
     wrap = None
     if group.rows is not None:
-        wrap = (group.rows[first:stop], group.offset[first:stop])
+        wrap = (group.rows[first:stop], offset)
     return terms, factors, wrap
 
 
@@ -922,7 +927,8 @@ def _encode_group(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, fir
     # gather along dim 1 of the rows expanded to (threads, R), the lookups split among them,
     # runs on all cores where index_select is serial (2**16 lookups, 2 cores: 40 vs 62-73 us)
     lanes = torch.get_num_threads() if packed else 1
-    terms, factors, wrap = _corner_setup(xt, group, first, stop, lanes > 1)
+    terms, factors, wrap = _corner_setup(xt, group, first, stop, group.offset[first:stop],
+                                         lanes > 1)
     out = []
 
     def accumulate(corner, index, weight):
@@ -971,42 +977,57 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
     # Written through its (N, L, F) view: the order inductor vectorises well.
     per_level = out.view(n_points, n_levels, n_features)
     xt = x.t().contiguous()                                                   # (D, N)
+    nan = _any_nan(nan, passes)
     for group, first, stop, lo, hi in passes.split(n_points):
         values = _encode_group(xt[:, lo:hi], table, group, first, stop, fast, acc_dtype)
         values = values.transpose(0, 1)                                         # (n, G, F)
         # NaN rows masked before the write, which inductor fuses
-        levels = slice(group.start + first, group.start + stop)
-        per_level[lo:hi, levels] = values.masked_fill(nan[lo:hi, None, None], float("nan"))
+        if nan is not None:
+            values = values.masked_fill(nan[lo:hi, None, None], float("nan"))
+        per_level[lo:hi, group.start + first:group.start + stop] = values
     return out
+
+
+def _any_nan(nan: torch.Tensor, passes: _Passes) -> Optional[torch.Tensor]:
+    """nan (N,), or None when the CPU passes can tell at once that no point is NaN (the
+    usual case: a masked copy per pass saved, 3 ms of an albert training step). Elsewhere
+    the flags are always applied: asking would make a GPU wait, and a traced graph branch."""
+    if passes.cpu_passes and not bool(nan.any()):
+        return None
+    return nan
 
 
 def _backward_group(xt, table, group: _LevelGroup, first: int, stop: int, fast: bool,
                     g_planes, nan, grad_table, grad_xt, need_x: bool):
     """Adds the gradients of the group's levels first..stop-1 for points xt (D, n), given
     g_planes = dL/dfeatures (G, F, n) (a view of the caller's gradient; points flagged in
-    nan (n,) are skipped), to grad_table (R, F) and to grad_xt (D, n)."""
+    nan (n,) are skipped, None: no point is), to grad_table (R, F) and to grad_xt (D, n)."""
     n_dims, n_features = xt.shape[0], g_planes.shape[1]
     group_table = table[group.rows_start:group.rows_stop]
     group_grad = None
     if grad_table is not None:
         group_grad = grad_table[group.rows_start:group.rows_stop]
     packed = fast and group_grad is not None and _packable(group_grad, g_planes.dtype)
-    level_rows = None
+    level_rows, offset = None, group.offset[first:stop]
     # one copy of the gradient, straight into the packed form, NaN points zeroed (was 2 copies)
     if packed:
         g_rows = (torch.complex(g_planes[:, 0], g_planes[:, 1]) if n_features == 2
-                  else g_planes[:, 0].clone()).masked_fill_(nan, 0.0)             # (G, n)
+                  else g_planes[:, 0].clone())                                    # (G, n)
+        if nan is not None:
+            g_rows.masked_fill_(nan, 0.0)
         grad_rows, g = _pack(group_grad), _unpack(g_rows)                        # (R,), (G, n, F)
         if not need_x:
             # scatter_add_ along dim 1 of this (G, T) view runs the levels on all cores
             # (2 levels x 2**15 points on 2 cores: 0.67 vs 1.46 ns/lookup)
-            level_rows = _per_level(grad_rows, group, first, stop)
-    terms, factors, wrap = _corner_setup(xt, group, first, stop, level_rows is not None,
-                                         level_rows is None)
+            level_rows, offset = _per_level(grad_rows, group, first, stop)
+    terms, factors, wrap = _corner_setup(xt, group, first, stop, offset,
+                                         level_rows is not None)
     need_x = need_x and factors is not None   # "nearest" is piecewise constant: d/dx = 0
     grad_frac = [None] * n_dims
     if not packed:
-        g = g_planes.transpose(1, 2).masked_fill(nan[:, None], 0.0)              # (G, n, F)
+        g = g_planes.transpose(1, 2)                                             # (G, n, F)
+        if nan is not None:
+            g = g.masked_fill(nan[:, None], 0.0)
 
     # Under torch.compile, in-place adds into a view of the gradient would each be turned into
     # a copy of the whole table: collect all corners and add them in one out-of-place op.
@@ -1080,16 +1101,18 @@ def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool, nee
     if need_x:
         grad_xt = torch.zeros(x.shape[::-1], dtype=grad_out.dtype, device=x.device)   # (D, N)
     xt = x.t().contiguous()
-    # one hashed level per intra-op thread in each pass: its table gradient's scatter_add_
-    # then runs on all cores (_backward_group; 2-D fwd+bwd 1.11x, 3-D 1.15x with the gathers)
+    nan = _any_nan(nan, passes)
+    # one level per intra-op thread in each pass: the table gradient's scatter_add_ then runs
+    # on all cores (_backward_group, _per_level)
     min_levels = 1
     if fast and need_table and not need_x:
-        hashed = [g.stop - g.start for g in passes.groups if g.hashed]
-        min_levels = max(min(torch.get_num_threads(), max(hashed, default=1)), 1)
+        most = max(g.stop - g.start for g in passes.groups)
+        min_levels = max(min(torch.get_num_threads(), most), 1)
     for group, first, stop, lo, hi in passes.split(n_points, min_levels):
         levels = slice(group.start + first, group.start + stop)
         _backward_group(xt[:, lo:hi], table, group, first, stop, fast,
-                        grad_planes[levels, :, lo:hi], nan[lo:hi], grad_table,
+                        grad_planes[levels, :, lo:hi], None if nan is None else nan[lo:hi],
+                        grad_table,
                         grad_xt[:, lo:hi] if need_x else None, need_x)
     grad_x = grad_xt.t().to(x.dtype) if need_x else None
     if need_table:
@@ -1123,15 +1146,27 @@ def _gather(table: torch.Tensor, index: torch.Tensor, fast: bool) -> torch.Tenso
 
 
 def _per_level(rows: torch.Tensor, group: _LevelGroup, first: int, stop: int
-               ) -> Optional[torch.Tensor]:
-    """The packed rows (R,) of a hashed group as a (G, T) view of its levels first..stop-1,
-    else None. Gathers / scatter-adds along dim 1 of it (with per-level row indices: the
-    fold_offset=False of _axis_terms) run one level per intra-op thread, where 1-D ones are
-    serial."""
-    n_rows = group.hash_mask + 1
-    if not group.hashed or rows.shape[0] != (group.stop - group.start) * n_rows:
-        return None
-    return rows.view(-1, n_rows)[first:stop]
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(view, shift): the packed rows (R,) of a group as a (G, W) view whose row g holds level
+    first + g, and shift (G, 1), added to a level's own row numbers to index its view row
+    (None: no shift). Gathers / scatter-adds along dim 1 of the view run one level per
+    intra-op thread, where 1-D ones are serial (a hashed pair of levels x 2**15 points on 2
+    cores: 0.67 vs 1.46 ns per lookup; albert's dense levels: 0.17 vs 1.0 ms).
+
+    Row g starts s * g rows after the first level's first row: levels of T rows each (hashed)
+    take s = T, so each view row is exactly its level (no shift). Levels of any sizes (dense)
+    take s = 1: the view rows then overlap in memory, but level g's rows, at shift_g = (its
+    offset - the first level's) - g in its view row, are its own, so the threads' writes never
+    meet, and the levels stay summed serially each (deterministic)."""
+    n_levels, n_rows = stop - first, group.hash_mask + 1
+    if group.hashed and rows.shape[0] == (group.stop - group.start) * n_rows:
+        return rows.view(-1, n_rows)[first:stop], None
+    start, end = group.row_span(first, stop)
+    view = rows.as_strided((n_levels, end - start - (n_levels - 1)), (1, 1),
+                           rows.storage_offset() + start)
+    offset = group.offset[first:stop]
+    steps = torch.arange(n_levels, dtype=offset.dtype, device=offset.device).unsqueeze(1)
+    return view, offset - start - steps
 
 
 def _packable(table: torch.Tensor, acc_dtype: torch.dtype) -> bool:

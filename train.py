@@ -19,6 +19,7 @@ render.py shares); nothing imports this file.
 """
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import math
 import os
@@ -124,6 +125,22 @@ def learning_rate(base: float, progress: float, schedule: str = "decay") -> floa
         return base
     t = min(1.0, (progress - LR_DECAY_START) / (1.0 - LR_DECAY_START))
     return base * LR_DECAY_FINAL ** t
+
+
+def keep_freed_memory() -> bool:
+    """glibc only: serve every allocation from the heap and keep what is freed there, rather
+    than mapping fresh pages for each large tensor and unmapping them when it is freed. A CPU
+    step's large temporaries (the 34 MB table gradient, 16 MB activations) then reuse memory
+    instead of page-faulting it in every step: albert on 2 cores, 66-68 vs 72-73 ms per step.
+    The process keeps its peak memory until it exits. False (nothing done) elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    return all(mallopt(option, value) == 1 for option, value in
+               ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 2**28)))
 
 
 def fused_adam(device: torch.device) -> bool:
@@ -875,6 +892,8 @@ def run(args, callbacks=(), argv=()) -> dict:
     """Train as `args` say; returns a summary dict (rank 0 fills psnr/paths). `argv`: the
     command line, for the resume hint printed when a signal stops the run."""
     accelerator = resolve_accelerator(args)
+    if accelerator == "cpu":
+        keep_freed_memory()
     path = args.input or sample_image_path()
     source = load_source(path)
     height, width, channels = source.shape

@@ -531,9 +531,10 @@ def test_chunked_passes_match_one_pass():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpu_passes_on_any_thread_count(threads, dtype):
-    """CPU passes split each gather among the intra-op threads and scatter the hashed levels'
-    table gradient one level per thread (passes of `threads` levels): the results must not
-    depend on the thread count, nor on point counts that do not divide among the threads."""
+    """CPU passes split each gather among the intra-op threads and scatter the table gradient
+    one level per thread (passes of `threads` levels: at 3 threads, a pass of 3 dense levels
+    of 16, 36 and 121 rows, through overlapping view rows): the results must not depend on
+    the thread count, nor on point counts that do not divide among the threads."""
     enc = make(2, n_levels=5, log2_t=8, base=3, finest=40, dtype=dtype)   # dense and hashed
     enc.CPU_LOOKUPS_PER_PASS = 128   # several passes per level
     x = torch.rand(301, 2, dtype=dtype)
@@ -916,3 +917,18 @@ def test_device_branch_tcnn_periodic_and_float32(monkeypatch):
     expected = reference_encode(x, periodic.embedding.weight.detach(), 2, 4, 8, 2, 30, "linear",
                                 (False, True))
     torch.testing.assert_close(periodic(x), expected, atol=1e-6, rtol=0)
+
+
+def test_nan_points_add_nothing_to_the_table_gradient():
+    # the float32 CPU passes skip the NaN masking when no point is NaN: with one, it applies
+    enc = make(2, dtype=torch.float32)
+    x = torch.rand(50, 2)
+    weights = torch.randn(50, enc.output_dim)
+    with_nan = x.clone()
+    with_nan[7, 1] = float("nan")
+    keep = torch.arange(50) != 7
+    table = enc.embedding.weight
+    (got,) = torch.autograd.grad((enc(with_nan)[keep] * weights[keep]).sum(), table)
+    (expected,) = torch.autograd.grad((enc(x[keep]) * weights[keep]).sum(), table)
+    assert torch.isnan(enc(with_nan)[7]).all()
+    torch.testing.assert_close(got, expected)
