@@ -57,8 +57,10 @@ class Field(nn.Module):
     def forward(self, xy: torch.Tensor) -> torch.Tensor:
         if self.periodic:
             xy = torch.where(self.wraps, torch.remainder(xy, 1.0), xy)
-        hidden = self.mlp[:-1](self.encoder(xy))
-        output = self.mlp[-1]
+        hidden = self.encoder(xy)
+        *layers, output = self.mlp
+        for layer in layers:
+            hidden = layer(hidden)
         if hidden.dtype != output.weight.dtype:
             # under autocast (train.py --precision bf16-mixed) the hidden layers ran in
             # bfloat16; the colour itself is computed in float32, since bfloat16's 8 bits
@@ -67,7 +69,6 @@ class Field(nn.Module):
             with torch.autocast(hidden.device.type, enabled=False):
                 return output(hidden.to(output.weight.dtype))
         return output(hidden)
-
 
     @torch.no_grad()
     def start_at(self, colour: torch.Tensor) -> None:

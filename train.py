@@ -715,8 +715,8 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     the hidden layers' matmuls run in bfloat16 (the paper runs its MLP in half precision);
     the table, the encoding, the output layer, the loss, the weights and Adam stay float32.
     Albert on 2 AVX512-BF16 cores: 77 vs 129 ms per step, 41.3 vs 41.4 dB at step 1000 (one
-    thread, MLP rate 1e-2).
-    Emulated bfloat16 would be slower than float32, hence the hardware test."""
+    thread, MLP rate 1e-2). Emulated bfloat16 would be slower than float32, hence the
+    hardware test."""
     if precision != "auto":
         return precision
     if accelerator == "gpu":
