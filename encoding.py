@@ -748,6 +748,7 @@ class _HashGridFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, table, nan, passes):
+        nan = _any_nan(nan, passes)           # decided once, for backward too
         ctx.passes = passes
         ctx.save_for_backward(x, table, nan)
         return _encode(x, table, nan, passes)
@@ -951,10 +952,10 @@ def _encode_group(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, fir
     return _unpack(out[0]) if packed else out[0]
 
 
-def _encode(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
+def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor],
             passes: _Passes) -> torch.Tensor:
     """x: (N, D) in [0, 1] -> features (N, L * F) in the accumulation dtype, NaN for the
-    points flagged in nan (N,) (their x holds a placeholder).
+    points flagged in nan (N,) (their x holds a placeholder; None: no NaN point, _any_nan).
 
     In eager mode the result has the strides of a transposed contiguous (L * F, N) matrix:
     every level is computed for a run of points at a time, and each feature's values for
@@ -977,7 +978,6 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
     # Written through its (N, L, F) view: the order inductor vectorises well.
     per_level = out.view(n_points, n_levels, n_features)
     xt = x.t().contiguous()                                                   # (D, N)
-    nan = _any_nan(nan, passes)
     for group, first, stop, lo, hi in passes.split(n_points):
         values = _encode_group(xt[:, lo:hi], table, group, first, stop, fast, acc_dtype)
         values = values.transpose(0, 1)                                         # (n, G, F)
@@ -1073,8 +1073,8 @@ def _backward_group(xt, table, group: _LevelGroup, first: int, stop: int, fast: 
 
 def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool, need_table: bool):
     """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F), best
-    in _encode's output layout (else it is transposed once). NaN points (nan: (N,))
-    contribute nothing.
+    in _encode's output layout (else it is transposed once). NaN points (nan: (N,), or None
+    when there are none) contribute nothing.
 
     Only differentiable torch ops, so autograd can differentiate this again (second-order
     gradients such as an eikonal loss on |df/dx|).
@@ -1100,7 +1100,6 @@ def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool, nee
     if need_x:
         grad_xt = torch.zeros(x.shape[::-1], dtype=grad_out.dtype, device=x.device)   # (D, N)
     xt = x.t().contiguous()
-    nan = _any_nan(nan, passes)
     # one level per intra-op thread in each pass: the table gradient's scatter_add_ then runs
     # on all cores (_backward_group, _per_level)
     min_levels = 1
@@ -1204,7 +1203,8 @@ def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
     cpu_passes = table.device.type == "cpu"   # (the op is for CPUs; called elsewhere, plainly)
     passes = _Passes(groups, None, cpu_passes, MultiResHashGrid.CPU_LOOKUPS_PER_PASS)
     with torch.no_grad():
-        return _encode_backward(x, table, nan, passes, grad_out, False, True)[1]
+        return _encode_backward(x, table, _any_nan(nan, passes), passes, grad_out, False,
+                                True)[1]
 
 
 # Under torch.compile, inductor would turn the backward's scatter-adds into its own kernels,
