@@ -52,22 +52,28 @@ vertex floor(x * N + 0.5) in the paper layout, tcnn's floor(pos) in the tcnn lay
 
 Code map (top to bottom; each formula above lives in exactly one function)
 -----------------------------------------------------------------------------
-formulas           b: _paper_growth; N_l: _paper_cells; tcnn scale / res: _tcnn_scale,
-                   _tcnn_vertices; rows: _level_rows; strides: _dense_strides;
-                   dense index / hash: _dense_term, _hash_term, _combine (one axis' share
-                   of the row, and how axes combine); periodic wrap: _periodic_vertex;
-                   pos / cell / frac: _cell_and_frac; weights: _interpolation_weights;
-                   primes: hash_primes
-level plan         _Level, _plan_levels: every level's resolution, rows, offset, kind
-_LevelGroup        consecutive levels that index alike, as the tensors the passes use (the
-                   one representation of levels: eager, torch.compile and the custom op)
-MultiResHashGrid   the nn.Module; from_tcnn_config / tcnn_config, table_shape
-_HashGridFunction  the autograd Function (saves x and the table; backward recomputes)
-pass drivers       _Passes (how work is split), _encode / _encode_backward, per group
-CPU speed tricks   word-view gathers, complex-packed feature pairs, gathers / scatter-adds
-                   split among the intra-op threads (_per_level)
-custom op          hashgrid::table_grad_v4: torch.compile's table gradient on a CPU
-Frequency          NeRF positional encoding
+PART I, what to read
+  formulas          b: _paper_growth; N_l: _paper_cells; tcnn scale / res: _tcnn_scale,
+                    _tcnn_vertices; rows: _level_rows; strides: _dense_strides; one axis'
+                    share of a row: _dense_term, _hash_term (primes: hash_primes), and how
+                    axes combine: _combine; periodic wrap: _periodic_vertex; pos / cell /
+                    frac: _cell_and_frac; weights: _upper_weight
+  level plan        _Level, _plan_levels: every level's resolution, rows, offset, kind
+  reference         _reference_encode: the whole encoding in plain torch ops, one level and
+                    one corner at a time (implementation="reference")
+  MultiResHashGrid  the nn.Module and its arguments
+PART II, speed (the same numbers as the reference, in fewer and larger operations)
+  _LevelGroup       consecutive levels that index alike, as the tensors the passes use
+  _HashGridFunction the autograd Function, with a hand-written backward
+  _Passes           how the work is split: level-major passes of a bounded size
+  shared pieces     _axis_terms (with the shortcuts _next_hash_term, _term / _next_term and
+                    axis 0 taken directly, each tested against the formula it replaces)
+  device branch     GPUs and torch.compile: all corners of a pass at once, lerps
+  CPU branch        eager on a CPU: corners depth first, in cache-sized passes, with the CPU
+                    speed tricks (word views, complex pairs, every intra-op thread)
+  custom op         hashgrid::table_grad_v5: torch.compile's table gradient on a CPU
+PART III, tiny-cuda-nn interop: from_tcnn_config / tcnn_config / tcnn_params
+PART IV, Frequency: the NeRF positional encoding
 """
 import math
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -81,6 +87,7 @@ Resolution = Union[int, float, Sequence[Union[int, float]]]
 _INTERPOLATIONS = ("linear", "smoothstep", "nearest")
 _LAYOUTS = ("paper", "tcnn")
 _GRID_TYPES = ("hash", "dense", "tiled")
+_IMPLEMENTATIONS = ("fast", "device", "reference")
 # Interpolation visits the 2**D corners of a point's cell at every level, each a few tensor ops
 # per pass and a gather per point: at D = 16 that is already 65,536 lookups per point and
 # level, and D = 40 would never return. "nearest" reads one vertex and has no such limit.
@@ -88,7 +95,8 @@ _MAX_INTERPOLATED_DIM = 16
 
 
 # =============================================================================================
-# The formulas: one small function each (Python numbers at construction, tensors per point)
+# PART I: what to read. The formulas, one small function each (Python numbers at
+# construction, tensors per point)
 # =============================================================================================
 
 # The spatial-hash primes of the paper (eq. 4) and tiny-cuda-nn; 1 for the first axis keeps
@@ -182,26 +190,40 @@ def _dense_term(vertex, stride):
 
 def _hash_term(vertex, prime, mask: int):
     """Axis d's share of a hashed level's row index: (v_d * prime_d mod 2**32) mod T, written
-    & (T - 1) (mask), T being a power of two <= 2**32 (axes combine by XOR). Ints or int64
-    tensors, whose wrap-around on overflow keeps the low 32 bits exact."""
+    & (T - 1) (mask), T being a power of two <= 2**31 (axes combine by XOR). Ints, or integer
+    tensors whose products wrap modulo 2**32 or wider: int64, or int32 with the prime stored as
+    its low 32 bits read as a signed number (_wrapped_prime)."""
     return (vertex * prime) & mask
 
 
-def _combine(index, term, hashed: bool):
+def _next_hash_term(term, prime, mask: int):
+    """_hash_term(v + 1) from term = _hash_term(v): (term + prime mod T) mod T, no product."""
+    return (term + (prime & mask)) & mask
+
+
+def _wrapped_prime(prime: int) -> int:
+    """A prime < 2**32 as the signed 32-bit number with the same bits: int32 products with it
+    are the unsigned products modulo 2**32, which is all the hash keeps."""
+    return prime - (1 << 32) if prime >= 1 << 31 else prime
+
+
+def _combine(index, term, hashed: bool, out=None):
     """A partial row index and one more axis' term -> XOR (spatial hash) or + (dense)."""
-    return index ^ term if hashed else index + term
+    if out is None:
+        return index ^ term if hashed else index + term
+    return torch.bitwise_xor(index, term, out=out) if hashed else torch.add(index, term, out=out)
 
 
 def _periodic_vertex(vertex: torch.Tensor, n_cells: torch.Tensor) -> torch.Tensor:
-    """On a periodic axis vertex N is vertex 0: v -> v mod N (float tensors holding
-    integers)."""
+    """On a periodic axis vertex N is vertex 0: v -> v mod N."""
     return torch.remainder(vertex, n_cells)
 
 
 def _cell_and_frac(x: torch.Tensor, scale: torch.Tensor, shift: float, tcnn: bool,
-                   max_cell: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One axis: x (n,), scale (G, 1) -> cell (G, n) (a float holding the lower vertex) and
-    frac (G, n) in [0, 1]: pos = x * scale + shift, cell = min(floor(pos), max_cell),
+                   max_cell: Optional[torch.Tensor], index_dtype: torch.dtype
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One axis: x (n,) in [0, 1], scale (G, 1) -> cell (G, n) the lower vertex (index_dtype)
+    and frac (G, n) in [0, 1]: pos = x * scale + shift, cell = min(floor(pos), max_cell),
     frac = pos - cell."""
     if tcnn and x.dtype != torch.float64:
         # tcnn computes fmaf(scale, x, 0.5) in float32 (one rounding). The product of two
@@ -212,9 +234,9 @@ def _cell_and_frac(x: torch.Tensor, scale: torch.Tensor, shift: float, tcnn: boo
         pos = scale.to(x.dtype) * x
         if shift:
             pos = pos + shift
-    cell = torch.floor(pos)
+    cell = pos.to(index_dtype)        # truncation is floor: pos >= 0
     if max_cell is not None:
-        cell = torch.minimum(cell, max_cell.to(cell.dtype))
+        cell = torch.minimum(cell, max_cell)
     return cell, pos - cell
 
 
@@ -226,13 +248,13 @@ def _smoothstep_derivative(t: torch.Tensor) -> torch.Tensor:
     return 6.0 * t * (1.0 - t)
 
 
-def _interpolation_weights(frac: torch.Tensor, interpolation: str):
-    """One axis: (weight of the lower vertex, weight of the upper vertex, d upper / d frac,
-    None when that is 1). A corner's weight is the product of its axes' weights."""
+def _upper_weight(frac: torch.Tensor, interpolation: str):
+    """One axis: (s, ds/dfrac) with s the weight of the upper vertex, frac ("linear") or
+    S(frac) ("smoothstep"; ds/dfrac None for linear). The lower vertex weighs 1 - s, and a cell
+    corner the product of its axes' weights (equivalently: lerp along one axis after another)."""
     if interpolation == "smoothstep":
-        s = _smoothstep(frac)
-        return 1.0 - s, s, _smoothstep_derivative(frac)
-    return 1.0 - frac, frac, None
+        return _smoothstep(frac), _smoothstep_derivative(frac)
+    return frac, None
 
 
 # =============================================================================================
@@ -290,109 +312,54 @@ def _plan_levels(base: Sequence[float], growth: Sequence[float], n_levels: int,
 
 
 # =============================================================================================
-# A group of levels: the one representation the passes use
+# The reference: the whole encoding, read top to bottom
 # =============================================================================================
 
-class _LevelGroup(nn.Module):
-    """Consecutive levels that index alike (all dense or all hashed), computed together by
-    the same vectorised ops.
-
-    Static: start, stop (levels start..stop-1), hashed, rows_start, rows_stop (the group's
-    slice of the table), hash_mask (T - 1), tcnn (tcnn's positions and dense wrap-around),
-    periodic_bits (bit d set: axis d is periodic), interpolation, shift (pos = x * scale + shift).
-    Tensors (non-persistent buffers, axis-major so each per-axis operand broadcasts as a
-    (G, 1) column against a (1, n) row of points and every intermediate is a contiguous
-    level-major (G, n) tensor, which keeps one level's table accesses together):
-      scale (D, G, 1) float32; mult (D, G, 1) the hash primes (int64) or dense strides;
-      offset (G, 1) each level's first row relative to rows_start; max_cell (D, G, 1) the
-      highest cell (paper layout) or None; rows (G, 1) for tcnn's dense wrap-around, or None.
-    Integer tensors are int32 (int64 for tables of 2**31 rows or more), except mult when
-    hashed. Given on the CPU, kept there as the source of their values and copied to the
-    default device (a ``with torch.device(...)`` block, meta included). Device moves
-    (.to(device), .to_empty()) copy them again; dtype casts (.half(), .double()) leave
-    them alone.
-    """
-    TENSORS = ("scale", "mult", "offset", "max_cell", "rows")
-    STATICS = ("start", "stop", "hashed", "rows_start", "rows_stop", "hash_mask", "tcnn",
-               "periodic_bits")
-
-    def __init__(self, start: int, stop: int, hashed: bool, rows_start: int, rows_stop: int,
-                 hash_mask: int, tcnn: bool, periodic_bits: int, interpolation: str,
-                 **tensors):
-        super().__init__()
-        self.start, self.stop, self.hashed = start, stop, bool(hashed)
-        self.rows_start, self.rows_stop = rows_start, rows_stop
-        self.hash_mask, self.tcnn, self.interpolation = hash_mask, bool(tcnn), interpolation
-        self.periodic_bits = periodic_bits
-        self.shift = 0.5 if (self.tcnn or interpolation == "nearest") else 0.0
-        self._host = tensors
-        device = torch.empty(0).device
-        for name in self.TENSORS:
-            tensor = tensors[name]
-            self.register_buffer(name, None if tensor is None else tensor.to(device),
-                                 persistent=False)
-
-    @classmethod
-    def from_levels(cls, levels: Sequence[_Level], start: int, hash_mask: int, layout: str,
-                    periodic: Sequence[bool], interpolation: str,
-                    index_dtype: torch.dtype) -> "_LevelGroup":
-        """levels: the plan's levels start..start+G-1, all dense or all hashed."""
-        hashed, dim = levels[0].hashed, len(levels[0].scale)
-        mult = [hash_primes(dim) if hashed else _dense_strides(lv.vertices) for lv in levels]
-
-        def axis_major(per_level, dtype):     # G lists of D values -> (D, G, 1)
-            values = [[[v] for v in axis] for axis in zip(*per_level)]
-            return torch.tensor(values, dtype=dtype, device="cpu")
-
-        max_cell = rows = None
-        if layout == "paper":   # the highest cell is N - 1, so x = 1 interpolates onto vertex N
-            last = 0 if interpolation == "nearest" else 1
-            max_cell = axis_major([[n - last for n in lv.resolution] for lv in levels], torch.int64)
-        elif not hashed:
-            rows = torch.tensor([[lv.rows] for lv in levels], dtype=index_dtype, device="cpu")
-        rows_start = levels[0].offset
-        return cls(start, start + len(levels), hashed, rows_start,
-                   levels[-1].offset + levels[-1].rows, hash_mask, layout == "tcnn",
-                   sum(1 << d for d, p in enumerate(periodic) if p), interpolation,
-                   scale=axis_major([level.scale for level in levels], torch.float32),
-                   mult=axis_major(mult, torch.int64 if hashed else index_dtype),
-                   offset=torch.tensor([[lv.offset - rows_start] for lv in levels],
-                                       dtype=index_dtype, device="cpu"),
-                   max_cell=max_cell, rows=rows)
-
-    def _apply(self, fn, recurse=True):
-        # Follow device moves only: a dtype cast would round the float32 scales (.half())
-        # or slow the index arithmetic. fn applied to an empty probe tells the device; the
-        # values come from the CPU copies (a meta tensor has none, for .to_empty()).
-        for name, tensor in self._buffers.items():
-            if tensor is not None:
-                device = fn(torch.empty(0, device=tensor.device)).device
-                self._buffers[name] = self._host[name].to(device)
-        return self
-
-    def row_span(self, first: int, stop: int) -> Tuple[int, int]:
-        """(first row, end row) of levels first..stop-1, counted from rows_start."""
-        offsets = self._host["offset"].view(-1).tolist()
-        end = offsets[stop] if stop < len(offsets) else self.rows_stop - self.rows_start
-        return offsets[first], end
-
-    def op_args(self) -> Tuple[List[Optional[torch.Tensor]], List[int]]:
-        """(tensors, ints) in TENSORS / STATICS order, for the custom op's schema."""
-        return ([getattr(self, name) for name in self.TENSORS],
-                [int(getattr(self, name)) for name in self.STATICS])
-
-    @classmethod
-    def from_op_args(cls, tensors: Sequence[Optional[torch.Tensor]], ints: Sequence[int],
-                     interpolation: str) -> List["_LevelGroup"]:
-        """The inverse of op_args, for a run of groups: concatenated tensors and ints."""
-        n_tensors, n_ints = len(cls.TENSORS), len(cls.STATICS)
-        return [cls(*ints[i * n_ints:(i + 1) * n_ints], interpolation=interpolation,
-                    **dict(zip(cls.TENSORS, tensors[i * n_tensors:(i + 1) * n_tensors])))
-                for i in range(len(ints) // n_ints)]
-
-    def extra_repr(self) -> str:
-        return (f"levels {self.start}..{self.stop - 1}, {'hashed' if self.hashed else 'dense'}, "
-                f"rows {self.rows_start}..{self.rows_stop - 1}")
+def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence[_Level],
+                      interpolation: str, layout: str, periodic: Sequence[bool],
+                      hash_mask: int) -> torch.Tensor:
+    """x (N, D) in [0, 1] -> features (N, L * F), one level and one cell corner at a time, in
+    plain differentiable torch ops: autograd gives the gradients to x and the table (and
+    through them, second order). implementation="reference" runs this; the fast path computes
+    the same numbers in fewer, larger operations."""
+    n_points, dim = x.shape
+    primes = hash_primes(dim)
+    tcnn, nearest = layout == "tcnn", interpolation == "nearest"
+    shift = 0.5 if tcnn or nearest else 0.0          # nearest: the vertex floor(x * N + 0.5)
+    features = []
+    for level in levels:
+        strides = _dense_strides(level.vertices)
+        cells, weights = [], []
+        for d in range(dim):
+            scale = torch.tensor([[level.scale[d]]], dtype=torch.float32, device=x.device)
+            max_cell = None
+            if layout == "paper":       # x = 1 interpolates onto vertex N from cell N - 1
+                max_cell = torch.tensor(level.resolution[d] - (not nearest), device=x.device)
+            cell, frac = _cell_and_frac(x[:, d], scale, shift, tcnn, max_cell, torch.int64)
+            cells.append(cell[0])
+            weights.append(_upper_weight(frac[0], interpolation)[0])
+        level_features = 0.0
+        for corner in range(1 if nearest else 2 ** dim):   # bit d set: upper vertex on axis d
+            index, weight = None, None
+            for d in range(dim):
+                upper = (corner >> d) & 1
+                vertex = cells[d] + upper
+                if periodic[d]:
+                    vertex = _periodic_vertex(vertex, level.resolution[d])
+                if level.hashed:
+                    term = _hash_term(vertex, primes[d], hash_mask)
+                else:
+                    term = _dense_term(vertex, strides[d])
+                index = term if index is None else _combine(index, term, level.hashed)
+                if not nearest:
+                    factor = weights[d] if upper else 1.0 - weights[d]
+                    weight = factor if weight is None else weight * factor
+            if tcnn and not level.hashed:
+                index = torch.remainder(index, level.rows)   # tcnn's dense index wraps
+            vertex = table[level.offset + index]                                 # (N, F)
+            level_features = level_features + (vertex if nearest else weight[:, None] * vertex)
+        features.append(level_features)
+    return torch.cat(features, dim=-1)
 
 
 # =============================================================================================
@@ -424,6 +391,12 @@ class MultiResHashGrid(nn.Module):
             periodic axis x = 0 and x = 1 are the same place (vertex N_l is vertex 0), e.g.
             an angle or a 360-degree panorama's longitude. x is still clamped to [0, 1]
             (wrap angles first, e.g. x % 1).
+        implementation: "fast" (default: the CPU branch in eager mode on a CPU, the device
+            branch on GPUs and under torch.compile), "device" (the device branch everywhere,
+            e.g. to test it on a CPU) or "reference" (_reference_encode: plain torch ops and
+            autograd, one level and one corner at a time; to read, and to check against).
+        device, dtype: where the table is created and its dtype (torch's factory conventions:
+            a 2**24-row table is made in place on a GPU, never on the CPU first).
 
     Input: x of shape (..., dim), any floating dtype. Values are clamped to [0, 1]; a point
     with a NaN coordinate gets NaN features (that point only). Output: (..., output_dim) in
@@ -432,7 +405,7 @@ class MultiResHashGrid(nn.Module):
 
     Attributes: input_dim, output_dim, resolutions (per level, per axis: N_l in the paper
     layout, tcnn's vertex count in the tcnn layout), rows_per_level, level_offsets,
-    hashed_levels, periodic (tuple of D bools), grid_type, embedding
+    hashed_levels, periodic (tuple of D bools), grid_type, implementation, embedding
     (nn.Embedding(sum(rows_per_level), F), the parameters),
     chunk_size (points per pass; None: automatic, see the speed notes).
     ``MultiResHashGrid.table_shape(...)`` gives the embedding's shape for the same arguments
@@ -444,24 +417,25 @@ class MultiResHashGrid(nn.Module):
     returns its gradient, with no copy. Under torch.compile it is row-major. Call
     .contiguous() if you need row-major.
 
-    Speed notes: in CPU eager mode, work runs level-major in passes of CPU_LOOKUPS_PER_PASS
-    lookups per cell corner (all points for as many levels as fit, or one level for a run of
-    points), so consecutive passes find a level's table in cache and temporaries stay small.
-    Row indices are int32 (int64 for tables of 2**31 rows or more) and feature pairs are
-    handled as complex numbers. Gathers run on all intra-op threads, and so does the table
-    gradient (one level per thread). GPUs and torch.compile take each group
-    of levels in one pass (of chunk_size points if set); under torch.compile the table
-    gradient runs the eager CPU path as the custom op ``hashgrid::table_grad_v4`` (torch >=
-    2.4). CPU_PASSES = False makes a CPU take the GPU branch too (to test it without a GPU).
+    Speed notes: work runs level-major in passes of about CPU_LOOKUPS_PER_PASS (CPU branch)
+    or DEVICE_LOOKUPS_PER_PASS (device branch) lookups per cell corner: all points for as
+    many levels as fit, or one level for runs of points, so a level's table stays in cache
+    and temporaries have a bounded size. Row indices are int32 (int64 for tables of 2**31 rows
+    or more). The device branch reads and scatters all corners of a pass at once and keeps
+    each corner's row and each axis' fraction from forward for backward (DEVICE_KEEP); the CPU
+    branch recomputes them and handles feature pairs as complex numbers, with gathers and the
+    table gradient on all intra-op threads. Under torch.compile on a CPU the table gradient
+    runs the CPU branch as the custom op ``hashgrid::table_grad_v5`` (torch >= 2.4).
     """
 
-    # CPU eager passes (see the speed notes): lookups per cell corner (points x levels).
-    # 2**16: peak memory of a 2-D fwd+bwd step 213 MiB, vs 254 MiB at 2**17.
+    # Lookups per cell corner in a pass (points x levels): CPU passes fit in cache, device
+    # passes are large enough to fill a GPU and small enough to bound its temporaries.
     CPU_LOOKUPS_PER_PASS = 1 << 16
-    # False (on the class or an instance): a CPU in eager mode takes the device branch too
-    # (what GPUs and torch.compile run: one pass per level group, plain kernels), for
-    # testing that branch without a GPU. Slower on a CPU.
-    CPU_PASSES = True
+    DEVICE_LOOKUPS_PER_PASS = 1 << 18
+    # The device branch keeps each corner's row and each axis' fraction from forward (4 bytes
+    # per corner and per axis, for every level and point): backward then writes about half
+    # the bytes. False: backward recomputes them, for the least memory.
+    DEVICE_KEEP = True
 
     def __init__(
         self,
@@ -477,6 +451,9 @@ class MultiResHashGrid(nn.Module):
         layout: str = "paper",
         grid_type: str = "hash",
         periodic: Union[bool, Sequence[bool]] = False,
+        implementation: str = "fast",
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         for name, value in (("dim", dim), ("n_levels", n_levels),
@@ -494,6 +471,9 @@ class MultiResHashGrid(nn.Module):
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
         if grid_type not in _GRID_TYPES:
             raise ValueError(f"grid_type must be one of {_GRID_TYPES}, got {grid_type!r}")
+        if implementation not in _IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, "
+                             f"got {implementation!r}")
         periodic_axes = (periodic,) * dim if isinstance(periodic, bool) else tuple(periodic)
         if len(periodic_axes) != dim or not all(isinstance(p, bool) for p in periodic_axes):
             raise ValueError(f"periodic must be a bool or {dim} bools, got {periodic!r}")
@@ -534,6 +514,7 @@ class MultiResHashGrid(nn.Module):
         self.base_resolution = base_resolution
         self.finest_resolution = finest_resolution
         self.per_level_scale = growth
+        self.implementation = implementation
         self.chunk_size: Optional[int] = None   # points per pass; None: automatic (_Passes)
 
         levels = _plan_levels(base, growth, n_levels, log2_hashmap_size, layout, grid_type,
@@ -542,17 +523,18 @@ class MultiResHashGrid(nn.Module):
         self.rows_per_level = tuple(level.rows for level in levels)
         self.level_offsets = tuple(level.offset for level in levels)
         self.hashed_levels = tuple(i for i, level in enumerate(levels) if level.hashed)
+        self._levels = tuple(levels)
 
         # One embedding for all levels: one gather serves every level at once, and its
-        # flattened weight has exactly tiny-cuda-nn's parameter layout. Initialised once,
-        # U(-1e-4, 1e-4) as in the paper: nn.Embedding's own normal_ init would first take
-        # minutes on a 2**31-row table.
-        weight = torch.empty(sum(self.rows_per_level), n_features_per_level)
-        self.embedding = nn.Embedding(*weight.shape, _weight=weight.uniform_(-1e-4, 1e-4))
+        # flattened weight has exactly tiny-cuda-nn's parameter layout. Initialised once by
+        # reset_parameters (nn.Embedding's own normal_ init would be a second pass over it).
+        weight = torch.empty(sum(self.rows_per_level), n_features_per_level, device=device,
+                             dtype=dtype)
+        self.embedding = nn.Embedding(*weight.shape, _weight=weight)
+        self.reset_parameters()
 
-        # Row indices in int32 (half the memory traffic of int64: 2-D eager forward 185 ms vs
-        # 320 ms for 2**18 points) unless some index reaches 2**31: a row, or a tcnn dense
-        # index before its wrap-around (vertex at most V_d per axis).
+        # Row indices in int32 (half the memory traffic of int64) unless some index reaches
+        # 2**31: a row, or a tcnn dense index before its wrap-around (vertex at most V_d).
         largest = max([sum(self.rows_per_level)] + [
             sum(v * s for v, s in zip(level.vertices, _dense_strides(level.vertices)))
             for level in levels if not level.hashed])
@@ -564,7 +546,7 @@ class MultiResHashGrid(nn.Module):
                 stop += 1
             groups.append(_LevelGroup.from_levels(levels[start:stop], start, max_rows - 1,
                                                   layout, periodic_axes, interpolation,
-                                                  index_dtype))
+                                                  index_dtype, weight.device))
             start = stop
         self._level_groups = nn.ModuleList(groups)
 
@@ -576,11 +558,16 @@ class MultiResHashGrid(nn.Module):
         with torch.device("meta"):
             return tuple(cls(*args, **kwargs).embedding.weight.shape)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The table as the paper starts it: U(-1e-4, 1e-4)."""
+        self.embedding.weight.uniform_(-1e-4, 1e-4)
+
     def _passes(self, device: torch.device) -> "_Passes":
-        cpu_passes = (self.CPU_PASSES and device.type == "cpu"
-                      and not torch.compiler.is_compiling())
-        return _Passes(tuple(self._level_groups), self.chunk_size, cpu_passes,
-                       self.CPU_LOOKUPS_PER_PASS)
+        cpu = (self.implementation == "fast" and device.type == "cpu"
+               and not torch.compiler.is_compiling())
+        lookups = self.CPU_LOOKUPS_PER_PASS if cpu else self.DEVICE_LOOKUPS_PER_PASS
+        return _Passes(tuple(self._level_groups), self.chunk_size, cpu, lookups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., dim) in [0, 1] -> (..., n_levels * n_features_per_level)."""
@@ -601,12 +588,23 @@ class MultiResHashGrid(nn.Module):
         # passes (cheap there, in cache) rather than as extra passes over the whole output.
         nan = torch.isnan(points)
         points = points.masked_fill(nan, 0.0).clamp(0.0, 1.0)
-        passes = self._passes(points.device)
-        features = _HashGridFunction.apply(points, table, nan.any(-1), passes)   # (N, L * F)
+        nan = nan.any(-1)
+        if self.implementation == "reference":
+            features = _reference_encode(points, table, self._levels, self.interpolation,
+                                         self.layout, self.periodic,
+                                         (1 << self.log2_hashmap_size) - 1)
+            features = features.masked_fill(nan[:, None], float("nan"))
+        else:
+            passes = self._passes(points.device)
+            # the device branch keeps its corner rows and fractions for backward, if any
+            keep = (self.DEVICE_KEEP and not passes.cpu and torch.is_grad_enabled()
+                    and (points.requires_grad or table.requires_grad)
+                    and not _use_table_grad_op(table, points.requires_grad, True))
+            features = _HashGridFunction.apply(points, table, nan, passes, keep)
         return features.to(table.dtype).reshape(*batch_shape, self.output_dim)
 
     @classmethod
-    def from_tcnn_config(cls, n_input_dims: int, config: dict) -> "MultiResHashGrid":
+    def from_tcnn_config(cls, n_input_dims: int, config: dict, **kwargs) -> "MultiResHashGrid":
         """The layout="tcnn" encoding of a tiny-cuda-nn encoding config (its JSON as a dict):
         otype "HashGrid", "DenseGrid", "TiledGrid" or "Grid" (with "type" "Hash", "Dense" or
         "Tiled"), and tcnn's keys with tcnn's defaults: n_levels 16 (or n_features /
@@ -616,92 +614,14 @@ class MultiResHashGrid(nn.Module):
         "Linear" ("Nearest", "Smoothstep"), hash "CoherentPrime". Names of types are
         case-insensitive, keys are not (as in tcnn). Anything else raises a ValueError
         naming it. Load the trained parameters with `load_tcnn_params`."""
-        if not isinstance(config, dict):
-            raise ValueError(f"a tcnn encoding config is a dict, got {type(config).__name__}")
-        known = ("otype", "type", "n_levels", "n_features", "n_grid_features",
-                 "n_features_per_level", "log2_hashmap_size", "base_resolution",
-                 "per_level_scale", "interpolation", "hash", "stochastic_interpolation",
-                 "fixed_point_pos")
-        unknown = [key for key in config if key not in known]
-        if unknown:
-            raise ValueError(f"unsupported tcnn grid config key(s) {unknown}; "
-                             f"supported: {list(known)}")
-        otypes = {"grid": "hash", "hashgrid": "hash", "densegrid": "dense", "tiledgrid": "tiled"}
-        otype = config.get("otype")
-        if str(otype).lower() not in otypes:
-            raise ValueError(f"unsupported tcnn encoding otype {otype!r}: expected Grid, "
-                             "HashGrid, DenseGrid or TiledGrid")
-        grid_types = {"hash": "hash", "dense": "dense", "tiled": "tiled", "tile": "tiled"}
-        grid_type = grid_types.get(str(config.get("type", otypes[str(otype).lower()])).lower())
-        if grid_type is None:
-            raise ValueError(f"unsupported tcnn grid type {config['type']!r}: expected Hash, "
-                             "Dense or Tiled")
-        if str(config.get("hash", "CoherentPrime")).lower() != "coherentprime":
-            raise ValueError(f"unsupported tcnn hash {config['hash']!r}: only CoherentPrime "
-                             "(the paper's primes, 1 for the first axis)")
-        for flag in ("stochastic_interpolation", "fixed_point_pos"):
-            if config.get(flag, False):
-                raise ValueError(f"unsupported tcnn option {flag}={config[flag]!r}")
-        interpolation = str(config.get("interpolation", "Linear")).lower()
-        if interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"unsupported tcnn interpolation {config['interpolation']!r}: "
-                             "expected Nearest, Linear or Smoothstep")
-
-        def integer(key, default):
-            value = config.get(key, default)
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value) or value != int(value)):
-                raise ValueError(f"tcnn config {key} must be an integer, got {value!r}")
-            return int(value)
-
-        n_features_per_level = integer("n_features_per_level", 2)
-        n_levels = integer("n_levels", 16)
-        for key in ("n_features", "n_grid_features"):
-            if key in config:
-                if "n_levels" in config:
-                    raise ValueError(f"tcnn config may not give both {key} and n_levels")
-                n_features = integer(key, None)
-                if n_features_per_level < 1 or n_features % n_features_per_level:
-                    raise ValueError(f"tcnn config {key}={n_features} is not a multiple of "
-                                     f"n_features_per_level={n_features_per_level}")
-                n_levels = n_features // n_features_per_level
-                break
-        base = integer("base_resolution", 16)
-        if "per_level_scale" in config:
-            per_level_scale = config["per_level_scale"]
-            if isinstance(per_level_scale, bool) or not isinstance(per_level_scale, (int, float)):
-                raise ValueError(f"tcnn config per_level_scale must be a number, "
-                                 f"got {per_level_scale!r}")
-        elif grid_type != "dense":
-            per_level_scale = 2.0
-        elif n_levels > 1 and base >= 1:
-            # tcnn: std::exp(std::log(256.0f / base_resolution) / (n_levels - 1)), in float32
-            log_ratio = _float32(math.log(_float32(256.0 / base)))
-            per_level_scale = _float32(math.exp(_float32(log_ratio / (n_levels - 1))))
-        else:
-            raise ValueError("a DenseGrid with n_levels < 2 needs per_level_scale (tcnn's "
-                             "default divides by n_levels - 1)")
-        return cls(n_input_dims, n_levels, n_features_per_level,
-                   integer("log2_hashmap_size", 19), base, per_level_scale=per_level_scale,
-                   interpolation=interpolation, layout="tcnn", grid_type=grid_type)
+        args, tcnn_kwargs = _args_from_tcnn_config(n_input_dims, config)
+        return cls(*args, **tcnn_kwargs, **kwargs)
 
     def tcnn_config(self) -> dict:
         """This encoding as a tiny-cuda-nn encoding config (the dict form of its JSON, in
         the form of tcnn's own hyperparams()), for layout="tcnn" with one integer
         base_resolution and one per_level_scale for all axes."""
-        self._require_tcnn()
-        base = _per_axis(self.base_resolution, self.input_dim, "base_resolution")
-        if len(set(base)) != 1 or base[0] != int(base[0]) or len(set(self.per_level_scale)) != 1:
-            raise ValueError("a tcnn config has one integer base_resolution and one "
-                             f"per_level_scale for all axes, got {self.base_resolution} and "
-                             f"{self.per_level_scale}")
-        config = {"otype": "Grid", "type": self.grid_type.capitalize(),
-                  "n_levels": self.n_levels, "n_features_per_level": self.n_features_per_level,
-                  "base_resolution": int(base[0]), "per_level_scale": self.per_level_scale[0],
-                  "interpolation": self.interpolation.capitalize(), "hash": "CoherentPrime"}
-        if self.grid_type == "hash":
-            config["log2_hashmap_size"] = self.log2_hashmap_size
-        return config
+        return _tcnn_config_of(self)
 
     def tcnn_params(self) -> torch.Tensor:
         """The parameters as tiny-cuda-nn's flat vector: (sum(rows_per_level) * F,),
@@ -735,30 +655,149 @@ class MultiResHashGrid(nn.Module):
 
 
 # =============================================================================================
+# PART II: speed. A group of levels: the one representation the passes use
+# =============================================================================================
+
+class _LevelGroup(nn.Module):
+    """Consecutive levels that index alike (all dense or all hashed), computed together by
+    the same vectorised ops.
+
+    Static: start, stop (levels start..stop-1), hashed, rows_start, rows_stop (the group's
+    slice of the table), hash_mask (T - 1), tcnn (tcnn's positions and dense wrap-around),
+    periodic_bits (bit d set: axis d is periodic), axis0_direct (every vertex on axis 0 is
+    below T, so its term is the vertex itself: always when dense), interpolation, shift
+    (pos = x * scale + shift).
+    Tensors (non-persistent buffers, axis-major so each per-axis operand broadcasts as a
+    (G, 1) column against a (1, n) row of points and every intermediate is a contiguous
+    level-major (G, n) tensor, which keeps one level's table accesses together):
+      scale (D, G, 1) float32; mult (D, G, 1) the hash primes (_wrapped_prime in int32) or
+      dense strides; offset (G, 1) each level's first row relative to rows_start; max_cell
+      (D, G, 1) the highest cell (paper layout) or None; wrap_rows (G, 1) the rows of
+      tcnn's dense levels, which their index wraps around, or None.
+    Integer tensors are int32 (int64 for tables of 2**31 rows or more). Given on the CPU,
+    kept there as the source of their values and copied to `device` (default: the default
+    device, e.g. a ``with torch.device(...)`` block, meta included). Device moves
+    (.to(device), .to_empty()) copy them again; dtype casts (.half(), .double()) leave
+    them alone.
+    """
+    TENSORS = ("scale", "mult", "offset", "max_cell", "wrap_rows")
+    STATICS = ("start", "stop", "hashed", "rows_start", "rows_stop", "hash_mask", "tcnn",
+               "periodic_bits", "axis0_direct")
+
+    def __init__(self, start: int, stop: int, hashed: bool, rows_start: int, rows_stop: int,
+                 hash_mask: int, tcnn: bool, periodic_bits: int, axis0_direct: bool,
+                 interpolation: str, device: Optional[torch.device] = None, **tensors):
+        super().__init__()
+        self.start, self.stop, self.hashed = start, stop, bool(hashed)
+        self.rows_start, self.rows_stop = rows_start, rows_stop
+        self.hash_mask, self.tcnn, self.interpolation = hash_mask, bool(tcnn), interpolation
+        self.periodic_bits, self.axis0_direct = periodic_bits, bool(axis0_direct)
+        self.shift = 0.5 if (self.tcnn or interpolation == "nearest") else 0.0
+        self._host = tensors
+        self._offsets = tuple(tensors["offset"].view(-1).tolist())   # Python ints, for slicing
+        device = torch.empty(0, device=device).device
+        for name in self.TENSORS:
+            tensor = tensors[name]
+            self.register_buffer(name, None if tensor is None else tensor.to(device),
+                                 persistent=False)
+
+    @classmethod
+    def from_levels(cls, levels: Sequence[_Level], start: int, hash_mask: int, layout: str,
+                    periodic: Sequence[bool], interpolation: str, index_dtype: torch.dtype,
+                    device: Optional[torch.device] = None) -> "_LevelGroup":
+        """levels: the plan's levels start..start+G-1, all dense or all hashed."""
+        hashed, dim = levels[0].hashed, len(levels[0].scale)
+        if not hashed:
+            mult = [_dense_strides(lv.vertices) for lv in levels]
+        elif index_dtype == torch.int32:
+            mult = [[_wrapped_prime(p) for p in hash_primes(dim)]] * len(levels)
+        else:
+            mult = [hash_primes(dim)] * len(levels)
+
+        def axis_major(per_level, dtype):     # G lists of D values -> (D, G, 1)
+            values = [[[v] for v in axis] for axis in zip(*per_level)]
+            return torch.tensor(values, dtype=dtype, device="cpu")
+
+        max_cell = wrap_rows = None
+        if layout == "paper":   # the highest cell is N - 1, so x = 1 interpolates onto vertex N
+            last = 0 if interpolation == "nearest" else 1
+            max_cell = axis_major([[n - last for n in lv.resolution] for lv in levels], index_dtype)
+        elif not hashed:
+            wrap_rows = torch.tensor([[lv.rows] for lv in levels], dtype=index_dtype,
+                                     device="cpu")
+        rows_start = levels[0].offset
+        return cls(start, start + len(levels), hashed, rows_start,
+                   levels[-1].offset + levels[-1].rows, hash_mask, layout == "tcnn",
+                   sum(1 << d for d, p in enumerate(periodic) if p),
+                   not hashed or max(lv.resolution[0] for lv in levels) <= hash_mask,
+                   interpolation, device,
+                   scale=axis_major([level.scale for level in levels], torch.float32),
+                   mult=axis_major(mult, index_dtype),
+                   offset=torch.tensor([[lv.offset - rows_start] for lv in levels],
+                                       dtype=index_dtype, device="cpu"),
+                   max_cell=max_cell, wrap_rows=wrap_rows)
+
+    def _apply(self, fn, recurse=True):
+        # Follow device moves only: a dtype cast would round the float32 scales (.half())
+        # or slow the index arithmetic. fn applied to an empty probe tells the device; the
+        # values come from the CPU copies (a meta tensor has none, for .to_empty()).
+        for name, tensor in self._buffers.items():
+            if tensor is not None:
+                device = fn(torch.empty(0, device=tensor.device)).device
+                self._buffers[name] = self._host[name].to(device)
+        return self
+
+    def row_span(self, first: int, stop: int) -> Tuple[int, int]:
+        """(first row, end row) of levels first..stop-1, counted from rows_start."""
+        offsets = self._offsets
+        end = offsets[stop] if stop < len(offsets) else self.rows_stop - self.rows_start
+        return offsets[first], end
+
+    def op_args(self) -> Tuple[List[Optional[torch.Tensor]], List[int]]:
+        """(tensors, ints) in TENSORS / STATICS order, for the custom op's schema."""
+        return ([getattr(self, name) for name in self.TENSORS],
+                [int(getattr(self, name)) for name in self.STATICS])
+
+    @classmethod
+    def from_op_args(cls, tensors: Sequence[Optional[torch.Tensor]], ints: Sequence[int],
+                     interpolation: str) -> List["_LevelGroup"]:
+        """The inverse of op_args, for a run of groups: concatenated tensors and ints."""
+        n_tensors, n_ints = len(cls.TENSORS), len(cls.STATICS)
+        return [cls(*ints[i * n_ints:(i + 1) * n_ints], interpolation=interpolation,
+                    device=tensors[0].device,
+                    **dict(zip(cls.TENSORS, tensors[i * n_tensors:(i + 1) * n_tensors])))
+                for i in range(len(ints) // n_ints)]
+
+    def extra_repr(self) -> str:
+        return (f"levels {self.start}..{self.stop - 1}, {'hashed' if self.hashed else 'dense'}, "
+                f"rows {self.rows_start}..{self.rows_stop - 1}")
+
+
+# =============================================================================================
 # The autograd Function
 # =============================================================================================
 
 class _HashGridFunction(torch.autograd.Function):
     """Interpolated table lookup with a hand-written backward.
 
-    Autograd through the plain ops would keep every corner's indices, weights and gathered
-    features alive until backward (upstream's fwd+bwd step allocates 352 MiB on 2-D, this
-    162); this saves only x and the table, and backward recomputes the cheap index arithmetic.
+    Autograd through the plain ops would keep every corner's weights and gathered features
+    alive until backward; this saves x, the table and (device branch) each corner's table row,
+    and backward recomputes the cheap per-axis arithmetic.
     """
 
     @staticmethod
-    def forward(ctx, x, table, nan, passes):
+    def forward(ctx, x, table, nan, passes, keep):
         nan = _any_nan(nan, passes)           # decided once, for backward too
+        out, kept = _encode(x, table, nan, passes, keep)
         ctx.passes = passes
-        ctx.save_for_backward(x, table, nan)
-        return _encode(x, table, nan, passes)
+        ctx.save_for_backward(x, table, nan, *kept)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, table, nan = ctx.saved_tensors
+        x, table, nan, *kept = ctx.saved_tensors
         need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if (_table_grad_op is not None and torch.compiler.is_compiling() and need_table
-                and not need_x and table.device.type == "cpu"):
+        if _use_table_grad_op(table, need_x, need_table):
             tensors, ints = [], []
             for group in ctx.passes.groups:
                 group_tensors, group_ints = group.op_args()
@@ -766,48 +805,45 @@ class _HashGridFunction(torch.autograd.Function):
                 ints += group_ints
             interpolation = ctx.passes.groups[0].interpolation
             grad_table = _table_grad_op(x, table, nan, grad_out, tensors, ints, interpolation)
-            return None, grad_table, None, None
+            return None, grad_table, None, None, None
         grad_x, grad_table = _encode_backward(x, table, nan, ctx.passes, grad_out, need_x,
-                                              need_table)
-        return grad_x, grad_table, None, None
+                                              need_table, kept or None)
+        return grad_x, grad_table, None, None, None
+
+
+def _use_table_grad_op(table: torch.Tensor, need_x: bool, need_table: bool) -> bool:
+    """Whether backward runs as the custom op: torch.compile, a CPU, only the table's gradient."""
+    return (_table_grad_op is not None and torch.compiler.is_compiling() and need_table
+            and not need_x and table.device.type == "cpu")
 
 
 # =============================================================================================
-# Pass drivers
+# Passes: how the work is split
 # =============================================================================================
 
 class _Passes:
-    """How the work is split into passes, each (group, first, stop, lo, hi): the group's
-    levels first..stop-1 (counted from group.start) for the points lo..hi-1.
+    """The passes of a call, each (group, first, stop, lo, hi): the group's levels first..stop-1
+    (counted from group.start) for the points lo..hi-1, about lookups_per_pass lookups per cell
+    corner: all points for as many levels as fit, or one level for runs of points. Level-major,
+    so consecutive passes read one level's table while it is in cache, and temporaries stay a
+    bounded size whatever the batch. cpu: the CPU branch (eager on a CPU), else the device
+    branch. chunk_size, if given, sets the points per pass."""
 
-    cpu_passes (CPU eager): passes of about lookups_per_pass lookups per cell corner,
-    level-major: all points for as many levels as fit, or, when one level's points exceed
-    it, one level for runs of lookups_per_pass points. Consecutive passes then visit the
-    same level's table, which stays in cache, and every temporary is a few hundred KB that
-    malloc recycles, instead of a fresh 10-100 MB buffer whose page faults would dominate
-    (2-D eager fwd 2.21 -> 5.92 M points/s, fwd+bwd step 218 -> 162 MiB, with the SoA
-    output below). It also enables the CPU speed tricks. Otherwise (GPUs, torch.compile)
-    each group is one pass over all points. chunk_size, if given, sets the points per pass.
-    """
-
-    def __init__(self, groups: Sequence[_LevelGroup], chunk_size: Optional[int],
-                 cpu_passes: bool, lookups_per_pass: int):
+    def __init__(self, groups: Sequence[_LevelGroup], chunk_size: Optional[int], cpu: bool,
+                 lookups_per_pass: int):
         self.groups, self.chunk_size = groups, chunk_size
-        self.cpu_passes, self.lookups_per_pass = cpu_passes, lookups_per_pass
+        self.cpu, self.lookups_per_pass = cpu, lookups_per_pass
 
     def split(self, n_points: int, min_levels: int = 1
               ) -> List[Tuple[_LevelGroup, int, int, int, int]]:
-        """min_levels: with cpu_passes, runs of lookups_per_pass // min_levels points, so a
-        pass holds min_levels levels where the group has them."""
-        step = self.chunk_size or (self.lookups_per_pass // min_levels if self.cpu_passes
-                                   else n_points)
+        """min_levels: runs of lookups_per_pass // min_levels points, so a pass holds
+        min_levels levels where the group has them."""
+        step = self.chunk_size or self.lookups_per_pass // min_levels
         step = max(min(step, n_points), 1)
         passes = []
         for group in self.groups:
             n_levels = group.stop - group.start
-            per_pass = n_levels
-            if self.cpu_passes:
-                per_pass = min(max(self.lookups_per_pass // step, 1), n_levels)
+            per_pass = min(max(self.lookups_per_pass // step, 1), n_levels)
             for first in range(0, n_levels, per_pass):
                 stop = min(first + per_pass, n_levels)
                 passes += [(group, first, stop, lo, min(lo + step, n_points))
@@ -815,66 +851,305 @@ class _Passes:
         return passes
 
 
+def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor],
+            passes: _Passes, keep: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """x: (N, D) in [0, 1] -> (features (N, L * F) in the accumulation dtype, NaN for the points
+    flagged in nan (N,) (their x holds a placeholder; None: no NaN point); when keep, the
+    device branch's corner rows and fractions of every pass, for backward, D + 1 tensors per
+    pass).
+
+    In eager mode the result has the strides of a transposed contiguous (L * F, N) matrix
+    (tiny-cuda-nn's "SoA"): a pass writes each feature's values for its points contiguously,
+    and a following matmul (the MLP's first layer) reads this layout as is and hands back its
+    gradient in the same layout. Under torch.compile it is row-major, which inductor writes as
+    cheaply and AOTAutograd expects of an incoming gradient. Either way a tensor of its own,
+    not a view (autograd forbids modifying a view made inside a custom Function in place).
+    """
+    acc_dtype = torch.promote_types(x.dtype, table.dtype)
+    n_points, n_features = x.shape[0], table.shape[1]
+    n_levels = passes.groups[-1].stop
+    strides = (n_levels * n_features, 1) if torch.compiler.is_compiling() else (1, n_points)
+    out = torch.empty_strided((n_points, n_levels * n_features), strides, dtype=acc_dtype,
+                              device=x.device)
+    per_level = out.view(n_points, n_levels, n_features)
+    xt = x.t().contiguous()                                                   # (D, N)
+    tricks = passes.cpu and not torch.is_grad_enabled()
+    kept = []
+    for group, first, stop, lo, hi in passes.split(n_points):
+        levels = slice(group.start + first, group.start + stop)
+        if passes.cpu:
+            values = _cpu_forward(xt[:, lo:hi], table, group, first, stop, tricks, acc_dtype)
+            values = values.transpose(0, 1)                                     # (n, G, F)
+            if nan is not None:
+                values = values.masked_fill(nan[lo:hi, None, None], float("nan"))
+            per_level[lo:hi, levels] = values
+        else:
+            target = per_level[lo:hi, levels].transpose(0, 1)                   # (G, n, F)
+            corners, fracs = _device_forward(xt[:, lo:hi], table, group, first, stop,
+                                             None if nan is None else nan[lo:hi], target)
+            if keep:
+                kept += [corners, *fracs]
+    return out, kept
+
+
+def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool,
+                     need_table: bool, kept: Optional[List[torch.Tensor]] = None):
+    """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F). NaN
+    points (nan: (N,), or None when there are none) contribute nothing. kept: what _encode kept
+    of the device branch's passes (None: recomputed).
+
+    Only differentiable torch ops, so autograd can differentiate this again (second-order
+    gradients such as an eikonal loss on |df/dx|).
+    """
+    n_points, n_features = x.shape[0], table.shape[1]
+    grad_table = None
+    if need_table:
+        grad_table = torch.zeros(table.shape, dtype=grad_out.dtype, device=table.device)
+    grad_xt = None
+    if need_x:
+        grad_xt = torch.zeros(x.shape[::-1], dtype=grad_out.dtype, device=x.device)   # (D, N)
+    xt = x.t().contiguous()
+    if passes.cpu:
+        _cpu_backward(xt, table, nan, passes, grad_out, need_x, grad_table, grad_xt)
+    else:
+        per_level = grad_out.reshape(n_points, -1, n_features)
+        n_kept = x.shape[1] + 1
+        for i, (group, first, stop, lo, hi) in enumerate(passes.split(n_points)):
+            g = per_level[lo:hi, group.start + first:group.start + stop].transpose(0, 1)
+            if nan is not None:     # NaN points add nothing
+                g = g.masked_fill(nan[lo:hi, None], 0.0)
+            _device_backward(xt[:, lo:hi], table, group, first, stop, g,
+                             None if kept is None else kept[i * n_kept:(i + 1) * n_kept],
+                             grad_table, grad_xt[:, lo:hi] if need_x else None)
+    grad_x = grad_xt.t().to(x.dtype) if need_x else None
+    if need_table:
+        grad_table = grad_table.to(table.dtype)
+    return grad_x, grad_table
+
+
+def _any_nan(nan: torch.Tensor, passes: _Passes) -> Optional[torch.Tensor]:
+    """nan (N,), or None when the CPU branch can tell at once that no point is NaN (the usual
+    case: a masked copy per pass saved). Elsewhere the flags are always applied: asking would
+    make a GPU wait, and a traced graph branch."""
+    if passes.cpu and not bool(nan.any()):
+        return None
+    return nan
+
+
+# =============================================================================================
+# The pieces every pass uses: row index terms per axis, corners
+# =============================================================================================
+
+def _term(vertex, multiplier, hashed: bool, mask: int):
+    """One axis' share of a row index: _hash_term or _dense_term. multiplier None: 1, axis 0's
+    (the first prime and the first stride are 1), which spares the product."""
+    if multiplier is None:
+        return vertex & mask if hashed else vertex
+    return _hash_term(vertex, multiplier, mask) if hashed else _dense_term(vertex, multiplier)
+
+
+def _next_term(term, multiplier, hashed: bool, mask: int):
+    """_term(v + 1) from term = _term(v): _next_hash_term, or + stride (dense)."""
+    step = 1 if multiplier is None else multiplier
+    return _next_hash_term(term, step, mask) if hashed else term + step
+
+
 def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
-                offset: Optional[torch.Tensor], wide: bool = False):
+                offset: Optional[torch.Tensor], index_dtype: Optional[torch.dtype] = None):
     """Per-axis pieces of every corner's row index, and the positions inside the cells.
 
-    xt: (D, n), levels first..stop-1 of group (G of them) -> terms: D pairs (t0, t1) of
-    (G, n) integers, the axis' share of the row index of the lower / upper vertex (combined
-    over axes by _combine), with offset (G, 1), each level's first row in the rows indexed,
-    folded into axis 0 (one op per axis rather than one per corner; for hashed levels the
-    offset is a multiple of T and the terms are < T, so XOR adds it); offset None: rows
-    within each level. fracs: D tensors (G, n) in [0, 1]. wide: int64 terms (what gather /
-    scatter_add_ take).
+    xt: (D, n), levels first..stop-1 of group (G of them) -> terms: D tuples (t0, t1) ("nearest":
+    (t0,)) of (G, n) integers, the axis' share of the row index of the lower / upper vertex
+    (combined over axes by _combine), with offset (G, 1), the first row of each level in the
+    rows indexed, folded into axis 0 (hashed levels: offsets are multiples of T and terms < T,
+    so XOR adds them; None: rows within each level). fracs: D tensors (G, n) in [0, 1].
+    index_dtype: the terms' dtype (default: the group's).
     """
-    scale, mult = group.scale[:, first:stop], group.mult[:, first:stop]
-    max_cell = group.max_cell[:, first:stop] if group.max_cell is not None else None
-    index_dtype, mask = group.offset.dtype, group.hash_mask
-    if wide:   # int64 arithmetic costs less than a copy of each corner's index to int64
-        index_dtype = torch.int64
+    index_dtype = index_dtype or group.offset.dtype
+    scale = group.scale[:, first:stop]
+    mult = group.mult[:, first:stop].to(index_dtype)
+    max_cell = None if group.max_cell is None else group.max_cell[:, first:stop].to(index_dtype)
+    mask, nearest = group.hash_mask, group.interpolation == "nearest"
     terms, fracs = [], []
     for d in range(xt.shape[0]):
         cell, frac = _cell_and_frac(xt[d], scale[d], group.shift, group.tcnn,
-                                    max_cell[d] if max_cell is not None else None)
+                                    None if max_cell is None else max_cell[d], index_dtype)
         fracs.append(frac)
-        fold = d == 0 and group.rows is None and offset is not None  # (tcnn: after the wrap)
         upper = None                              # the upper vertex, when it is not cell + 1
-        if (group.periodic_bits >> d) & 1:             # vertex v is v mod N (N = scale, paper)
-            period = scale[d].to(cell.dtype)
-            if group.interpolation == "nearest":  # floor(x * N + 0.5) reaches N
+        if (group.periodic_bits >> d) & 1:       # vertex v is v mod N (N = scale, paper layout)
+            period = scale[d].to(index_dtype)
+            if nearest:                           # floor(x * N + 0.5) reaches N
                 cell = _periodic_vertex(cell, period)
             else:                                 # the last cell's upper vertex is N
                 upper = _periodic_vertex(cell + 1, period)
-        if group.hashed:
-            # Products in int64 (inductor vectorises them; int32 made the compiled 3-D
-            # forward 2x slower); what remains is < T, in the narrower index dtype.
-            t0 = _hash_term(cell.long(), mult[d], mask).to(index_dtype)
-            if upper is None:
-                # term(v + 1) = (term(v) + prime mod T) mod T: no second product
-                t1 = (t0 + (mult[d] & mask).to(index_dtype)) & mask
-            else:
-                t1 = _hash_term(upper.long(), mult[d], mask).to(index_dtype)
-            if fold:
-                t0, t1 = _combine(t0, offset, True), _combine(t1, offset, True)
+        # (tcnn's dense levels add their offsets after the wrap-around instead)
+        fold = d == 0 and group.wrap_rows is None and offset is not None
+        if fold and group.axis0_direct:
+            # axis 0's term is its vertex (_term: multiplier 1, and below T), so the offset
+            # goes in first (hashed: XOR of a multiple of T and a term < T is +) and the
+            # upper vertex's term is one more
+            t0 = cell + offset
+            t1 = None if nearest else t0 + 1 if upper is None else upper + offset
         else:
-            t0 = _dense_term(cell.to(index_dtype), mult[d])
+            multiplier = None if d == 0 else mult[d]
+            t0 = _term(cell, multiplier, group.hashed, mask)
+            t1 = (None if nearest else _term(upper, multiplier, group.hashed, mask)
+                  if upper is not None else _next_term(t0, multiplier, group.hashed, mask))
             if fold:
-                t0 = _combine(t0, offset, False)
-            if upper is None:
-                t1 = t0 + mult[d]          # term(v + 1) = term(v) + stride
-            else:
-                t1 = _dense_term(upper.to(index_dtype), mult[d])
-                t1 = _combine(t1, offset, False) if fold else t1
-        terms.append((t0, t1))
+                t0 = _combine(t0, offset, group.hashed)
+                t1 = None if t1 is None else _combine(t1, offset, group.hashed)
+        terms.append((t0,) if t1 is None else (t0, t1))
     return terms, fracs
 
+
+def _wrap(index: torch.Tensor, group: _LevelGroup, first: int, stop: int,
+          offset: Optional[torch.Tensor]) -> torch.Tensor:
+    """tcnn's dense levels: index mod rows, then + offset (their row offsets are added after the
+    wrap-around, not folded into axis 0). Other levels: index as it is."""
+    if group.wrap_rows is None:
+        return index
+    index = torch.remainder(index, group.wrap_rows[first:stop])
+    return index if offset is None else index + offset
+
+
+# =============================================================================================
+# The device branch: GPUs, torch.compile, implementation="device"
+# =============================================================================================
+# A pass reads all 2**D corners with one gather and one table-gradient scatter: the corner rows
+# go into one (2**D, G, n) tensor, interpolation is a lerp along one axis after another, and
+# backward sends the gradient down the same lerps. Every op is a plain elementwise or indexing
+# kernel over the whole pass, which is what a GPU, or inductor, runs well.
+
+def _corner_rows(xt, group: _LevelGroup, first: int, stop: int, offset: torch.Tensor):
+    """(corners (2**D, G, n) ("nearest": (1, G, n)) the table row of each cell corner, bit d of
+    the corner the upper vertex on axis d; fracs: D tensors (G, n))."""
+    terms, fracs = _axis_terms(xt, group, first, stop, offset)
+    n_corners = 1 << len(terms) if len(terms[0]) == 2 else 1
+    corners = torch.empty((n_corners,) + terms[0][0].shape, dtype=terms[0][0].dtype,
+                          device=xt.device)
+    partial = list(terms[0])               # the corners over the axes so far, bit d = axis d
+    for d in range(1, len(terms)):
+        last = d == len(terms) - 1         # (the last axis writes straight into corners)
+        partial = [_combine(p, term, group.hashed,
+                            corners[bit * len(partial) + j] if last else None)
+                   for bit, term in enumerate(terms[d]) for j, p in enumerate(partial)]
+    if len(terms) == 1:
+        for corner, term in enumerate(partial):
+            corners[corner] = term
+    if group.wrap_rows is not None:
+        corners = _wrap(corners, group, first, stop, offset)
+    return corners, fracs
+
+
+def _pass_span(group: _LevelGroup, first: int, stop: int, table: torch.Tensor):
+    """(the corners of levels first..stop-1 as a view of table, their offsets (G, 1) within it)."""
+    start, end = group.row_span(first, stop)
+    span = table[group.rows_start + start:group.rows_start + end]
+    return span, group.offset[first:stop] - start
+
+
+def _device_forward(xt, table, group: _LevelGroup, first: int, stop: int,
+                    nan: Optional[torch.Tensor], out: torch.Tensor):
+    """Writes the features of levels first..stop-1 for points xt (D, n) into out (G, n, F), NaN
+    for the points flagged in nan (n,); returns (corner corners, fracs), for backward."""
+    span, offset = _pass_span(group, first, stop, table)
+    corners, fracs = _corner_rows(xt, group, first, stop, offset)
+    values = span.index_select(0, corners.reshape(-1)).view(*corners.shape, span.shape[1])
+    values = values.to(out.dtype)
+    if group.interpolation == "nearest":
+        if nan is not None:
+            values = values.masked_fill(nan[:, None], float("nan"))
+        out.copy_(values[0])
+        return corners, fracs
+    for d, frac in enumerate(fracs):     # lerp along axis d: corners pair up by their bit d
+        weight = _upper_weight(frac, group.interpolation)[0]
+        last = d == len(fracs) - 1
+        if last and nan is not None:     # a NaN weight makes the point's features NaN
+            weight = weight.masked_fill(nan, float("nan"))
+        pairs = values.view(-1, 2, *values.shape[1:])
+        into = out.unsqueeze(0) if last and _eager_out() else None
+        values = torch.lerp(pairs[:, 0], pairs[:, 1], weight.unsqueeze(-1).to(out.dtype),
+                            out=into)
+    if into is None:
+        out.copy_(values[0])
+    return corners, fracs
+
+
+def _eager_out() -> bool:
+    """Whether ops may write into a given (strided) out= tensor: eager, outside autograd. (out=
+    is not differentiable, and torch.compile takes only contiguous out= tensors.)"""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _lerp_split(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gradients at the two ends of lerps, grad (m, ...) -> (2m, ...): grad (1 - weight) at
+    the lower end, grad weight at the upper, interleaved (the lower bit is the new axis)."""
+    if not _eager_out():
+        upper = grad * weight
+        return torch.stack((grad - upper, upper), 1).flatten(0, 1)
+    both = torch.empty((grad.shape[0], 2) + torch.broadcast_shapes(grad.shape[1:], weight.shape),
+                       dtype=torch.promote_types(grad.dtype, weight.dtype), device=grad.device)
+    torch.mul(grad, weight, out=both[:, 1])
+    torch.sub(grad, both[:, 1], out=both[:, 0])
+    return both.flatten(0, 1)
+
+
+def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, g: torch.Tensor,
+                     kept: Optional[List[torch.Tensor]], grad_table: Optional[torch.Tensor],
+                     grad_xt: Optional[torch.Tensor]) -> None:
+    """Adds the gradients of levels first..stop-1 for points xt (D, n), given g = dL/dfeatures
+    (G, n, F), to grad_table (R, F) and grad_xt (D, n). kept: the pass's corner rows and
+    fracs from forward, or None to recompute them."""
+    span, offset = _pass_span(group, first, stop, table)
+    if kept is None:
+        corners, fracs = _corner_rows(xt, group, first, stop, offset)
+    else:
+        corners, fracs = kept[0], kept[1:]
+        if torch.is_grad_enabled():     # double backward: the fracs as functions of x
+            fracs = _axis_terms(xt, group, first, stop, offset)[1]
+    nearest = group.interpolation == "nearest"
+    weights = [] if nearest else [_upper_weight(f, group.interpolation) for f in fracs]
+    need_x = grad_xt is not None and not nearest     # "nearest" is piecewise constant
+    ends = []                    # per axis, the lerps' two ends (need_x: d out / d weight)
+    if need_x:
+        values = span.index_select(0, corners.reshape(-1)).view(*corners.shape, span.shape[1])
+        values = values.to(g.dtype)
+        for weight, _ in weights:
+            pairs = values.view(-1, 2, *values.shape[1:])
+            ends.append(pairs)
+            values = torch.lerp(pairs[:, 0], pairs[:, 1], weight.unsqueeze(-1).to(g.dtype))
+    grads = g.unsqueeze(0)
+    for d in reversed(range(len(weights))):
+        weight, slope = weights[d]
+        if need_x:
+            pairs = ends[d]
+            grad_weight = (grads * (pairs[:, 1] - pairs[:, 0])).sum((0, 3))       # (G, n)
+            grad_frac = grad_weight if slope is None else grad_weight * slope
+            # d pos / d x = scale; the cell is piecewise constant
+            scale = group.scale[d, first:stop].to(grad_frac.dtype)
+            grad_xt[d].add_((grad_frac * scale).sum(0))
+        grads = _lerp_split(grads, weight.unsqueeze(-1).to(g.dtype))
+    if grad_table is not None:
+        start, end = group.row_span(first, stop)
+        grad_span = grad_table[group.rows_start + start:group.rows_start + end]
+        grad_span.index_add_(0, corners.reshape(-1), grads.reshape(-1, g.shape[-1]))
+
+
+# =============================================================================================
+# The CPU branch: eager mode on a CPU
+# =============================================================================================
+# Passes of CPU_LOOKUPS_PER_PASS lookups: every temporary is a few hundred KB that malloc
+# recycles (a fresh large buffer per op would spend its time in page faults), and the
+# corners are visited one at a time, depth first. Outside autograd (`tricks`) the rows are read
+# and written through word-sized views, feature pairs are complex numbers, and gathers and
+# scatters run on every intra-op thread (see the speed tricks below).
 
 def _for_each_corner(terms, factors, hashed: bool, wrap, visit: Callable, d: int = 0,
                      corner: int = 0, index=None, weight=None):
     """Calls visit(corner, index, weight) for every cell corner: index (G, n) its table rows,
     weight (G, n) its interpolation weight (None without factors, i.e. "nearest": one
-    corner). Bit d of `corner` set means the upper vertex on axis d. wrap: (rows, offset)
-    for tcnn's dense levels (index mod rows, then + offset), else None.
+    corner). Bit d of `corner` set means the upper vertex on axis d. wrap: index -> rows
+    (_wrap), or None.
 
     Depth-first over the axes (d, corner, index, weight: the partial results so far), so
     corners share partial sums and products: about 2 ops per corner instead of 2 (D - 1),
@@ -883,12 +1158,9 @@ def _for_each_corner(terms, factors, hashed: bool, wrap, visit: Callable, d: int
     the garbage collector runs.)
     """
     if d == len(terms):
-        if wrap is not None:
-            index = torch.remainder(index, wrap[0]) + wrap[1]
-        visit(corner, index, weight)
+        visit(corner, index if wrap is None else wrap(index), weight)
         return
-    for bit in ((0,) if factors is None else (0, 1)):
-        term = terms[d][bit]
+    for bit, term in enumerate(terms[d]):
         next_index = term if index is None else _combine(index, term, hashed)
         next_weight = None
         if factors is not None:
@@ -899,16 +1171,20 @@ def _for_each_corner(terms, factors, hashed: bool, wrap, visit: Callable, d: int
 
 
 def _corner_setup(xt, group: _LevelGroup, first: int, stop: int,
-                  offset: Optional[torch.Tensor], wide: bool = False):
-    """(terms, factors, wrap) of a pass (offset, wide: see _axis_terms): factors per axis from
-    _interpolation_weights, None for "nearest" (one vertex at full weight)."""
-    terms, fracs = _axis_terms(xt, group, first, stop, offset, wide)
+                  offset: Optional[torch.Tensor], index_dtype: Optional[torch.dtype] = None):
+    """(terms, factors, wrap) of a pass (offset, index_dtype: see _axis_terms): factors per
+    axis (1 - s, s, ds/dfrac) from _upper_weight, None for "nearest" (one vertex at full
+    weight); wrap for _for_each_corner."""
+    terms, fracs = _axis_terms(xt, group, first, stop, offset, index_dtype)
     factors = None
     if group.interpolation != "nearest":
-        factors = [_interpolation_weights(frac, group.interpolation) for frac in fracs]
+        factors = []
+        for frac in fracs:
+            weight, slope = _upper_weight(frac, group.interpolation)
+            factors.append((1.0 - weight, weight, slope))
     wrap = None
-    if group.rows is not None:
-        wrap = (group.rows[first:stop], offset)
+    if group.wrap_rows is not None:
+        wrap = lambda index: _wrap(index, group, first, stop, offset)   # noqa: E731
     return terms, factors, wrap
 
 
@@ -919,27 +1195,27 @@ def _product(factors: List[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def _encode_group(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, first: int,
-                  stop: int, fast: bool, acc_dtype: torch.dtype) -> torch.Tensor:
+def _cpu_forward(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, first: int,
+                 stop: int, tricks: bool, acc_dtype: torch.dtype) -> torch.Tensor:
     """xt: (D, n) -> the features (G, n, F) of the group's levels first..stop-1."""
     group_table = table[group.rows_start:group.rows_stop]
-    packed = fast and _packable(group_table, acc_dtype)
-    rows = _pack(group_table) if packed else None
-    # gather along dim 1 of the rows expanded to (threads, R), the lookups split among them,
-    # runs on all cores where index_select is serial (2**16 lookups, 2 cores: 40 vs 62-73 us)
+    packed = tricks and _packable(group_table, acc_dtype)
+    packed_table = _pack(group_table) if packed else None
+    # gather along dim 1 of the packed table expanded to (threads, R), the lookups split among them,
+    # runs on all cores where index_select is serial
     lanes = torch.get_num_threads() if packed else 1
     terms, factors, wrap = _corner_setup(xt, group, first, stop, group.offset[first:stop],
-                                         lanes > 1)
+                                         torch.int64 if lanes > 1 else None)
     out = []
 
     def accumulate(corner, index, weight):
         if lanes > 1 and index.numel() % lanes == 0:   # (G, n) real or complex
             lookups = index.reshape(lanes, -1)
-            feature = rows.expand(lanes, -1).gather(1, lookups).view(index.shape)
+            feature = packed_table.expand(lanes, -1).gather(1, lookups).view(index.shape)
         elif packed:   # (G, n) real or complex
-            feature = rows.index_select(0, index.reshape(-1)).view(index.shape)
+            feature = packed_table.index_select(0, index.reshape(-1)).view(index.shape)
         else:        # (G, n, F)
-            feature = _gather(group_table, index, fast).to(acc_dtype)
+            feature = _gather(group_table, index, tricks).to(acc_dtype)
             weight = weight.unsqueeze(-1) if weight is not None else None
         if weight is None:
             out.append(feature)
@@ -952,53 +1228,36 @@ def _encode_group(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, fir
     return _unpack(out[0]) if packed else out[0]
 
 
-def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor],
-            passes: _Passes) -> torch.Tensor:
-    """x: (N, D) in [0, 1] -> features (N, L * F) in the accumulation dtype, NaN for the
-    points flagged in nan (N,) (their x holds a placeholder; None: no NaN point, _any_nan).
-
-    In eager mode the result has the strides of a transposed contiguous (L * F, N) matrix:
-    every level is computed for a run of points at a time, and each feature's values for
-    those points are adjacent, so the passes write contiguous memory (16 levels x 2**18
-    points: 17 ms, vs 93 ms into a row-major output). A following matmul (the MLP's first
-    layer) reads this layout as is (nn.Linear(32, 64): 63 ms, vs 88 ms with a .contiguous()
-    copy first), and hands back its gradient in the same layout.
-    """
-    acc_dtype = torch.promote_types(x.dtype, table.dtype)
-    n_points, n_features = x.shape[0], table.shape[1]
-    n_levels = passes.groups[-1].stop
-    fast = passes.cpu_passes and not torch.is_grad_enabled()
-    # Under torch.compile the result is row-major: inductor writes that layout as cheaply, and
-    # AOTAutograd would copy an incoming row-major gradient (an elementwise loss) into the
-    # traced layout. Either way a tensor of its own, not a view (autograd forbids modifying
-    # a view made inside a custom Function in place).
-    strides = (n_levels * n_features, 1) if torch.compiler.is_compiling() else (1, n_points)
-    out = torch.empty_strided((n_points, n_levels * n_features), strides, dtype=acc_dtype,
-                              device=x.device)
-    # Written through its (N, L, F) view: the order inductor vectorises well.
-    per_level = out.view(n_points, n_levels, n_features)
-    xt = x.t().contiguous()                                                   # (D, N)
-    for group, first, stop, lo, hi in passes.split(n_points):
-        values = _encode_group(xt[:, lo:hi], table, group, first, stop, fast, acc_dtype)
-        values = values.transpose(0, 1)                                         # (n, G, F)
-        # NaN rows masked before the write, which inductor fuses
-        if nan is not None:
-            values = values.masked_fill(nan[lo:hi, None, None], float("nan"))
-        per_level[lo:hi, group.start + first:group.start + stop] = values
-    return out
+def _cpu_backward(xt, table, nan, passes: _Passes, grad_out, need_x: bool, grad_table,
+                  grad_xt) -> None:
+    """_encode_backward's CPU branch: adds to grad_table (R, F) and grad_xt (D, N)."""
+    n_points, n_features = xt.shape[1], table.shape[1]
+    n_planes = grad_out.shape[1] // n_features
+    grad_planes = grad_out.t().reshape(n_planes, n_features, n_points)          # (L, F, N)
+    if not grad_planes.is_contiguous():
+        # e.g. a row-major gradient from an elementwise loss on the features: the passes would
+        # read it with a large stride, so transpose it once, in runs of points that fit in cache
+        planes = torch.empty_like(grad_planes, memory_format=torch.contiguous_format)
+        step = max(passes.lookups_per_pass // planes.shape[0], 1)
+        for lo in range(0, n_points, step):
+            planes[..., lo:lo + step] = grad_planes[..., lo:lo + step]
+        grad_planes = planes
+    tricks = not torch.is_grad_enabled()
+    # one level per intra-op thread in each pass: the table gradient's scatter_add_ then runs
+    # on all cores (_cpu_backward_pass, _per_level)
+    min_levels = 1
+    if tricks and grad_table is not None and not need_x:
+        most = max(g.stop - g.start for g in passes.groups)
+        min_levels = max(min(torch.get_num_threads(), most), 1)
+    for group, first, stop, lo, hi in passes.split(n_points, min_levels):
+        levels = slice(group.start + first, group.start + stop)
+        _cpu_backward_pass(xt[:, lo:hi], table, group, first, stop, tricks,
+                           grad_planes[levels, :, lo:hi], None if nan is None else nan[lo:hi],
+                           grad_table, grad_xt[:, lo:hi] if need_x else None, need_x)
 
 
-def _any_nan(nan: torch.Tensor, passes: _Passes) -> Optional[torch.Tensor]:
-    """nan (N,), or None when the CPU passes can tell at once that no point is NaN (the
-    usual case: a masked copy per pass saved, 3 ms of an albert training step). Elsewhere
-    the flags are always applied: asking would make a GPU wait, and a traced graph branch."""
-    if passes.cpu_passes and not bool(nan.any()):
-        return None
-    return nan
-
-
-def _backward_group(xt, table, group: _LevelGroup, first: int, stop: int, fast: bool,
-                    g_planes, nan, grad_table, grad_xt, need_x: bool):
+def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, tricks: bool,
+                       g_planes, nan, grad_table, grad_xt, need_x: bool):
     """Adds the gradients of the group's levels first..stop-1 for points xt (D, n), given
     g_planes = dL/dfeatures (G, F, n) (a view of the caller's gradient; points flagged in
     nan (n,) are skipped, None: no point is), to grad_table (R, F) and to grad_xt (D, n)."""
@@ -1007,20 +1266,20 @@ def _backward_group(xt, table, group: _LevelGroup, first: int, stop: int, fast: 
     group_grad = None
     if grad_table is not None:
         group_grad = grad_table[group.rows_start:group.rows_stop]
-    packed = fast and group_grad is not None and _packable(group_grad, g_planes.dtype)
-    level_rows, offset = None, group.offset[first:stop]
-    # one copy of the gradient, straight into the packed form, NaN points zeroed (was 2 copies)
+    packed = tricks and group_grad is not None and _packable(group_grad, g_planes.dtype)
+    grad_levels, offset = None, group.offset[first:stop]
+    # one copy of the gradient, straight into the packed form, NaN points zeroed
     if packed:
         g_rows = (torch.complex(g_planes[:, 0], g_planes[:, 1]) if n_features == 2
                   else g_planes[:, 0].clone())                                    # (G, n)
         if nan is not None:
             g_rows.masked_fill_(nan, 0.0)
-        grad_rows, g = _pack(group_grad), _unpack(g_rows)                        # (R,), (G, n, F)
+        packed_grad, g = _pack(group_grad), _unpack(g_rows)                        # (R,), (G, n, F)
         if not need_x:
             # scatter_add_ along dim 1 of this (G, W) view runs the levels on all cores
-            level_rows, offset = _per_level(grad_rows, group, first, stop)
+            grad_levels, offset = _per_level(packed_grad, group, first, stop)
     terms, factors, wrap = _corner_setup(xt, group, first, stop, offset,
-                                         level_rows is not None)
+                                         torch.int64 if grad_levels is not None else None)
     need_x = need_x and factors is not None   # "nearest" is piecewise constant: d/dx = 0
     grad_frac = [None] * n_dims
     if not packed:
@@ -1028,28 +1287,21 @@ def _backward_group(xt, table, group: _LevelGroup, first: int, stop: int, fast: 
         if nan is not None:
             g = g.masked_fill(nan[:, None], 0.0)
 
-    # Under torch.compile, in-place adds into a view of the gradient would each be turned into
-    # a copy of the whole table: collect all corners and add them in one out-of-place op.
-    pending = [] if torch.compiler.is_compiling() else None
-
     def accumulate(corner, index, weight):
-        if level_rows is not None:
+        if grad_levels is not None:
             values = g_rows if weight is None else g_rows * weight
-            level_rows.scatter_add_(1, index, values)   # (index: int64 rows of each level)
+            grad_levels.scatter_add_(1, index, values)   # (index: int64 rows of each level)
         elif packed:
             values = g_rows if weight is None else g_rows * weight
             # scatter_add_'s 1-D CPU loop is tighter than index_add_'s, even after the int64
-            # copy it needs (2**16 complex rows: 1.5 vs 2.4-3.0 ns per lookup)
-            grad_rows.scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
+            # copy it needs
+            packed_grad.scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
         elif group_grad is not None:
             values = (g if weight is None else g * weight.unsqueeze(-1)).reshape(-1, n_features)
-            if pending is not None:
-                pending.append((index.reshape(-1), values))
-            else:
-                # (the 2-D index_add_ kernel is 4x slower with int32 indices: 8.5 vs 2.1 ms)
-                group_grad.index_add_(0, index.reshape(-1).long(), values.to(group_grad.dtype))
+            # (the 2-D index_add_ CPU kernel is several times slower with int32 indices)
+            group_grad.index_add_(0, index.reshape(-1).long(), values.to(group_grad.dtype))
         if need_x:
-            g_dot_feature = (g * _gather(group_table, index, fast)).sum(-1)       # (G, n)
+            g_dot_feature = (g * _gather(group_table, index, tricks)).sum(-1)     # (G, n)
             for d in range(n_dims):
                 # d weight / d s_d = +-prod_{e != d} (s_e or 1 - s_e)
                 others = [factors[e][(corner >> e) & 1] for e in range(n_dims) if e != d]
@@ -1058,10 +1310,6 @@ def _backward_group(xt, table, group: _LevelGroup, first: int, stop: int, fast: 
                 grad_frac[d] = term if grad_frac[d] is None else grad_frac[d] + term
 
     _for_each_corner(terms, factors, group.hashed, wrap, accumulate)
-    if pending:
-        rows = torch.cat([index for index, _ in pending]).long()
-        values = torch.cat([values for _, values in pending]).to(group_grad.dtype)
-        group_grad.copy_(torch.zeros_like(group_grad).index_add(0, rows, values))
     if need_x:
         scale = group.scale[:, first:stop]
         for d in range(n_dims):
@@ -1071,85 +1319,37 @@ def _backward_group(xt, table, group: _LevelGroup, first: int, stop: int, fast: 
             grad_xt[d].add_((dfrac * scale[d].to(dfrac.dtype)).sum(0))
 
 
-def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool, need_table: bool):
-    """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F), best
-    in _encode's output layout (else it is transposed once). NaN points (nan: (N,), or None
-    when there are none) contribute nothing.
-
-    Only differentiable torch ops, so autograd can differentiate this again (second-order
-    gradients such as an eikonal loss on |df/dx|).
-    """
-    n_points, n_features = x.shape[0], table.shape[1]
-    n_planes = grad_out.shape[1] // n_features
-    grad_planes = grad_out.t().reshape(n_planes, n_features, n_points)          # (L, F, N)
-    if not grad_planes.is_contiguous():
-        # e.g. a row-major gradient from an elementwise loss on the features: the passes would
-        # read it with a large stride, so transpose it once, in runs of points that fit in cache
-        planes = torch.empty_like(grad_planes, memory_format=torch.contiguous_format)
-        step = n_points
-        if passes.cpu_passes:
-            step = max(passes.lookups_per_pass // planes.shape[0], 1)
-        for lo in range(0, n_points, step):
-            planes[..., lo:lo + step] = grad_planes[..., lo:lo + step]
-        grad_planes = planes
-    fast = passes.cpu_passes and not torch.is_grad_enabled()
-    grad_table = None
-    if need_table:
-        grad_table = torch.zeros(table.shape, dtype=grad_out.dtype, device=table.device)
-    grad_xt = None
-    if need_x:
-        grad_xt = torch.zeros(x.shape[::-1], dtype=grad_out.dtype, device=x.device)   # (D, N)
-    xt = x.t().contiguous()
-    # one level per intra-op thread in each pass: the table gradient's scatter_add_ then runs
-    # on all cores (_backward_group, _per_level)
-    min_levels = 1
-    if fast and need_table and not need_x:
-        most = max(g.stop - g.start for g in passes.groups)
-        min_levels = max(min(torch.get_num_threads(), most), 1)
-    for group, first, stop, lo, hi in passes.split(n_points, min_levels):
-        levels = slice(group.start + first, group.start + stop)
-        _backward_group(xt[:, lo:hi], table, group, first, stop, fast,
-                        grad_planes[levels, :, lo:hi], None if nan is None else nan[lo:hi],
-                        grad_table,
-                        grad_xt[:, lo:hi] if need_x else None, need_x)
-    grad_x = grad_xt.t().to(x.dtype) if need_x else None
-    if need_table:
-        grad_table = grad_table.to(table.dtype)
-    return grad_x, grad_table
-
-
 # =============================================================================================
-# CPU speed tricks (the cpu_passes branch, outside autograd: `fast` above)
+# CPU speed tricks (the CPU branch outside autograd: `tricks` above)
 # =============================================================================================
 
 # Row-at-a-time access to the (R, F) tables is much faster through a 1-D view with one element
 # per row (F features reinterpreted as one machine word): PyTorch's 2-D index_select /
-# index_add_ kernels loop over features per row (2**16 rows of a 2**19 x 2 float32 table:
-# 0.23 ms through the word view, 8.0 ms in 2-D). Word dtypes for the gather, by row size:
+# index_add_ CPU kernels loop over the features of every row. Word dtypes for the gather, by
+# row size:
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
 # ... and for the scatter-add, where the arithmetic must stay right: a pair of floats adds
-# exactly like a complex number (the same 2**16 rows: 0.16 ms as complex, 8.0 ms in 2-D).
+# exactly like a complex number.
 _PAIR_DTYPES = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
-def _gather(table: torch.Tensor, index: torch.Tensor, fast: bool) -> torch.Tensor:
-    """table: (R, F), index: (G, n) -> (G, n, F). fast: through a one-word-per-row view
-    (the dtype views are not differentiable, and buy nothing on GPUs or under compile)."""
+def _gather(table: torch.Tensor, index: torch.Tensor, tricks: bool) -> torch.Tensor:
+    """table: (R, F), index: (G, n) -> (G, n, F). tricks: through a one-word-per-row view
+    (the dtype views are not differentiable)."""
     n_features = table.shape[1]
     word = _WORD_DTYPES.get(n_features * table.element_size())
-    if fast and word is not None and table.is_contiguous():
-        rows = table.view(word).view(-1).index_select(0, index.reshape(-1))
-        return rows.view(table.dtype).view(*index.shape, n_features)
+    if tricks and word is not None and table.is_contiguous():
+        words = table.view(word).view(-1).index_select(0, index.reshape(-1))
+        return words.view(table.dtype).view(*index.shape, n_features)
     return table.index_select(0, index.reshape(-1)).view(*index.shape, n_features)
 
 
-def _per_level(rows: torch.Tensor, group: _LevelGroup, first: int, stop: int
+def _per_level(packed: torch.Tensor, group: _LevelGroup, first: int, stop: int
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(view, shift): the packed rows (R,) of a group as a (G, W) view whose row g holds level
-    first + g, and shift (G, 1), added to a level's own row numbers to index its view row
-    (None: no shift). Gathers / scatter-adds along dim 1 of the view run one level per
-    intra-op thread, where 1-D ones are serial (a hashed pair of levels x 2**15 points on 2
-    cores: 0.67 vs 1.46 ns per lookup; albert's dense levels: 0.17 vs 1.0 ms).
+    """(view, shift): a group's packed table or gradient (R,) as a (G, W) view whose row g
+    holds level first + g, and shift (G, 1), added to a level's own row numbers to index its
+    view row (None: no shift). Gathers / scatter-adds along dim 1 of the view run one level per
+    intra-op thread, where 1-D ones are serial.
 
     Row g starts s * g rows after the first level's first row: levels of T rows each (hashed)
     take s = T, so each view row is exactly its level (no shift). Levels of any sizes (dense)
@@ -1157,11 +1357,11 @@ def _per_level(rows: torch.Tensor, group: _LevelGroup, first: int, stop: int
     offset - the first level's) - g in its view row, are its own, so the threads' writes never
     meet, and the levels stay summed serially each (deterministic)."""
     n_levels, n_rows = stop - first, group.hash_mask + 1
-    if group.hashed and rows.shape[0] == (group.stop - group.start) * n_rows:
-        return rows.view(-1, n_rows)[first:stop], None
+    if group.hashed and packed.shape[0] == (group.stop - group.start) * n_rows:
+        return packed.view(-1, n_rows)[first:stop], None
     start, end = group.row_span(first, stop)
-    view = rows.as_strided((n_levels, end - start - (n_levels - 1)), (1, 1),
-                           rows.storage_offset() + start)
+    view = packed.as_strided((n_levels, end - start - (n_levels - 1)), (1, 1),
+                             packed.storage_offset() + start)
     offset = group.offset[first:stop]
     steps = torch.arange(n_levels, dtype=offset.dtype, device=offset.device).unsqueeze(1)
     return view, offset - start - steps
@@ -1171,8 +1371,7 @@ def _packable(table: torch.Tensor, acc_dtype: torch.dtype) -> bool:
     """Whether feature rows can be handled as single numbers: F = 1 as reals, F = 2 (float32 /
     float64) as complex numbers, whose arithmetic on a pair is exactly what interpolation does
     to it (a weighted sum). Elementwise ops then run over one long axis instead of broadcasting
-    a weight over a trailing axis of size 2 (4 corners of 2**16 points gathered, weighted and
-    summed: 0.76 ms, vs 27 ms with (n, 2) rows)."""
+    a weight over a trailing axis of size 2, which is several times slower on a CPU."""
     n_features = table.shape[1]
     return (table.dtype == acc_dtype and table.is_contiguous()
             and (n_features == 1 or (n_features == 2 and table.dtype in _PAIR_DTYPES)))
@@ -1200,20 +1399,21 @@ def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
     """The table gradient by the eager CPU path, the groups given by _LevelGroup.op_args
     (concatenated): the body of the custom op below."""
     groups = _LevelGroup.from_op_args(tensors, ints, interpolation)
-    cpu_passes = table.device.type == "cpu"   # (the op is for CPUs; called elsewhere, plainly)
-    passes = _Passes(groups, None, cpu_passes, MultiResHashGrid.CPU_LOOKUPS_PER_PASS)
+    cpu = table.device.type == "cpu"   # (the op is for CPUs; called elsewhere, plainly)
+    passes = _Passes(groups, None, cpu, MultiResHashGrid.CPU_LOOKUPS_PER_PASS if cpu
+                     else MultiResHashGrid.DEVICE_LOOKUPS_PER_PASS)
     with torch.no_grad():
         return _encode_backward(x, table, _any_nan(nan, passes), passes, grad_out, False,
                                 True)[1]
 
 
 # Under torch.compile, inductor would turn the backward's scatter-adds into its own kernels,
-# which on CPU are several times slower than the eager path (int32 indices, complex pairs,
-# cache-sized passes): as this opaque custom op, compiled 2-D fwd+bwd went 0.37 -> 1.26 M
-# points/s (torch >= 2.4). Its name carries a version, bumped whenever its inputs change: a
+# which on CPU are several times slower than the eager CPU branch (int32 indices, complex
+# pairs, cache-sized passes), so a CPU runs that branch as this opaque op (torch >= 2.4). Its
+# name carries a version, bumped whenever its inputs change: a
 # second copy of this file in the same process reuses the op of an equal version, and a copy
 # of another version registers its own instead of silently replacing this one.
-_TABLE_GRAD_OP = "hashgrid::table_grad_v4"
+_TABLE_GRAD_OP = "hashgrid::table_grad_v5"
 _table_grad_op = None
 if hasattr(torch.library, "custom_op"):
     _namespace, _name = _TABLE_GRAD_OP.split("::")
@@ -1226,7 +1426,100 @@ if hasattr(torch.library, "custom_op"):
 
 
 # =============================================================================================
-# Frequency encoding
+# PART III: tiny-cuda-nn interop (layout="tcnn": configs in, configs and parameters out)
+# =============================================================================================
+
+def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict]:
+    """MultiResHashGrid's (args, kwargs) for a tcnn encoding config (from_tcnn_config)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"a tcnn encoding config is a dict, got {type(config).__name__}")
+    known = ("otype", "type", "n_levels", "n_features", "n_grid_features",
+             "n_features_per_level", "log2_hashmap_size", "base_resolution",
+             "per_level_scale", "interpolation", "hash", "stochastic_interpolation",
+             "fixed_point_pos")
+    unknown = [key for key in config if key not in known]
+    if unknown:
+        raise ValueError(f"unsupported tcnn grid config key(s) {unknown}; "
+                         f"supported: {list(known)}")
+    otypes = {"grid": "hash", "hashgrid": "hash", "densegrid": "dense", "tiledgrid": "tiled"}
+    otype = config.get("otype")
+    if str(otype).lower() not in otypes:
+        raise ValueError(f"unsupported tcnn encoding otype {otype!r}: expected Grid, "
+                         "HashGrid, DenseGrid or TiledGrid")
+    grid_types = {"hash": "hash", "dense": "dense", "tiled": "tiled", "tile": "tiled"}
+    grid_type = grid_types.get(str(config.get("type", otypes[str(otype).lower()])).lower())
+    if grid_type is None:
+        raise ValueError(f"unsupported tcnn grid type {config['type']!r}: expected Hash, "
+                         "Dense or Tiled")
+    if str(config.get("hash", "CoherentPrime")).lower() != "coherentprime":
+        raise ValueError(f"unsupported tcnn hash {config['hash']!r}: only CoherentPrime "
+                         "(the paper's primes, 1 for the first axis)")
+    for flag in ("stochastic_interpolation", "fixed_point_pos"):
+        if config.get(flag, False):
+            raise ValueError(f"unsupported tcnn option {flag}={config[flag]!r}")
+    interpolation = str(config.get("interpolation", "Linear")).lower()
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"unsupported tcnn interpolation {config['interpolation']!r}: "
+                         "expected Nearest, Linear or Smoothstep")
+
+    def integer(key, default):
+        value = config.get(key, default)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value != int(value)):
+            raise ValueError(f"tcnn config {key} must be an integer, got {value!r}")
+        return int(value)
+
+    n_features_per_level = integer("n_features_per_level", 2)
+    n_levels = integer("n_levels", 16)
+    for key in ("n_features", "n_grid_features"):
+        if key in config:
+            if "n_levels" in config:
+                raise ValueError(f"tcnn config may not give both {key} and n_levels")
+            n_features = integer(key, None)
+            if n_features_per_level < 1 or n_features % n_features_per_level:
+                raise ValueError(f"tcnn config {key}={n_features} is not a multiple of "
+                                 f"n_features_per_level={n_features_per_level}")
+            n_levels = n_features // n_features_per_level
+            break
+    base = integer("base_resolution", 16)
+    if "per_level_scale" in config:
+        per_level_scale = config["per_level_scale"]
+        if isinstance(per_level_scale, bool) or not isinstance(per_level_scale, (int, float)):
+            raise ValueError(f"tcnn config per_level_scale must be a number, "
+                             f"got {per_level_scale!r}")
+    elif grid_type != "dense":
+        per_level_scale = 2.0
+    elif n_levels > 1 and base >= 1:
+        # tcnn: std::exp(std::log(256.0f / base_resolution) / (n_levels - 1)), in float32
+        log_ratio = _float32(math.log(_float32(256.0 / base)))
+        per_level_scale = _float32(math.exp(_float32(log_ratio / (n_levels - 1))))
+    else:
+        raise ValueError("a DenseGrid with n_levels < 2 needs per_level_scale (tcnn's "
+                         "default divides by n_levels - 1)")
+    return ((n_input_dims, n_levels, n_features_per_level, integer("log2_hashmap_size", 19),
+             base), dict(per_level_scale=per_level_scale, interpolation=interpolation,
+                         layout="tcnn", grid_type=grid_type))
+
+
+def _tcnn_config_of(enc: "MultiResHashGrid") -> dict:
+    """enc as a tcnn encoding config (MultiResHashGrid.tcnn_config)."""
+    enc._require_tcnn()
+    base = _per_axis(enc.base_resolution, enc.input_dim, "base_resolution")
+    if len(set(base)) != 1 or base[0] != int(base[0]) or len(set(enc.per_level_scale)) != 1:
+        raise ValueError("a tcnn config has one integer base_resolution and one "
+                         f"per_level_scale for all axes, got {enc.base_resolution} and "
+                         f"{enc.per_level_scale}")
+    config = {"otype": "Grid", "type": enc.grid_type.capitalize(),
+              "n_levels": enc.n_levels, "n_features_per_level": enc.n_features_per_level,
+              "base_resolution": int(base[0]), "per_level_scale": enc.per_level_scale[0],
+              "interpolation": enc.interpolation.capitalize(), "hash": "CoherentPrime"}
+    if enc.grid_type == "hash":
+        config["log2_hashmap_size"] = enc.log2_hashmap_size
+    return config
+
+
+# =============================================================================================
+# PART IV: Frequency, the NeRF positional encoding
 # =============================================================================================
 
 class Frequency(nn.Module):

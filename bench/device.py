@@ -7,7 +7,8 @@
    HASHGRID_TEST_DEVICE, see tests/conftest.py), so the one-pass device branch, its backward
    and double backward run where users run them;
 2. the encoding benchmark on the GPU (bench/encoding.py: 2-D and 3-D, eager and compiled,
-   fwd and fwd+bwd, peak allocated memory; the peers given with --vs side by side);
+   fwd and fwd+bwd, peak allocated memory; the peers given with --vs side by side), and its
+   traffic table (--traffic: ops, bytes written per point, compiled in one graph or not);
 3. a --seconds albert fit at batch 2^18 (the paper's batch): PSNR, steps, pixels/s and the
    peak GPU memory train.py logs.
 It prints one markdown table (for the README) and writes bench/out/device.json; all of it takes
@@ -47,18 +48,26 @@ def encoding_tests(timeout):
                 ok=status == 0)
 
 
-def encoding_bench(peers, timeout):
+def bench_encoding(flags, peers, json_name, what, timeout):
+    """(rows of bench/encoding.py run on cuda with flags and the peers, seconds), or (None, a
+    failed check)."""
     out = os.path.join(OUT, "device_encoding.json")
-    command = [sys.executable, "bench/encoding.py", "--device", "cuda", "--workloads", "2d",
-               "3d", "--repeats", "5", "--out", out]
+    command = [sys.executable, "bench/encoding.py", "--device", "cuda", *flags, "--out", out]
     for peer in peers:
         command += ["--vs", peer]
     status, seconds, lines = run(command, timeout)
     if status != 0:
-        return [dict(check="encoding benchmark", result=f"failed: {lines[-1:] or status}",
-                     seconds=seconds, ok=False)]
-    with open(out) as f:
-        rows = json.load(f)["rows"]
+        return None, dict(check=what, result=f"failed: {lines[-1:] or status}", seconds=seconds,
+                          ok=False)
+    with open(os.path.join(OUT, json_name)) as f:
+        return json.load(f)["rows"], seconds
+
+
+def encoding_bench(peers, timeout):
+    rows, seconds = bench_encoding(["--workloads", "2d", "3d", "--repeats", "5"], peers,
+                                   "device_encoding.json", "encoding benchmark", timeout)
+    if rows is None:
+        return [seconds]
     memory = {(r["workload"], r["impl"]): r.get("extra_bytes") for r in rows
               if r["step"] == "memory"}
     checks = []
@@ -71,6 +80,28 @@ def encoding_bench(peers, timeout):
                                  f"[{os.path.basename(r['impl'])}]",
                            result=f"{r['points_per_second'] / 1e6:.1f} M points/s{ratio}",
                            peak_mib=None if peak is None else peak / 2**20, ok=True))
+    checks[0]["seconds"] = seconds
+    return checks
+
+
+def encoding_traffic(peers, timeout):
+    """bench/encoding.py --traffic on the GPU: ops, bytes written per point and peak memory of
+    one fwd+bwd step, eager and compiled, ours and the peers (the counts match the CPU's; the
+    peaks are the caching allocator's)."""
+    rows, seconds = bench_encoding(["--traffic"], peers, "device_encoding_traffic.json",
+                                   "encoding traffic", timeout)
+    if rows is None:
+        return [seconds]
+    checks = []
+    for r in rows:
+        compiled = r.get("compiled") or {}
+        whole = ("" if not compiled else ", compiled: whole graph" if compiled.get("fullgraph")
+                 else ", compiled: GRAPH BREAK")
+        peak = r.get("peak_bytes")
+        checks.append(dict(check=f"traffic {r['workload']} [{os.path.basename(r['impl'])}]",
+                           result=f"{r['ops']} ops, {r['bytes_per_point']:,.0f} B/point{whole}",
+                           peak_mib=None if peak is None else peak / 2**20,
+                           ok=not compiled or compiled.get("fullgraph", False)))
     checks[0]["seconds"] = seconds
     return checks
 
@@ -113,6 +144,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(0)
     checks = [encoding_tests(timeout=200)]
     checks += encoding_bench(args.vs, timeout=180)
+    checks += encoding_traffic(args.vs, timeout=150)
     checks.append(training(args.image, args.seconds, timeout=args.seconds + 90))
     print(f"\n{name}, torch {torch.__version__}\n")
     print("| check | result | wall s | peak GPU MiB |\n|---|---|---:|---:|")

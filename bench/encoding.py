@@ -2,6 +2,15 @@
 
     python bench/encoding.py                                     # ours only
     python bench/encoding.py --vs ../peers/upstream_encoding.py:MultiResHashGrid
+    python bench/encoding.py --traffic [--vs ...]                # ops and bytes, any machine
+
+--traffic counts, for one forward+backward step (loss y.square().mean()), the aten ops and the
+bytes their outputs write per point (views and allocations excluded: they write nothing; an
+in-place op counts the whole tensor it writes into), for ours' device branch (what GPUs and
+torch.compile run), ours' CPU branch and each peer, and the peak allocated memory of that
+step. These are counts, the same on any machine; the M points/s of the timing table are this
+machine's. Compiled, it reports inductor's kernel count and bytes accessed per point, whether
+the graph compiled whole (fullgraph=True), and its peak memory.
 
 Every implementation is timed interleaved with ours in the same process (step by step, so
 machine noise hits all alike) and reported as points/second and as a ratio to ours. Peak
@@ -26,6 +35,8 @@ import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -45,11 +56,15 @@ SYNONYMS = {
     "finest_resolution": ("finest_resolution", "max_res"),
 }
 OURS = "ours"
+OURS_CPU = "ours (CPU branch)"
+OURS_DEVICE = "ours (device branch)"
+OURS_RECOMPUTE = "ours (device, DEVICE_KEEP=False)"
+OUR_SPECS = (OURS, OURS_CPU, OURS_DEVICE, OURS_RECOMPUTE)
 
 
 def load_class(spec: str):
     """'ours' or 'path/to/file.py:ClassName' -> the class."""
-    if spec == OURS:
+    if spec in OUR_SPECS:
         import encoding
         return encoding.MultiResHashGrid
     path, _, name = spec.rpartition(":")
@@ -62,7 +77,7 @@ def load_class(spec: str):
     return getattr(module, name)
 
 
-def build(cls, workload: str, device: str):
+def build(cls, workload: str, device: str, spec: str = OURS):
     dim, levels, features, log2_t, base, finest, _ = WORKLOADS[workload]
     ours = dict(dim=dim, n_levels=levels, n_features_per_level=features, log2_hashmap_size=log2_t,
                 base_resolution=base, finest_resolution=finest)
@@ -74,9 +89,14 @@ def build(cls, workload: str, device: str):
             kwargs[name] = value
         elif key == "dim" and dim != 3:
             raise TypeError(f"{cls.__name__} takes no input dimension (3-D only?)")
-    if "implementation" in params:
-        kwargs["implementation"] = "torch"
-    return cls(**kwargs).to(device)
+    if spec in (OURS_DEVICE, OURS_RECOMPUTE):
+        kwargs["implementation"] = "device"
+    elif spec not in OUR_SPECS and "implementation" in params:
+        kwargs["implementation"] = "torch"     # nerfstudio's pure-torch path
+    module = cls(**kwargs).to(device)
+    if spec == OURS_RECOMPUTE:
+        module.DEVICE_KEEP = False
+    return module
 
 
 def make_step(module, batch: int, dim: int, device: str, backward: bool):
@@ -129,11 +149,16 @@ def _peak_allocated_cpu(step) -> int:
     return max((event["args"]["Total Allocated"] for event in events if event.get("name") == "[memory]"), default=0)
 
 
-def measure_memory_here(spec: str, workload: str, device: str, kind: str) -> int:
+def measure_memory_here(spec: str, workload: str, device: str, kind: str,
+                        compiled: bool = False) -> int:
     """Extra memory (bytes) of one forward+backward step, in this process. kind: "allocated"
     (tensor bytes) or "rss" (resident memory, CPU)."""
-    module = build(load_class(spec), workload, device)
+    module = build(load_class(spec), workload, device, spec)
+    if compiled:
+        module = torch.compile(module, fullgraph=True)
     step = make_step(module, WORKLOADS[workload][6], WORKLOADS[workload][0], device, backward=True)
+    if compiled:
+        step()        # compilation first: its own memory is not the step's
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -150,15 +175,15 @@ def measure_memory_here(spec: str, workload: str, device: str, kind: str) -> int
     return _rss_bytes("VmHWM") - before
 
 
-def measure_memory(spec: str, workload: str, device: str, kind: str):
+def measure_memory(spec: str, workload: str, device: str, kind: str, compiled: bool = False):
     """Fresh child process per measurement, so one implementation's freed memory cannot hide
     another's peak. None for RSS on CUDA or where the platform has no /proc."""
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and not compiled:
         return measure_memory_here(spec, workload, device, kind) if kind == "allocated" else None
     if kind == "rss" and not os.path.exists("/proc/self/clear_refs"):
         return None
-    out = subprocess.run([sys.executable, __file__, "--_memory", spec, workload, device, kind],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, __file__, "--_memory", spec, workload, device, kind,
+                          str(int(compiled))], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         print(f"  (memory of {spec} on {workload} failed: {out.stderr.strip().splitlines()[-1:]})")
         return None
@@ -175,11 +200,16 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "encoding.json"))
-    parser.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--traffic", action="store_true",
+                        help="count ops, bytes written and peak memory instead of timing")
+    parser.add_argument("--_memory", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory:
-        print(measure_memory_here(*args._memory))
+        *memory_args, compiled = args._memory
+        print(measure_memory_here(*memory_args, compiled=compiled == "1"))
         return
+    if args.traffic:
+        return traffic_main(args)
 
     specs = [OURS] + args.vs
     classes = {spec: load_class(spec) for spec in specs}
@@ -191,7 +221,7 @@ def main(argv=None):
         modules = {}
         for spec in specs:
             try:
-                modules[spec] = build(classes[spec], workload, args.device)
+                modules[spec] = build(classes[spec], workload, args.device, spec)
             except Exception as error:  # a peer may not support this workload (e.g. 3-D only)
                 print(f"  {spec} on {workload}: n/a ({type(error).__name__}: {error})")
         for mode in args.modes:
@@ -237,6 +267,113 @@ def main(argv=None):
         json.dump(dict(torch=torch.__version__, device=args.device, threads=torch.get_num_threads(),
                        rows=rows), out, indent=1)
     print(f"\nwrote {os.path.relpath(args.out)}")
+
+
+# --- traffic: what does not depend on the machine ------------------------------------------
+
+TRAFFIC_WORKLOADS = ("2d", "3d")
+
+
+class WriteCounter(TorchDispatchMode):
+    """Counts the aten ops that run and the bytes their outputs hold: views (every output
+    aliases an input, unwritten) and allocations (empty*: nothing written) excluded; an
+    in-place or out= op counts the tensor it writes into."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes = 0, 0
+        self.by_op = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        if returns and all(r.alias_info is not None and not r.alias_info.is_write
+                           for r in returns):
+            return out
+        if func.__name__.startswith(("empty", "new_empty")):
+            return out
+        written = sum(t.numel() * t.element_size() for t in tree_flatten(out)[0]
+                      if isinstance(t, torch.Tensor))
+        self.ops += 1
+        self.bytes += written
+        self.by_op[func.__name__] = self.by_op.get(func.__name__, 0) + written
+        return out
+
+
+def count_traffic(module, batch: int, dim: int, device: str) -> WriteCounter:
+    """The ops and bytes of one forward+backward step (after a warm-up step)."""
+    step = make_step(module, batch, dim, device, backward=True)
+    step()
+    with WriteCounter() as counter:
+        step()
+    return counter
+
+
+def compiled_traffic(module, batch: int, dim: int, device: str) -> dict:
+    """torch.compile(fullgraph=True) of one forward+backward step: whether it compiled whole,
+    inductor's generated kernels and their estimated bytes accessed."""
+    from torch._inductor import metrics
+    torch._dynamo.reset()
+    metrics.reset()
+    runner = torch.compile(module, fullgraph=True)
+    try:
+        make_step(runner, batch, dim, device, backward=True)()
+    except Exception as error:   # a graph break under fullgraph=True
+        return dict(fullgraph=False, error=f"{type(error).__name__}: {str(error)[:200]}")
+    return dict(fullgraph=True, kernels=metrics.generated_kernel_count,
+                bytes_accessed=metrics.num_bytes_accessed)
+
+
+def traffic_main(args):
+    specs = [OURS_DEVICE, OURS_RECOMPUTE, OURS_CPU] + args.vs
+    workloads = [w for w in args.workloads if w in TRAFFIC_WORKLOADS] or list(TRAFFIC_WORKLOADS)
+    print(f"torch {torch.__version__}, device {args.device}; one fwd+bwd step, loss "
+          "y.square().mean(); bytes written by non-view aten ops, per point")
+    rows = []
+    for workload in workloads:
+        dim, batch = WORKLOADS[workload][0], WORKLOADS[workload][6]
+        for spec in specs:
+            try:
+                module = build(load_class(spec), workload, args.device, spec)
+            except Exception as error:
+                print(f"  {spec} on {workload}: n/a ({type(error).__name__}: {error})")
+                continue
+            counter = count_traffic(module, batch, dim, args.device)
+            row = dict(workload=workload, impl=spec, ops=counter.ops,
+                       bytes_per_point=counter.bytes / batch,
+                       top=sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:6])
+            if not args.no_memory:
+                row["peak_bytes"] = measure_memory(spec, workload, args.device, "allocated")
+            if "compiled" in args.modes and spec != OURS_CPU:
+                compiled = compiled_traffic(module, batch, dim, args.device)
+                row["compiled"] = compiled
+                if compiled["fullgraph"] and not args.no_memory:
+                    row["compiled_peak_bytes"] = measure_memory(spec, workload, args.device,
+                                                                "allocated", compiled=True)
+            rows.append(row)
+            del module
+            gc.collect()
+    mib = lambda value: "n/a" if value is None else f"{value / 2**20:.0f}"  # noqa: E731
+    print(f"\n{'workload':8} {'implementation':34} {'ops':>5} {'B/point':>8} {'peak MiB':>9}   "
+          f"{'compiled: whole graph, kernels, B/point accessed, peak MiB'}")
+    for row in rows:
+        name = row["impl"] if len(row["impl"]) <= 34 else "..." + row["impl"][-31:]
+        compiled = row.get("compiled")
+        if compiled is None:
+            after = ""
+        elif not compiled["fullgraph"]:
+            after = f"graph break: {compiled['error']}"
+        else:
+            batch = WORKLOADS[row["workload"]][6]
+            after = (f"yes, {compiled['kernels']}, {compiled['bytes_accessed'] / batch:,.0f}, "
+                     f"{mib(row.get('compiled_peak_bytes'))}")
+        print(f"{row['workload']:8} {name:34} {row['ops']:5d} {row['bytes_per_point']:8,.0f} "
+              f"{mib(row.get('peak_bytes')):>9}   {after}")
+    out = args.out.replace(".json", "_traffic.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(torch=torch.__version__, device=args.device, rows=rows), f, indent=1)
+    print(f"\nwrote {os.path.relpath(out)}")
 
 
 if __name__ == "__main__":

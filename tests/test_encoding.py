@@ -15,7 +15,7 @@ from encoding import Frequency, MultiResHashGrid
 
 def raw(enc):
     """The autograd Function of `enc` as a function of (x, table), for gradcheck."""
-    return lambda x, t: encoding._HashGridFunction.apply(x, t, torch.zeros(len(x), dtype=torch.bool), enc._passes(x.device))
+    return lambda x, t: encoding._HashGridFunction.apply(x, t, torch.zeros(len(x), dtype=torch.bool), enc._passes(x.device), True)
 
 
 PAPER_PRIMES = [1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737]
@@ -213,17 +213,46 @@ def test_position_and_weight_formulas_by_hand():
     x = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
     scale = torch.tensor([[4.0]])
     # paper: pos = 4x, the highest cell is N - 1 = 3 so x = 1 sits at frac 1 of cell 3
-    cell, frac = encoding._cell_and_frac(x, scale, 0.0, False, torch.tensor([[3]]))
-    assert cell.tolist() == [[0, 1, 3]] and frac.tolist() == [[0, 0, 1]]
+    for index_dtype in (torch.int32, torch.int64):
+        cell, frac = encoding._cell_and_frac(x, scale, 0.0, False, torch.tensor([[3]], dtype=index_dtype), index_dtype)
+        assert cell.dtype == index_dtype
+        assert cell.tolist() == [[0, 1, 3]] and frac.tolist() == [[0, 0, 1]]
     # tcnn: pos = x * scale + 0.5 in float32, no clamp: x = 1 -> pos 4.5, cell 4
-    cell, frac = encoding._cell_and_frac(x.float(), scale, 0.5, True, None)
+    cell, frac = encoding._cell_and_frac(x.float(), scale, 0.5, True, None, torch.int32)
     assert cell.tolist() == [[0, 1, 4]] and frac.tolist() == [[0.5, 0.5, 0.5]]
     frac = torch.tensor([0.25], dtype=torch.float64)
-    low, high, slope = encoding._interpolation_weights(frac, "linear")
-    assert (low.item(), high.item(), slope) == (0.75, 0.25, None)
-    low, high, slope = encoding._interpolation_weights(frac, "smoothstep")
+    high, slope = encoding._upper_weight(frac, "linear")
+    assert (high.item(), slope) == (0.25, None)
+    high, slope = encoding._upper_weight(frac, "smoothstep")
     # S(t) = t^2 (3 - 2t) = 0.15625, S'(t) = 6t(1 - t) = 1.125
-    assert (low.item(), high.item(), slope.item()) == (0.84375, 0.15625, 1.125)
+    assert (high.item(), slope.item()) == (0.15625, 1.125)
+
+
+def test_index_shortcuts_equal_the_formulas_they_replace():
+    # int32 products with the prime's low 32 bits, signed, wrap to the unsigned product mod 2**32
+    v = torch.tensor([0, 1, 22, 4095, 2**20 + 7, 2**31 - 1], dtype=torch.int64)
+    for prime in encoding.hash_primes(9):
+        for mask in (2**19 - 1, 2**31 - 1, 15):
+            wrapped = torch.tensor(encoding._wrapped_prime(prime), dtype=torch.int32)
+            expected = [(int(vi) * prime % 2**32) & mask for vi in v]
+            assert encoding._hash_term(v.int(), wrapped, mask).tolist() == expected
+            # term(v + 1) from term(v), without a product
+            term = encoding._hash_term(v, prime, mask)
+            assert encoding._next_hash_term(term, prime, mask).tolist() == \
+                encoding._hash_term(v + 1, prime, mask).tolist()
+    # axis 0's multiplier is 1: _term skips the product, dense and hashed
+    for hashed in (False, True):
+        for multiplier in (None, 1):
+            assert encoding._term(v, multiplier, hashed, 2**19 - 1).tolist() == \
+                [(int(vi) & (2**19 - 1)) if hashed else int(vi) for vi in v]
+        expected = ((v + 1) & (2**31 - 1)) if hashed else v + 1
+        assert encoding._next_term(v, None, hashed, 2**31 - 1).tolist() == expected.tolist()
+    # _combine with out= writes the same numbers
+    a, b = torch.tensor([5, 9]), torch.tensor([3, 4])
+    for hashed in (False, True):
+        out = torch.empty(2, dtype=torch.int64)
+        encoding._combine(a, b, hashed, out)
+        assert out.tolist() == encoding._combine(a, b, hashed).tolist()
 
 
 def test_level_plan_by_hand():
@@ -856,9 +885,9 @@ def test_periodic_options():
 # --- the device branch (GPUs, torch.compile), forced on a CPU ---------------------------------
 
 def device_branch(enc, monkeypatch, chunk_size=None):
-    """enc, set to take the one-pass device branch on this CPU; the CPU-only packing must not
-    run, and each level group is one pass (of chunk_size points if set)."""
-    enc.CPU_PASSES = False
+    """enc, set to take the device branch on this CPU; the CPU-only packing must not run, and
+    with 50 points each level group is one pass (of chunk_size points if set)."""
+    enc.implementation = "device"
     enc.chunk_size = chunk_size
 
     def no_packing(rows):
@@ -866,7 +895,7 @@ def device_branch(enc, monkeypatch, chunk_size=None):
 
     monkeypatch.setattr(encoding, "_pack", no_packing)
     passes = enc._passes(torch.device("cpu"))
-    assert not passes.cpu_passes
+    assert not passes.cpu
     n = 50
     step = chunk_size or n
     assert len(passes.split(n)) == len(passes.groups) * -(-n // step)
@@ -932,3 +961,167 @@ def test_nan_points_add_nothing_to_the_table_gradient():
     (expected,) = torch.autograd.grad((enc(x[keep]) * weights[keep]).sum(), table)
     assert torch.isnan(enc(with_nan)[7]).all()
     torch.testing.assert_close(got, expected)
+
+
+# --- the shipped reference (implementation="reference") against fast and device ------------
+
+def _implementations_agree(kwargs, dim, n=60, seed=0, x_edges=True):
+    """fast, device (keeping and recomputing) and the shipped reference: the same features,
+    and the same gradients to x and the table, in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, dim, dtype=torch.float64, generator=gen)
+    if x_edges:
+        x[0], x[1] = 0.0, 1.0
+    weights = torch.randn(n, MultiResHashGrid(dim, **kwargs).output_dim, dtype=torch.float64,
+                          generator=gen)
+    results = {}
+    for name, implementation, keep in (("reference", "reference", True), ("fast", "fast", True),
+                                       ("device", "device", True), ("recompute", "device", False)):
+        enc = MultiResHashGrid(dim, implementation=implementation, dtype=torch.float64, **kwargs)
+        enc.DEVICE_KEEP = keep
+        with torch.no_grad():
+            enc.embedding.weight.copy_(torch.rand(enc.embedding.weight.shape, generator=torch.Generator().manual_seed(1),
+                                                  dtype=torch.float64) * 2 - 1)
+        xr = x.clone().requires_grad_()
+        out = enc(xr)
+        grads = torch.autograd.grad((out * weights).sum(), (xr, enc.embedding.weight), allow_unused=True)
+        # ("nearest": no path to x in the reference, zeros from the others)
+        grads = [torch.zeros_like(xr) if g is None else g for g in grads]
+        results[name] = (out, *grads)
+    for name in ("fast", "device", "recompute"):
+        for got, want in zip(results[name], results["reference"]):
+            torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+    return results["reference"][0]
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "smoothstep", "nearest"])
+@pytest.mark.parametrize("dim", range(1, 9))
+def test_every_implementation_matches_the_shipped_reference(dim, interpolation):
+    n_levels, log2_t, base, finest = CONFIGS[dim]
+    kwargs = dict(n_levels=n_levels, n_features_per_level=2, log2_hashmap_size=log2_t,
+                  base_resolution=base, finest_resolution=finest, interpolation=interpolation)
+    out = _implementations_agree(kwargs, dim, seed=dim)
+    # the shipped reference is not a test of itself: it matches the tests' own reference too
+    enc = make(dim, interpolation, n_levels, log2_t, base, finest, implementation="reference")
+    x = torch.rand(40, dim, dtype=torch.float64)
+    expected = reference_encode(x, enc.embedding.weight.detach(), dim, n_levels, log2_t, base, finest, interpolation)
+    torch.testing.assert_close(enc(x), expected, atol=1e-12, rtol=0)
+    assert out.shape[-1] == n_levels * 2
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "smoothstep", "nearest"])
+@pytest.mark.parametrize("grid_type", ["hash", "dense", "tiled"])
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_implementations_agree_on_tcnn_grids(dim, grid_type, interpolation):
+    kwargs = dict(n_levels=4, n_features_per_level=2, log2_hashmap_size=6, base_resolution=3,
+                  per_level_scale=1.7, layout="tcnn", grid_type=grid_type, interpolation=interpolation)
+    _implementations_agree(kwargs, dim)
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "smoothstep", "nearest"])
+@pytest.mark.parametrize("periodic", [(True,), (False, True), (True, True), (True, False, True)])
+def test_implementations_agree_on_periodic_axes(periodic, interpolation):
+    dim = len(periodic)
+    kwargs = dict(n_levels=4, n_features_per_level=2, log2_hashmap_size=7, base_resolution=2,
+                  finest_resolution=30, periodic=periodic, interpolation=interpolation)
+    _implementations_agree(kwargs, dim)
+
+
+@pytest.mark.parametrize("n_features", [1, 4])
+def test_implementations_agree_on_other_feature_counts_and_per_axis_resolutions(n_features):
+    kwargs = dict(n_levels=5, n_features_per_level=n_features, log2_hashmap_size=8,
+                  base_resolution=(2, 5), finest_resolution=(40, 9))
+    _implementations_agree(kwargs, 2)
+
+
+def test_device_branch_in_passes_of_any_size():
+    # several passes per group, by levels and by points, against one pass
+    enc = make(3, n_levels=5, log2_t=7, base=2, finest=20, implementation="device")
+    x = torch.rand(90, 3, dtype=torch.float64, requires_grad=True)
+    table = enc.embedding.weight
+    expected = enc(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, table))
+    for lookups in (1, 30, 100, 10**6):
+        enc.DEVICE_LOOKUPS_PER_PASS = lookups
+        out = enc(x)
+        grads = torch.autograd.grad(out.square().sum(), (x, table))
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_reference_second_order_and_nan():
+    enc = make(2, "smoothstep", n_levels=3, log2_t=5, base=2, finest=12, implementation="reference")
+    x = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: enc(x), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: enc(x), (x,))
+    x_nan = x.detach().clone()
+    x_nan[2, 0] = float("nan")
+    out = enc(x_nan)
+    assert torch.isnan(out[2]).all() and not torch.isnan(out[[0, 1, 3, 4]]).any()
+
+
+def test_reference_is_one_short_function_of_the_formulas():
+    import inspect
+    source = inspect.getsource(encoding._reference_encode)
+    assert len(source.splitlines()) <= 80
+    for formula in ("_cell_and_frac", "_upper_weight", "_hash_term", "_dense_term", "_combine",
+                    "_periodic_vertex", "hash_primes", "_dense_strides"):
+        assert formula + "(" in source
+
+
+def test_device_and_dtype_arguments_create_the_table_in_place(monkeypatch):
+    # a 2**24-row table on the meta device: nothing allocated, nothing built on the CPU first
+    created = []
+    real_empty = torch.empty
+
+    def watch(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        created.append((tensor.device.type, tensor.numel()))
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", watch)
+    enc = MultiResHashGrid(3, 16, 2, 24, 16, 4096, device="meta", dtype=torch.float16)
+    monkeypatch.undo()
+    weight = enc.embedding.weight
+    assert weight.is_meta and weight.dtype == torch.float16 and weight.shape[0] > 2**24
+    assert not any(kind == "cpu" and numel > 2**20 for kind, numel in created)
+    assert all(buffer.is_meta for buffer in enc.buffers())
+    # on the CPU, in float64: the table is where and what it was asked to be
+    enc = MultiResHashGrid(2, 4, 2, 8, device="cpu", dtype=torch.float64)
+    assert enc.embedding.weight.dtype == torch.float64 and enc(torch.rand(3, 2)).dtype == torch.float64
+
+
+def test_reset_parameters():
+    enc = MultiResHashGrid(2, 4, 2, 8)
+    with torch.no_grad():
+        enc.embedding.weight.fill_(3.0)
+    torch.manual_seed(0)
+    enc.reset_parameters()
+    weight = enc.embedding.weight
+    assert weight.abs().max() <= 1e-4 and weight.std() > 3e-5      # U(-1e-4, 1e-4)
+    torch.manual_seed(0)
+    again = MultiResHashGrid(2, 4, 2, 8)
+    torch.manual_seed(0)
+    again.reset_parameters()
+    assert torch.equal(again.embedding.weight, weight)
+
+
+def test_bad_implementation_is_refused():
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        MultiResHashGrid(2, implementation="torch")
+
+
+def test_compiled_device_branch_in_one_graph():
+    # torch.compile(fullgraph=True) of the device branch, which keeps its rows and fractions:
+    # forward, table and x gradients (the x gradient keeps the custom op out)
+    enc = make(3, n_levels=4, log2_t=7, base=2, finest=24, dtype=torch.float32)
+    x = torch.rand(300, 3, requires_grad=True)
+    compiled = torch.compile(enc, fullgraph=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), (x, enc.embedding.weight))
+    expected = reference_encode(x.detach().double(), enc.embedding.weight.detach().double(), 3, 4, 7, 2, 24, "linear")
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+    want = torch.autograd.grad(enc(x).square().sum(), (x, enc.embedding.weight))
+    for got, w in zip(grads, want):
+        torch.testing.assert_close(got, w, atol=1e-4, rtol=1e-4)

@@ -21,4 +21,5 @@ def test_readme_python_snippet_runs(capsys):
     assert namespace["sdf"].shape == (4096, 1)
     assert namespace["enc"].embedding.weight.grad is not None
     assert namespace["pano"].resolutions[-1] == (28359, 10725)
+    assert namespace["big"].embedding.weight.is_meta
     assert "MultiResHashGrid(" in capsys.readouterr().out
