@@ -22,6 +22,7 @@ from PIL import Image
 
 import convert
 import images
+import keep_work
 import render
 import train
 from field import load_field
@@ -282,16 +283,16 @@ def test_two_runs_started_together_get_their_own_versions(tmp_path):
 
 
 def test_claim_version_takes_the_next_free_folder(tmp_path, monkeypatch):
-    monkeypatch.delenv(train.LOG_VERSION_ENV, raising=False)
+    monkeypatch.delenv(keep_work.LOG_VERSION_ENV, raising=False)
     folder = tmp_path / "name"
     (folder / "version_3").mkdir(parents=True)
     (folder / "version_x").write_text("a file, not a version")
     (folder / "version_1a").mkdir()
-    assert train.claim_version(str(folder)) == 4
+    assert keep_work.claim_version(str(folder)) == 4
     assert (folder / "version_4").is_dir()
-    assert train.claim_version(str(folder)) == 5
-    assert os.environ[train.LOG_VERSION_ENV] == "5"
-    assert train.claim_version(str(tmp_path / "fresh")) == 0
+    assert keep_work.claim_version(str(folder)) == 5
+    assert os.environ[keep_work.LOG_VERSION_ENV] == "5"
+    assert keep_work.claim_version(str(tmp_path / "fresh")) == 0
 
 
 # --- 5. outputs are all or nothing ----------------------------------------------------------------
