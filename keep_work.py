@@ -7,7 +7,7 @@
   minutes, step=N.ckpt every N steps, never with non-finite weights;
 - SIGINT, SIGTERM and SIGUSR1 (SLURM's "time is nearly up") stop the run after the current
   step, every rank at the same step, and the caller saves last.ckpt; under SLURM, SIGUSR1 then
-  requeues the job, which resumes from that checkpoint in the same log folder;
+  requeues the job, which resumes from that checkpoint (logging to a new version_N);
 - a non-finite loss stops the run at the step it appears (Diverged);
 - two runs started together on one log root each claim their own version_N.
 
@@ -201,21 +201,23 @@ def requeue_job() -> str:
     return f"requeued SLURM job {job}, which resumes from that checkpoint"
 
 
-def job_version(folder: str):
-    """(N, last.ckpt or None) of the folder/version_N this SLURM job wrote before it was
-    requeued; None when it wrote none (a new job, or not under SLURM). Every rank finds the
-    same one on a shared file system."""
+def job_checkpoint(folder: str):
+    """The last.ckpt this SLURM job saved in folder/version_N before it was requeued (the
+    newest N: each requeued run resumes from the one before), or None: a new job, or not under
+    SLURM. Every rank finds the same one on a shared file system."""
     job = slurm_job_id()
     if job is None or not os.path.isdir(folder):
         return None
-    for name in sorted(os.listdir(folder)):
+    found = None
+    versions = [name for name in os.listdir(folder)
+                if name.startswith("version_") and name[8:].isdigit()]
+    for name in sorted(versions, key=lambda name: int(name[8:])):
         marker = os.path.join(folder, name, SLURM_JOB_FILE)
-        if name.startswith("version_") and name[8:].isdigit() and os.path.isfile(marker):
+        last = os.path.join(folder, name, "checkpoints", "last.ckpt")
+        if os.path.isfile(marker) and os.path.isfile(last):
             with open(marker) as f:
-                if f.read().strip() == job:
-                    last = os.path.join(folder, name, "checkpoints", "last.ckpt")
-                    return int(name[8:]), (last if os.path.isfile(last) else None)
-    return None
+                found = last if f.read().strip() == job else found
+    return found
 
 
 def claim_version(folder: str) -> int:
@@ -249,17 +251,17 @@ def claim_version(folder: str) -> int:
 
 
 def resume_point(folder: str, ckpt, config: FieldConfig, source_name: str, digest: str):
-    """(version, checkpoint, step) a run starts from: a requeued SLURM job continues in the
-    folder/version_N it wrote and from its last.ckpt, whatever --ckpt says (the same command
-    is run again); any other run from `ckpt` (None: from scratch) in a version to claim
-    (None). UsageError for a checkpoint that does not fit (check_resume)."""
-    version, last = job_version(folder) or (None, None)
+    """(checkpoint, its step) a run starts from: a requeued SLURM job from the last.ckpt it
+    saved under `folder`, whatever --ckpt says (SLURM runs the same command again); any other
+    run from `ckpt` (None: from scratch, step 0). UsageError for a checkpoint that does not
+    fit this run (check_resume)."""
+    last = job_checkpoint(folder)
     if last is not None:
         step = check_resume(last, config, source_name, digest)
         print(f"train.py: SLURM job {slurm_job_id()} requeued: resuming from {last} "
               f"(step {step})", file=sys.stderr)
-        return version, last, step
-    return version, ckpt, 0 if ckpt is None else check_resume(ckpt, config, source_name, digest)
+        return last, step
+    return ckpt, 0 if ckpt is None else check_resume(ckpt, config, source_name, digest)
 
 
 def resume_command(argv, ckpt: str) -> str:

@@ -459,7 +459,8 @@ def export_fit(field: nn.Module, width: int, height: int, channels: int, path: s
 
 def quiet_lightning() -> None:
     """Silence Lightning's advice that does not apply here (workers: batches are drawn on the
-    device; the 1-item validation set is deliberate; a requeued run's folder is not empty)."""
+    device; the 1-item validation set is deliberate; the version folder claim_version made
+    already holds config.yaml)."""
     for pattern in (".*does not have many workers.*", ".*number of training batches.*",
                     ".*The `srun` command is available.*", ".*`IterableDataset` has `__len__`.*",
                     ".*that ended before the epoch ended.*", ".*The dirpath has changed from.*",
@@ -483,8 +484,7 @@ def run(args, callbacks=(), argv=()) -> dict:
     digest = source_digest(source)
     name = os.path.splitext(os.path.basename(path))[0]
     runs = os.path.join(args.root, args.trace, name)
-    version, ckpt, first_step = resume_point(runs, args.ckpt, config, os.path.basename(path),
-                                             digest)
+    ckpt, first_step = resume_point(runs, args.ckpt, config, os.path.basename(path), digest)
     if args.export:
         check_export(args.export, path)
     on_cpu = accelerator == "cpu"
@@ -509,7 +509,7 @@ def run(args, callbacks=(), argv=()) -> dict:
         model.field.start_at(image.mean_colour())
     model.attach(image, PsnrProbe(source))
 
-    version = claim_version(runs) if version is None else version
+    version = claim_version(runs)
     loggers = make_loggers(args.logger, args.root, args.trace, name, version)
     log_dir = os.path.join(runs, f"version_{version}")
     keep = KeepWork(os.path.join(log_dir, "checkpoints"), args.ckpt_every, args.ckpt_minutes,
