@@ -31,6 +31,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+import cli
 import images
 from cli import UsageError
 from field import CheckpointError, FieldConfig, checkpoint_config, read_checkpoint
@@ -275,7 +276,28 @@ def resume_command(argv, ckpt: str) -> str:
     return shlex.join(["python", "train.py", *kept, "--ckpt", ckpt])
 
 
-# --- checks before a run starts: what it resumes from, where it writes -----------------------
+# --- checks before a run starts: what it trains on, resumes from, writes to -----------------
+
+def load_source(path: str) -> np.ndarray:
+    """(H, W, C) uint8 sRGB of `path`; UsageError when it cannot be used."""
+    try:
+        array = images.read_image(path)
+        return images.to_srgb8(array)
+    except images.ImageError as exc:
+        raise UsageError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def check_field(config: FieldConfig) -> None:
+    """UsageError for network flags that cannot build a field (e.g. N_max below N_min); built
+    on the meta device, so checking costs no memory."""
+    try:
+        with torch.device("meta"):
+            config.build()
+    except ValueError as exc:
+        raise UsageError(cli.one_line(exc)) from None
+
 
 def source_digest(source: np.ndarray) -> str:
     """A fingerprint of an image (its size and 64 rows spread over it): a resumed run warns

@@ -266,3 +266,20 @@ def make_loggers(names: List[str], root: str, trace: str, name: str, version: in
             made.append(loggers.MLFlowLogger(experiment_name=trace, run_name=run_name,
                                              save_dir=os.path.join(root, "mlruns")))
     return made
+
+
+def summary_line(s: dict, resumed: bool, config: str) -> str:
+    """The run's last line, from train.run's summary `s`: what it reached, where the fit, plot
+    and checkpoint are, and the command to run next (`config`: the run's config.yaml)."""
+    this_run = f" ({s['steps_this_run']} in this run)" if resumed else ""
+    compiled = f" (the first, compiling, {s['compile_seconds']:.1f} s)" \
+        if s["compile_seconds"] is not None else ""
+    fit = f"fit {s['export']}; " if s["export"] else ""
+    if s["export"]:
+        then = (f"train on: python train.py --config {config} "
+                f"--ckpt {s['checkpoint']} --max_steps {2 * s['steps']}")
+    else:
+        then = f"see the fit: python render.py --ckpt {s['checkpoint']} -o fit.png"
+    return (f"train.py: {s['steps']} steps{this_run}, {s['train_seconds']:.1f} s of training"
+            f"{compiled}, PSNR {s['psnr']:.2f} dB; {fit}plot {s['plot']}; checkpoint "
+            f"{s['checkpoint']}; next, {then}")

@@ -29,7 +29,6 @@ import time
 import warnings
 from typing import List
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -46,9 +45,11 @@ from cli import UsageError
 from field import FieldConfig
 from hardware import fused_adam, keep_freed_memory, resolve_accelerator, resolve_precision
 from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, Stopped, any_rank, check_export,
-                       claim_version, resume_point, slurm_job_id, source_digest)
+                       check_field, claim_version, load_source, resume_point, slurm_job_id,
+                       source_digest)
 from pixels import EVAL_BATCH, PixelSource, PsnrProbe, psnr_from_sse, sampling_seed
-from previews import LOGGERS, Previews, StepBar, logger_names, make_loggers, plot_psnr
+from previews import (LOGGERS, Previews, StepBar, logger_names, make_loggers, plot_psnr,
+                      summary_line)
 
 STEPS_PER_EPOCH = 100                  # upstream's --epochs unit
 GPU_BATCH_SIZE = 2 ** 18               # the paper's batch
@@ -430,25 +431,20 @@ def default_batch_size(pixels: int, accelerator: str) -> int:
     return min(cap, 2 ** max(8, round(math.log2(pixels / PIXELS_PER_SAMPLE))))
 
 
-def load_source(path: str) -> np.ndarray:
-    """(H, W, C) uint8 sRGB of `path`; UsageError when it cannot be used."""
-    try:
-        array = images.read_image(path)
-        return images.to_srgb8(array)
-    except images.ImageError as exc:
-        raise UsageError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
-def check_field(config: FieldConfig) -> None:
-    """UsageError for network flags that cannot build a field (e.g. N_max below N_min); built
-    on the meta device, so checking costs no memory."""
-    try:
-        with torch.device("meta"):
-            config.build()
-    except ValueError as exc:
-        raise UsageError(cli.one_line(exc)) from None
+def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argparse.Namespace:
+    """`args` with what its defaults resolve to for this image on this machine (written to
+    config.yaml, so that the run repeats exactly elsewhere too)."""
+    max_steps = args.max_steps if args.max_steps is not None else args.epochs * STEPS_PER_EPOCH
+    on_cpu = accelerator == "cpu"
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    return argparse.Namespace(**{**vars(args), **dict(
+        accelerator=accelerator, precision=resolve_precision(args.precision, accelerator),
+        batch_size=args.batch_size or default_batch_size(pixels, accelerator),
+        val_every=args.val_every or min(CPU_VAL_EVERY if on_cpu else GPU_VAL_EVERY,
+                                        max(1, max_steps // 10)),
+        max_steps=max_steps, devices=args.devices if args.devices is not None
+        else (1 if accelerator != "gpu" else [args.device]),
+        logger=args.logger or ["csv"] + (["tensorboard"] if tensorboard else []))})
 
 
 def export_fit(field: nn.Module, width: int, height: int, channels: int, path: str) -> str:
@@ -487,18 +483,7 @@ def run(args, callbacks=(), argv=()) -> dict:
     ckpt, first_step = resume_point(runs, args.ckpt, config, os.path.basename(path), digest)
     if args.export:
         check_export(args.export, path)
-    on_cpu = accelerator == "cpu"
-    max_steps = args.max_steps if args.max_steps is not None else args.epochs * STEPS_PER_EPOCH
-    tensorboard = importlib.util.find_spec("tensorboard") is not None
-    args = argparse.Namespace(**{**vars(args), **dict(      # what the defaults resolve to here
-        accelerator=accelerator, precision=resolve_precision(args.precision, accelerator),
-        batch_size=args.batch_size or default_batch_size(width * height, accelerator),
-        val_every=args.val_every or min(CPU_VAL_EVERY if on_cpu else GPU_VAL_EVERY,
-                                        max(1, max_steps // 10)),
-        max_steps=max_steps, devices=args.devices if args.devices is not None
-        else (1 if accelerator != "gpu" else [args.device]),
-        logger=args.logger or ["csv"] + (["tensorboard"] if tensorboard else []))})
-
+    args = resolved(args, accelerator, width * height)
     pl.seed_everything(args.seed, verbose=False)
     model = ImageFit(config.to_dict(), source=os.path.basename(path), source_digest=digest,
                      batch_size=args.batch_size, lr=args.lr, mlp_lr=args.mlp_lr,
@@ -513,7 +498,7 @@ def run(args, callbacks=(), argv=()) -> dict:
     loggers = make_loggers(args.logger, args.root, args.trace, name, version)
     log_dir = os.path.join(runs, f"version_{version}")
     keep = KeepWork(os.path.join(log_dir, "checkpoints"), args.ckpt_every, args.ckpt_minutes,
-                    check_every=1 if on_cpu else ASYNC_LOSS_CHECK_EVERY)
+                    check_every=1 if accelerator == "cpu" else ASYNC_LOSS_CHECK_EVERY)
     all_callbacks = [StepBar(), keep]
     if args.visualize:
         all_callbacks.append(Previews(image, os.path.join(log_dir, "previews")))
@@ -554,25 +539,8 @@ def run(args, callbacks=(), argv=()) -> dict:
     if trainer.is_global_zero:
         if args.export:
             summary["export"] = export_fit(model.field.eval(), width, height, channels, args.export)
-        print(summary_line(summary, ckpt is not None, log_dir))
+        print(summary_line(summary, ckpt is not None, os.path.join(log_dir, "config.yaml")))
     return summary
-
-
-def summary_line(s: dict, resumed: bool, log_dir: str) -> str:
-    """The run's last line: what it reached, where the fit, plot and checkpoint are, and the
-    command to run next."""
-    this_run = f" ({s['steps_this_run']} in this run)" if resumed else ""
-    compiled = f" (the first, compiling, {s['compile_seconds']:.1f} s)" \
-        if s["compile_seconds"] is not None else ""
-    fit = f"fit {s['export']}; " if s["export"] else ""
-    if s["export"]:
-        then = (f"train on: python train.py --config {os.path.join(log_dir, 'config.yaml')} "
-                f"--ckpt {s['checkpoint']} --max_steps {2 * s['steps']}")
-    else:
-        then = f"see the fit: python render.py --ckpt {s['checkpoint']} -o fit.png"
-    return (f"train.py: {s['steps']} steps{this_run}, {s['train_seconds']:.1f} s of training"
-            f"{compiled}, PSNR {s['psnr']:.2f} dB; {fit}plot {s['plot']}; checkpoint "
-            f"{s['checkpoint']}; next, {then}")
 
 
 def main(argv=None, callbacks=()) -> dict:
