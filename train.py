@@ -483,6 +483,7 @@ def run(args, callbacks=(), argv=()) -> dict:
     ckpt, first_step = resume_point(runs, args.ckpt, config, os.path.basename(path), digest)
     if args.export:
         check_export(args.export, path)
+    args.ckpt = ckpt                            # a requeued job's own last.ckpt, if any
     args = resolved(args, accelerator, width * height)
     pl.seed_everything(args.seed, verbose=False)
     model = ImageFit(config.to_dict(), source=os.path.basename(path), source_digest=digest,
@@ -533,7 +534,8 @@ def run(args, callbacks=(), argv=()) -> dict:
     summary = dict(steps=trainer.global_step, steps_this_run=trainer.global_step - first_step,
                    train_seconds=model.clock.seconds(),
                    psnr=float(trainer.callback_metrics.get("val/psnr", float("nan"))),
-                   log_dir=log_dir, checkpoint=keep.last, plot=plot, curve=model.curve, export=None,
+                   log_dir=log_dir, checkpoint=keep.last, plot=plot, curve=model.curve,
+                   export=None,
                    compile_seconds=model.first_step_seconds if args.compile else None,
                    rank=trainer.global_rank)
     if trainer.is_global_zero:
