@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 import lightning.pytorch as pl
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -180,8 +180,10 @@ class KeepWork(pl.Callback):
 
 def slurm_job_id():
     """The SLURM job this process belongs to, as scontrol names it ("123", "123_4" for an
-    array task), or None outside a batch job (Lightning's SLURMEnvironment decides)."""
-    if not SLURMEnvironment.detect() or SLURMEnvironment.job_id() is None:
+    array task), or None outside a batch job; None too under torchrun inside a SLURM job,
+    which Lightning also ranks first."""
+    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect() \
+            or SLURMEnvironment.job_id() is None:
         return None
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else \
