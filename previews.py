@@ -196,8 +196,9 @@ class Previews(pl.Callback):
 
 
 def log_image(logger, tag: str, picture: np.ndarray, step: int) -> bool:
-    """Hands `picture` ((H, W, C) uint8) to `logger` if it takes images (TensorBoard, W&B,
-    MLflow; each has its own call); whether it did."""
+    """Hands `picture` ((H, W, C) or (H, W) uint8) to `logger` if it takes images (TensorBoard,
+    W&B, MLflow; each has its own call); whether it did."""
+    picture = picture[..., None] if picture.ndim == 2 else picture
     if isinstance(logger, TensorBoardLogger):
         logger.experiment.add_image(tag, picture, step, dataformats="HWC")
     elif isinstance(logger, WandbLogger):
