@@ -147,9 +147,9 @@ def test_freed_memory_is_reused_without_page_faults():
     # ten 64 MB tensors one after the other: glibc maps and page-faults each afresh (163,850
     # faults); after keep_freed_memory they reuse one tensor's worth of pages (16,384)
     script = textwrap.dedent("""
-        import resource, sys, torch, hardware
+        import resource, sys, torch, train
         if sys.argv[1] == "keep":
-            assert hardware.keep_freed_memory()
+            assert train.keep_freed_memory()
         torch.zeros(1 << 24)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(10):
