@@ -1,6 +1,7 @@
 """Command-line plumbing shared by train.py, render.py and convert.py.
 
-Every input problem a script reports -- a bad flag, a missing or corrupt file, an output it
+Flags can also come from a YAML file (parse_with_config: `--config run.yaml`, command line
+wins). Every input problem a script reports -- a bad flag, a missing or corrupt file, an output it
 refuses to write -- is one line ``prog: error: message`` on stderr and exit status 2, never a
 traceback. That rule lives here: ``ArgumentParser.error`` is the one way to say it, and the
 argument types below reject bad values while the flags are parsed, before any work starts.
@@ -8,11 +9,18 @@ argument types below reject bad values while the flags are parsed, before any wo
 import argparse
 import math
 
+import yaml
+
 
 def one_line(error) -> str:
     """An exception or message as one line (library messages may span several)."""
     text = " ".join(str(error).split())
     return text or type(error).__name__
+
+
+class UsageError(Exception):
+    """A command-line problem found after parsing (a file, a flag that does not fit the data):
+    the script's main passes it to ArgumentParser.error."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -53,3 +61,39 @@ def _bounds(low, high) -> str:
     if low is not None and high is not None:
         return f"{low:g}..{high:g}"
     return f">= {low:g}" if low is not None else f"<= {high:g}"
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """`parser.parse_args(argv)` on top of the flags in the YAML file that `argv`'s --config
+    names (a `parser` flag; None: no file). Each `key: value` there is handed to the parser
+    as `--key value` before `argv`, so it is checked as the flag would be and the command line
+    wins; a list is comma-separated, a boolean is --key or --no-key (BooleanOptionalAction),
+    a null or default value is left out. An unknown key, or a file that is not `key: value`
+    lines, is one line and exit status 2."""
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    try:
+        with open(args.config) as f:
+            values = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        parser.error(f"--config {args.config}: {getattr(exc, 'strerror', None) or exc}")
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        parser.error(f"--config {args.config}: expected flag: value lines, got a "
+                     f"{type(values).__name__}")
+    defaults = vars(parser.parse_args([]))
+    for key, value in values.items():
+        if key not in defaults or key == "config":
+            parser.error(f"--config {args.config}: unknown key {key!r} (not a {parser.prog} "
+                         "flag)")
+    tokens = []
+    for key, value in values.items():
+        if value is None or value == defaults[key]:
+            continue                                          # the default anyway
+        if isinstance(value, bool):
+            tokens.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            tokens += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list)
+                       else str(value)]
+    return parser.parse_args(tokens + argv)

@@ -4,6 +4,7 @@ MLP under PyTorch Lightning: CPU, one GPU or several (DDP), thumbnails to gigapi
     python train.py                                  # matplotlib's grace_hopper.jpg sample
     python train.py -i data/albert.jpg --visualize --export albert_fit.png
     python train.py -i data/tokyo.npy --finest_resolution 32768 --devices 2 --strategy ddp
+    python train.py --config logs/experiments/albert/version_0/config.yaml   # that run again
 
 The image stays 8-bit (memory-mapped for ``.npy``); every step draws random continuous
 coordinates, bilinearly interpolates the 4 neighbouring pixels in linear light and fits the
@@ -11,57 +12,54 @@ field with an L2 loss between the sRGB encodings, the space PSNR is measured in 
 the way the image would be saved), at a learning rate that decays over the second half of
 the run.
 
-The file follows the run: the LightningModule (ImageFit, with the learning-rate schedule), what
-keeps a long run's work (KeepWork: checkpoints, signals, divergence), the progress bar and
-previews, then the command line (build_parser, run, main). The pixels and how batches are
-drawn and scored live in pixels.py, the network and its checkpoints in field.py (which
-render.py shares); nothing imports this file.
+Read top to bottom: the LightningModule (ImageFit: the step, its schedule, its score), then
+the command line (build_parser, parse_args with --config files, the loggers) and `run`, which
+builds the Trainer. What keeps a long run's work (checkpoints, signals, divergence, SLURM
+requeue, log versions) is keep_work.py; the progress bar, previews and the PSNR plot are
+previews.py; the pixels and how batches are drawn and scored are pixels.py; the network and
+its checkpoints are field.py (which render.py shares). Nothing imports this file.
 """
 import argparse
 import contextlib
-import ctypes
-import hashlib
+import importlib
 import math
 import os
-import shlex
-import signal
 import sys
-import tempfile
-import threading
 import time
 import warnings
 from typing import List
 
-import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 import cli
 import images
 import render
-from pixels import EVAL_BATCH, PixelSource, PsnrProbe, bilinear_sample, host_tensor, \
-    psnr_from_sse, sampling_seed
-from field import CheckpointError, FieldConfig, checkpoint_config, read_checkpoint
+from cli import UsageError
+from field import FieldConfig
+from hardware import fused_adam, keep_freed_memory, resolve_accelerator, resolve_precision
+from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, Stopped, any_rank, check_export,
+                       check_field, claim_version, load_source, resume_point, slurm_job_id,
+                       source_digest)
+from pixels import EVAL_BATCH, PixelSource, PsnrProbe, psnr_from_sse, sampling_seed
+from previews import (LOGGERS, Previews, StepBar, logger_names, make_loggers, plot_psnr,
+                      summary_line)
 
 STEPS_PER_EPOCH = 100                  # upstream's --epochs unit
-PREVIEW_PANEL = 1024                   # long side of each preview panel; 2 side by side <= 2048
-PREVIEW_CROP_MIN = 256                 # minimum height of the native-resolution crop
-GIF_MAX_SIDE = 1024                    # GIF frames are halved previews: a few MB, not tens
 GPU_BATCH_SIZE = 2 ** 18               # the paper's batch
 CPU_BATCH_SIZE = 2 ** 16               # 2 cores, albert, 120 s: 42.1 dB
+PIXELS_PER_SAMPLE = 16                 # a default batch draws at most 1/16 of the image's pixels
 CPU_VAL_EVERY, GPU_VAL_EVERY = 250, 1000  # a 2^22-pixel score costs ~25 CPU steps
 CKPT_MINUTES = 10.0                    # last.ckpt refreshed this often: bounds lost work in time
-GPU_LOSS_CHECK_EVERY = 20              # steps between NaN checks on a GPU (each one waits for it)
+ASYNC_LOSS_CHECK_EVERY = 20            # steps between NaN checks on a GPU (each one waits for it)
 LR_DECAY_START, LR_DECAY_FINAL = 0.5, 0.05   # --lr_schedule decay: from half-way, down to 1/20
-LOG_VERSION_ENV = "HASHGRID_LOG_VERSION"  # the log version rank 0 claimed, for its DDP workers
+ACCELERATORS = ["auto", "cpu", "gpu", "mps"]
 
 
 class _Steps(IterableDataset):
@@ -127,33 +125,6 @@ def learning_rate(base: float, progress: float, schedule: str = "decay") -> floa
     return base * LR_DECAY_FINAL ** t
 
 
-def keep_freed_memory() -> bool:
-    """glibc only: serve every allocation from the heap and keep what is freed there, rather
-    than mapping fresh pages for each large tensor and unmapping them when it is freed. A CPU
-    step's large temporaries (the 34 MB table gradient, 16 MB activations) then reuse memory
-    instead of page-faulting it in every step: albert on 2 cores, 66-68 vs 72-73 ms per step.
-    The process keeps its peak memory until it exits. False (nothing done) elsewhere."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    return all(mallopt(option, value) == 1 for option, value in
-               ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 2**28)))
-
-
-def fused_adam(device: torch.device) -> bool:
-    """Whether torch has a fused Adam for parameters on `device` (CUDA; CPUs since torch 2.4):
-    one kernel over all parameters instead of several passes over the 8.4 M-value table per
-    step (albert on 2 CPU cores: 4.4 vs 36 ms per step)."""
-    try:
-        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
-    except (RuntimeError, ValueError):
-        return False
-    return True
-
-
 def image_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean L2 in linear light ("l2"), relative L2 (errors scaled by 1 / (pred^2 + 0.01), pred
     detached: the Noise2Noise-style loss upstream uses), or L2 between the sRGB encodings
@@ -175,16 +146,21 @@ class ImageFit(pl.LightningModule):
                  lr: float = 1e-2, mlp_lr: float = 3e-3, lr_schedule: str = "decay",
                  loss: str = "srgb_l2",
                  weight_decay: float = 1e-6, seed: int = 0,
-                 colour: str = "linear", max_time: float = None):
+                 colour: str = "linear", max_time: float = None, compile: bool = False):
         super().__init__()
-        self.save_hyperparameters(ignore=["max_time"])
+        self.save_hyperparameters(ignore=["max_time", "compile"])
         self.max_time = max_time
         self.field = FieldConfig.from_dict(field).build()
+        # --compile: the training step's forward only (a function, not a module: the state_dict
+        # keys stay the field's); scoring and rendering run the field as it is
+        self.train_forward = torch.compile(self.field.forward) if compile else self.field.forward
         self.clock = TrainClock()
         self.image = None
         self.probe = None
         self.generator = None
         self.last_val_step = None
+        self.first_step_seconds = None  # this run's first step (compiling, with --compile)
+        self.curve = []                 # [(step, train_seconds, psnr)] of every score
 
     def attach(self, image: PixelSource, probe: PsnrProbe) -> None:
         """Training data (kept out of the module's state, hence out of checkpoints)."""
@@ -261,15 +237,16 @@ class ImageFit(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         xy, target = self.draw_batch(self.hparams.batch_size)
-        loss = image_loss(self.field(xy), target, self.hparams.loss)   # float32 colour
+        loss = image_loss(self.train_forward(xy), target, self.hparams.loss)  # float32 colour
         self.log("train/loss", loss, prog_bar=True, batch_size=len(xy))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.first_step_seconds is None:
+            self.first_step_seconds = self.clock.seconds()
         if self.max_time is not None:
             # every rank must stop at the same step: stop when any rank's clock has run out
-            out = self.clock.seconds() >= self.max_time
-            if self.trainer.strategy.reduce_boolean_decision(out, all=False):
+            if any_rank(self.trainer, self.clock.seconds() >= self.max_time)[0]:
                 self.trainer.should_stop = True
 
     def val_dataloader(self):
@@ -290,6 +267,7 @@ class ImageFit(pl.LightningModule):
         total = self.trainer.strategy.reduce(total, reduce_op="sum")
         psnr = psnr_from_sse(float(total[0]), int(total[1]))
         self.last_val_step = self.global_step
+        self.curve.append((self.global_step, self.clock.seconds(), psnr))
         # identical on every rank already; sync_dist only keeps Lightning's DDP checks quiet
         self.log("val/psnr", psnr, prog_bar=True, sync_dist=True, batch_size=1)
         self.log("time/train_seconds", self.clock.seconds(), sync_dist=True, batch_size=1)
@@ -298,288 +276,6 @@ class ImageFit(pl.LightningModule):
             self.log("memory/peak_mib", peak, sync_dist=True, batch_size=1, reduce_fx="max")
         # x-axis of the validation rows: the steps taken (Lightning would write one less)
         self.log("step", float(self.global_step), sync_dist=True, batch_size=1)
-
-
-# --- keeping the work: checkpoints, signals, divergence -----------------------------------
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints go to a temporary name and are renamed when complete (images.atomic_output):
-    a full disk or a kill mid-write leaves the previous file intact, never a truncated one."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        with images.atomic_output(path) as partial:
-            super().save_checkpoint(checkpoint, partial, storage_options)
-
-
-class NonFiniteLoss(Exception):
-    """The loss (or the weights) became NaN or infinite: the run diverged."""
-
-    def __init__(self, step: int, what: str = "the loss"):
-        super().__init__(f"{what} became NaN or infinite at step {step}")
-        self.step = step
-
-
-class Interrupted(BaseException):
-    """A second SIGINT/SIGTERM: the run stops at once, unsaved (exit status 128 + N). Not a
-    KeyboardInterrupt, which Lightning turns into exit status 1 (and a repeated SIGTERM would
-    reach Lightning's own handler, which exits with status 0)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum, self.status = signum, 128 + signum
-
-
-def any_rank(trainer, *flags: bool):
-    """Each flag OR-ed over all ranks, in one all-reduce (none on a single device)."""
-    if trainer.world_size == 1:
-        return flags
-    votes = torch.tensor(flags, dtype=torch.float32, device=trainer.strategy.root_device)
-    return tuple(bool(v) for v in trainer.strategy.reduce(votes, reduce_op="sum") > 0)
-
-
-class KeepWork(pl.Callback):
-    """Bounds what a long run can lose, and stops it cleanly when asked to.
-
-    - last.ckpt is refreshed every `minutes` of wall time, so a kill (even SIGKILL) loses at
-      most that much work on any device; step=N.ckpt is kept every `every_steps` steps.
-    - SIGINT (Ctrl-C) and SIGTERM (schedulers, `timeout`) stop the run after the current step,
-      every rank at the same step; the caller then saves last.ckpt. A second signal
-      interrupts at once.
-    - A non-finite loss stops the run at the step it appears, and nothing non-finite is ever
-      saved: weights are checked before every save. On a GPU the loss is checked every
-      `check_every` steps (each check waits for the device) and always before a save.
-    """
-
-    def __init__(self, ckpt_dir: str, every_steps: int = 0, minutes: float = 10.0,
-                 check_every: int = 1):
-        self.ckpt_dir, self.every_steps, self.minutes = ckpt_dir, every_steps, minutes
-        self.check_every = check_every
-        self.signal = None            # the signal that asked us to stop
-        self.saved = []               # checkpoints written by this callback, oldest first
-        self._previous_handlers = {}
-        self._first_bad = None        # device scalar: first step with a non-finite loss, or -1
-
-    def on_train_start(self, trainer, pl_module):
-        self._last_save = time.monotonic()
-        self._first_bad = torch.full((), -1, dtype=torch.long, device=pl_module.device)
-        if threading.current_thread() is threading.main_thread():   # signals: main thread only
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous_handlers[signum] = signal.getsignal(signum)
-                signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        if self.signal is not None:       # asked twice: stop now
-            self.restore_signals()
-            raise Interrupted(signum)
-        self.signal = signum
-
-    def restore_signals(self):
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        bad = ~torch.isfinite(loss.detach())
-        self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
-        save_step = self.every_steps > 0 and step % self.every_steps == 0
-        # one decision for all ranks (one all-reduce under DDP), so that they save and stop
-        # at the same step
-        save_time, stop = any_rank(trainer, time.monotonic() - self._last_save
-                                   >= 60 * self.minutes, self.signal is not None)
-        if save_step or save_time or step % self.check_every == 0:
-            self.check_finite(trainer, pl_module)
-        if save_step:
-            self.save(trainer, os.path.join(self.ckpt_dir, f"step={step}.ckpt"))
-        if save_time:
-            self.save(trainer, os.path.join(self.ckpt_dir, "last.ckpt"))
-        if stop:
-            trainer.should_stop = True
-
-    def check_finite(self, trainer, pl_module, weights: bool = False):
-        """NonFiniteLoss if any rank has seen a non-finite loss (or, with `weights`, holds
-        non-finite weights)."""
-        step = -1 if self._first_bad is None else int(self._first_bad)
-        bad_weights = weights and not all(bool(torch.isfinite(p).all())
-                                          for p in pl_module.parameters())
-        if trainer.strategy.reduce_boolean_decision(step >= 0 or bad_weights, all=False):
-            if step >= 0:
-                raise NonFiniteLoss(step)
-            raise NonFiniteLoss(trainer.global_step, "the weights")
-
-    def save(self, trainer, path: str):
-        self.check_finite(trainer, trainer.lightning_module, weights=True)
-        trainer.save_checkpoint(path, weights_only=False)     # optimizer too: resumable
-        for logger in trainer.loggers:                          # logs as far as the checkpoint
-            logger.save()
-        self._last_save = time.monotonic()
-        if path not in self.saved:
-            self.saved.append(path)
-
-    def on_train_end(self, trainer, pl_module):
-        self.restore_signals()
-
-    def on_exception(self, trainer, pl_module, exception):
-        self.restore_signals()
-
-
-# --- callbacks: progress bar, previews -----------------------------------------------------
-
-class StepBar(ProgressBar):
-    """One tqdm bar over all steps (not per 100-step epoch) with loss and PSNR; metrics are
-    read every `refresh` steps only, each read being a host-device sync."""
-
-    def __init__(self, refresh: int = 10):
-        super().__init__()
-        self.refresh = refresh
-        self.enabled = True
-        self.bar = None
-
-    def disable(self):
-        self.enabled = False
-
-    def enable(self):
-        self.enabled = True
-
-    def on_train_start(self, trainer, pl_module):
-        from tqdm.auto import tqdm
-        total = trainer.max_steps if trainer.max_steps > 0 else None
-        self.bar = tqdm(total=total, initial=trainer.global_step, desc="fit", unit="step",
-                        disable=not self.enabled, dynamic_ncols=True)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.bar.update(trainer.global_step - self.bar.n)
-        if trainer.global_step % self.refresh == 0:
-            self._show(trainer, pl_module)
-
-    def on_validation_end(self, trainer, pl_module):
-        if self.bar is not None:
-            self._show(trainer, pl_module)
-
-    def _show(self, trainer, pl_module):
-        metrics = self.get_metrics(trainer, pl_module)
-        shown = {}
-        if "train/loss" in metrics:
-            shown["loss"] = f"{metrics['train/loss']:.3g}"
-        if "val/psnr" in metrics:
-            shown["psnr"] = f"{metrics['val/psnr']:.2f}dB"
-        self.bar.set_postfix(shown, refresh=False)
-
-    def on_train_end(self, trainer, pl_module):
-        if self.bar is not None:
-            self.bar.close()
-
-    def on_exception(self, trainer, pl_module, exception):
-        # end the bar's line, so that the one-line error printed next starts its own
-        self.on_train_end(trainer, pl_module)
-
-
-def is_preview_step(step: int) -> bool:
-    """1, 2, 4, 8, then 10, 20, ..., 90, 100, 200, ...: log-spaced like upstream."""
-    if step < 1:
-        return False
-    if step < 10:
-        return step & (step - 1) == 0
-    return step % 10 ** int(math.log10(step)) == 0
-
-
-def preview_geometry(width: int, height: int, panel: int = PREVIEW_PANEL):
-    """Sizes of a preview: the downscaled whole view (pw, ph) and the native-resolution crop
-    window (x0, y0, cw, ch) at the image centre."""
-    scale = min(1.0, panel / max(width, height))
-    pw, ph = max(1, round(width * scale)), max(1, round(height * scale))
-    cw, ch = min(width, pw), min(height, max(PREVIEW_CROP_MIN, ph // 2))
-    return (pw, ph), ((width - cw) // 2, (height - ch) // 2, cw, ch)
-
-
-class Previews(pl.Callback):
-    """--visualize: at log-spaced steps writes previews/step_XXXXXX.png (reference | fit, whole
-    view above a native-resolution centre crop), rendered tile by tile; at the end
-    previews.gif cycles through them."""
-
-    def __init__(self, image: PixelSource, out_dir: str, gif_ms: int = 400):
-        self.image, self.out_dir, self.gif_ms = image, out_dir, gif_ms
-        self.written = []
-        self.reference = None
-        (self.pw, self.ph), self.crop = preview_geometry(image.width, image.height)
-
-    def _reference(self) -> np.ndarray:
-        """The source seen the way the fit is rendered: bilinear at the preview's pixel
-        centres (whole view) and its native pixels (crop)."""
-        x0, y0, cw, ch = self.crop
-        lut = torch.tensor(images.SRGB_TO_LINEAR_LUT, dtype=torch.float32)
-        pixels = host_tensor(self.image.array)
-        periodic = self.image.periodic
-        view = render.render_region(lambda xy: bilinear_sample(pixels, lut, xy, periodic),
-                                    self.pw, self.ph, max_batch=EVAL_BATCH)
-        crop = np.asarray(self.image.array[y0:y0 + ch, x0:x0 + cw])
-        return self._panel(view, crop)
-
-    def _fit(self, field: nn.Module) -> np.ndarray:
-        x0, y0, cw, ch = self.crop
-        width, height = self.image.width, self.image.height
-        view = render.render_region(field, self.pw, self.ph, max_batch=EVAL_BATCH)
-        crop = render.render_region(field, cw, ch, (x0 / width, y0 / height, (x0 + cw) / width,
-                                                    (y0 + ch) / height), max_batch=EVAL_BATCH)
-        return self._panel(view, crop)
-
-    def _panel(self, view: np.ndarray, crop: np.ndarray) -> np.ndarray:
-        """(ph + ch, pw, C) uint8: the whole view above the crop."""
-        out = np.zeros((self.ph + crop.shape[0], self.pw, view.shape[2]), np.uint8)
-        out[:self.ph] = view
-        out[self.ph:, :crop.shape[1]] = crop
-        return out
-
-    def write(self, field: nn.Module, step: int) -> str:
-        from PIL import Image, ImageDraw
-        if self.reference is None:
-            self.reference = self._reference()
-        canvas = np.concatenate([self.reference, self._fit(field)], 1)
-        mode = "L" if canvas.shape[2] == 1 else "RGB"
-        picture = Image.fromarray(canvas[..., 0] if mode == "L" else canvas, mode)
-        draw = ImageDraw.Draw(picture)
-        for x, text in ((4, "reference"), (self.pw + 4, f"step {step}")):
-            box = draw.textbbox((x, 4), text)
-            draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=0)
-            draw.text((x, 4), text, fill=255 if mode == "L" else (255, 255, 255))
-        os.makedirs(self.out_dir, exist_ok=True)
-        path = os.path.join(self.out_dir, f"step_{step:06d}.png")
-        with images.atomic_output(path) as partial:
-            picture.save(partial, format="PNG")
-        self.written.append(path)
-        return path
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if trainer.is_global_zero and is_preview_step(step):
-            with pl_module.clock.paused():
-                self.write(pl_module.field, step)
-
-    def on_train_end(self, trainer, pl_module):
-        if not trainer.is_global_zero:
-            return
-        last = f"step_{trainer.global_step:06d}.png"
-        if not self.written or os.path.basename(self.written[-1]) != last:
-            self.write(pl_module.field, trainer.global_step)
-        self.write_gif(os.path.join(os.path.dirname(self.out_dir), "previews.gif"))
-
-    def write_gif(self, path: str) -> str:
-        """Animated GIF of the previews written so far (long side <= GIF_MAX_SIDE), the last
-        frame held longer."""
-        from PIL import Image
-        frames = []
-        for png in self.written:
-            with Image.open(png) as im:
-                frame = im.copy()
-            frame.thumbnail((GIF_MAX_SIDE, GIF_MAX_SIDE), Image.Resampling.LANCZOS)
-            frames.append(frame.convert("P", palette=Image.Palette.ADAPTIVE)
-                          if frame.mode == "RGB" else frame)
-        durations = [self.gif_ms] * (len(frames) - 1) + [4 * self.gif_ms]
-        with images.atomic_output(path) as partial:
-            frames[0].save(partial, format="GIF", save_all=True, append_images=frames[1:],
-                           duration=durations, loop=0)
-        return path
 
 
 # --- command line -----------------------------------------------------------------------
@@ -611,7 +307,11 @@ def parse_devices(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag; each one is also a --config key (its name without the dashes)."""
     p = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None,
+                   help="a YAML file of flag: value lines (e.g. a run's config.yaml); flags "
+                   "given on the command line win")
     p.add_argument("-i", "--input", help="image to fit: .jpg .png .tif .webp .bmp or .npy "
                    "(default: matplotlib's grace_hopper.jpg sample)")
     p.add_argument("--root", default="./logs", help="log root (default: ./logs)")
@@ -619,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment folder under --root (default: experiments); logs go to "
                    "ROOT/TRACE/IMAGE_NAME/version_N")
     p.add_argument("--batch_size", type=cli.integer(1), default=None,
-                   help=f"pixels per step (default: {GPU_BATCH_SIZE} on GPU, "
-                   f"{CPU_BATCH_SIZE} on CPU)")
+                   help=f"pixels per step (default: 1/{PIXELS_PER_SAMPLE} of the image's pixels "
+                   f"as a power of 2, at most {GPU_BATCH_SIZE} on GPU, {CPU_BATCH_SIZE} on CPU)")
     p.add_argument("--epochs", type=cli.integer(1), default=5,
                    help=f"training length in epochs of {STEPS_PER_EPOCH} steps, counted from "
                    "step 0 (a resumed run trains up to this total) (default: 5)")
@@ -631,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "start-up, scoring and previews are not counted (default: none)")
     p.add_argument("--device", type=int, default=0,
                    help="GPU index to use when --devices is not given (default: 0)")
-    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="auto: a GPU if torch sees one, else the CPU (default: auto)")
+    p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
+                   help="auto: a GPU (CUDA, or Apple's MPS) if torch sees one, else the CPU "
+                   "(default: auto)")
     p.add_argument("--devices", type=parse_devices, default=None,
                    help="device count, GPU indices (0,1) or auto (default: 1; on GPU [--device])")
     p.add_argument("--strategy", default="auto",
@@ -678,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initialisation and sampling seed (default: 0)")
     p.add_argument("--val_every", type=cli.integer(1), default=None,
                    help=f"PSNR every N steps (default: {CPU_VAL_EVERY} on CPU, "
-                   f"{GPU_VAL_EVERY} on GPU)")
+                   f"{GPU_VAL_EVERY} on GPU, at most a tenth of the run)")
     p.add_argument("--ckpt_every", type=cli.integer(0), default=0,
                    help="also keep checkpoints/step=N.ckpt every N steps, 0: none (default: 0)")
     p.add_argument("--ckpt_minutes", type=cli.number(above=0), default=CKPT_MINUTES,
@@ -689,13 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None,
                    help="write the full-resolution fit here at the end: .png .jpg .tif .webp "
                    ".bmp or .npy (uint8)")
-    p.add_argument("--visualize", action="store_true",
-                   help="write previews at steps 1, 2, 4, 8, 10, 20, ... and an animated GIF")
+    p.add_argument("--visualize", action=argparse.BooleanOptionalAction, default=False,
+                   help="write previews at steps 1, 2, 4, 8, 10, 20, ... and an animated GIF, "
+                   "and hand them to the loggers that take images")
+    p.add_argument("--logger", type=logger_names, default=None,
+                   help="where metrics go, one or several of " + ",".join(LOGGERS)
+                   + " (default: csv, and tensorboard when it is installed)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the field for the training step (its first step then "
+                   "takes the compile time, reported at the end)")
     return p
 
 
-class UsageError(Exception):
-    """A command-line problem found after parsing: one line, exit status 2 (see cli.py)."""
+def write_config(args: argparse.Namespace, path: str) -> str:
+    """config.yaml: every flag of the run with the values it resolved to (batch size, device,
+    precision, loggers, ...), so that `--config path` repeats it exactly."""
+    values = {key: value for key, value in vars(args).items() if key != "config"}
+    with images.atomic_output(path) as partial, open(partial, "w") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+    return path
 
 
 def field_config(args: argparse.Namespace, width: int, height: int,
@@ -709,109 +422,29 @@ def field_config(args: argparse.Namespace, width: int, height: int,
                        interpolation=args.interpolation, periodic=args.periodic)
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """--precision auto: "bf16-mixed" where the hardware computes bfloat16 natively (CUDA
-    GPUs that support it; CPUs with AVX512-BF16 or AMX), else "32-true". Under bf16-mixed
-    the hidden layers' matmuls run in bfloat16 (the paper runs its MLP in half precision);
-    the table, the encoding, the output layer, the loss, the weights and Adam stay float32.
-    Albert on 2 AVX512-BF16 cores: 77 vs 129 ms per step, 41.3 vs 41.4 dB at step 1000 (one
-    thread, MLP rate 1e-2). Emulated bfloat16 would be slower than float32, hence the
-    hardware test."""
-    if precision != "auto":
-        return precision
-    if accelerator == "gpu":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    native = [getattr(torch.cpu, name, lambda: False)()
-              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return "bf16-mixed" if any(native) else "32-true"
+def default_batch_size(pixels: int, accelerator: str) -> int:
+    """1/PIXELS_PER_SAMPLE of the image as a power of 2, within 2^8 and the device's batch:
+    a small image then takes many cheap steps rather than redrawing each pixel several times
+    per step (grace_hopper on 2 cores: 2^14 pixels, 28 ms per step, against 174 ms for 2^16
+    at about the same PSNR per step)."""
+    cap = CPU_BATCH_SIZE if accelerator == "cpu" else GPU_BATCH_SIZE
+    return min(cap, 2 ** max(8, round(math.log2(pixels / PIXELS_PER_SAMPLE))))
 
 
-def resolve_accelerator(args) -> str:
-    """"cpu" or "gpu"; UsageError when a GPU is asked for and there is none."""
-    has_gpu = torch.cuda.is_available()
-    if args.accelerator == "gpu" and not has_gpu:
-        raise UsageError("--accelerator gpu: no GPU is available to torch")
-    if args.accelerator == "auto":
-        return "gpu" if has_gpu else "cpu"
-    return args.accelerator
-
-
-def load_source(path: str) -> np.ndarray:
-    """(H, W, C) uint8 sRGB of `path`; UsageError when it cannot be used."""
-    try:
-        array = images.read_image(path)
-        return images.to_srgb8(array)
-    except images.ImageError as exc:
-        raise UsageError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
-def source_digest(source: np.ndarray) -> str:
-    """A fingerprint of an image (its size and 64 rows spread over it): a resumed run warns
-    when its checkpoint was trained on another image of the same size."""
-    digest = hashlib.sha1(repr(source.shape).encode())
-    for row in np.linspace(0, source.shape[0] - 1, 64).astype(np.int64):
-        digest.update(np.ascontiguousarray(source[row]).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def check_resume(ckpt_path: str, config: FieldConfig, source_name: str, digest: str) -> int:
-    """The step `ckpt_path` was saved at. UsageError unless it is a train.py checkpoint of the
-    same network and image size; a one-line warning when it was trained on another image of
-    that size."""
-    try:
-        ckpt = read_checkpoint(ckpt_path)
-        saved = checkpoint_config(ckpt, ckpt_path).to_dict()
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
-    config = config.to_dict()
-    diffs = [f"{k} {saved.get(k)!r} vs {config.get(k)!r}" for k in sorted(set(saved) | set(config))
-             if saved.get(k) != config.get(k)]
-    if diffs:
-        raise UsageError(f"--ckpt {ckpt_path} does not match this run (checkpoint vs now): "
-                         + ", ".join(diffs))
-    hparams = ckpt["hyper_parameters"]
-    saved_digest, saved_name = hparams.get("source_digest"), hparams.get("source", "")
-    if saved_digest != digest if saved_digest else saved_name != source_name:
-        print(f"train.py: warning: --ckpt {ckpt_path} was trained on another image "
-              f"({saved_name or 'unknown'}) of the same size; continuing from its weights",
-              file=sys.stderr)
-    return int(ckpt.get("global_step", 0))
-
-
-def check_writable_folder(folder: str, flag: str) -> None:
-    """UsageError now, not hours later, unless files can be created in `folder` (made here)."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise UsageError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
-
-
-def check_export(path: str, source_path: str) -> None:
-    """UsageError before training for an export that could not be written at the end: a
-    format images.write_image lacks, a folder, an unwritable place, or the source image."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in images.EXTENSIONS:
-        raise UsageError(f"--export {path}: unsupported format {ext or '(none)'}; use one of "
-                         + " ".join(images.EXTENSIONS))
-    if os.path.isdir(path):
-        raise UsageError(f"--export {path}: is a folder")
-    if images.same_file(path, source_path):
-        raise UsageError(f"--export {path}: would overwrite the input image; choose another name")
-    check_writable_folder(os.path.dirname(os.path.abspath(path)), "--export")
-
-
-def check_field(config: FieldConfig) -> None:
-    """UsageError for network flags that cannot build a field (e.g. N_max below N_min); built
-    on the meta device, so checking costs no memory."""
-    try:
-        with torch.device("meta"):
-            config.build()
-    except ValueError as exc:
-        raise UsageError(cli.one_line(exc)) from None
+def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argparse.Namespace:
+    """`args` with what its defaults resolve to for this image on this machine (written to
+    config.yaml, so that the run repeats exactly elsewhere too)."""
+    max_steps = args.max_steps if args.max_steps is not None else args.epochs * STEPS_PER_EPOCH
+    on_cpu = accelerator == "cpu"
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    return argparse.Namespace(**{**vars(args), **dict(
+        accelerator=accelerator, precision=resolve_precision(args.precision, accelerator),
+        batch_size=args.batch_size or default_batch_size(pixels, accelerator),
+        val_every=args.val_every or min(CPU_VAL_EVERY if on_cpu else GPU_VAL_EVERY,
+                                        max(1, max_steps // 10)),
+        max_steps=max_steps, devices=args.devices if args.devices is not None
+        else (1 if accelerator != "gpu" else [args.device]),
+        logger=args.logger or ["csv"] + (["tensorboard"] if tensorboard else []))})
 
 
 def export_fit(field: nn.Module, width: int, height: int, channels: int, path: str) -> str:
@@ -822,76 +455,21 @@ def export_fit(field: nn.Module, width: int, height: int, channels: int, path: s
 
 def quiet_lightning() -> None:
     """Silence Lightning's advice that does not apply here (workers: batches are drawn on the
-    device; the 1-item validation set is deliberate)."""
+    device; the 1-item validation set is deliberate; the version folder claim_version made
+    already holds config.yaml)."""
     for pattern in (".*does not have many workers.*", ".*number of training batches.*",
                     ".*The `srun` command is available.*", ".*`IterableDataset` has `__len__`.*",
                     ".*that ended before the epoch ended.*", ".*The dirpath has changed from.*",
-                    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"):
+                    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+                    ".*exists and is not empty.*"):
         warnings.filterwarnings("ignore", message=pattern)
-
-
-def claim_version(folder: str) -> int:
-    """N of a new folder/version_N, created here: os.mkdir either creates it or fails, so two
-    runs started together on one --root never share a folder. Only rank 0 claims; the DDP
-    workers it launches inherit the number through the environment (other ranks never
-    write logs)."""
-    if rank_zero_only.rank != 0:
-        return int(os.environ.get(LOG_VERSION_ENV, 0))
-    os.makedirs(folder, exist_ok=True)
-    taken = [int(name[8:]) for name in os.listdir(folder)
-             if name.startswith("version_") and name[8:].isdigit()]
-    version = max(taken, default=-1) + 1
-    while True:
-        try:
-            os.mkdir(os.path.join(folder, f"version_{version}"))
-            break
-        except FileExistsError:
-            version += 1
-    os.environ[LOG_VERSION_ENV] = str(version)
-    return version
-
-
-def make_loggers(root: str, trace: str, name: str) -> list:
-    """CSV always, TensorBoard as well when it is installed, in a freshly claimed version."""
-    save_dir = os.path.join(root, trace)
-    try:
-        version = claim_version(os.path.join(save_dir, name))
-    except OSError as exc:
-        raise UsageError(f"--root {root}: cannot create the log folder there "
-                         f"({exc.strerror or exc})") from None
-    loggers = [CSVLogger(save_dir, name=name, version=version)]
-    try:
-        import tensorboard  # noqa: F401  (optional dependency)
-        from lightning.pytorch.loggers import TensorBoardLogger
-        loggers.append(TensorBoardLogger(save_dir, name=name, version=version))
-    except ImportError:
-        pass
-    return loggers
-
-
-def resume_command(argv, ckpt: str) -> str:
-    """The command line that continues a run: its arguments with --ckpt set to `ckpt`."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip or arg == "--ckpt" or arg.startswith("--ckpt="):
-            skip = arg == "--ckpt"
-            continue
-        kept.append(arg)
-    return shlex.join(["python", "train.py", *kept, "--ckpt", ckpt])
-
-
-class Stopped(Exception):
-    """The run stopped early on purpose (a signal): checkpoint saved; exit status 128 + N."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.status = 128 + signum
 
 
 def run(args, callbacks=(), argv=()) -> dict:
     """Train as `args` say; returns a summary dict (rank 0 fills psnr/paths). `argv`: the
-    command line, for the resume hint printed when a signal stops the run."""
-    accelerator = resolve_accelerator(args)
+    command line, for the resume hint printed when a signal stops the run. `callbacks` go to
+    the Trainer after train.py's own."""
+    accelerator = resolve_accelerator(args.accelerator)
     if accelerator == "cpu":
         keep_freed_memory()
     path = args.input or sample_image_path()
@@ -900,110 +478,91 @@ def run(args, callbacks=(), argv=()) -> dict:
     config = field_config(args, width, height, channels)
     check_field(config)
     digest = source_digest(source)
-    first_step = 0
-    if args.ckpt is not None:
-        first_step = check_resume(args.ckpt, config, os.path.basename(path), digest)
+    name = os.path.splitext(os.path.basename(path))[0]
+    runs = os.path.join(args.root, args.trace, name)
+    ckpt, first_step = resume_point(runs, args.ckpt, config, os.path.basename(path), digest)
     if args.export:
         check_export(args.export, path)
-    on_gpu = accelerator == "gpu"
-    precision = resolve_precision(args.precision, accelerator)
-    batch_size = args.batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
-    val_every = args.val_every or (GPU_VAL_EVERY if on_gpu else CPU_VAL_EVERY)
-    max_steps = args.max_steps if args.max_steps is not None else args.epochs * STEPS_PER_EPOCH
-    devices = args.devices if args.devices is not None else ([args.device] if on_gpu else 1)
-
+    args.ckpt = ckpt                            # a requeued job's own last.ckpt, if any
+    args = resolved(args, accelerator, width * height)
     pl.seed_everything(args.seed, verbose=False)
     model = ImageFit(config.to_dict(), source=os.path.basename(path), source_digest=digest,
-                     batch_size=batch_size, lr=args.lr, mlp_lr=args.mlp_lr,
-                     lr_schedule=args.lr_schedule,
-                     loss=args.loss, seed=args.seed, max_time=args.max_time)
+                     batch_size=args.batch_size, lr=args.lr, mlp_lr=args.mlp_lr,
+                     lr_schedule=args.lr_schedule, loss=args.loss, seed=args.seed,
+                     max_time=args.max_time, compile=args.compile)
     image = PixelSource(source, config.periodic)
-    if args.ckpt is None:
+    if ckpt is None:
         model.field.start_at(image.mean_colour())
     model.attach(image, PsnrProbe(source))
 
-    name = os.path.splitext(os.path.basename(path))[0]
-    loggers = make_loggers(args.root, args.trace, name)
-    log_dir = loggers[0].log_dir
-    ckpt_dir = os.path.join(log_dir, "checkpoints")
-    keep = KeepWork(ckpt_dir, args.ckpt_every, args.ckpt_minutes,
-                    check_every=GPU_LOSS_CHECK_EVERY if on_gpu else 1)
-    all_callbacks = [StepBar(), keep, *callbacks]
+    version = claim_version(runs)
+    loggers = make_loggers(args.logger, args.root, args.trace, name, version)
+    log_dir = os.path.join(runs, f"version_{version}")
+    keep = KeepWork(os.path.join(log_dir, "checkpoints"), args.ckpt_every, args.ckpt_minutes,
+                    check_every=1 if accelerator == "cpu" else ASYNC_LOSS_CHECK_EVERY)
+    all_callbacks = [StepBar(), keep]
     if args.visualize:
         all_callbacks.append(Previews(image, os.path.join(log_dir, "previews")))
+    # SLURM's requeue signal is KeepWork's: it saves at a step's end and requeues then
+    cluster = [SLURMEnvironment(auto_requeue=False)] if slurm_job_id() is not None else []
     quiet_lightning()
     try:
         trainer = pl.Trainer(
-            accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
-            strategy=args.strategy, precision=precision, max_steps=max_steps,
-            max_epochs=-1, val_check_interval=val_every, check_val_every_n_epoch=None,
-            num_sanity_val_steps=0, logger=loggers, callbacks=all_callbacks,
-            plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
-            enable_model_summary=False, log_every_n_steps=min(50, val_every))
+            accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes,
+            strategy=args.strategy, precision=args.precision, max_steps=args.max_steps,
+            max_epochs=-1, val_check_interval=args.val_every, check_val_every_n_epoch=None,
+            num_sanity_val_steps=0, logger=loggers, callbacks=[*all_callbacks, *callbacks],
+            plugins=[AtomicCheckpointIO(), *cluster], enable_checkpointing=False,
+            enable_model_summary=False, log_every_n_steps=min(50, args.val_every),
+            default_root_dir=log_dir)
     except (ValueError, TypeError, RuntimeError, MisconfigurationException) as exc:
         raise UsageError(str(exc).strip().splitlines()[0]) from None
+    if trainer.is_global_zero:
+        write_config(args, os.path.join(log_dir, "config.yaml"))
 
-    last_ckpt = os.path.join(ckpt_dir, "last.ckpt")
-    try:
-        trainer.fit(model, train_dataloaders=DataLoader(_Steps(STEPS_PER_EPOCH), batch_size=None),
-                    ckpt_path=args.ckpt, weights_only=True)
-        keep.save(trainer, last_ckpt)           # checks the weights are finite first
-    except NonFiniteLoss as exc:
-        kept = [p for p in keep.saved if os.path.exists(p)]
-        raise Diverged(f"{exc}: the run diverged (a lower --lr may help); "
-                       + (f"last finite checkpoint: {kept[-1]}" if kept
-                          else "no checkpoint was written before it")) from None
-    steps_this_run = trainer.global_step - first_step
-    if keep.signal is not None:
-        signame = signal.Signals(keep.signal).name
-        raise Stopped(keep.signal, f"stopped by {signame} at step {trainer.global_step}; "
-                      f"checkpoint {last_ckpt}, logs {log_dir}; resume with: "
-                      + resume_command(argv, last_ckpt))
-    if model.last_val_step != trainer.global_step:
+    trainer.fit(model, train_dataloaders=DataLoader(_Steps(STEPS_PER_EPOCH), batch_size=None),
+                ckpt_path=ckpt, weights_only=True)
+    keep.save(trainer)                          # last.ckpt; checks the weights are finite first
+    if keep.signal is None and model.last_val_step != trainer.global_step:
         trainer.validate(model, verbose=False)      # score the final weights too
+    plot = os.path.join(log_dir, "psnr.png")
+    if trainer.is_global_zero:
+        plot_psnr(model.curve, plot, f"train.py on {os.path.basename(path)}")
+    if keep.signal is not None:
+        raise keep.stopped(trainer, log_dir, argv)
 
-    summary = dict(steps=trainer.global_step, steps_this_run=steps_this_run,
+    summary = dict(steps=trainer.global_step, steps_this_run=trainer.global_step - first_step,
                    train_seconds=model.clock.seconds(),
                    psnr=float(trainer.callback_metrics.get("val/psnr", float("nan"))),
-                   log_dir=log_dir, checkpoint=last_ckpt, export=None,
+                   log_dir=log_dir, checkpoint=keep.last, plot=plot, curve=model.curve,
+                   export=None,
+                   compile_seconds=model.first_step_seconds if args.compile else None,
                    rank=trainer.global_rank)
     if trainer.is_global_zero:
         if args.export:
             summary["export"] = export_fit(model.field.eval(), width, height, channels, args.export)
-        resumed = f" ({steps_this_run} in this run)" if args.ckpt is not None else ""
-        print(f"train.py: {summary['steps']} steps{resumed}, {summary['train_seconds']:.1f} s of "
-              f"training in this run, PSNR {summary['psnr']:.2f} dB; checkpoint {last_ckpt}"
-              + (f"; export {summary['export']}" if summary["export"] else ""))
+        print(summary_line(summary, ckpt is not None, os.path.join(log_dir, "config.yaml")))
     return summary
-
-
-class Diverged(Exception):
-    """A non-finite loss stopped the run (exit status 1)."""
 
 
 def main(argv=None, callbacks=()) -> dict:
     """Command-line entry point: `argv` as sys.argv[1:]. Extra Lightning `callbacks` are
     passed to the Trainer. Usage problems print one line and exit with status 2; a run
-    stopped by SIGINT/SIGTERM exits 128 + the signal's number after saving last.ckpt, a
-    diverged one with status 1."""
+    stopped by a signal exits 128 + its number (after saving last.ckpt, unless signalled
+    twice), a diverged one with status 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = cli.parse_with_config(parser, argv)
     try:
         return run(args, callbacks, argv)
     except UsageError as exc:
         parser.error(exc)
-    except (images.ImageError, OSError) as exc:      # e.g. the disk filled up mid-run
+    except (images.ImageError, OSError, Diverged) as exc:   # e.g. the disk filled up mid-run
         parser.exit(1, f"train.py: error: {cli.one_line(exc)}\n")
-    except Diverged as exc:
-        parser.exit(1, f"train.py: error: {exc}\n")
     except Stopped as exc:
         parser.exit(exc.status, f"train.py: {exc}\n")
-    except Interrupted as exc:    # a second signal during training
-        parser.exit(exc.status, f"train.py: interrupted by a second "
-                    f"{signal.Signals(exc.signum).name}; not saved since the last checkpoint\n")
     except KeyboardInterrupt:     # before training started
-        parser.exit(128 + signal.SIGINT, "train.py: interrupted\n")
+        parser.exit(128 + 2, "train.py: interrupted\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from PIL import Image
 
 import convert
 import images
+import keep_work
 import render
 import train
 from field import load_field
@@ -168,7 +169,7 @@ def version_dir(tmp_path, name="img", version=0):
     return tmp_path / "logs" / "experiments" / name / f"version_{version}"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
 def test_signal_saves_last_checkpoint_and_prints_a_working_resume_command(tmp_path, capsys,
                                                                           signum):
     image = small_png(tmp_path)
@@ -246,6 +247,86 @@ def test_sigkill_loses_at_most_ckpt_minutes(tmp_path):
     assert info["global_step"] == ckpt["global_step"]
 
 
+# --- 3b. SLURM: SIGUSR1 saves, requeues, and the requeued job resumes from that step -------------
+
+def fake_slurm(tmp_path, job="4242"):
+    """The environment of a SLURM batch job (one task) with a stand-in `scontrol` on PATH that
+    records its arguments in tmp_path/scontrol.txt."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.txt'}\n")
+    scontrol.chmod(0o755)
+    return dict(ENV, PATH=f"{bin_dir}{os.pathsep}{ENV['PATH']}", SLURM_JOB_ID=job,
+                SLURM_JOB_NAME="fit", SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0",
+                SLURM_NODEID="0", SLURM_NNODES="1")
+
+
+def start_in(tmp_path, env, argv, name):
+    out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
+    proc = subprocess.Popen([sys.executable, TRAIN, *argv], cwd=tmp_path, env=env, stdout=out,
+                            stderr=err, text=True)
+    out.close()
+    err.close()
+    return proc
+
+
+def wait_until(condition, proc, what, timeout=90):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"train.py ended ({proc.returncode}) before {what}"
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} within {timeout} s")
+        time.sleep(0.05)
+
+
+def test_slurm_requeue_signal_saves_requeues_and_the_job_resumes_there(tmp_path):
+    image = small_png(tmp_path)
+    env = fake_slurm(tmp_path)
+    argv = train_argv(tmp_path, image, "--max_steps", "1000000", "--ckpt_every", "20",
+                      "--val_every", "10")
+    log_dir = version_dir(tmp_path)
+    folder = log_dir / "checkpoints"
+    proc = start_in(tmp_path, env, argv, "first")
+    wait_until(lambda: (folder / "step=20.ckpt").exists(), proc, "step=20.ckpt")
+    proc.send_signal(signal.SIGUSR1)          # what `#SBATCH --signal=USR1@90` sends
+    assert proc.wait(timeout=60) == 128 + signal.SIGUSR1
+    lines = prog_lines((tmp_path / "first.err").read_text())
+    match = re.fullmatch(r"train\.py: stopped by SIGUSR1 at step (\d+); checkpoint (\S+), logs "
+                         r"(\S+); requeued SLURM job 4242, which resumes from that checkpoint",
+                         lines[-1] if lines else "")
+    assert match and len(lines) == 1, lines
+    step = int(match[1])
+    assert match[2] == str(folder / "last.ckpt") and match[3] == str(log_dir)
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == step >= 20
+    assert (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"
+    # SLURM starts the same command again in the same job: it continues from that step, not
+    # from step 0, and logs to the next version_N
+    proc = start_in(tmp_path, env, argv, "requeued")
+    later = version_dir(tmp_path, version=1) / "checkpoints" / "step=40.ckpt"
+    wait_until(later.exists, proc, later.name)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    lines = prog_lines((tmp_path / "requeued.err").read_text())
+    assert lines[0] == (f"train.py: SLURM job 4242 requeued: resuming from {folder / 'last.ckpt'}"
+                        f" (step {step})"), lines
+    match = re.fullmatch(r"train\.py: stopped by SIGTERM at step (\d+); .*resume with: .*",
+                         lines[1])
+    assert match and int(match[1]) >= 40, lines
+    assert (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"   # SIGTERM: no requeue
+    scored = []
+    for version in (0, 1):
+        rows = (version_dir(tmp_path, version=version) / "metrics.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        scored += [int(float(r.split(",")[header.index("step")])) for r in rows[1:]
+                   if r.split(",")[header.index("val/psnr")]]
+    # one score every 10 steps across both runs, and one where each stopped: none lost, none
+    # repeated
+    stops = {step, int(match[1])}
+    assert scored == sorted(set(range(10, int(match[1]) + 1, 10)) | stops)
+
+
 # --- 4. two runs on one --root get their own version_N -------------------------------------------
 
 def test_two_runs_started_together_get_their_own_versions(tmp_path):
@@ -282,16 +363,16 @@ def test_two_runs_started_together_get_their_own_versions(tmp_path):
 
 
 def test_claim_version_takes_the_next_free_folder(tmp_path, monkeypatch):
-    monkeypatch.delenv(train.LOG_VERSION_ENV, raising=False)
+    monkeypatch.delenv(keep_work.LOG_VERSION_ENV, raising=False)
     folder = tmp_path / "name"
     (folder / "version_3").mkdir(parents=True)
     (folder / "version_x").write_text("a file, not a version")
     (folder / "version_1a").mkdir()
-    assert train.claim_version(str(folder)) == 4
+    assert keep_work.claim_version(str(folder)) == 4
     assert (folder / "version_4").is_dir()
-    assert train.claim_version(str(folder)) == 5
-    assert os.environ[train.LOG_VERSION_ENV] == "5"
-    assert train.claim_version(str(tmp_path / "fresh")) == 0
+    assert keep_work.claim_version(str(folder)) == 5
+    assert os.environ[keep_work.LOG_VERSION_ENV] == "5"
+    assert keep_work.claim_version(str(tmp_path / "fresh")) == 0
 
 
 # --- 5. outputs are all or nothing ----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """train.py: data path, scoring, fitting, resume, export, previews, DDP and CLI errors.
 
 Every fit runs on a small generated image in tmp_path with the CPU accelerator."""
+import io
 import os
 import subprocess
 import sys
@@ -9,10 +10,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
+import hardware
 import images
 import pixels
+import previews
 import render
 import train
 from conftest import reference_render
@@ -72,7 +76,7 @@ def test_bilinear_sample_matches_float64_reference():
 
 
 def test_preview_steps_are_log_spaced():
-    steps = [s for s in range(0, 2001) if train.is_preview_step(s)]
+    steps = [s for s in range(0, 2001) if previews.is_preview_step(s)]
     assert steps == ([1, 2, 4, 8] + list(range(10, 100, 10)) + list(range(100, 1000, 100))
                      + [1000, 2000])
 
@@ -125,17 +129,17 @@ def test_mean_colour_against_a_float64_reference():
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
-    assert train.resolve_precision("32-true", "cpu") == "32-true"
-    assert train.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert hardware.resolve_precision("32-true", "cpu") == "32-true"
+    assert hardware.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
     for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native,
                             raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-        assert train.resolve_precision("auto", "cpu") == expected
+        assert hardware.resolve_precision("auto", "cpu") == expected
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args: native)
-        assert train.resolve_precision("auto", "gpu") == expected
+        assert hardware.resolve_precision("auto", "gpu") == expected
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")     # an older torch
-    assert train.resolve_precision("auto", "cpu") == "32-true"
+    assert hardware.resolve_precision("auto", "cpu") == "32-true"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -163,7 +167,7 @@ def test_freed_memory_is_reused_without_page_faults():
 
 def test_fused_adam_where_torch_has_it():
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    assert train.fused_adam(torch.device("cpu")) == ((major, minor) >= (2, 4))
+    assert hardware.fused_adam(torch.device("cpu")) == ((major, minor) >= (2, 4))
 
 
 # --- training through the command line ------------------------------------------------------
@@ -202,7 +206,7 @@ def test_bf16_mixed_trains_and_scores_in_float32(tmp_path):
     # the logged score is the float32 render's, not the bfloat16 forward's
     assert pixels.psnr_from_sse(err, source.size) == pytest.approx(summary["psnr"], abs=1e-3)
     optimizer = torch.load(summary["checkpoint"], weights_only=True)["optimizer_states"][0]
-    assert all(group["fused"] == train.fused_adam(torch.device("cpu"))
+    assert all(group["fused"] == hardware.fused_adam(torch.device("cpu"))
                for group in optimizer["param_groups"])
 
 
@@ -255,7 +259,7 @@ def test_visualize_writes_previews_and_gif(tmp_path):
     assert sorted(os.listdir(folder)) == [f"step_{s:06d}.png" for s in (1, 2, 4, 8, 10, 12)]
     preview = np.asarray(Image.open(os.path.join(folder, "step_000012.png")))
     # reference | fit, each the whole view (native size here) above a native crop 256 high
-    (pw, ph), (x0, y0, cw, ch) = train.preview_geometry(40, 60)
+    (pw, ph), (x0, y0, cw, ch) = previews.preview_geometry(40, 60)
     assert (pw, ph, x0, y0, cw, ch) == (40, 60, 0, 0, 40, 60)
     assert preview.shape == (ph + ch, 2 * pw, 3)
     np.testing.assert_array_equal(preview[ph:, :pw], source)       # crops carry no label
@@ -266,7 +270,7 @@ def test_visualize_writes_previews_and_gif(tmp_path):
 
 
 def test_preview_geometry_bounds_a_large_image():
-    (pw, ph), (x0, y0, cw, ch) = train.preview_geometry(3250, 4333)
+    (pw, ph), (x0, y0, cw, ch) = previews.preview_geometry(3250, 4333)
     assert (pw, ph) == (768, 1024)                   # long side 1024, aspect kept
     assert (cw, ch) == (768, 512) and (x0, y0) == ((3250 - 768) // 2, (4333 - 512) // 2)
     assert 2 * pw <= 2048 and ph + ch <= 2048
@@ -396,3 +400,134 @@ def test_the_run_follows_the_schedule(tmp_path):
     halfway = torch.load(os.path.join(summary["log_dir"], "checkpoints", "step=4.ckpt"),
                          weights_only=True)["optimizer_states"][0]["param_groups"]
     assert [g["lr"] for g in halfway] == [0.004, 0.02, 0.004]
+
+
+# --- config files, loggers, the PSNR plot, the last line ---------------------------------------
+
+def test_config_yaml_repeats_the_run_and_the_command_line_wins(tmp_path, capsys):
+    path = save_png(tmp_path / "waves.png", smooth_image())
+    first = fit(tmp_path, path, "--max_steps", "12", "--val_every", "6", "--lr", "0.02",
+                "--finest_resolution", "40,24", "--logger", "csv")
+    written = os.path.join(first["log_dir"], "config.yaml")
+    config = yaml.safe_load(open(written))
+    # every flag, with what the defaults resolved to
+    assert set(config) == set(vars(train.build_parser().parse_args([]))) - {"config"}
+    assert (config["batch_size"], config["max_steps"], config["lr"], config["accelerator"],
+            config["finest_resolution"], config["logger"], config["visualize"]) == \
+        (4096, 12, 0.02, "cpu", [40, 24], ["csv"], False)
+    again = train.main(["--config", written])
+    assert again["log_dir"] != first["log_dir"]                    # a new version_N
+    assert open(os.path.join(again["log_dir"], "config.yaml")).read() == open(written).read()
+    saved = [torch.load(s["checkpoint"], weights_only=True)["state_dict"] for s in (first, again)]
+    for key, value in saved[0].items():
+        assert torch.equal(saved[1][key], value), key              # the same run, exactly
+    assert again["psnr"] == first["psnr"]
+    # a flag on the command line wins over the file
+    shorter = train.main(["--config", written, "--max_steps", "6"])
+    assert shorter["steps"] == 6
+    assert yaml.safe_load(open(os.path.join(shorter["log_dir"], "config.yaml")))["max_steps"] == 6
+
+
+def test_config_mistakes_are_one_line_errors(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    root = ["--root", str(tmp_path / "logs")]
+    config.write_text("max_steps: 5\nlrr: 0.1\n")
+    expect_usage_error(capsys, ["--config", str(config), *root],
+                       f"--config {config}: unknown key 'lrr' (not a train.py flag)")
+    config.write_text("lr: abc\n")
+    expect_usage_error(capsys, ["--config", str(config), *root],
+                       "argument --lr: invalid float value: 'abc'")
+    config.write_text("- a list\n- of things\n")
+    expect_usage_error(capsys, ["--config", str(config), *root],
+                       "expected flag: value lines, got a list")
+    config.write_text("lr: [unclosed\n")
+    expect_usage_error(capsys, ["--config", str(config), *root], f"--config {config}: ")
+    expect_usage_error(capsys, ["--config", str(tmp_path / "none.yaml"), *root],
+                       "No such file or directory")
+    assert not os.path.exists(tmp_path / "logs")
+
+
+@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+def test_a_logger_without_its_package_names_the_pip_command(capsys, monkeypatch, name):
+    monkeypatch.setitem(sys.modules, name, None)            # import fails as if not installed
+    expect_usage_error(capsys, ["--logger", f"csv,{name}"],
+                       f"argument --logger: {name}: the {name} package is not installed "
+                       f"(pip install {name})")
+    expect_usage_error(capsys, ["--logger", "csv,bogus"],
+                       "expected one or several of csv,tensorboard,wandb,mlflow, got 'csv,bogus'")
+
+
+def test_tensorboard_receives_the_previews_as_images(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    source = smooth_image()
+    path = save_png(tmp_path / "waves.png", source)
+    summary = fit(tmp_path, path, "--max_steps", "4", "--visualize",
+                  "--logger", "csv,tensorboard")
+    events = EventAccumulator(summary["log_dir"], size_guidance={"images": 0})
+    events.Reload()
+    logged = events.Images("preview")
+    assert [event.step for event in logged] == [1, 2, 4]
+    for event in logged:          # the very pictures written to previews/
+        picture = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+        on_disk = np.asarray(Image.open(os.path.join(summary["log_dir"], "previews",
+                                                     f"step_{event.step:06d}.png")))
+        np.testing.assert_array_equal(picture, on_disk)
+    assert [s.step for s in events.Scalars("val/psnr")] == [1, 2, 3, 4]   # a tenth of the run
+
+
+def test_every_run_ends_with_a_psnr_plot_and_says_what_next(tmp_path, capsys):
+    source = smooth_image()
+    path = save_png(tmp_path / "waves.png", source)
+    capsys.readouterr()
+    summary = fit(tmp_path, path, "--max_steps", "30", "--val_every", "10")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    log_dir, ckpt = summary["log_dir"], summary["checkpoint"]
+    plot = os.path.join(log_dir, "psnr.png")
+    assert last == (f"train.py: 30 steps, {summary['train_seconds']:.1f} s of training, PSNR "
+                    f"{summary['psnr']:.2f} dB; plot {plot}; checkpoint {ckpt}; next, see the "
+                    f"fit: python render.py --ckpt {ckpt} -o fit.png")
+    # the plot: 1000 x 400, both panels drawn in the line colour (matplotlib's first, C0)
+    picture = np.asarray(Image.open(plot).convert("RGB")).astype(int)
+    assert picture.shape == (400, 1000, 3)
+    line = np.abs(picture - [31, 119, 180]).sum(-1) < 60
+    assert line[:, :500].sum() > 100 and line[:, 500:].sum() > 100
+    # its points are the logged scores
+    assert [step for step, _, _ in summary["curve"]] == [10, 20, 30]
+    assert summary["curve"][-1][2] == pytest.approx(summary["psnr"])
+    # and the command it suggests renders the fit
+    command = last.split("see the fit: ")[1].split()
+    assert command[:2] == ["python", "render.py"]
+    render.main(command[2:-1] + [str(tmp_path / "fit.png")])
+    field, _ = load_field(ckpt)
+    np.testing.assert_array_equal(images.read_image(str(tmp_path / "fit.png")),
+                                  reference_render(field, 80, 48))
+
+
+def test_compile_trains_the_same_checkpoint_layout_and_reports_its_time(tmp_path, capsys):
+    path = save_png(tmp_path / "waves.png", smooth_image())
+    flags = ["--max_steps", "3", "--n_levels", "2", "--log2_hashmap_size", "8"]
+    plain = fit(tmp_path, path, *flags)
+    capsys.readouterr()
+    compiled = fit(tmp_path, path, *flags, "--compile")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert 0 < compiled["compile_seconds"] <= compiled["train_seconds"]
+    assert f"(the first, compiling, {compiled['compile_seconds']:.1f} s)" in last
+    keys = [list(torch.load(s["checkpoint"], weights_only=True)["state_dict"]) for s in
+            (plain, compiled)]
+    assert keys[0] == keys[1]                         # render.py loads it as any other
+    assert compiled["psnr"] == pytest.approx(plain["psnr"], abs=0.5)
+
+
+def test_mps_is_an_accelerator_choice(capsys):
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    expect_usage_error(capsys, ["--accelerator", "mps"],
+                       "--accelerator mps: no MPS device (Apple GPU) is available to torch")
+
+
+def test_default_batch_is_a_sixteenth_of_the_image():
+    assert train.default_batch_size(512 * 600, "cpu") == 2 ** 14        # grace_hopper
+    assert train.default_batch_size(3250 * 4333, "cpu") == 2 ** 16      # albert: the CPU's cap
+    assert train.default_batch_size(3250 * 4333, "gpu") == 2 ** 18      # the GPU's cap
+    assert train.default_batch_size(80 * 48, "cpu") == 2 ** 8
