@@ -46,6 +46,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 import cli
 import images
+import live
 import render
 from pixels import EVAL_BATCH, PixelSource, PsnrProbe, bilinear_sample, host_tensor, \
     psnr_from_sse, sampling_seed
@@ -691,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
                    ".bmp or .npy (uint8)")
     p.add_argument("--visualize", action="store_true",
                    help="write previews at steps 1, 2, 4, 8, 10, 20, ... and an animated GIF")
+    p.add_argument("--serve", type=cli.integer(0, 65535), nargs="?", const=8000, metavar="PORT",
+                   help="show the fit live in the browser (view.py's page, from rank 0) at "
+                   "http://127.0.0.1:PORT/ [default port: 8000; 0: any free one]")
     return p
 
 
@@ -931,6 +935,12 @@ def run(args, callbacks=(), argv=()) -> dict:
     all_callbacks = [StepBar(), keep, *callbacks]
     if args.visualize:
         all_callbacks.append(Previews(image, os.path.join(log_dir, "previews")))
+    if args.serve is not None and rank_zero_only.rank == 0:
+        try:
+            all_callbacks.append(live.LiveView(model.field, config, source, args.serve,
+                                               first_step=first_step))
+        except OSError as exc:
+            raise UsageError(f"--serve: {exc}") from None
     quiet_lightning()
     try:
         trainer = pl.Trainer(
