@@ -402,8 +402,8 @@ def start_server(scene, host, port):
         server = Server(host, port, scene)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
-            raise OSError(f"port {port} on {host} is in use; pick another with --port "
-                          "(0: any free one)") from None
+            raise OSError(f"port {port} on {host} is in use; pick another port (0: "
+                          "any free one)") from None
         raise OSError(f"cannot listen on {host} port {port}: {error.strerror or error}") from None
     threading.Thread(target=server.serve_forever, daemon=True, name="view-http").start()
     bound_host, bound_port = server.server_address[:2]
@@ -490,10 +490,11 @@ def main(argv=None):
     # Ctrl-C or SIGTERM: stop listening, finish, exit 0
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    threading.Thread(target=scene.queue.work, args=(stop,), daemon=True,
-                     name="view-render").start()
-    threading.Thread(target=watch, args=(args.ckpt, scene, device, stop), daemon=True,
-                     name="view-reload").start()
+    workers = [threading.Thread(target=scene.queue.work, args=(stop,), name="view-render"),
+               threading.Thread(target=watch, args=(args.ckpt, scene, device, stop),
+                                name="view-reload")]
+    for thread in workers:
+        thread.start()
     if not os.path.isdir(OSD_DIR):
         print(f"view.py: {OSD_MISSING}", flush=True)
     print(f"view.py: serving {args.ckpt} (step {info['global_step']}"
@@ -503,6 +504,8 @@ def main(argv=None):
         pass
     server.shutdown()
     server.server_close()
+    for thread in workers:      # torch's threads must not be torn down under a render
+        thread.join()
     print("view.py: stopped", flush=True)
     return 0
 

@@ -249,41 +249,43 @@ def test_reloads_when_the_checkpoint_changes(fit, tmp_path):
     assert (code, out, err) == (0, "view.py: stopped\n", "")
 
 
-def run_view(*args):
-    done = subprocess.run([PYTHON, os.path.join(ROOT, "view.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
-    return done.returncode, done.stdout, done.stderr
+def run_view(capsys, *args):
+    """view.main in this process: (exit status, stdout, stderr); it must exit before serving."""
+    with pytest.raises(SystemExit) as stopped:
+        view.main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return stopped.value.code, out, err
 
 
-def test_bad_inputs_are_one_line_before_listening(fit, tmp_path):
+def test_bad_inputs_are_one_line_before_listening(fit, tmp_path, capsys):
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(fit[0].read_bytes()[:2000])
-    code, out, err = run_view("--ckpt", junk)
+    code, out, err = run_view(capsys, "--ckpt", junk)
     assert (code, out) == (2, "") and err.count("\n") == 1
     assert err.startswith(f"view.py: error: {junk}: truncated or corrupt checkpoint")
-    code, out, err = run_view("--ckpt", tmp_path / "none.ckpt")
+    code, out, err = run_view(capsys, "--ckpt", tmp_path / "none.ckpt")
     assert (code, err) == (2, f"view.py: error: {tmp_path / 'none.ckpt'}: no such checkpoint "
                               "file\n")
     wrong = tmp_path / "wrong.png"
     images.write_image(str(wrong), np.zeros((10, 12, 3), np.uint8))
-    code, out, err = run_view("--ckpt", fit[0], "--source", wrong)
+    code, out, err = run_view(capsys, "--ckpt", fit[0], "--source", wrong)
     assert (code, err) == (2, f"view.py: error: {wrong}: the source is 12x10x3, the checkpoint "
                               "was trained on 40x24x3\n")
-    code, out, err = run_view("--ckpt", fit[0], "--source", tmp_path / "none.png")
+    code, out, err = run_view(capsys, "--ckpt", fit[0], "--source", tmp_path / "none.png")
     assert code == 2 and err.startswith("view.py: error: ") and err.count("\n") == 1
-    code, out, err = run_view("--ckpt", fit[0], "--port", "70000")
+    code, out, err = run_view(capsys, "--ckpt", fit[0], "--port", "70000")
     assert code == 2 and err.count("\n") == 1 and "70000" in err
 
 
-def test_port_in_use_is_one_line_naming_it(fit):
+def test_port_in_use_is_one_line_naming_it(fit, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, out, err = run_view("--ckpt", fit[0], "--port", port)
+        code, out, err = run_view(capsys, "--ckpt", fit[0], "--port", port)
     assert (code, out) == (2, "")
-    assert err == f"view.py: error: port {port} on 127.0.0.1 is in use; pick another with " \
-                  "--port (0: any free one)\n"
+    assert err == f"view.py: error: port {port} on 127.0.0.1 is in use; pick another port " \
+                  "(0: any free one)\n"
 
 
 def test_ctrl_c_stops_cleanly_while_serving(fit):
