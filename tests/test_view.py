@@ -328,3 +328,22 @@ def test_waiting_is_bounded(fit, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_without_openseadragon_the_page_says_how_to_get_it(fit, monkeypatch, tmp_path):
+    monkeypatch.setattr(view, "OSD_DIR", str(tmp_path / "node_modules" / "openseadragon"))
+    field, info = load_field(str(fit[0]))
+    server, url = view.start_server(view.Scene(field, info), "127.0.0.1", 0)
+    try:
+        with urllib.request.urlopen(url + "status.json", timeout=30) as reply:
+            assert json.load(reply)["viewer"] == view.OSD_MISSING
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(url + "openseadragon/openseadragon.min.js", timeout=30)
+        assert missing.value.code == 404
+        with urllib.request.urlopen(url + "fit.dzi", timeout=30) as reply:   # tiles still serve
+            assert reply.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert view.OSD_MISSING == ("OpenSeadragon is missing: run `npm ci` in the hashgrid folder "
+                                "(needs Node.js), then reload the page")

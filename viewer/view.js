@@ -82,6 +82,23 @@ function showStatus() {
   }
 }
 
+// The view as the page's address: #x=..&y=..&zoom=.. (the centre in image coordinates,
+// 0..1 each way, and the zoom, 1 = the whole width), kept as one pans, opened from a link.
+function showLink() {
+  const view = new URLSearchParams(location.hash.slice(1));
+  const x = parseFloat(view.get("x")), y = parseFloat(view.get("y")), zoom = parseFloat(view.get("zoom"));
+  if ([x, y, zoom].every(Number.isFinite)) {
+    fitViewer.viewport.zoomTo(zoom, null, true);
+    fitViewer.viewport.panTo(new OpenSeadragon.Point(x, y * status.height / status.width), true);
+  }
+}
+
+function keepLink() {
+  const c = fitViewer.viewport.getCenter(), aspect = status.height / status.width;
+  const view = `x=${c.x.toFixed(5)}&y=${(c.y / aspect).toFixed(5)}&zoom=${fitViewer.viewport.getZoom().toFixed(3)}`;
+  history.replaceState(null, "", `#${view}`);
+}
+
 async function poll() {
   try {
     const next = await getJSON("/status.json");
@@ -114,6 +131,10 @@ async function start() {
     $("error-toggle").style.display = "none";
   }
   follow(fitViewer, sourceViewer);
+  const viewers = [fitViewer, sourceViewer].filter(Boolean);
+  let opened = 0;
+  for (const v of viewers) v.addOnceHandler("open", () => { if (++opened === viewers.length) showLink(); });
+  fitViewer.addHandler("animation-finish", keepLink);
   $("error").addEventListener("change", () => { refresh(); showStatus(); });
   showStatus();
   setTimeout(poll, 2000);
