@@ -48,7 +48,7 @@ def test_serve_shows_the_fit_as_it_learns(checker, tmp_path):
         def status():
             return json.loads(get(url + "status.json"))
 
-        def wait_for(condition, what, seconds=60):
+        def wait_for(condition, what, seconds=300):     # generous: a busy machine
             deadline = time.monotonic() + seconds
             while not condition():
                 assert time.monotonic() < deadline, what
@@ -65,7 +65,7 @@ def test_serve_shows_the_fit_as_it_learns(checker, tmp_path):
         assert first_psnr["points"] == 64 * 40
         # someone is looking: the version moves on as the weights change
         wait_for(lambda: status()["version"] > early["version"] and
-                 status()["step"] > first_psnr["step"] + 100, "tiles not refreshed")
+                 status()["step"] > first_psnr["step"] + 60, "tiles not refreshed")
         later = json.loads(get(url + "psnr.json?x0=0&y0=0&x1=1&y1=1"))
         assert later["step"] > first_psnr["step"] and later["psnr"] > first_psnr["psnr"] + 1
         assert not np.array_equal(

@@ -2,7 +2,8 @@
 installs) opens it from a real server, and the screenshot must show the fit and the source
 where the page puts them. Also makes the README's picture:
 
-    python tests/test_view_browser.py --ckpt last.ckpt --source image.png -o docs/view.png
+    python tests/test_view_browser.py --ckpt last.ckpt --source image.png -o docs/view.png \
+        --view "x=0.5&y=0.4&zoom=2"
 """
 import argparse
 import base64
@@ -85,12 +86,21 @@ class Browser:
         self.call("Emulation.setDeviceMetricsOverride", width=window[0], height=window[1],
                   deviceScaleFactor=1, mobile=False)
         self.call("Page.navigate", url=url)
-        deadline = time.monotonic() + seconds
-        while not self.call("Runtime.evaluate", expression=ready,
-                            returnByValue=True)["result"].get("value"):
+        self.wait(ready, seconds)
+        return self.capture()
+
+    def wait(self, ready, seconds=60):
+        """Until the JavaScript expression `ready` has been true twice, 0.25 s apart (a view
+        just changed may not have asked for its tiles yet)."""
+        deadline, streak = time.monotonic() + seconds, 0
+        while streak < 2:
+            value = self.call("Runtime.evaluate", expression=ready, returnByValue=True)
+            streak = streak + 1 if value["result"].get("value") else 0
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the page did not get ready in {seconds} s: {ready}")
             time.sleep(0.25)
+
+    def capture(self):
         time.sleep(0.5)        # the frame after the last tile
         return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
 
@@ -106,8 +116,8 @@ class Browser:
 
 
 # every viewer on the page has drawn all the tiles of its current view
-PAGE_READY = ("typeof fitViewer !== 'undefined' && [fitViewer, sourceViewer].every(v => !v || "
-              "(v.world.getItemCount() > 0 && v.world.getItemAt(0).getFullyLoaded()))")
+PAGE_READY = ("typeof fitViewer !== 'undefined' && shown && [fitViewer, sourceViewer].every(v => "
+              "!v || (v.world.getItemCount() === 1 && v.world.getItemAt(0).getFullyLoaded()))")
 
 
 def screenshot(url, path, window=WINDOW):
@@ -185,10 +195,13 @@ def main():
     parser.add_argument("--source")
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--window", type=int, nargs=2, default=WINDOW)
+    parser.add_argument("--view", default="", help="the page's view, as in its address: "
+                        "x=..&y=..&zoom=.. [default: the whole image]")
     args = parser.parse_args()
     running = ViewServer("--ckpt", args.ckpt, *(["--source", args.source] if args.source else []))
     try:
-        screenshot(running.url, args.output, tuple(args.window))
+        screenshot(running.url + (f"#{args.view}" if args.view else ""), args.output,
+                   tuple(args.window))
     finally:
         running.stop()
     print(f"wrote {args.output}")

@@ -4,6 +4,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let status = null, fitViewer = null, sourceViewer = null, syncing = false, psnrTimer = null;
+let shown = false;          // every viewer open, the linked view applied
 
 async function getJSON(url) {
   const reply = await fetch(url, {cache: "no-store"});
@@ -91,6 +92,7 @@ function showLink() {
     fitViewer.viewport.zoomTo(zoom, null, true);
     fitViewer.viewport.panTo(new OpenSeadragon.Point(x, y * status.height / status.width), true);
   }
+  shown = true;
 }
 
 function keepLink() {
