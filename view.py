@@ -277,7 +277,8 @@ def static_files():
     """URL path -> file of everything besides tiles the server may send: the page, its script,
     and OpenSeadragon's script and button images when npm installed them. Fixed at start, so
     no request can name any other file."""
-    files = {"/": os.path.join(PAGE_DIR, "index.html"), "/view.js": os.path.join(PAGE_DIR, "view.js")}
+    files = {"/": os.path.join(PAGE_DIR, "index.html"),
+             "/view.js": os.path.join(PAGE_DIR, "view.js")}
     if os.path.isdir(OSD_DIR):
         files["/openseadragon/openseadragon.min.js"] = os.path.join(OSD_DIR, "openseadragon.min.js")
         image_dir = os.path.join(OSD_DIR, "images")
@@ -320,8 +321,7 @@ class Handler(BaseHTTPRequestHandler):
         scene, files = self.server.scene, self.server.files
         if path in files:
             with open(files[path], "rb") as f:
-                return self.send(200, f.read(), CONTENT_TYPES[os.path.splitext(files[path])[1]
-                                                             or ".html"])
+                return self.send(200, f.read(), CONTENT_TYPES[os.path.splitext(files[path])[1]])
         if path == "/status.json":
             return self.send_json(scene.status())
         if path == "/psnr.json" and scene.source is not None:
@@ -486,6 +486,8 @@ def main(argv=None):
         server, url = start_server(scene, args.host, args.port)
     except (CheckpointError, images.ImageError, ValueError, OSError) as error:
         parser.error(error)
+    except KeyboardInterrupt:        # Ctrl-C while loading
+        parser.exit(130, "view.py: interrupted\n")
     stop = threading.Event()
     # Ctrl-C or SIGTERM: stop listening, finish, exit 0
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

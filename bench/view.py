@@ -2,16 +2,17 @@
 
     python bench/view.py latency              # albert-sized field (3250 x 4333, log2 T = 20)
     python bench/view.py slowdown --pairs 2   # grace_hopper runs with and without --serve
-    python bench/view.py slowdown --image tiny.png --steps 300   # short steps: the worst case
+    python bench/view.py slowdown --steps 400 -i tiny.png --batch_size 4096   # short steps
 
 latency: a view.py server (a subprocess, as a user runs it) on a checkpoint of the default
 field for a 3250 x 4333 image (random weights: a forward pass costs the same whatever their
 values); distinct full 256 x 256 tiles (254 + overlap on both sides) fetched one after another,
 none from the cache, at the finest level (4x past the source resolution), at the source
 resolution and at the level showing the whole image at about 1000 pixels.
-slowdown: train.py on grace_hopper (or --image), the same steps with and without --serve 0, runs
+slowdown: train.py on grace_hopper (other train.py flags pass through), the same steps with and without --serve 0, runs
 interleaved so that other load on the machine hits both alike; the best training seconds
-train.py reports, and the best CPU seconds of the whole process, are compared. Results go to bench/out/view.json and stdout.
+train.py reports, and the best CPU seconds of the whole process, are compared. Results go to
+bench/out/view.json and stdout.
 """
 import argparse
 import json
@@ -84,7 +85,7 @@ def train_run(args, serve, folder):
     """(training seconds train.py reports, CPU seconds of the whole process, all threads)."""
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--root", folder,
                "--max_steps", str(args.steps), "--val_every", str(args.steps)]
-    command += ["-i", args.image] if args.image else []
+    command += args.train_args
     command += ["--serve", "0"] if serve else []
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -117,8 +118,7 @@ def main():
     parser.add_argument("--tiles", type=int, default=20, help="tiles per level")
     parser.add_argument("--steps", type=int, default=150, help="training steps per run")
     parser.add_argument("--pairs", type=int, default=2, help="runs with and without --serve")
-    parser.add_argument("--image", help="image to train on [default: train.py's sample]")
-    args = parser.parse_args()
+    args, args.train_args = parser.parse_known_args()   # the rest goes to train.py
     result = latency(args) if args.what == "latency" else slowdown(args)
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     path = os.path.join(ROOT, "bench", "out", "view.json")
