@@ -37,9 +37,11 @@ from torch.utils.data import DataLoader, IterableDataset
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 import cli
 import images
+import live
 import render
 from cli import UsageError
 from field import FieldConfig
@@ -399,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the field for the training step (its first step then "
                    "takes the compile time, reported at the end)")
+    p.add_argument("--serve", type=cli.integer(0, 65535), nargs="?", const=8000, metavar="PORT",
+                   help="show the fit live in the browser (view.py's page, from rank 0) at "
+                   "http://127.0.0.1:PORT/ [default port: 8000; 0: any free one]")
     return p
 
 
@@ -505,6 +510,12 @@ def run(args, callbacks=(), argv=()) -> dict:
         all_callbacks.append(Previews(image, os.path.join(log_dir, "previews")))
     # SLURM's requeue signal is KeepWork's: it saves at a step's end and requeues then
     cluster = [SLURMEnvironment(auto_requeue=False)] if slurm_job_id() is not None else []
+    if args.serve is not None and rank_zero_only.rank == 0:
+        try:
+            all_callbacks.append(live.LiveView(model.field, config, source, args.serve,
+                                               first_step=first_step))
+        except OSError as exc:
+            raise UsageError(f"--serve: {exc}") from None
     quiet_lightning()
     try:
         trainer = pl.Trainer(
