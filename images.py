@@ -125,22 +125,24 @@ def save_manifest(path, manifest):
             json.dump(manifest, f, indent=1)
 
 
-def check_manifest(path, wanted, what):
-    """Whether the manifest at `path` equals `wanted` (False when there is none); ValueError
-    when it describes something else, naming up to 3 differences and `what` to delete."""
+def check_manifest(path, wanted, what, ignore=()):
+    """The manifest (a dict) at `path` when it equals `wanted` but for the keys in `ignore`,
+    None when there is none; ValueError when it describes something else, naming up to 3
+    differences and `what` to delete."""
     if not os.path.exists(path):
-        return False
+        return None
     try:
         with open(path) as f:
             found = json.load(f)
     except (OSError, ValueError):
         found = None
     wanted = json.loads(json.dumps(wanted))          # tuples -> lists, as read back
-    if found == wanted:
-        return True
     if isinstance(found, dict):
+        keys = (set(found) | set(wanted)) - set(ignore)
         diffs = [f"{key} {found.get(key)!r} vs {wanted.get(key)!r}"
-                 for key in sorted(set(found) | set(wanted)) if found.get(key) != wanted.get(key)]
+                 for key in sorted(keys) if found.get(key) != wanted.get(key)]
+        if not diffs:
+            return found
         reason = "another output (" + ", ".join(diffs[:3]) + ")"
     else:
         reason = f"an unreadable {os.path.basename(path)}"
