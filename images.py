@@ -12,6 +12,7 @@ Conventions
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -179,6 +180,13 @@ def atomic_output(path):
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def shown_name(path):
+    """The file name a user asked for: atomic_output's temporary name -> the real one."""
+    name = os.path.basename(os.fspath(path))
+    match = re.fullmatch(r"\.(.+)\.\d+-[0-9a-f]{6}\.partial(\.[^.]*)?", name)
+    return match[1] + (match[2] or "") if match else name
 
 
 def same_file(a, b):
@@ -854,7 +862,7 @@ def _write_png(path, array, progress):
     header = struct.pack(">IIBBBBB", width, height, depth, {1: 0, 3: 2, 4: 6}[channels], 0, 0, 0)
     packer = zlib.compressobj(6)
     up = np.zeros(width * bpp, np.int16)
-    with open(path, "wb") as f, progress_bar(height, f"write {os.path.basename(path)}", "row",
+    with open(path, "wb") as f, progress_bar(height, f"write {shown_name(path)}", "row",
                                              progress) as bar:
         f.write(b"\x89PNG\r\n\x1a\n")
         _png_chunk(f, b"IHDR", header)
@@ -881,7 +889,7 @@ def _write_tiff(path, array, progress):
     if array.dtype == np.float64:
         array = array.astype(np.float32)      # TIFF readers rarely take float64
     rows = max(1, (1 << 20) // (width * channels * array.dtype.itemsize))
-    bar = progress_bar(height, f"write {os.path.basename(path)}", "row", progress)
+    bar = progress_bar(height, f"write {shown_name(path)}", "row", progress)
 
     def strips():
         for y0 in range(0, height, rows):

@@ -688,7 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from this checkpoint (same image and network flags)")
     p.add_argument("--export", default=None,
                    help="write the full-resolution fit here at the end: .png .jpg .tif .webp "
-                   ".bmp or .npy (uint8)")
+                   ".bmp or .npy")
+    p.add_argument("--export_dtype", choices=("uint8", "uint16", "float16", "float32"),
+                   default="uint8", help="export pixels: uint8 / uint16 sRGB (uint16: .png "
+                   ".tif .npy) or float16 / float32 linear light (.tif .npy)")
     p.add_argument("--visualize", action="store_true",
                    help="write previews at steps 1, 2, 4, 8, 10, 20, ... and an animated GIF")
     return p
@@ -790,13 +793,18 @@ def check_writable_folder(folder: str, flag: str) -> None:
         raise UsageError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
 
 
-def check_export(path: str, source_path: str) -> None:
+def check_export(path: str, source_path: str, dtype: str = "uint8") -> None:
     """UsageError before training for an export that could not be written at the end: a
-    format images.write_image lacks, a folder, an unwritable place, or the source image."""
+    format images.write_image lacks or that cannot hold `dtype`, a folder, an unwritable
+    place, or the source image."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in images.EXTENSIONS:
         raise UsageError(f"--export {path}: unsupported format {ext or '(none)'}; use one of "
                          + " ".join(images.EXTENSIONS))
+    try:
+        images.check_dtype(path, dtype)
+    except images.ImageError as exc:
+        raise UsageError(f"--export_dtype: {exc}") from None
     if os.path.isdir(path):
         raise UsageError(f"--export {path}: is a folder")
     if images.same_file(path, source_path):
@@ -814,9 +822,11 @@ def check_field(config: FieldConfig) -> None:
         raise UsageError(cli.one_line(exc)) from None
 
 
-def export_fit(field: nn.Module, width: int, height: int, channels: int, path: str) -> str:
+def export_fit(field: nn.Module, width: int, height: int, channels: int, path: str,
+               dtype: str = "uint8") -> str:
     """Full-resolution render of `field` to `path`, tile by tile (render.render_to_file)."""
-    render.render_to_file(field, width, height, channels, path, max_batch=EVAL_BATCH)
+    render.render_to_file(field, width, height, channels, path, max_batch=EVAL_BATCH,
+                          dtype=dtype)
     return path
 
 
@@ -904,7 +914,7 @@ def run(args, callbacks=(), argv=()) -> dict:
     if args.ckpt is not None:
         first_step = check_resume(args.ckpt, config, os.path.basename(path), digest)
     if args.export:
-        check_export(args.export, path)
+        check_export(args.export, path, args.export_dtype)
     on_gpu = accelerator == "gpu"
     precision = resolve_precision(args.precision, accelerator)
     batch_size = args.batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
@@ -969,7 +979,11 @@ def run(args, callbacks=(), argv=()) -> dict:
                    rank=trainer.global_rank)
     if trainer.is_global_zero:
         if args.export:
-            summary["export"] = export_fit(model.field.eval(), width, height, channels, args.export)
+            with images.stop_on_signals("train.py", f"{args.export} was not written; the fit "
+                                        f"is saved: python render.py --ckpt {last_ckpt} -o "
+                                        f"{args.export} writes it"):
+                summary["export"] = export_fit(model.field.eval(), width, height, channels,
+                                               args.export, args.export_dtype)
         resumed = f" ({steps_this_run} in this run)" if args.ckpt is not None else ""
         print(f"train.py: {summary['steps']} steps{resumed}, {summary['train_seconds']:.1f} s of "
               f"training in this run, PSNR {summary['psnr']:.2f} dB; checkpoint {last_ckpt}"
