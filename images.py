@@ -73,7 +73,7 @@ def _row_bands(height, width):
 def progress_bar(total, desc, unit="px", progress=None, **options):
     """A tqdm bar with an ETA on stderr for a phase of `total` units. progress: True (shown at
     once), False (never), or None: shown when the phase runs past PROGRESS_DELAY seconds."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False,
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit in ("px", "B"), leave=False,
                 disable=progress is False, delay=PROGRESS_DELAY if progress is None else 0,
                 dynamic_ncols=True, **options)
 
