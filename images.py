@@ -793,6 +793,7 @@ def to_srgb8(array):
     height, width = array.shape[:2]
     out = np.empty(array.shape, np.uint8)
     bad = 0
+    bar = progress_bar(height, "to 8-bit sRGB", "row")
     for y0, y1 in _row_bands(height, width):
         band = np.asarray(array[y0:y1])
         if np.issubdtype(band.dtype, np.floating):
@@ -801,6 +802,8 @@ def to_srgb8(array):
             band = to_linear(band)
         if not bad:                 # past the first bad band: only counting (no cast warning)
             out[y0:y1] = linear_to_uint8(band)
+        bar.update(y1 - y0)
+    bar.close()
     if bad:
         raise ValueError(f"{bad} of {array.size} values are NaN or infinite; replace them "
                          f"(e.g. numpy.nan_to_num) before using the image")
