@@ -899,12 +899,18 @@ def _write_tiff(path, array, progress):
             strip = np.ascontiguousarray(array[y0:y0 + rows])
             bar.update(len(strip))
             yield strip[..., 0] if channels == 1 else strip
-    with bar:
-        tifffile.imwrite(path, strips(), shape=(height, width) if channels == 1 else
-                         array.shape, dtype=array.dtype, rowsperstrip=rows,
-                         photometric="minisblack" if channels == 1 else "rgb",
-                         extrasamples=("unassalpha",) if channels == 4 else None,
-                         bigtiff=array.nbytes > 2**32 - 2**26)
+    try:
+        with bar:
+            tifffile.imwrite(path, strips(), shape=(height, width) if channels == 1 else
+                             array.shape, dtype=array.dtype, rowsperstrip=rows,
+                             photometric="minisblack" if channels == 1 else "rgb",
+                             extrasamples=("unassalpha",) if channels == 4 else None,
+                             bigtiff=array.nbytes > 2**32 - 2**26)
+    except OSError as exc:
+        if exc.errno is None:   # numpy reports a short write without its reason: ask the file
+            with open(path, "ab") as f:
+                f.write(b"\0")     # a full disk or a size limit raises here, with its errno
+        raise
 
 
 def _write_pil(path, ext, array, quality):

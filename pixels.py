@@ -153,16 +153,21 @@ class PsnrProbe:
             progress=None):
         """(sum of squared 8-bit errors, number of values) over this rank's share; a
         progress bar (images.progress_bar) when scoring takes more than a moment."""
-        with images.progress_bar(None, "psnr", "px", progress) as bar:
+        height, width, _ = self.source.shape
+        if self.index is None:
+            band = max(1, max_batch // width)
+            starts = range(rank * band, height, world * band)
+            total = sum(min(height, r0 + band) - r0 for r0 in starts) * width
+        else:
+            bounds = np.linspace(0, len(self.index), world + 1).astype(np.int64)
+            total = int(bounds[rank + 1] - bounds[rank])
+        with images.progress_bar(total, "psnr", "px", progress) as bar:
             if self.index is None:
-                return self._sse_rows(field, rank, world, max_batch, bar)
-            return self._sse_subset(field, rank, world, max_batch, bar)
+                return self._sse_rows(field, starts, band, max_batch, bar)
+            return self._sse_subset(field, bounds[rank], bounds[rank + 1], max_batch, bar)
 
-    def _sse_rows(self, field, rank, world, max_batch, bar):
+    def _sse_rows(self, field, starts, band, max_batch, bar):
         height, width, channels = self.source.shape
-        band = max(1, max_batch // width)
-        starts = range(rank * band, height, world * band)
-        bar.reset(total=sum(min(height, r0 + band) - r0 for r0 in starts) * width)
         sse, count = 0, 0
         for r0 in starts:
             r1 = min(height, r0 + band)
@@ -175,15 +180,13 @@ class PsnrProbe:
         return float(sse), count
 
     @torch.no_grad()
-    def _sse_subset(self, field, rank, world, max_batch, bar):
+    def _sse_subset(self, field, first, stop_at, max_batch, bar):
         height, width, channels = self.source.shape
         device = render.field_device(field)
         self.targets = self.targets.to(device)       # once: validation runs repeatedly
-        bounds = np.linspace(0, len(self.index), world + 1).astype(np.int64)
-        bar.reset(total=int(bounds[rank + 1] - bounds[rank]))
         sse = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(bounds[rank], bounds[rank + 1], max_batch):
-            stop = min(start + max_batch, bounds[rank + 1])
+        for start in range(first, stop_at, max_batch):
+            stop = min(start + max_batch, stop_at)
             index = torch.from_numpy(self.index[start:stop])
             xy = torch.stack([(index % width).double().add_(0.5).div_(width),
                               (index // width).double().add_(0.5).div_(height)], 1)
@@ -191,7 +194,7 @@ class PsnrProbe:
             diff = fit.int() - self.targets[start:stop].int()
             sse += diff.square().sum(dtype=torch.float64)
             bar.update(stop - start)
-        return float(sse), int(bounds[rank + 1] - bounds[rank]) * channels
+        return float(sse), int(stop_at - first) * channels
 
 
 def psnr_from_sse(sse: float, count: int) -> float:

@@ -743,7 +743,8 @@ def render_to_file(field, width, height, channels, path, region=FULL, *, max_bat
                       max_batch, progress, dtype, nbytes, stamp)
 
 
-def _render_resumable(field, shape, path, region, max_batch, progress, dtype, nbytes, stamp):
+def _render_into_partial(field, shape, path, region, max_batch, progress, dtype, nbytes,
+                         stamp):
     height, width, channels = shape
     partial, manifest_path = partial_paths(path)
     manifest = dict(kind="hashgrid render", width=width, height=height, channels=channels,
@@ -795,6 +796,22 @@ def _render_resumable(field, shape, path, region, max_batch, progress, dtype, nb
         os.fsync(f.fileno())
     os.replace(partial, path)
     os.remove(manifest_path)
+
+
+def _render_resumable(field, shape, path, region, max_batch, progress, dtype, nbytes, stamp):
+    """_render_into_partial, whose files go when writing them fails (a full disk, say: like
+    every other output, nothing is left behind; only a signal keeps them), its errors naming
+    `path`."""
+    try:
+        _render_into_partial(field, shape, path, region, max_batch, progress, dtype, nbytes,
+                             stamp)
+    except OSError as exc:
+        for leftover in partial_paths(path):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
 
 
 if __name__ == "__main__":

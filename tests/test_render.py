@@ -544,3 +544,15 @@ def test_train_export_stops_on_sigterm_naming_the_saved_checkpoint(tmp_path):
         f"render.py --ckpt {ckpt} -o out/fit.png writes it")
     assert os.listdir(tmp_path / "out") == []                 # no temporary file left
     assert os.path.exists(tmp_path / ckpt)
+
+
+def test_train_refuses_an_export_dtype_its_format_cannot_hold(tmp_path, capsys):
+    import train
+    images.write_image(tmp_path / "src.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit) as error:
+        train.main(["-i", str(tmp_path / "src.png"), "--root", str(tmp_path / "logs"),
+                    "--export", str(tmp_path / "fit.jpg"), "--export_dtype", "float32"])
+    assert error.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"train.py: error: --export_dtype: {tmp_path / 'fit.jpg'}: float32 images can be "
+        f"written as .tif, .tiff, .npy, not .jpg")
