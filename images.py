@@ -1,8 +1,10 @@
-"""Image files <-> numpy arrays, and sRGB <-> linear light.
+"""Image files <-> numpy arrays, and sRGB <-> linear light; plus what every long output
+shares: all-or-nothing files, progress bars, a clean stop on SIGINT / SIGTERM.
 
-Pixels stay in the file's own precision (uint8 / uint16 sRGB, or float linear for
-`.npy`) so that a gigapixel image costs 3 bytes per pixel, not 12 or 16; training
+Pixels stay in the file's own precision (uint8 / uint16 sRGB, or float linear for `.npy`
+and TIFF) so that a gigapixel image costs 3 bytes per pixel, not 12 or 16; training
 converts the sampled batch to linear light with one table look-up (`SRGB_TO_LINEAR_LUT`).
+Images come back the way they are shown (EXIF / TIFF orientation applied).
 
 Conventions
 - Arrays are `(H, W, C)` with C in {1, 3, 4}; grayscale stays C = 1.
