@@ -363,9 +363,10 @@ def test_gigapixel_tiff_converts_in_bounded_memory(tmp_path):
     assert np.abs(half[:1] - expected).max() <= 1            # box average, rounded
 
 
-@pytest.mark.parametrize("argv", [["--chart", "16384x8192", "-o", "chart.npy"],
-                                  ["-i", "big.tif", "-o", "copy.png", "--scale", "1"]])
-def test_a_signal_stops_convert_cleanly(tmp_path, argv):
+@pytest.mark.parametrize("argv, signum", [
+    (["--chart", "16384x8192", "-o", "chart.npy"], signal.SIGTERM),
+    (["-i", "big.tif", "-o", "copy.png", "--scale", "1"], signal.SIGINT)])
+def test_a_signal_stops_convert_cleanly(tmp_path, argv, signum):
     if "big.tif" in argv:
         big_tiff(tmp_path / "big.tif", 4096, 4096)
     before = set(os.listdir(tmp_path))
@@ -375,10 +376,11 @@ def test_a_signal_stops_convert_cleanly(tmp_path, argv):
     time.sleep(2.5)
     assert process.poll() is None, "convert finished before the signal"
     sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=30)
     assert time.monotonic() - sent < 5
-    assert process.returncode == 128 + signal.SIGTERM
-    assert err.strip().splitlines()[-1] == (f"convert.py: stopped by SIGTERM; {argv[argv.index('-o') + 1]} "
-                                            f"was not written")
+    assert process.returncode == 128 + signum
+    output = argv[argv.index("-o") + 1]
+    assert err.strip().splitlines()[-1] == (f"convert.py: stopped by {signum.name}; {output} was "
+                                            f"not written")
     assert set(os.listdir(tmp_path)) == before                # no temporary file left
