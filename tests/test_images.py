@@ -341,7 +341,8 @@ def test_tiff_reads_every_dtype_channel_count_and_layout(tmp_path, dtype, channe
     if np.issubdtype(dtype, np.floating):
         array = rng.random((37, 21, channels)).astype(dtype)
     else:
-        array = rng.integers(0, np.iinfo(dtype).max, (37, 21, channels), endpoint=True).astype(dtype)
+        array = rng.integers(0, np.iinfo(dtype).max, (37, 21, channels), endpoint=True)
+        array = array.astype(dtype)
     path = tmp_path / "x.tif"
     write_tiff(path, array, layout)
     back = read_image(path, keep_alpha=True)
@@ -383,7 +384,8 @@ def test_wide_outputs_round_trip_exactly(tmp_path, ext, dtype, channels):
     if np.issubdtype(dtype, np.floating):
         array = rng.random((9, 300, channels)).astype(dtype)
     else:
-        array = rng.integers(0, np.iinfo(dtype).max, (9, 300, channels), endpoint=True).astype(dtype)
+        array = rng.integers(0, np.iinfo(dtype).max, (9, 300, channels), endpoint=True)
+        array = array.astype(dtype)
     write_image(tmp_path / f"x{ext}", array)
     np.testing.assert_array_equal(read_image(tmp_path / f"x{ext}", keep_alpha=True), array)
     if ext == ".png":       # a PNG any reader takes: PIL decodes it to the same high bytes
