@@ -5,8 +5,10 @@
 
 Memory stays near one decoded copy of the (already reduced) input plus the output:
 JPEGs decode straight at 1/2, 1/4 or 1/8 size (`draft`, the power-of-two part of the
-reduction), the rest is resampled band by band with PIL (area-averaging box filter by default),
-and `.npy` output is streamed to disk band by band.
+reduction), TIFFs are read band by band (tifffile: plain reads of an uncompressed file, one
+row of strips or tiles at a time otherwise), the rest is resampled band by band with PIL
+(area-averaging box filter by default), and `.npy` output is streamed to disk band by band.
+Images are turned as their EXIF / TIFF orientation says; SIGINT / SIGTERM stop it cleanly.
 """
 import argparse
 import math
@@ -18,13 +20,13 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 import cli
-from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, ImageError,
-                    atomic_output, available_memory, check_free_space, extension,
-                    linear_to_uint8, open_image, pil_rows, pixel_mode, read_image,
-                    same_file, srgb_to_linear, to_linear, write_image)
+from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, TIFF_EXTENSIONS,
+                    ImageError, TiffBands, atomic_output, available_memory, check_free_space,
+                    decode, extension, linear_to_uint8, open_image, oriented_size,
+                    pil_orientation, pil_rows, pixel_mode, progress_bar, read_image, same_file,
+                    srgb_to_linear, stop_on_signals, to_linear, write_image)
 
 # Resampling filters: PIL filter and its kernel radius in source pixels at scale 1.
 # "box" averages each output pixel's exact footprint (area-correct, and what JPEG draft
@@ -83,39 +85,79 @@ class _Source(NamedTuple):
 
 def _open_source(path, max_pixels, out_size_of, draft, filter_name, progress):
     """Open `path` -> (_Source, (in_w, in_h), (out_w, out_h)), out_size_of(w, h) giving
-    the target size (needed before decoding, to pick the JPEG draft scale)."""
-    if os.path.splitext(path)[1].lower() == ".npy":
+    the target size (needed before decoding, to pick the JPEG draft scale). Sizes are as
+    the image is shown (EXIF / TIFF orientation applied)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
         array = read_image(path)
         return _array_source(array, out_size_of, _npy_row_reader(path, array))
+    if ext in TIFF_EXTENSIONS:
+        bands = TiffBands.usable(path)
+        if bands is not None and bands.orientation == 1 and bands.shape[2] in (1, 3, 4):
+            height, width = bands.shape[:2]
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageError(path, f"{width}x{height} = {width * height} pixels exceeds "
+                                       f"the limit of {max_pixels} pixels (raise --max-pixels)")
+            return _array_source(bands, out_size_of, lambda y0, y1: bands.rows(y0, y1)[:, :, :3])
+        if bands is not None:       # turned or gray + alpha: read whole (a view if mapped)
+            bands.close()
+            return _array_source(read_image(path, max_pixels=max_pixels, progress=progress),
+                                 out_size_of)
     im = open_image(path, max_pixels)
     mode = pixel_mode(im)
     if mode not in ("L", "RGB", "RGBA"):
         im.close()  # 16-bit (or unsupported) data: read_image reads or rejects it whole
-        return _array_source(read_image(path, max_pixels=max_pixels), out_size_of)
-    in_size = im.size
+        return _array_source(read_image(path, max_pixels=max_pixels, progress=progress),
+                             out_size_of)
+    orientation = pil_orientation(im)
+    in_size = oriented_size(*im.size, orientation)
     out_size = out_size_of(*in_size)
-    box = (0.0, 0.0, float(in_size[0]), float(in_size[1]))
+    stored_out = oriented_size(*out_size, orientation)
+    box = (0.0, 0.0, float(im.size[0]), float(im.size[1]))
     if draft:
         # JPEG decodes directly at a power-of-two reduction no smaller than the target
         # (libjpeg's scaled IDCT: close to, not exactly, box averaging). Lanczos keeps a
         # factor of 2 above the target so its own antialiasing still does the last octave.
         gap = 1 if filter_name == "box" else 2
-        drafted = im.draft(im.mode, (out_size[0] * gap, out_size[1] * gap))
+        drafted = im.draft(im.mode, (stored_out[0] * gap, stored_out[1] * gap))
         if drafted is not None:
             box = tuple(float(v) for v in drafted[1])
-    if _show_progress(progress):  # decoding is one long PIL call with no progress of its own
-        sys.stderr.write(f"decoding {path} ({in_size[0]}x{in_size[1]}, {im.format}) at "
-                         f"{im.size[0]}x{im.size[1]} ...\n")
     try:
-        im.load()
+        decode(im, path, progress)
     except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, ...
         raise ImageError(path, f"cannot decode image, truncated or corrupt ({e})") from None
+    if orientation != 1:
+        box = _oriented_box(box, im.size, orientation)
+        im = im.transpose(_PIL_TURNS[orientation])
 
     def rows(y0, y1):
         return pil_rows(im, y0, y1, mode)
     source = _Source(im.size, rows, box, MODE_CHANNELS[mode], "srgb8",
                      im if im.mode == mode else None)
     return source, in_size, out_size
+
+
+# PIL's turn for each EXIF orientation (what ImageOps.exif_transpose does).
+_PIL_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def _oriented_box(box, size, orientation):
+    """A (x0, y0, x1, y1) region of a stored w x h image -> the same region once turned."""
+    corners = np.array([[box[0], box[1]], [box[2], box[3]]])
+    # orient() turns pixel arrays; the corners follow the same flips and transpose
+    width, height = size
+    if orientation in (5, 6, 7, 8):
+        corners, (width, height) = corners[:, ::-1], (height, width)
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
+    if orientation in (2, 3):
+        corners[:, 0] = width - corners[:, 0]
+    if orientation in (3, 4):
+        corners[:, 1] = height - corners[:, 1]
+    (x0, x1), (y0, y1) = sorted(corners[:, 0]), sorted(corners[:, 1])
+    return (float(x0), float(y0), float(x1), float(y1))
 
 
 def _npy_row_reader(path, array):
@@ -145,7 +187,7 @@ def _npy_row_reader(path, array):
 
 def _array_source(array, out_size_of, rows=None):
     """Source over an (H, W, C) array; rows(y0, y1) overrides slicing it."""
-    height, width, channels = array.shape
+    height, width, channels = array.shape[0], array.shape[1], min(array.shape[2], 3)
     kind = "srgb8" if array.dtype == np.uint8 else "srgb16" if array.dtype.kind == "u" else "linear"
     source = _Source((width, height), rows or (lambda y0, y1: np.asarray(array[y0:y1])),
                      (0.0, 0.0, float(width), float(height)), channels, kind)
@@ -280,15 +322,9 @@ class _NpyStream:
         self.file.close()
 
 
-def _show_progress(progress):
-    """progress True / False, or None: only when stderr is a terminal."""
-    return sys.stderr.isatty() if progress is None else progress
-
-
 def _write_bands(path, shape, dtype, bands, quality, progress, label):
     """Consume (y0, block) bands into `path` (.npy streamed; other formats via an array)."""
-    bar = tqdm(total=shape[0], unit="row", disable=not _show_progress(progress), leave=False,
-               desc=label)
+    bar = progress_bar(shape[0], label, "row", progress)
     if path.lower().endswith(".npy"):
         out = _NpyStream(path, shape, dtype)
         try:
@@ -302,7 +338,8 @@ def _write_bands(path, shape, dtype, bands, quality, progress, label):
         for y0, block in bands:
             image[y0:y0 + len(block)] = block
             bar.update(len(block))
-        write_image(path, image, quality=quality)
+        bar.close()
+        write_image(path, image, quality=quality, progress=progress)
     bar.close()
 
 
@@ -326,7 +363,7 @@ def convert(input_path, output_path, *, scale=None, width=None, height=None,
     sources unless `linear`; float .npy sources are linear already. draft: let JPEGs
     decode at a reduced size (memory, speed); off, or with `linear` (the reduction
     would average in sRGB), they decode at full size and match PIL's own resize.
-    progress: True / False, or None to report progress only on a terminal.
+    progress: see images.progress_bar (decoding, resampling, writing).
     Raises ImageError / ValueError with one-line messages.
     """
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
@@ -527,7 +564,8 @@ def main(argv=None):
             if args.input is not None or args.output is None:
                 parser.error("--chart needs -o/--output and no -i/--input")
             start = time.perf_counter()
-            write_chart(args.output, *args.chart)
+            with stop_on_signals("convert.py", f"{args.output} was not written"):
+                write_chart(args.output, *args.chart)
             print(f"chart {args.chart[0]}x{args.chart[1]} -> {args.output} "
                   f"({time.perf_counter() - start:.1f} s)")
             return 0
@@ -537,11 +575,11 @@ def main(argv=None):
             parser.error("--scale cannot be combined with --width/--height")
         output = args.output or os.path.splitext(args.input)[0] + ".npy"
         start = time.perf_counter()
-        in_size, out_size = convert(
-            args.input, output, scale=args.scale, width=args.width, height=args.height,
-            dtype=args.dtype, linear=args.linear, filter=args.filter, draft=args.draft,
-            max_pixels=args.max_pixels or None,
-            quality=args.quality)
+        with stop_on_signals("convert.py", f"{output} was not written"):
+            in_size, out_size = convert(
+                args.input, output, scale=args.scale, width=args.width, height=args.height,
+                dtype=args.dtype, linear=args.linear, filter=args.filter, draft=args.draft,
+                max_pixels=args.max_pixels or None, quality=args.quality)
         print(f"{args.input} {in_size[0]}x{in_size[1]} -> {output} {out_size[0]}x{out_size[1]} "
               f"{args.dtype} ({time.perf_counter() - start:.1f} s)")
         return 0

@@ -1,8 +1,10 @@
-"""Image files <-> numpy arrays, and sRGB <-> linear light.
+"""Image files <-> numpy arrays, and sRGB <-> linear light; plus what every long output
+shares: all-or-nothing files, progress bars, a clean stop on SIGINT / SIGTERM.
 
-Pixels stay in the file's own precision (uint8 / uint16 sRGB, or float linear for
-`.npy`) so that a gigapixel image costs 3 bytes per pixel, not 12 or 16; training
+Pixels stay in the file's own precision (uint8 / uint16 sRGB, or float linear for `.npy`
+and TIFF) so that a gigapixel image costs 3 bytes per pixel, not 12 or 16; training
 converts the sampled batch to linear light with one table look-up (`SRGB_TO_LINEAR_LUT`).
+Images come back the way they are shown (EXIF / TIFF orientation applied).
 
 Conventions
 - Arrays are `(H, W, C)` with C in {1, 3, 4}; grayscale stays C = 1.
@@ -10,14 +12,18 @@ Conventions
   (the upstream `.npy` convention). A uint8 `.npy` is therefore sRGB, a float `.npy` linear.
 """
 import contextlib
+import json
 import os
+import re
 import shutil
+import signal
 import struct
 import sys
 import zlib
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 # Ceiling for PIL's decompression-bomb check: 2**32 pixels (4.3 gigapixels, e.g. 65536 x
 # 65536), enough for the 1.22-gigapixel Tokyo photo while still refusing absurd headers.
@@ -27,6 +33,12 @@ MAX_IMAGE_PIXELS = 2**32
 PIL_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF",
                ".tiff": "TIFF", ".webp": "WEBP", ".bmp": "BMP"}
 EXTENSIONS = tuple(PIL_FORMATS) + (".npy",)
+TIFF_EXTENSIONS = (".tif", ".tiff")
+# What each format stores besides uint8 sRGB: 16-bit sRGB, float linear light.
+WIDE_EXTENSIONS = {"uint16": (".png", ".tif", ".tiff", ".npy"),
+                   "float16": (".tif", ".tiff", ".npy"), "float32": (".tif", ".tiff", ".npy")}
+# Seconds a phase runs before its progress bar appears: quick phases stay silent.
+PROGRESS_DELAY = 2.0
 
 # Rows converted at a time when copying between PIL and numpy: bounds the temporary
 # copies to a few MB whatever the image size.
@@ -56,6 +68,88 @@ def _row_bands(height, width):
     step = max(1, _BAND_PIXELS // max(1, width))
     for y0 in range(0, height, step):
         yield y0, min(height, y0 + step)
+
+
+# ----------------------------------------------------------------------------- long phases
+
+def progress_bar(total, desc, unit="px", progress=None, **options):
+    """A tqdm bar with an ETA on stderr for a phase of `total` units. progress: True (shown at
+    once), False (never), or None: shown when the phase runs past PROGRESS_DELAY seconds."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit in ("px", "B"), leave=False,
+                disable=progress is False, delay=PROGRESS_DELAY if progress is None else 0,
+                dynamic_ncols=True, **options)
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM inside stop_on_signals. Not an Exception, so nothing on the way
+    swallows it; it unwinds like Ctrl-C, and every atomic_output on the way removes its
+    temporary file. `left`: what a resumable writer kept (it fills it in), else None."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum, self.status, self.left = signum, 128 + signum, None
+
+
+@contextlib.contextmanager
+def stop_on_signals(prog, not_written):
+    """Run a long output so that SIGINT / SIGTERM stop it cleanly: the signal raises Stopped
+    where the work is, the temporaries go on the way out, and the process prints one line
+    `prog: stopped by SIGTERM; <not_written, or what a resumable writer left>` and exits with
+    128 + the signal's number. Further signals during that clean-up are ignored. Outside the
+    main thread (no signal handlers there) the block runs unchanged."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def handler(signum, frame):
+        if not stopping:               # once: a second signal must not cut the clean-up short
+            stopping.append(signum)
+            raise Stopped(signum)
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT,
+                                                                      signal.SIGTERM)}
+    try:
+        yield
+    except Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        sys.stderr.write(f"\n{prog}: stopped by {name}; {stop.left or not_written}\n")
+        sys.stderr.flush()
+        raise SystemExit(stop.status) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def save_manifest(path, manifest):
+    """Write a small JSON file all or nothing (what a resumable output is a part of)."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+
+
+def check_manifest(path, wanted, what, ignore=()):
+    """The manifest (a dict) at `path` when it equals `wanted` but for the keys in `ignore`,
+    None when there is none; ValueError when it describes something else, naming up to 3
+    differences and `what` to delete."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        found = None
+    wanted = json.loads(json.dumps(wanted))          # tuples -> lists, as read back
+    if isinstance(found, dict):
+        keys = (set(found) | set(wanted)) - set(ignore)
+        diffs = [f"{key} {found.get(key)!r} vs {wanted.get(key)!r}"
+                 for key in sorted(keys) if found.get(key) != wanted.get(key)]
+        if not diffs:
+            return found
+        reason = "another output (" + ", ".join(diffs[:3]) + ")"
+    else:
+        reason = f"an unreadable {os.path.basename(path)}"
+    raise ValueError(f"{what} holds {reason}; delete it or pick another output name")
 
 
 # ----------------------------------------------------------------------------- output files
@@ -88,6 +182,13 @@ def atomic_output(path):
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def shown_name(path):
+    """The file name a user asked for: atomic_output's temporary name -> the real one."""
+    name = os.path.basename(os.fspath(path))
+    match = re.fullmatch(r"\.(.+)\.\d+-[0-9a-f]{6}\.partial(\.[^.]*)?", name)
+    return match[1] + (match[2] or "") if match else name
 
 
 def same_file(a, b):
@@ -348,6 +449,191 @@ def _as_hwc(array, path):
     return array
 
 
+# EXIF / TIFF Orientation (tag 274): how the stored rows must turn to be seen upright.
+ORIENTATION_TAG = 274
+
+
+def orient(array, orientation):
+    """(H, W, C) array as stored -> as shown, for EXIF/TIFF orientation 1..8 (a view: flips
+    and transposes only). 5..8 swap width and height (phones' portrait shots are 6)."""
+    if orientation in (5, 6, 7, 8):
+        array = array.swapaxes(0, 1)
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]   # transpose, then as 1..4
+    if orientation in (2, 3):
+        array = array[:, ::-1]
+    if orientation in (3, 4):
+        array = array[::-1]
+    return array
+
+
+def oriented_size(width, height, orientation):
+    """(width, height) of a stored width x height image as shown."""
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def pil_orientation(im):
+    """The EXIF orientation of an opened PIL image (1: as stored)."""
+    try:
+        value = int(im.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:                  # a broken EXIF block: show the pixels as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+class TiffBands:
+    """A TIFF's first image, read band by band with tifffile: `shape` (H, W, C) as stored,
+    `dtype`, `orientation`, `rows(y0, y1)` and, for an uncompressed contiguous file,
+    `memmap()`. Strips or tiles are decoded one row of segments at a time (the last two
+    are kept: bands a resampler reads overlap a little), so memory stays at a band."""
+
+    DTYPES = ("uint8", "uint16", "float16", "float32", "float64")
+
+    def __init__(self, path):
+        import tifffile
+        self.path = path
+        try:
+            self.file = tifffile.TiffFile(path)
+            page = self.file.pages.first
+            self.page, self.dtype = page, np.dtype(page.dtype).newbyteorder("=")
+            self.separate = page.planarconfig == 2 and page.samplesperpixel > 1
+            self.shape = (page.imagelength, page.imagewidth, page.samplesperpixel)
+            self.orientation = int(page.tags.valueof(ORIENTATION_TAG, 1) or 1)
+            self.decode = page.decode
+        except Exception as e:          # tifffile raises TiffFileError, ValueError, ...
+            raise ImageError(path, f"cannot read TIFF ({e})") from None
+        self.blocks = {}
+
+    @staticmethod
+    def usable(path):
+        """TiffBands(path) when tifffile reads it as plain pixels (gray or RGB(A), uint8 /
+        uint16 / float, 1-4 channels, one depth plane, a codec it has), else None: PIL then
+        reads what is left (palette, CMYK, YCbCr, LZW / JPEG compression)."""
+        try:
+            bands = TiffBands(path)
+        except ImageError:
+            return None
+        from tifffile import PHOTOMETRIC, TIFF
+        page = bands.page
+        ok = (page.photometric in (PHOTOMETRIC.MINISBLACK, PHOTOMETRIC.RGB)
+              and str(page.dtype.newbyteorder("=")) in TiffBands.DTYPES
+              and 1 <= page.samplesperpixel <= 4 and page.imagedepth == 1
+              and page.imagelength > 0 and page.imagewidth > 0)
+        try:
+            ok = ok and (page.compression == 1 or TIFF.DECOMPRESSORS[page.compression])
+        except (KeyError, ValueError):
+            ok = False
+        if not ok:
+            bands.close()
+            return None
+        return bands
+
+    def close(self):
+        self.file.close()
+
+    def contiguous(self):
+        """(offset, nbytes) of the pixels when stored uncompressed in one run, else None."""
+        page = self.page
+        if page.compression != 1 or self.separate or page.is_tiled:
+            return None
+        offset, nbytes = page.dataoffsets[0], int(np.prod(self.shape)) * self.dtype.itemsize
+        ends = page.dataoffsets[-1] + page.databytecounts[-1]
+        return (offset, nbytes) if page.is_contiguous and ends == offset + nbytes else None
+
+    def memmap(self):
+        """The pixels as a read-only (H, W, C) np.memmap (contiguous files only)."""
+        offset, nbytes = self.contiguous()
+        if offset + nbytes > os.path.getsize(self.path):
+            raise ImageError(self.path, "truncated image: the file ends before its last row")
+        return np.memmap(self.path, dtype=self.page.dtype, mode="r", offset=offset,
+                         shape=self.shape)
+
+    def _segment_rows(self):
+        page = self.page
+        return page.tilelength if page.is_tiled else min(page.rowsperstrip or self.shape[0],
+                                                         self.shape[0])
+
+    def _block(self, index):
+        """Decoded rows [index * s, (index + 1) * s) (s: rows per strip or tile row)."""
+        if index in self.blocks:
+            return self.blocks[index]
+        page, (height, width, channels) = self.page, self.shape
+        rows = self._segment_rows()
+        y0, y1 = index * rows, min(height, (index + 1) * rows)
+        block = np.zeros((y1 - y0, width, channels), self.dtype)
+        per_row = -(-width // page.tilewidth) if page.is_tiled else 1
+        per_plane = -(-height // rows) * per_row
+        fh = self.file.filehandle
+        for plane in range(channels if self.separate else 1):
+            for k in range(per_row):
+                segment = plane * per_plane + index * per_row + k
+                offset, count = page.dataoffsets[segment], page.databytecounts[segment]
+                if not count:
+                    continue                        # an empty segment is zeros
+                fh.seek(offset)
+                data = fh.read(count)
+                if len(data) < count:
+                    raise ImageError(self.path, "truncated image: the file ends before its "
+                                                "last row")
+                try:
+                    pixels = self.decode(data, segment)[0]
+                except Exception as e:
+                    raise ImageError(self.path, f"cannot decode image, truncated or corrupt "
+                                                f"({e})") from None
+                pixels = pixels.reshape(pixels.shape[-3:])        # (rows, cols, samples)
+                x0 = k * page.tilewidth if page.is_tiled else 0
+                h, w = min(pixels.shape[0], y1 - y0), min(pixels.shape[1], width - x0)
+                target = block[:h, x0:x0 + w]
+                if self.separate:
+                    target[..., plane] = pixels[:h, :w, 0]
+                else:
+                    target[...] = pixels[:h, :w]
+        if len(self.blocks) >= 2:
+            self.blocks.pop(min(self.blocks))
+        self.blocks[index] = block
+        return block
+
+    def rows(self, y0, y1):
+        """Rows [y0, y1) as stored: (y1 - y0, W, C) in `dtype` (native byte order)."""
+        span = self.contiguous()
+        if span is not None:       # plain reads: a memory map would keep every page read
+            row = self.shape[1] * self.shape[2]
+            with open(self.path, "rb") as f:
+                f.seek(span[0] + y0 * row * self.dtype.itemsize)
+                data = np.fromfile(f, dtype=self.page.dtype, count=(y1 - y0) * row)
+            if data.size < (y1 - y0) * row:
+                raise ImageError(self.path, "truncated image: the file ends before its last row")
+            return data.astype(self.dtype, copy=False).reshape(y1 - y0, *self.shape[1:])
+        rows = self._segment_rows()
+        return np.concatenate([self._block(i)[max(y0, i * rows) - i * rows:
+                                              min(y1, (i + 1) * rows) - i * rows]
+                               for i in range(y0 // rows, (y1 - 1) // rows + 1)])
+
+
+def _read_tiff(path, bands, keep_alpha, max_pixels, progress):
+    """read_image for a TIFF tifffile reads (see TiffBands.usable)."""
+    height, width, channels = bands.shape
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(path, f"{width}x{height} = {width * height} pixels exceeds the limit "
+                               f"of {max_pixels} pixels (raise max_pixels / --max-pixels)")
+    if bands.contiguous() is not None and bands.dtype == bands.page.dtype:
+        array = bands.memmap()
+    else:
+        free, needed = available_memory(), height * width * channels * bands.dtype.itemsize
+        if free is not None and needed > free:
+            raise ImageError(path, f"decoding {width}x{height} pixels needs about "
+                                   f"{_size(needed)} of memory, {_size(free)} is available")
+        array = np.empty(bands.shape, bands.dtype)
+        with progress_bar(height, f"read {os.path.basename(path)}", "row", progress) as bar:
+            for y0, y1 in _row_bands(height, width):
+                array[y0:y1] = bands.rows(y0, y1)
+                bar.update(y1 - y0)
+    if channels == 2:              # gray + alpha
+        array = array[:, :, [0, 0, 0, 1]] if keep_alpha else array[:, :, :1]
+    elif channels == 4 and not keep_alpha:
+        array = array[:, :, :3]
+    return orient(array, bands.orientation)
+
+
 def _read_npy(path, keep_alpha):
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -423,20 +709,57 @@ def _png_data_complete(path):
     return expected is None or size >= expected
 
 
-def read_image(path, keep_alpha=False, max_pixels=MAX_IMAGE_PIXELS):
-    """Read an image file as an (H, W, C) array, C in {1, 3, 4}.
+class _CountingFile:
+    """A file PIL decodes from that moves a progress bar by the bytes read: PIL decodes in
+    one call with no progress of its own, but reads the compressed data as it goes."""
 
-    .jpg/.jpeg/.png/.tif/.tiff/.webp/.bmp: uint8 sRGB (uint16 for 16-bit PNG/TIFF); palette,
-    CMYK, ... become RGB; alpha is dropped unless keep_alpha. More than `max_pixels` pixels
-    (None: no limit) is refused before decoding.
+    def __init__(self, file, bar):
+        self._file, self._bar = file, bar
+
+    def read(self, *args):
+        data = self._file.read(*args)
+        self._bar.update(len(data))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def decode(im, path, progress=None):
+    """im.load() of an opened PIL image with a progress bar over the file's bytes."""
+    size = os.path.getsize(path)
+    with progress_bar(size, f"decode {os.path.basename(path)}", "B", progress) as bar:
+        if getattr(im, "fp", None) is not None:
+            bar.update(im.fp.tell())
+            im.fp = _CountingFile(im.fp, bar)
+        im.load()
+
+
+def read_image(path, keep_alpha=False, max_pixels=MAX_IMAGE_PIXELS, progress=None):
+    """Read an image file as an (H, W, C) array, C in {1, 3, 4}, in the orientation it is
+    shown in (EXIF / TIFF Orientation applied).
+
+    .jpg/.jpeg/.png/.webp/.bmp: uint8 sRGB (uint16 for 16-bit PNG); palette, CMYK, ... become
+    RGB; alpha is dropped unless keep_alpha. .tif/.tiff through tifffile: uint8 / uint16 sRGB
+    or float LINEAR light as stored, 1-4 channels, BigTIFF; an uncompressed one comes back
+    memory-mapped, a striped or tiled one is decoded band by band (TIFFs tifffile does not
+    read as plain pixels, e.g. palette or LZW, go through PIL as 8-bit). More than
+    `max_pixels` pixels (None: no limit) is refused before decoding.
     .npy: memory-mapped read-only (np.memmap, no copy), dtype as stored: uint8/uint16 sRGB
     or float LINEAR light; an (H, W) array comes back as an (H, W, 1) view.
-    Raises ImageError (one line naming the file) for every failure.
+    progress: see progress_bar (decoding a large file). Raises ImageError (one line naming
+    the file) for every failure.
     """
-    if extension(path) == ".npy":
+    ext = extension(path)
+    if ext == ".npy":
         if not os.path.isfile(path):
             raise ImageError(path, "no such file")
         return _read_npy(path, keep_alpha)
+    if ext in TIFF_EXTENSIONS and os.path.isfile(path):
+        bands = TiffBands.usable(path)
+        if bands is not None:
+            with contextlib.closing(bands):
+                return _read_tiff(path, bands, keep_alpha, max_pixels, progress)
     im = open_image(path, max_pixels)
     try:
         with im:
@@ -445,12 +768,16 @@ def read_image(path, keep_alpha=False, max_pixels=MAX_IMAGE_PIXELS):
                 raise ImageError(path, f"unsupported pixel mode {im.mode}")
             _check_memory(path, im, mode)
             if mode in ("RGB;16", "RGBA;16"):
-                return _read_wide_colour(path, im, _wide_colour_tiles(im), mode[:-3])
-            im.load()
-            if im.format == "PNG" and not _png_data_complete(path):
-                raise ImageError(path, "truncated image: its pixel data stops before the last "
-                                       "row (the file ends properly, but rows are missing)")
-            return _pil_to_array(im, mode)
+                array = _read_wide_colour(path, im, _wide_colour_tiles(im), mode[:-3])
+            else:
+                decode(im, path, progress)
+                if im.format == "PNG" and not _png_data_complete(path):
+                    raise ImageError(path, "truncated image: its pixel data stops before the "
+                                           "last row (the file ends properly, but rows are "
+                                           "missing)")
+                array = _pil_to_array(im, mode)
+            orientation = pil_orientation(im)     # after decoding: PNG's EXIF may follow the pixels
+        return array if orientation == 1 else np.ascontiguousarray(orient(array, orientation))
     except (ImageError, MemoryError):
         raise
     except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, ...
@@ -468,6 +795,7 @@ def to_srgb8(array):
     height, width = array.shape[:2]
     out = np.empty(array.shape, np.uint8)
     bad = 0
+    bar = progress_bar(height, "to 8-bit sRGB", "row")
     for y0, y1 in _row_bands(height, width):
         band = np.asarray(array[y0:y1])
         if np.issubdtype(band.dtype, np.floating):
@@ -476,10 +804,115 @@ def to_srgb8(array):
             band = to_linear(band)
         if not bad:                 # past the first bad band: only counting (no cast warning)
             out[y0:y1] = linear_to_uint8(band)
+        bar.update(y1 - y0)
+    bar.close()
     if bad:
         raise ValueError(f"{bad} of {array.size} values are NaN or infinite; replace them "
                          f"(e.g. numpy.nan_to_num) before using the image")
     return out
+
+
+def from_linear(x, dtype):
+    """Linear light (numpy or torch, any shape) -> `dtype`: "uint8" / "uint16" sRGB codes
+    (clipped to [0, 1], rounded to nearest) or "float16" / "float32" linear light as is.
+    A torch "uint16" comes back as int32 holding the codes (not every device casts to
+    uint16); numpy() then astype(uint16) is exact."""
+    if dtype == "uint8":
+        return linear_to_uint8(x)
+    if _is_torch(x):
+        import torch
+        if dtype == "uint16":
+            srgb = linear_to_srgb(x.float().clamp(0.0, 1.0))
+            return torch.round(srgb * 65535).to(torch.int32)
+        return x.to(getattr(torch, dtype))
+    if dtype == "uint16":
+        srgb = linear_to_srgb(np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0))
+        return np.rint(srgb * 65535).astype(np.uint16)
+    return np.asarray(x).astype(dtype)
+
+
+def check_dtype(path, dtype):
+    """ImageError unless `path`'s format stores `dtype` (WIDE_EXTENSIONS)."""
+    ext = extension(path, "output")
+    if dtype != "uint8" and ext not in WIDE_EXTENSIONS.get(dtype, ()):
+        raise ImageError(path, f"{dtype} images can be written as "
+                               f"{', '.join(WIDE_EXTENSIONS.get(dtype, ('.npy',)))}, not {ext}")
+
+
+def _png_chunk(f, kind, data):
+    f.write(struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data)))
+
+
+def _paeth(raw, up, bpp):
+    """PNG filter type 4 of rows `raw` ((h, n) uint8) with the row above the first `up`."""
+    a = np.zeros_like(raw, np.int16)
+    a[:, bpp:] = raw[:, :-bpp]
+    b = np.empty_like(a)
+    b[0], b[1:] = up, raw[:-1]
+    c = np.zeros_like(a)
+    c[:, bpp:] = b[:, :-bpp]
+    pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+    predicted = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+    return (raw - predicted).astype(np.uint8)
+
+
+def _write_png(path, array, progress):
+    """8- or 16-bit PNG (gray, RGB, RGBA) written band by band: Paeth-filtered rows through
+    one zlib stream, so memory stays at a band, a progress bar shows the way, and a signal
+    stops it between bands (PIL writes no 16-bit colour, and encodes in one call)."""
+    height, width, channels = array.shape
+    depth = 16 if array.dtype == np.uint16 else 8
+    bpp = channels * depth // 8
+    header = struct.pack(">IIBBBBB", width, height, depth, {1: 0, 3: 2, 4: 6}[channels], 0, 0, 0)
+    packer = zlib.compressobj(6)
+    up = np.zeros(width * bpp, np.int16)
+    with open(path, "wb") as f, progress_bar(height, f"write {shown_name(path)}", "row",
+                                             progress) as bar:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        _png_chunk(f, b"IHDR", header)
+        for y0, y1 in _row_bands(height, width // 4 + 1):       # about 1 M pixels a band
+            band = np.asarray(array[y0:y1], ">u2" if depth == 16 else np.uint8)
+            raw = np.ascontiguousarray(band).view(np.uint8).reshape(y1 - y0, -1)
+            rows = np.empty((y1 - y0, raw.shape[1] + 1), np.uint8)
+            rows[:, 0] = 4
+            rows[:, 1:] = _paeth(raw.astype(np.int16), up, bpp)
+            up = raw[-1].astype(np.int16)
+            data = packer.compress(rows)
+            if data:
+                _png_chunk(f, b"IDAT", data)
+            bar.update(y1 - y0)
+        _png_chunk(f, b"IDAT", packer.flush())
+        _png_chunk(f, b"IEND", b"")
+
+
+def _write_tiff(path, array, progress):
+    """Uncompressed (Big)TIFF through tifffile, in strips of about 1 MB written as they
+    come: uint8 / uint16 sRGB or float linear as given (read_image memory-maps it back)."""
+    import tifffile
+    height, width, channels = array.shape
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)      # TIFF readers rarely take float64
+    rows = max(1, (1 << 20) // (width * channels * array.dtype.itemsize))
+    bar = progress_bar(height, f"write {shown_name(path)}", "row", progress)
+
+    def strips():
+        for y0 in range(0, height, rows):
+            strip = np.ascontiguousarray(array[y0:y0 + rows])
+            bar.update(len(strip))
+            yield strip[..., 0] if channels == 1 else strip
+    try:
+        with bar:
+            tifffile.imwrite(path, strips(), shape=(height, width) if channels == 1 else
+                             array.shape, dtype=array.dtype, rowsperstrip=rows,
+                             photometric="minisblack" if channels == 1 else "rgb",
+                             extrasamples=("unassalpha",) if channels == 4 else None,
+                             bigtiff=array.nbytes > 2**32 - 2**26)
+    except OSError as exc:
+        if exc.errno is None:   # numpy reports a short write without its reason: ask the file
+            with open(path, "ab") as f:
+                f.write(b"\0")     # a full disk or a size limit raises here, with its errno
+        raise
 
 
 def _write_pil(path, ext, array, quality):
@@ -495,27 +928,33 @@ def _write_pil(path, ext, array, quality):
     im.save(path, format=PIL_FORMATS[ext], **options)
 
 
-def write_image(path, array, quality=95):
+def write_image(path, array, quality=95, progress=None):
     """Write an (H, W) or (H, W, C) array, C in {1, 3, 4}, to any supported format.
 
-    uint8 is sRGB and written as is; float is linear light, converted to sRGB uint8
-    (except .npy, which stores the array unchanged, so float .npy stays linear);
-    uint16 (sRGB) can only go to .npy (PIL writes no 16-bit colour). JPEG drops alpha; `quality`
-    applies to .jpg and .webp. Creates the parent folder. Raises ImageError.
+    uint8 is sRGB and written as is. uint16 (sRGB) goes to .png (16-bit), .tif and .npy as
+    is. Float is linear light: .tif and .npy store it unchanged (float64 as float32 in a
+    TIFF), other formats get it encoded to sRGB uint8. JPEG drops alpha; `quality` applies
+    to .jpg and .webp. .png and .tif are written band by band (progress: see
+    progress_bar). Creates the parent folder. Raises ImageError.
     """
     ext = extension(path)
     if _is_torch(array):
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
     array = _as_hwc(array, path)
-    if array.dtype == np.uint16 and ext != ".npy":
-        raise ImageError(path, "16-bit images can only be written as .npy")
+    if array.dtype == np.uint16 and ext not in WIDE_EXTENSIONS["uint16"]:
+        raise ImageError(path, f"16-bit images can be written as "
+                               f"{', '.join(WIDE_EXTENSIONS['uint16'])}, not {ext}")
     folder = os.path.dirname(os.fspath(path))
     try:
         if folder:
             os.makedirs(folder, exist_ok=True)
         if ext == ".npy":
             np.save(path, array)
+        elif ext in TIFF_EXTENSIONS:
+            _write_tiff(path, array, progress)
+        elif ext == ".png":
+            _write_png(path, array if array.dtype == np.uint16 else to_srgb8(array), progress)
         else:
             _write_pil(path, ext, to_srgb8(array), quality)
     except OSError as e:

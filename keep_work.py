@@ -334,13 +334,18 @@ def check_resume(ckpt_path: str, config: FieldConfig, source_name: str, digest: 
     return int(ckpt.get("global_step", 0))
 
 
-def check_export(path: str, source_path: str) -> None:
+def check_export(path: str, source_path: str, dtype: str = "uint8") -> None:
     """UsageError before training for an export that could not be written at the end: a
-    format images.write_image lacks, a folder, an unwritable place, or the source image."""
+    format images.write_image lacks or that cannot hold `dtype`, a folder, an unwritable
+    place, or the source image."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in images.EXTENSIONS:
         raise UsageError(f"--export {path}: unsupported format {ext or '(none)'}; use one of "
                          + " ".join(images.EXTENSIONS))
+    try:
+        images.check_dtype(path, dtype)
+    except images.ImageError as exc:
+        raise UsageError(f"--export_dtype: {exc}") from None
     if os.path.isdir(path):
         raise UsageError(f"--export {path}: is a folder")
     if images.same_file(path, source_path):

@@ -140,44 +140,61 @@ class PsnrProbe:
             rng = np.random.default_rng(seed)
             # sorted: a memory-mapped source is then read front to back, once
             self.index = np.sort(rng.integers(0, height * width, max_pixels))
-            self.targets = torch.from_numpy(
-                np.asarray(source.reshape(height * width, channels)[self.index]))
+            flat = source.reshape(height * width, channels)
+            targets = np.empty((max_pixels, channels), source.dtype)
+            with images.progress_bar(max_pixels, "psnr pixels", "px") as bar:
+                for start in range(0, max_pixels, EVAL_BATCH):      # a memmap: read in order
+                    stop = min(start + EVAL_BATCH, max_pixels)
+                    targets[start:stop] = flat[self.index[start:stop]]
+                    bar.update(stop - start)
+            self.targets = torch.from_numpy(targets)
 
-    def sse(self, field: nn.Module, rank: int = 0, world: int = 1, max_batch: int = EVAL_BATCH):
-        """(sum of squared 8-bit errors, number of values) over this rank's share."""
+    def sse(self, field: nn.Module, rank: int = 0, world: int = 1, max_batch: int = EVAL_BATCH,
+            progress=None):
+        """(sum of squared 8-bit errors, number of values) over this rank's share; a
+        progress bar (images.progress_bar) when scoring takes more than a moment."""
+        height, width, _ = self.source.shape
         if self.index is None:
-            return self._sse_rows(field, rank, world, max_batch)
-        return self._sse_subset(field, rank, world, max_batch)
+            band = max(1, max_batch // width)
+            starts = range(rank * band, height, world * band)
+            total = sum(min(height, r0 + band) - r0 for r0 in starts) * width
+        else:
+            bounds = np.linspace(0, len(self.index), world + 1).astype(np.int64)
+            total = int(bounds[rank + 1] - bounds[rank])
+        with images.progress_bar(total, "psnr", "px", progress) as bar:
+            if self.index is None:
+                return self._sse_rows(field, starts, band, max_batch, bar)
+            return self._sse_subset(field, bounds[rank], bounds[rank + 1], max_batch, bar)
 
-    def _sse_rows(self, field, rank, world, max_batch):
+    def _sse_rows(self, field, starts, band, max_batch, bar):
         height, width, channels = self.source.shape
-        band = max(1, max_batch // width)
         sse, count = 0, 0
-        for r0 in range(rank * band, height, world * band):
+        for r0 in starts:
             r1 = min(height, r0 + band)
             fit = render.render_region(field, width, r1 - r0, (0.0, r0 / height, 1.0, r1 / height),
                                        max_batch=max_batch)
             diff = fit.astype(np.int32) - np.asarray(self.source[r0:r1], dtype=np.int32)
             sse += int(np.einsum("ijk,ijk->", diff, diff, dtype=np.int64))
             count += diff.size
+            bar.update((r1 - r0) * width)
         return float(sse), count
 
     @torch.no_grad()
-    def _sse_subset(self, field, rank, world, max_batch):
+    def _sse_subset(self, field, first, stop_at, max_batch, bar):
         height, width, channels = self.source.shape
         device = render.field_device(field)
         self.targets = self.targets.to(device)       # once: validation runs repeatedly
-        bounds = np.linspace(0, len(self.index), world + 1).astype(np.int64)
         sse = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(bounds[rank], bounds[rank + 1], max_batch):
-            stop = min(start + max_batch, bounds[rank + 1])
+        for start in range(first, stop_at, max_batch):
+            stop = min(start + max_batch, stop_at)
             index = torch.from_numpy(self.index[start:stop])
             xy = torch.stack([(index % width).double().add_(0.5).div_(width),
                               (index // width).double().add_(0.5).div_(height)], 1)
             fit = images.linear_to_uint8(field(xy.float().to(device)))
             diff = fit.int() - self.targets[start:stop].int()
             sse += diff.square().sum(dtype=torch.float64)
-        return float(sse), int(bounds[rank + 1] - bounds[rank]) * channels
+            bar.update(stop - start)
+        return float(sse), int(stop_at - first) * channels
 
 
 def psnr_from_sse(sse: float, count: int) -> float:

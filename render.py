@@ -15,11 +15,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 import cli
 import images
@@ -158,7 +158,7 @@ def _evaluate(field, xy):
 
 
 def render_region(field, width, height, region=FULL, *, window=None, max_batch=2**18,
-                  out=None, progress=False):
+                  out=None, progress=False, dtype="uint8"):
     """Render ``region = (x0, y0, x1, y1)`` (normalised) of ``field`` at ``width x height``.
 
     field: callable ``xy: (N, 2) float32 in [0, 1] -> linear colour (N, C)``; runs on the
@@ -167,10 +167,11 @@ def render_region(field, width, height, region=FULL, *, window=None, max_batch=2
     window: optional ``((row0, row1), (col0, col1))``: only that block of the render, with
         the same pixel coordinates and so the same values, bit for bit (Deep Zoom tiles).
     max_batch: at most this many pixels per field call (the tile size).
-    out: optional preallocated ``(h, w, C)`` uint8 array or np.memmap to fill (h, w: the
-        window's size, else height, width).
-    progress: show a tqdm bar (pixels).
-    Returns the ``(h, w, C)`` uint8 sRGB image (``out`` when given).
+    out: optional preallocated ``(h, w, C)`` array or np.memmap of ``dtype`` to fill (h, w:
+        the window's size, else height, width).
+    progress: see images.progress_bar (pixels).
+    dtype: "uint8" / "uint16" sRGB or "float16" / "float32" linear light (images.from_linear).
+    Returns the ``(h, w, C)`` image (``out`` when given).
     """
     region = check_region(region, getattr(field, "periodic", ""))
     if width < 1 or height < 1:
@@ -179,21 +180,21 @@ def render_region(field, width, height, region=FULL, *, window=None, max_batch=2
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     (row0, row1), (col0, col1) = window or ((0, height), (0, width))
     out_h, out_w = row1 - row0, col1 - col0
-    if out is not None and (out.dtype != np.uint8 or out.ndim != 3
+    if out is not None and (out.dtype != np.dtype(dtype) or out.ndim != 3
                             or out.shape[:2] != (out_h, out_w)):
-        raise ValueError(f"out must be a uint8 array of shape ({out_h}, {out_w}, C), "
+        raise ValueError(f"out must be a {dtype} array of shape ({out_h}, {out_w}, C), "
                          f"got {out.dtype} {out.shape}")
     device = field_device(field)
-    with torch.no_grad(), tqdm(total=out_w * out_h, unit="px", unit_scale=True,
-                               desc="render", disable=not progress) as bar:
+    with torch.no_grad(), images.progress_bar(out_w * out_h, "render", "px", progress) as bar:
         for (r0, r1), (c0, c1) in tiles(out_w, out_h, max_batch):
             xy = pixel_centres(region, width, height, (row0 + r0, row0 + r1),
                                (col0 + c0, col0 + c1))
             # float32 on the CPU first: not every accelerator has float64.
             colour = _evaluate(field, torch.from_numpy(xy).float().to(device))
-            tile = images.linear_to_uint8(colour).cpu().numpy().reshape(r1 - r0, c1 - c0, -1)
+            tile = images.from_linear(colour, dtype).cpu().numpy().astype(dtype, copy=False)
+            tile = tile.reshape(r1 - r0, c1 - c0, -1)
             if out is None:
-                out = np.empty((out_h, out_w, tile.shape[2]), dtype=np.uint8)
+                out = np.empty((out_h, out_w, tile.shape[2]), dtype=dtype)
             elif out.shape[2] != tile.shape[2]:
                 raise ValueError(f"out has {out.shape[2]} channels, the field gives "
                                  f"{tile.shape[2]}")
@@ -259,8 +260,10 @@ def zoom_regions(n_frames, zoom, center=None, base=FULL, periodic=""):
 
 def render_frames(field, width, height, regions, *, max_batch=2**18, progress=False):
     """Yield one ``(height, width, C)`` uint8 frame per region (see render_region)."""
-    for region in tqdm(regions, unit="frame", desc="zoom", disable=not progress):
-        yield render_region(field, width, height, region, max_batch=max_batch)
+    with images.progress_bar(len(regions), "zoom", "frame", progress) as bar:
+        for region in regions:
+            yield render_region(field, width, height, region, max_batch=max_batch)
+            bar.update(1)
 
 
 def write_frames(folder, frames):
@@ -422,22 +425,8 @@ def _check_dzi_manifest(folder, wanted):
     A folder with tiles but another (or no, or an unreadable) manifest belongs to another
     pyramid: ValueError rather than mixing tiles."""
     path = os.path.join(folder, DZI_MANIFEST)
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                found = json.load(f)
-        except (OSError, ValueError):
-            found = None
-        if found == json.loads(json.dumps(wanted)):     # tuples -> lists, as read back
-            return None
-        if isinstance(found, dict):
-            diffs = [f"{key} {found.get(key)!r} vs {wanted.get(key)!r}"
-                     for key in sorted(set(found) | set(wanted))
-                     if found.get(key) != wanted.get(key)]
-            what = "a different pyramid (" + ", ".join(diffs[:3]) + ")"
-        else:
-            what = f"an unreadable {DZI_MANIFEST}"
-        raise ValueError(f"{folder} holds {what}; delete it or pick another output name")
+    if images.check_manifest(path, wanted, folder) is not None:
+        return None
     if os.path.isdir(folder) and os.listdir(folder):
         raise ValueError(f"{folder} exists and was not written by render.py; delete it or "
                          f"pick another output name")
@@ -485,18 +474,23 @@ def write_deep_zoom(field, width, height, channels, path, region=FULL, *,
     images.check_free_space(path, int(samples * DZI_BYTES_PER_SAMPLE[tile_format])
                             + DZI_BYTES_PER_FILE * len(todo), what="Deep Zoom pyramid")
     if new_manifest:
-        with images.atomic_output(new_manifest) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(manifest, f, indent=1)
-    with tqdm(total=len(work), initial=len(work) - len(todo), unit="tile", desc="deep zoom",
-              disable=not progress) as bar:
-        for level, w, h, (col, row, x0, y0, x1, y1) in todo:
-            tile = render_region(field, w, h, region, window=((y0, y1), (x0, x1)),
-                                 max_batch=max_batch)
-            tile_path = os.path.join(folder, str(level), f"{col}_{row}.{tile_format}")
-            with images.atomic_output(tile_path) as tmp:
-                images.write_image(tmp, tile, quality=quality)
-            bar.update(1)
+        images.save_manifest(new_manifest, manifest)
+    done = len(work) - len(todo)
+    with images.progress_bar(len(work), "deep zoom", "tile", progress, initial=done) as bar:
+        try:
+            for level, w, h, (col, row, x0, y0, x1, y1) in todo:
+                tile = render_region(field, w, h, region, window=((y0, y1), (x0, x1)),
+                                     max_batch=max_batch)
+                tile_path = os.path.join(folder, str(level), f"{col}_{row}.{tile_format}")
+                with images.atomic_output(tile_path) as tmp:
+                    images.write_image(tmp, tile, quality=quality)
+                done += 1
+                bar.update(1)
+        except images.Stopped as stop:
+            stop.left = (f"{os.fspath(path)} not finished: {done} of {len(work)} tiles are in "
+                         f"{folder}; run the same command again to continue, or delete "
+                         f"{folder} to discard them")
+            raise
     with images.atomic_output(path) as tmp:
         with open(tmp, "w") as f:
             f.write(dzi_xml(width, height, tile_size, overlap, tile_format))
@@ -554,6 +548,10 @@ def build_parser():
                              "string such as cpu, cuda, cuda:1 [default: %(default)s]")
     parser.add_argument("--quality", type=cli.integer(1, 100), default=95,
                         help="JPEG/WebP quality, 1..100 [default: %(default)s]")
+    parser.add_argument("--dtype", choices=("uint8", "uint16", "float16", "float32"),
+                        default="uint8",
+                        help="pixel type: uint8 / uint16 sRGB (uint16: .png .tif .npy) or "
+                             "float16 / float32 linear light (.tif .npy) [default: uint8]")
     zoom = parser.add_argument_group("zoom sequence (hold, ease in, hold, ease out)")
     zoom.add_argument("--zoom", type=float, metavar="FACTOR",
                       help="render a zoom sequence into --center up to this factor (>= 1)")
@@ -618,7 +616,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _run(args)
+        with images.stop_on_signals("render.py", f"{args.output} was not written"):
+            _run(args)
     except MemoryError:
         parser.error("out of memory for the output image; write a .npy (memory-mapped) "
                      "or render a smaller size/region")
@@ -636,6 +635,10 @@ def _run(args):
         raise ValueError(f"--max_batch must be at least 1, got {args.max_batch}")
     kind = output_kind(args.output, zooming)
     deep_zoom = deep_zoom_options(args, kind)
+    if args.dtype != "uint8":
+        if kind not in ("still", "npy"):
+            raise ValueError("--dtype only applies to a single image (not --zoom or .dzi)")
+        images.check_dtype(args.output, args.dtype)
     encoder = video_encoder() if kind == "video" else None
     if kind == "video" and encoder is None:
         raise ValueError("writing .mp4 needs ffmpeg (on PATH, or pip install "
@@ -677,7 +680,9 @@ def _run(args):
         return
     if kind in ("still", "npy"):
         render_to_file(field, width, height, channels, args.output, region,
-                       max_batch=args.max_batch, quality=args.quality, progress=True)
+                       max_batch=args.max_batch, quality=args.quality, progress=True,
+                       dtype=args.dtype, resume=kind == "npy",
+                       stamp=dict(global_step=info["global_step"], source=info["source"]))
         print(f"render.py: wrote {args.output} ({width}x{height})")
         return
     sequence = render_frames(field, width, height, regions, max_batch=args.max_batch,
@@ -691,28 +696,122 @@ def _run(args):
     print(f"render.py: wrote {args.output} ({count} frames of {width}x{height})")
 
 
+# Seconds between saves of a resumable .npy render's progress (a kill -9 loses at most this).
+RESUME_SAVE_SECONDS = 30.0
+
+
+def partial_paths(path):
+    """Where a resumable .npy render keeps its work: ``fit.npy`` -> (``fit.partial.npy``,
+    ``fit.partial.json``), visible next to the output."""
+    root = os.path.splitext(os.fspath(path))[0]
+    return root + ".partial.npy", root + ".partial.json"
+
+
 def render_to_file(field, width, height, channels, path, region=FULL, *, max_batch=2**18,
-                   quality=95, progress=False):
-    """Render ``region`` at ``width x height`` into the image file ``path``, all or nothing
-    (images.atomic_output: an interrupted or failed render leaves any previous file intact).
+                   quality=95, progress=None, dtype="uint8", resume=False, stamp=None):
+    """Render ``region`` at ``width x height`` into the image file ``path`` (``dtype``: see
+    render_region; images.check_dtype says which formats hold it), all or nothing: an
+    interrupted or failed render leaves any previous file intact.
+
     A .npy output is rendered straight into a memory-mapped file (outputs bigger than RAM),
-    after checking that the disk can hold it; anything else goes through one uint8 buffer to
-    images.write_image."""
-    if os.path.splitext(os.fspath(path))[1].lower() == ".npy":
+    after checking that the disk can hold it, under a temporary name (images.atomic_output),
+    or with ``resume`` into ``partial_paths(path)``: the partial file plus a manifest (the
+    geometry, the field's fingerprint, ``stamp`` and the tiles done, saved on a signal and
+    every RESUME_SAVE_SECONDS), so the same call continues where a stopped one left off and
+    gives the same bytes as an uninterrupted one (each tile is rendered in the same batch).
+    Anything else goes through one buffer to images.write_image."""
+    images.check_dtype(path, dtype)
+    if os.path.splitext(os.fspath(path))[1].lower() != ".npy":
+        image = render_region(field, width, height, region, max_batch=max_batch,
+                              progress=progress, dtype=dtype)
+        with images.atomic_output(path) as partial:
+            images.write_image(partial, image, quality=quality, progress=progress)
+        return
+    shape, nbytes = (height, width, channels), height * width * channels * np.dtype(dtype).itemsize
+    if not resume:
         # a memory-mapped file is sparse until written: a full disk would show up as SIGBUS
         # hours later, so the space is checked first (plus a page for the header)
-        images.check_free_space(path, height * width * channels + 4096)
+        images.check_free_space(path, nbytes + 4096)
         with images.atomic_output(path) as partial:
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
-                                            shape=(height, width, channels))
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
             render_region(field, width, height, region, max_batch=max_batch, out=out,
-                          progress=progress)
+                          progress=progress, dtype=dtype)
             out.flush()
             del out
         return
-    image = render_region(field, width, height, region, max_batch=max_batch, progress=progress)
-    with images.atomic_output(path) as partial:
-        images.write_image(partial, image, quality=quality)
+    _render_resumable(field, shape, path, check_region(region, getattr(field, "periodic", "")),
+                      max_batch, progress, dtype, nbytes, stamp)
+
+
+def _render_into_partial(field, shape, path, region, max_batch, progress, dtype, nbytes,
+                         stamp):
+    height, width, channels = shape
+    partial, manifest_path = partial_paths(path)
+    manifest = dict(kind="hashgrid render", width=width, height=height, channels=channels,
+                    dtype=dtype, region=list(region), max_batch=int(max_batch),
+                    fingerprint=field_fingerprint(field), **(stamp or {}))
+    work = list(tiles(width, height, max_batch))
+    found = images.check_manifest(manifest_path, manifest, partial, ignore=("tiles_done",))
+    if found is None and os.path.exists(partial):
+        raise ValueError(f"{partial} exists without its manifest {manifest_path}; delete it "
+                         f"or pick another output name")
+    done = 0
+    if found is not None and os.path.exists(partial):
+        done = int(found.get("tiles_done", 0))
+        out = np.lib.format.open_memmap(partial, mode="r+")
+        if out.shape != shape or out.dtype != np.dtype(dtype):
+            raise ValueError(f"{partial} is not the partial render its manifest describes; "
+                             f"delete it and {manifest_path}")
+    else:
+        images.check_free_space(path, nbytes + 4096)
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+
+    def save():
+        out.flush()                            # the pixels first, then the count that vouches
+        images.save_manifest(manifest_path, dict(manifest, tiles_done=done))
+    save()
+    pixels_done = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in work[:done])
+    last_save = time.monotonic()
+    try:
+        with images.progress_bar(width * height, "render", "px", progress,
+                                 initial=pixels_done) as bar:
+            for (r0, r1), (c0, c1) in work[done:]:
+                render_region(field, width, height, region, window=((r0, r1), (c0, c1)),
+                              max_batch=max_batch, out=out[r0:r1, c0:c1], dtype=dtype)
+                done += 1
+                bar.update((r1 - r0) * (c1 - c0))
+                if time.monotonic() - last_save > RESUME_SAVE_SECONDS:
+                    save()
+                    last_save = time.monotonic()
+    except images.Stopped as stop:
+        save()
+        rows = work[done][0][0] if done < len(work) else height
+        stop.left = (f"{path} not finished: {rows} of {height} rows are in {partial} (manifest "
+                     f"{manifest_path}); run the same command again to continue, or delete "
+                     f"both to discard them")
+        raise
+    out.flush()
+    del out
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    os.remove(manifest_path)
+
+
+def _render_resumable(field, shape, path, region, max_batch, progress, dtype, nbytes, stamp):
+    """_render_into_partial, whose files go when writing them fails (a full disk, say: like
+    every other output, nothing is left behind; only a signal keeps them), its errors naming
+    `path`."""
+    try:
+        _render_into_partial(field, shape, path, region, max_batch, progress, dtype, nbytes,
+                             stamp)
+    except OSError as exc:
+        for leftover in partial_paths(path):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
 
 
 if __name__ == "__main__":

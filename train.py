@@ -391,7 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from this checkpoint (same image and network flags)")
     p.add_argument("--export", default=None,
                    help="write the full-resolution fit here at the end: .png .jpg .tif .webp "
-                   ".bmp or .npy (uint8)")
+                   ".bmp or .npy")
+    p.add_argument("--export_dtype", choices=("uint8", "uint16", "float16", "float32"),
+                   default="uint8", help="export pixels: uint8 / uint16 sRGB (uint16: .png "
+                   ".tif .npy) or float16 / float32 linear light (.tif .npy)")
     p.add_argument("--visualize", action=argparse.BooleanOptionalAction, default=False,
                    help="write previews at steps 1, 2, 4, 8, 10, 20, ... and an animated GIF, "
                    "and hand them to the loggers that take images")
@@ -452,9 +455,11 @@ def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argpars
         logger=args.logger or ["csv"] + (["tensorboard"] if tensorboard else []))})
 
 
-def export_fit(field: nn.Module, width: int, height: int, channels: int, path: str) -> str:
+def export_fit(field: nn.Module, width: int, height: int, channels: int, path: str,
+               dtype: str = "uint8") -> str:
     """Full-resolution render of `field` to `path`, tile by tile (render.render_to_file)."""
-    render.render_to_file(field, width, height, channels, path, max_batch=EVAL_BATCH)
+    render.render_to_file(field, width, height, channels, path, max_batch=EVAL_BATCH,
+                          dtype=dtype)
     return path
 
 
@@ -487,7 +492,7 @@ def run(args, callbacks=(), argv=()) -> dict:
     runs = os.path.join(args.root, args.trace, name)
     ckpt, first_step = resume_point(runs, args.ckpt, config, os.path.basename(path), digest)
     if args.export:
-        check_export(args.export, path)
+        check_export(args.export, path, args.export_dtype)
     args.ckpt = ckpt                            # a requeued job's own last.ckpt, if any
     args = resolved(args, accelerator, width * height)
     pl.seed_everything(args.seed, verbose=False)
@@ -551,7 +556,11 @@ def run(args, callbacks=(), argv=()) -> dict:
                    rank=trainer.global_rank)
     if trainer.is_global_zero:
         if args.export:
-            summary["export"] = export_fit(model.field.eval(), width, height, channels, args.export)
+            with images.stop_on_signals("train.py", f"{args.export} was not written; the fit "
+                                        f"is saved: python render.py --ckpt {keep.last} -o "
+                                        f"{args.export} writes it"):
+                summary["export"] = export_fit(model.field.eval(), width, height, channels,
+                                               args.export, args.export_dtype)
         print(summary_line(summary, ckpt is not None, os.path.join(log_dir, "config.yaml")))
     return summary
 

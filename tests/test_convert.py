@@ -1,12 +1,15 @@
 """convert.py: resampling against PIL's own resize, sizes, dtypes, linear light, the CLI's
 one-line errors, and the synthetic chart (deterministic, seamless, high-frequency)."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
-from PIL import Image, JpegImagePlugin
+import tifffile
+from PIL import Image, ImageOps, JpegImagePlugin
 
 import convert
 import images
@@ -280,3 +283,104 @@ def test_cli_chart_npy_and_png(tmp_path, capsys):
     assert_cli_error(status, err, "WIDTHxHEIGHT")
     status, _, err = run_main(["--chart", "20000x20000", "-o", tmp_path / "z.png"], capsys)
     assert_cli_error(status, err, "write .npy")
+
+
+# --- photos as shown, TIFFs as scientists have them, a clean stop ------------------------
+
+def jpeg_with_orientation(path, stored, orientation):
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[images.ORIENTATION_TAG] = orientation
+    im.save(path, quality=95, exif=exif)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_photos_are_converted_the_way_they_are_shown(tmp_path, orientation):
+    stored = chart_tile(0, 96, 0, 128, 128, 96)
+    jpeg_with_orientation(tmp_path / "photo.jpg", stored, orientation)
+    with Image.open(tmp_path / "photo.jpg") as im:
+        shown = np.asarray(ImageOps.exif_transpose(im))
+    convert.convert(tmp_path / "photo.jpg", tmp_path / "full.npy", scale=1, draft=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "full.npy"), shown)
+    # halved through the JPEG draft: the upright image halved (PIL's two passes swap with a
+    # turn, so a code may round the other way)
+    convert.convert(tmp_path / "photo.jpg", tmp_path / "half.npy", scale=0.5)
+    jpeg_with_orientation(tmp_path / "upright.jpg", stored, 1)
+    convert.convert(tmp_path / "upright.jpg", tmp_path / "upright.npy", scale=0.5)
+    half = np.load(tmp_path / "half.npy")
+    expected = images.orient(np.load(tmp_path / "upright.npy"), orientation)
+    assert half.shape == expected.shape == ((64, 48, 3) if orientation >= 5 else (48, 64, 3))
+    assert np.abs(half.astype(int) - expected).max() <= 1
+
+
+def test_float_tiff_is_resampled_as_linear_light(tmp_path):
+    linear = np.random.default_rng(0).random((40, 60, 3)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "hdr.tif", linear, photometric="rgb", tile=(16, 16),
+                     compression="zlib")
+    convert.convert(tmp_path / "hdr.tif", tmp_path / "half.npy", scale=0.5, dtype="float16")
+    expected = linear.reshape(20, 2, 30, 2, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(np.load(tmp_path / "half.npy"), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["strips", "tiles", "planar"])
+def test_every_tiff_layout_converts_like_the_plain_one(tmp_path, layout):
+    from test_images import write_tiff
+    pixels = chart_tile(0, 90, 0, 130, 130, 90)
+    write_tiff(tmp_path / "plain.tif", pixels, "contiguous")
+    write_tiff(tmp_path / "other.tif", pixels, layout)
+    for name in ("plain", "other"):
+        convert.convert(tmp_path / f"{name}.tif", tmp_path / f"{name}.npy", scale=0.37)
+    np.testing.assert_array_equal(np.load(tmp_path / "other.npy"), np.load(tmp_path / "plain.npy"))
+
+
+def big_tiff(path, width, height):
+    """An uncompressed RGB BigTIFF written band by band (never whole in this process)."""
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write((chart_tile(y0, min(height, y0 + 256), 0, width, width, height)
+                   for y0 in range(0, height, 256)), shape=(height, width, 3), dtype=np.uint8,
+                  photometric="rgb", rowsperstrip=256)
+
+
+def test_gigapixel_tiff_converts_in_bounded_memory(tmp_path):
+    """convert.py --scale 0.5 of an uncompressed RGB BigTIFF: peak resident memory at most
+    2 bytes per input pixel, interpreter included (48 Mpx here; 144 Mpx measured 0.37)."""
+    width, height = 8000, 6000
+    big_tiff(tmp_path / "big.tif", width, height)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking (pytest) process
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import convert; "
+              "convert.main(['-i', sys.argv[2], '-o', sys.argv[3], '--scale', '0.5']); "
+              "print([int(line.split()[1]) * 1024 for line in open('/proc/self/status') "
+              "if line.startswith('VmHWM')][0])")
+    result = subprocess.run([sys.executable, "-c", script, ROOT, str(tmp_path / "big.tif"),
+                             str(tmp_path / "half.npy")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    peak = int(result.stdout.split()[-1])
+    assert peak <= 2 * width * height, f"{peak / (width * height):.2f} bytes per input pixel"
+    half = np.load(tmp_path / "half.npy", mmap_mode="r")
+    assert half.shape == (3000, 4000, 3)
+    top = chart_tile(0, 2, 0, width, width, height).astype(np.float64)
+    expected = top.reshape(1, 2, 4000, 2, 3).mean(axis=(1, 3))
+    assert np.abs(half[:1] - expected).max() <= 1            # box average, rounded
+
+
+@pytest.mark.parametrize("argv, signum", [
+    (["--chart", "16384x8192", "-o", "chart.npy"], signal.SIGTERM),
+    (["-i", "big.tif", "-o", "copy.png", "--scale", "1"], signal.SIGINT)])
+def test_a_signal_stops_convert_cleanly(tmp_path, argv, signum):
+    if "big.tif" in argv:
+        big_tiff(tmp_path / "big.tif", 4096, 4096)
+    before = set(os.listdir(tmp_path))
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "convert.py"), *argv],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    time.sleep(2.5)
+    assert process.poll() is None, "convert finished before the signal"
+    sent = time.monotonic()
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=30)
+    assert time.monotonic() - sent < 5
+    assert process.returncode == 128 + signum
+    output = argv[argv.index("-o") + 1]
+    assert err.strip().splitlines()[-1] == (f"convert.py: stopped by {signum.name}; {output} was "
+                                            f"not written")
+    assert set(os.listdir(tmp_path)) == before                # no temporary file left

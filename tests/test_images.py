@@ -1,10 +1,14 @@
 """images.py: format round-trips, sRGB <-> linear against the IEC 61966-2-1 formulas,
 memory mapping, and one-line errors naming the file."""
 
+import re
+import time
+
 import numpy as np
 import pytest
+import tifffile
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import images
 from conftest import psnr, write_16bit
@@ -284,3 +288,139 @@ def test_to_srgb8_requantises_16_bit_and_encodes_linear_float():
     np.testing.assert_array_equal(images.to_srgb8(codes.astype(np.uint16) * 257), codes)
     np.testing.assert_array_equal(images.to_srgb8(images.SRGB_TO_LINEAR_LUT[codes]), codes)
     assert images.to_srgb8(codes) is codes
+
+
+# --- orientation, TIFF through tifffile, wide outputs ------------------------------------
+
+def save_with_orientation(path, array, orientation):
+    """An image file whose EXIF says to show `array` turned by `orientation` (1..8)."""
+    im = Image.fromarray(array)
+    exif = im.getexif()
+    exif[images.ORIENTATION_TAG] = orientation
+    im.save(path, exif=exif)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pil_shows_it(tmp_path, orientation):
+    stored = noise((5, 7, 3))
+    path = tmp_path / "photo.png"
+    save_with_orientation(path, stored, orientation)
+    with Image.open(path) as im:
+        shown = np.asarray(ImageOps.exif_transpose(im))
+    back = read_image(path)
+    np.testing.assert_array_equal(back, shown)
+    assert back.shape == ((7, 5, 3) if orientation >= 5 else (5, 7, 3))
+
+
+def test_tiff_orientation_tag_is_applied(tmp_path):
+    stored = noise((5, 7, 3))
+    path = tmp_path / "turned.tif"
+    tifffile.imwrite(path, stored, photometric="rgb", extratags=[(274, "H", 1, 6, True)])
+    np.testing.assert_array_equal(read_image(path), np.rot90(stored, -1))   # 90 degrees clockwise
+
+
+def write_tiff(path, array, layout):
+    """(H, W, C) array -> TIFF in one of the layouts scientists' tools write."""
+    photometric = "minisblack" if array.shape[2] == 1 else "rgb"
+    data = array[..., 0] if array.shape[2] == 1 else array
+    extra = dict(extrasamples=("unassalpha",)) if array.shape[2] == 4 else {}
+    options = {"contiguous": dict(), "bigtiff": dict(bigtiff=True),
+               "strips": dict(rowsperstrip=3, compression="zlib"),
+               "tiles": dict(tile=(16, 16), compression="zlib"),
+               "planar": dict(planarconfig="separate", rowsperstrip=4)}[layout]
+    if layout == "planar" and array.shape[2] > 1:
+        data = np.moveaxis(array, 2, 0)
+    tifffile.imwrite(path, data, photometric=photometric, **options, **extra)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float16, np.float32])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "bigtiff", "strips", "tiles", "planar"])
+def test_tiff_reads_every_dtype_channel_count_and_layout(tmp_path, dtype, channels, layout):
+    rng = np.random.default_rng(channels)
+    if np.issubdtype(dtype, np.floating):
+        array = rng.random((37, 21, channels)).astype(dtype)
+    else:
+        array = rng.integers(0, np.iinfo(dtype).max, (37, 21, channels), endpoint=True)
+        array = array.astype(dtype)
+    path = tmp_path / "x.tif"
+    write_tiff(path, array, layout)
+    back = read_image(path, keep_alpha=True)
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back, array)
+    mapped = layout in ("contiguous", "bigtiff") or (layout == "planar" and channels == 1)
+    assert isinstance(back, np.memmap) == mapped           # uncompressed, in one run
+    if channels == 4:
+        np.testing.assert_array_equal(read_image(path), array[:, :, :3])
+
+
+def test_tiff_bands_decode_rows_across_strip_and_tile_edges(tmp_path):
+    array = noise((50, 40, 3), np.uint16)
+    for layout in ("strips", "tiles", "planar"):
+        write_tiff(tmp_path / f"{layout}.tif", array, layout)
+        bands = images.TiffBands.usable(str(tmp_path / f"{layout}.tif"))
+        for y0, y1 in ((0, 1), (2, 19), (15, 17), (30, 50), (0, 50)):
+            np.testing.assert_array_equal(bands.rows(y0, y1), array[y0:y1])
+        bands.close()
+
+
+def test_truncated_tiffs_are_one_line_errors(tmp_path):
+    for layout in ("contiguous", "strips"):
+        path = tmp_path / f"{layout}.tif"
+        write_tiff(path, noise((64, 64, 3)), layout)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) * 2 // 3])
+        with pytest.raises(ImageError, match="truncated") as error:
+            read_image(path)
+        assert_one_line_naming(error, path)
+
+
+@pytest.mark.parametrize("ext, dtype", [(".png", np.uint16), (".tif", np.uint16),
+                                        (".tif", np.float16), (".tif", np.float32),
+                                        (".npy", np.float16), (".png", np.uint8)])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_wide_outputs_round_trip_exactly(tmp_path, ext, dtype, channels):
+    rng = np.random.default_rng(3)
+    if np.issubdtype(dtype, np.floating):
+        array = rng.random((9, 300, channels)).astype(dtype)
+    else:
+        array = rng.integers(0, np.iinfo(dtype).max, (9, 300, channels), endpoint=True)
+        array = array.astype(dtype)
+    write_image(tmp_path / f"x{ext}", array)
+    np.testing.assert_array_equal(read_image(tmp_path / f"x{ext}", keep_alpha=True), array)
+    if ext == ".png":       # a PNG any reader takes: PIL decodes it to the same high bytes
+        with Image.open(tmp_path / f"x{ext}") as im:
+            assert im.size == (300, 9)
+            assert im.mode in ("L", "I;16", "RGB", "RGBA", "I;16B", "I")
+
+
+def test_formats_refuse_what_they_cannot_hold(tmp_path):
+    for ext, dtype in ((".jpg", "uint16"), (".png", "float32"), (".webp", "float16")):
+        with pytest.raises(ImageError, match=f"{dtype} images can be written as") as error:
+            images.check_dtype(tmp_path / f"x{ext}", dtype)
+        assert_one_line_naming(error, tmp_path / f"x{ext}")
+
+
+def test_from_linear_matches_the_srgb_formula():
+    linear = np.array([0.0, 0.001, 0.2, 0.5, 1.0, 1.5, -0.1])
+    expected = [round(linear_to_srgb_ref(v) * 65535) for v in np.clip(linear, 0, 1).tolist()]
+    np.testing.assert_array_equal(images.from_linear(linear, "uint16"), expected)
+    np.testing.assert_array_equal(
+        images.from_linear(torch.tensor(linear, dtype=torch.float32), "uint16").numpy(), expected)
+    assert images.from_linear(linear, "float16").dtype == np.float16
+
+
+def test_progress_bar_shows_an_eta_only_past_its_delay(capsys, monkeypatch):
+    with images.progress_bar(4, "shown", "row", progress=True) as bar:
+        time.sleep(0.2)
+        bar.update(2)
+        bar.refresh()
+    assert re.search(r"shown:  50%.* 2/4 \[00:00<00:00", capsys.readouterr().err)  # elapsed<ETA
+    with images.progress_bar(4, "quick", "row") as bar:   # done before PROGRESS_DELAY
+        bar.update(4)
+    assert "quick" not in capsys.readouterr().err
+    monkeypatch.setattr(images, "PROGRESS_DELAY", 0.05)
+    with images.progress_bar(4, "later", "row") as bar:
+        time.sleep(0.2)
+        bar.update(1)
+    assert "later:  25%" in capsys.readouterr().err

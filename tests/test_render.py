@@ -1,9 +1,12 @@
 """Tests for render.py: pixel-centre sampling, crops, seamless tiles, memmap output, zoom
 sequences (GIF/WebP/PNG frames/ffmpeg pipe) and the command line from a real checkpoint."""
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -396,3 +399,160 @@ def test_cli_corrupt_checkpoint_through_the_entry_point(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("render.py: error: ")
     assert str(ckpt) in lines[0]
     assert not (tmp_path / "out.png").exists()
+
+
+# --- long outputs: a signal stops them cleanly; a .npy render resumes -----------------------
+
+class SignalAt(torch.nn.Module):
+    """The fit, sending this process a real SIGTERM on its `call`-th evaluation (0: never)."""
+
+    def __init__(self, field, call=0):
+        super().__init__()
+        self.field, self.call, self.calls = field, call, 0
+
+    def forward(self, xy):
+        self.calls += 1
+        if self.calls == self.call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.field(xy)
+
+
+def render_npy(field, path):
+    with images.stop_on_signals("render.py", f"{path} was not written"):
+        render.render_to_file(field, 80, 48, 3, path, max_batch=500, resume=True,
+                              stamp={"global_step": 3})
+
+
+def test_a_stopped_npy_render_resumes_bit_for_bit(fitted, tmp_path, capsys):
+    path = tmp_path / "fit.npy"
+    with pytest.raises(SystemExit) as stopped:
+        render_npy(SignalAt(fitted, call=3), path)           # 8 tiles of 6 rows
+    assert stopped.value.code == 128 + signal.SIGTERM
+    partial, manifest = tmp_path / "fit.partial.npy", tmp_path / "fit.partial.json"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"render.py: stopped by SIGTERM; {path} not finished: 12 of 48 rows are in {partial} "
+        f"(manifest {manifest}); run the same command again to continue, or delete both to "
+        f"discard them")
+    assert sorted(os.listdir(tmp_path)) == ["fit.partial.json", "fit.partial.npy"]
+    again = SignalAt(fitted)
+    render_npy(again, path)
+    assert again.calls == 6                                   # only the missing tiles
+    assert sorted(os.listdir(tmp_path)) == ["fit.npy"]
+    render_npy(SignalAt(fitted), tmp_path / "whole.npy")
+    assert (tmp_path / "fit.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    np.testing.assert_array_equal(np.load(path), render.render_region(fitted, 80, 48))
+
+
+def test_a_partial_render_of_another_fit_is_refused(fitted, tmp_path):
+    with pytest.raises(SystemExit):
+        render_npy(SignalAt(fitted, call=2), tmp_path / "fit.npy")
+    other = SignalAt(mlp_field())
+    with pytest.raises(ValueError, match="fingerprint.*delete it or pick another output name"):
+        render.render_to_file(other, 80, 48, 3, tmp_path / "fit.npy", max_batch=500,
+                              resume=True, stamp={"global_step": 3})
+
+
+def stop_during(argv, wait_for, cwd):
+    """Run argv, SIGTERM it once `wait_for` shows on its stderr: (status, stderr, seconds the
+    stop took)."""
+    process = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while wait_for.encode() not in seen:
+        chunk = process.stderr.read1(4096)
+        assert chunk, f"ended before {wait_for!r}: {seen[-500:]!r}"
+        seen += chunk
+    time.sleep(0.5)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    rest = process.communicate(timeout=60)[1]
+    return process.returncode, (seen + rest).decode(), time.monotonic() - sent
+
+
+@pytest.mark.parametrize("output", ["fit.png", "fit.tif", "fit.npy", "fit.dzi"])
+def test_render_cli_stops_on_sigterm_with_one_line(checkpoint, tmp_path, output):
+    status, err, seconds = stop_during(
+        [sys.executable, RENDER_PY, "--ckpt", checkpoint, "-o", output, "--scale", "80",
+         "--max_batch", "20000"], "deep zoom:" if output.endswith(".dzi") else "render:",
+        tmp_path)
+    assert status == 128 + signal.SIGTERM and seconds < 5
+    line = err.replace("\r", "\n").strip().splitlines()[-1]
+    left = sorted(os.listdir(tmp_path))
+    if output == "fit.npy":
+        assert line.startswith("render.py: stopped by SIGTERM; fit.npy not finished: ")
+        assert left == ["fit.partial.json", "fit.partial.npy"]
+    elif output == "fit.dzi":
+        assert re.fullmatch(r"render.py: stopped by SIGTERM; fit.dzi not finished: \d+ of \d+ "
+                            r"tiles are in fit_files; run the same command again to continue, "
+                            r"or delete fit_files to discard them", line)
+        assert left == ["fit_files"]
+        assert not [name for _, _, names in os.walk(tmp_path) for name in names
+                    if "partial" in name]
+    else:
+        assert line == f"render.py: stopped by SIGTERM; {output} was not written"
+        assert left == []
+
+
+@pytest.mark.parametrize("output, dtype", [("fit.png", "uint16"), ("fit.tif", "uint16"),
+                                           ("fit.tif", "float32"), ("fit.npy", "float16")])
+def test_cli_wide_outputs_hold_the_fit_in_more_than_8_bits(checkpoint, fitted, tmp_path,
+                                                            output, dtype):
+    run_cli("--ckpt", checkpoint, "-o", tmp_path / output, "--dtype", dtype)
+    with torch.no_grad():
+        xy = torch.from_numpy(render.pixel_centres(render.FULL, 40, 24, (0, 24), (0, 40)))
+        colour = fitted(xy.float())
+    expected = images.from_linear(colour, dtype).numpy().astype(dtype).reshape(24, 40, 3)
+    back = images.read_image(tmp_path / output)
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back, expected)
+
+
+def test_cli_refuses_a_dtype_the_format_cannot_hold(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        render.main(["--ckpt", checkpoint, "-o", str(tmp_path / "x.jpg"), "--dtype", "uint16"])
+    assert error.value.code == 2
+    assert "uint16 images can be written as .png, .tif, .tiff, .npy, not .jpg" in \
+        capsys.readouterr().err
+
+
+TRAIN_THEN_SIGTERM = """
+import os, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+import lightning.pytorch as pl
+import train
+
+class SigtermAfterTraining(pl.Callback):      # the export comes right after training
+    def on_train_end(self, trainer, module):
+        threading.Timer(float(sys.argv[2]), os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+train.main(sys.argv[3:], callbacks=[SigtermAfterTraining()])
+"""
+
+
+def test_train_export_stops_on_sigterm_naming_the_saved_checkpoint(tmp_path):
+    y, x = np.mgrid[0:1800, 0:2400]            # an export of several seconds
+    images.write_image(tmp_path / "src.png", np.stack([x % 256, y % 256, (x + y) % 256],
+                                                      -1).astype(np.uint8))
+    ckpt = os.path.join("logs", "experiments", "src", "version_0", "checkpoints", "last.ckpt")
+    result = subprocess.run(
+        [sys.executable, "-c", TRAIN_THEN_SIGTERM, os.path.dirname(RENDER_PY), "1.0",
+         "-i", "src.png", "--root", "logs", "--max_steps", "2", "--batch_size", "1024",
+         "--n_levels", "4", "--log2_hashmap_size", "10", "--val_every", "2", "--export",
+         "out/fit.png"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"train.py: stopped by SIGTERM; out/fit.png was not written; the fit is saved: python "
+        f"render.py --ckpt {ckpt} -o out/fit.png writes it")
+    assert os.listdir(tmp_path / "out") == []                 # no temporary file left
+    assert os.path.exists(tmp_path / ckpt)
+
+
+def test_train_refuses_an_export_dtype_its_format_cannot_hold(tmp_path, capsys):
+    import train
+    images.write_image(tmp_path / "src.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit) as error:
+        train.main(["-i", str(tmp_path / "src.png"), "--root", str(tmp_path / "logs"),
+                    "--export", str(tmp_path / "fit.jpg"), "--export_dtype", "float32"])
+    assert error.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"train.py: error: --export_dtype: {tmp_path / 'fit.jpg'}: float32 images can be "
+        f"written as .tif, .tiff, .npy, not .jpg")
