@@ -564,9 +564,11 @@ class MultiResHashGrid(nn.Module):
         self.embedding.weight.uniform_(-1e-4, 1e-4)
 
     def _passes(self, device: torch.device) -> "_Passes":
-        cpu = (self.implementation == "fast" and device.type == "cpu"
-               and not torch.compiler.is_compiling())
-        lookups = self.CPU_LOOKUPS_PER_PASS if cpu else self.DEVICE_LOOKUPS_PER_PASS
+        compiling = torch.compiler.is_compiling()
+        cpu = self.implementation == "fast" and device.type == "cpu" and not compiling
+        # (compiled: one pass per level group, whose temporaries inductor fuses away)
+        lookups = (self.CPU_LOOKUPS_PER_PASS if cpu else self.DEVICE_LOOKUPS_PER_PASS
+                   if not compiling else 1 << 62)
         return _Passes(tuple(self._level_groups), self.chunk_size, cpu, lookups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -597,9 +599,8 @@ class MultiResHashGrid(nn.Module):
         else:
             passes = self._passes(points.device)
             # the device branch keeps its corner rows and fractions for backward, if any
-            keep = (self.DEVICE_KEEP and not passes.cpu and torch.is_grad_enabled()
-                    and (points.requires_grad or table.requires_grad)
-                    and not _use_table_grad_op(table, points.requires_grad, True))
+            keep = (self.DEVICE_KEEP and not passes.cpu and not torch.compiler.is_compiling()
+                    and torch.is_grad_enabled() and (points.requires_grad or table.requires_grad))
             features = _HashGridFunction.apply(points, table, nan, passes, keep)
         return features.to(table.dtype).reshape(*batch_shape, self.output_dim)
 
@@ -874,11 +875,13 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor],
     per_level = out.view(n_points, n_levels, n_features)
     xt = x.t().contiguous()                                                   # (D, N)
     tricks = passes.cpu and not torch.is_grad_enabled()
+    # torch.compile: corner by corner, the form inductor fuses into a kernel per level group
+    corner_by_corner = passes.cpu or torch.compiler.is_compiling()
     kept = []
     for group, first, stop, lo, hi in passes.split(n_points):
         levels = slice(group.start + first, group.start + stop)
-        if passes.cpu:
-            values = _cpu_forward(xt[:, lo:hi], table, group, first, stop, tricks, acc_dtype)
+        if corner_by_corner:
+            values = _forward_by_corner(xt[:, lo:hi], table, group, first, stop, tricks, acc_dtype)
             values = values.transpose(0, 1)                                     # (n, G, F)
             if nan is not None:
                 values = values.masked_fill(nan[lo:hi, None, None], float("nan"))
@@ -1136,7 +1139,7 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, g: to
 
 
 # =============================================================================================
-# The CPU branch: eager mode on a CPU
+# The CPU branch: eager mode on a CPU (its forward is torch.compile's too)
 # =============================================================================================
 # Passes of CPU_LOOKUPS_PER_PASS lookups: every temporary is a few hundred KB that malloc
 # recycles (a fresh large buffer per op would spend its time in page faults), and the
@@ -1195,9 +1198,11 @@ def _product(factors: List[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def _cpu_forward(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, first: int,
+def _forward_by_corner(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, first: int,
                  stop: int, tricks: bool, acc_dtype: torch.dtype) -> torch.Tensor:
-    """xt: (D, n) -> the features (G, n, F) of the group's levels first..stop-1."""
+    """xt: (D, n) -> the features (G, n, F) of the group's levels first..stop-1, corner by
+    corner: the CPU branch's forward (with its tricks), and torch.compile's, which fuses
+    these per-corner ops into one kernel per level group."""
     group_table = table[group.rows_start:group.rows_stop]
     packed = tricks and _packable(group_table, acc_dtype)
     packed_table = _pack(group_table) if packed else None

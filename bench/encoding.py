@@ -99,13 +99,17 @@ def build(cls, workload: str, device: str, spec: str = OURS):
     return module
 
 
-def make_step(module, batch: int, dim: int, device: str, backward: bool):
+LOSSES = {"square_mean": lambda y: y.float().square().mean(), "sum": lambda y: y.float().sum()}
+
+
+def make_step(module, batch: int, dim: int, device: str, backward: bool,
+              loss: str = "square_mean"):
     x = torch.rand(batch, dim, device=device)
 
     def step():
         if backward:
             module.zero_grad(set_to_none=True)
-            module(x).float().square().mean().backward()
+            LOSSES[loss](module(x)).backward()
         else:
             with torch.no_grad():
                 module(x)
@@ -200,6 +204,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "encoding.json"))
+    parser.add_argument("--loss", choices=list(LOSSES), default="square_mean",
+                        help="the fwd+bwd step's loss on the features (default: %(default)s)")
     parser.add_argument("--traffic", action="store_true",
                         help="count ops, bytes written and peak memory instead of timing")
     parser.add_argument("--_memory", nargs=5, help=argparse.SUPPRESS)
@@ -214,7 +220,7 @@ def main(argv=None):
     specs = [OURS] + args.vs
     classes = {spec: load_class(spec) for spec in specs}
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}, fwd+bwd loss {args.loss}")
     rows = []
     for workload in args.workloads:
         dim, batch = WORKLOADS[workload][0], WORKLOADS[workload][6]
@@ -229,7 +235,7 @@ def main(argv=None):
                 steps = {}
                 for spec, module in modules.items():
                     runner = torch.compile(module) if mode == "compiled" else module
-                    steps[spec] = make_step(runner, batch, dim, args.device, backward)
+                    steps[spec] = make_step(runner, batch, dim, args.device, backward, args.loss)
                 seconds = time_interleaved(steps, args.repeats)
                 for spec, value in seconds.items():
                     rows.append(dict(workload=workload, mode=mode, step="fwd+bwd" if backward else "fwd",
