@@ -57,6 +57,26 @@ def number(low=None, high=None, *, above=None):
     return parse
 
 
+def resolution(text: str):
+    """--finest_resolution: "N" (both axes) or "X,Y"."""
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or X,Y (positive ints), got {text!r}")
+    return parts[0] if len(parts) == 1 else parts
+
+
+def devices(text: str):
+    """--devices: "auto", a count ("2") or GPU indices ("0,1")."""
+    if text == "auto":
+        return text
+    try:
+        if "," in text:
+            return [int(p) for p in text.split(",") if p]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, N or i,j,..., got {text!r}") from None
+
+
 def _bounds(low, high) -> str:
     if low is not None and high is not None:
         return f"{low:g}..{high:g}"

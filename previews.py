@@ -13,6 +13,7 @@ import argparse
 import importlib
 import math
 import os
+import warnings
 from typing import List
 
 import numpy as np
@@ -284,3 +285,15 @@ def summary_line(s: dict, resumed: bool, config: str) -> str:
     return (f"train.py: {s['steps']} steps{this_run}, {s['train_seconds']:.1f} s of training"
             f"{compiled}, PSNR {s['psnr']:.2f} dB; {fit}plot {s['plot']}; checkpoint "
             f"{s['checkpoint']}; next, {then}")
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's advice that does not apply here (workers: batches are drawn on the
+    device; the 1-item validation set is deliberate; the version folder claim_version made
+    already holds config.yaml)."""
+    for pattern in (".*does not have many workers.*", ".*number of training batches.*",
+                    ".*The `srun` command is available.*", ".*`IterableDataset` has `__len__`.*",
+                    ".*that ended before the epoch ended.*", ".*The dirpath has changed from.*",
+                    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+                    ".*exists and is not empty.*"):
+        warnings.filterwarnings("ignore", message=pattern)

@@ -9,7 +9,6 @@ Command line: ``python render.py --ckpt last.ckpt -o out.png`` (see ``--help``).
 """
 import hashlib
 import itertools
-import json
 import math
 import os
 import shutil

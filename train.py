@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from typing import List
 
 import torch
@@ -51,9 +50,10 @@ from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, Stopped, any_rank
                        source_digest)
 from pixels import EVAL_BATCH, PixelSource, PsnrProbe, psnr_from_sse, sampling_seed
 from previews import (LOGGERS, Previews, StepBar, logger_names, make_loggers, plot_psnr,
-                      summary_line)
+                      quiet_lightning, summary_line)
 
 STEPS_PER_EPOCH = 100                  # upstream's --epochs unit
+EPOCHS = 5
 GPU_BATCH_SIZE = 2 ** 18               # the paper's batch
 CPU_BATCH_SIZE = 2 ** 16               # 2 cores, albert, 120 s: 42.1 dB
 PIXELS_PER_SAMPLE = 16                 # a default batch draws at most 1/16 of the image's pixels
@@ -288,26 +288,6 @@ def sample_image_path() -> str:
     return str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 
 
-def parse_resolution(text: str):
-    """--finest_resolution: "N" (both axes) or "X,Y"."""
-    parts = [int(p) for p in text.split(",")]
-    if len(parts) not in (1, 2) or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or X,Y (positive ints), got {text!r}")
-    return parts[0] if len(parts) == 1 else parts
-
-
-def parse_devices(text: str):
-    """--devices: "auto", a count ("2") or GPU indices ("0,1")."""
-    if text == "auto":
-        return text
-    try:
-        if "," in text:
-            return [int(p) for p in text.split(",") if p]
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, N or i,j,..., got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every flag; each one is also a --config key (its name without the dashes)."""
     p = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
@@ -323,9 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=cli.integer(1), default=None,
                    help=f"pixels per step (default: 1/{PIXELS_PER_SAMPLE} of the image's pixels "
                    f"as a power of 2, at most {GPU_BATCH_SIZE} on GPU, {CPU_BATCH_SIZE} on CPU)")
-    p.add_argument("--epochs", type=cli.integer(1), default=5,
+    p.add_argument("--epochs", type=cli.integer(1), default=None,
                    help=f"training length in epochs of {STEPS_PER_EPOCH} steps, counted from "
-                   "step 0 (a resumed run trains up to this total) (default: 5)")
+                   f"step 0 (a resumed run trains up to this total) (default: {EPOCHS}; with "
+                   "--max_time alone, the time budget ends the run)")
     p.add_argument("--max_steps", type=cli.integer(1), default=None,
                    help="training length in steps in total, overrides --epochs (default: none)")
     p.add_argument("--max_time", type=cli.number(above=0), default=None,
@@ -336,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
                    help="auto: a GPU (CUDA, or Apple's MPS) if torch sees one, else the CPU "
                    "(default: auto)")
-    p.add_argument("--devices", type=parse_devices, default=None,
+    p.add_argument("--devices", type=cli.devices, default=None,
                    help="device count, GPU indices (0,1) or auto (default: 1; on GPU [--device])")
     p.add_argument("--strategy", default="auto",
                    help="Lightning strategy, e.g. ddp for several devices (default: auto)")
@@ -358,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "round(log2(pixels / 16)) within 19..24; albert: 20)")
     p.add_argument("--base_resolution", type=cli.integer(1), default=FieldConfig.base_resolution,
                    help="coarsest grid resolution N_min (default: %(default)s)")
-    p.add_argument("--finest_resolution", type=parse_resolution, default=None,
+    p.add_argument("--finest_resolution", type=cli.resolution, default=None,
                    help="finest resolution N_max: N for both axes or X,Y (default: half the "
                    "image width, half its height)")
     p.add_argument("--periodic", choices=["x", "y", "xy"], default="",
@@ -442,14 +423,17 @@ def default_batch_size(pixels: int, accelerator: str) -> int:
 def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argparse.Namespace:
     """`args` with what its defaults resolve to for this image on this machine (written to
     config.yaml, so that the run repeats exactly elsewhere too)."""
-    max_steps = args.max_steps if args.max_steps is not None else args.epochs * STEPS_PER_EPOCH
+    if args.max_steps is not None or args.epochs is not None or args.max_time is None:
+        max_steps = args.max_steps or (args.epochs or EPOCHS) * STEPS_PER_EPOCH
+    else:
+        max_steps = None                        # --max_time alone: the budget ends the run
     on_cpu = accelerator == "cpu"
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     return argparse.Namespace(**{**vars(args), **dict(
         accelerator=accelerator, precision=resolve_precision(args.precision, accelerator),
         batch_size=args.batch_size or default_batch_size(pixels, accelerator),
         val_every=args.val_every or min(CPU_VAL_EVERY if on_cpu else GPU_VAL_EVERY,
-                                        max(1, max_steps // 10)),
+                                        max(1, (max_steps or 2**62) // 10)),
         max_steps=max_steps, devices=args.devices if args.devices is not None
         else (1 if accelerator != "gpu" else [args.device]),
         logger=args.logger or ["csv"] + (["tensorboard"] if tensorboard else []))})
@@ -461,18 +445,6 @@ def export_fit(field: nn.Module, width: int, height: int, channels: int, path: s
     render.render_to_file(field, width, height, channels, path, max_batch=EVAL_BATCH,
                           dtype=dtype)
     return path
-
-
-def quiet_lightning() -> None:
-    """Silence Lightning's advice that does not apply here (workers: batches are drawn on the
-    device; the 1-item validation set is deliberate; the version folder claim_version made
-    already holds config.yaml)."""
-    for pattern in (".*does not have many workers.*", ".*number of training batches.*",
-                    ".*The `srun` command is available.*", ".*`IterableDataset` has `__len__`.*",
-                    ".*that ended before the epoch ended.*", ".*The dirpath has changed from.*",
-                    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
-                    ".*exists and is not empty.*"):
-        warnings.filterwarnings("ignore", message=pattern)
 
 
 def run(args, callbacks=(), argv=()) -> dict:
@@ -525,7 +497,8 @@ def run(args, callbacks=(), argv=()) -> dict:
     try:
         trainer = pl.Trainer(
             accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes,
-            strategy=args.strategy, precision=args.precision, max_steps=args.max_steps,
+            strategy=args.strategy, precision=args.precision,
+            max_steps=-1 if args.max_steps is None else args.max_steps,
             max_epochs=-1, val_check_interval=args.val_every, check_val_every_n_epoch=None,
             num_sanity_val_steps=0, logger=loggers, callbacks=[*all_callbacks, *callbacks],
             plugins=[AtomicCheckpointIO(), *cluster], enable_checkpointing=False,

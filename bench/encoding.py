@@ -371,7 +371,9 @@ def traffic_main(args):
             after = f"graph break: {compiled['error']}"
         else:
             batch = WORKLOADS[row["workload"]][6]
-            after = (f"yes, {compiled['kernels']}, {compiled['bytes_accessed'] / batch:,.0f}, "
+            accessed = compiled["bytes_accessed"]   # (inductor's C++ backend reports none)
+            accessed = f"{accessed / batch:,.0f}" if accessed else "n/a"
+            after = (f"yes, {compiled['kernels']}, {accessed}, "
                      f"{mib(row.get('compiled_peak_bytes'))}")
         print(f"{row['workload']:8} {name:34} {row['ops']:5d} {row['bytes_per_point']:8,.0f} "
               f"{mib(row.get('peak_bytes')):>9}   {after}")

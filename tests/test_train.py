@@ -531,3 +531,13 @@ def test_default_batch_is_a_sixteenth_of_the_image():
     assert train.default_batch_size(3250 * 4333, "cpu") == 2 ** 16      # albert: the CPU's cap
     assert train.default_batch_size(3250 * 4333, "gpu") == 2 ** 18      # the GPU's cap
     assert train.default_batch_size(80 * 48, "cpu") == 2 ** 8
+
+
+def test_a_time_budget_alone_is_not_cut_short_by_the_default_length():
+    parser = train.build_parser()
+    length = lambda *flags: train.resolved(parser.parse_args(list(flags)), "cpu", 10**6)  # noqa: E731
+    assert length().max_steps == 500                                   # 5 epochs of 100
+    budget = length("--max_time", "120")
+    assert budget.max_steps is None and budget.val_every == train.CPU_VAL_EVERY
+    assert length("--max_time", "120", "--epochs", "2").max_steps == 200
+    assert length("--max_time", "120", "--max_steps", "30").max_steps == 30
