@@ -782,8 +782,8 @@ class _HashGridFunction(torch.autograd.Function):
     """Interpolated table lookup with a hand-written backward.
 
     Autograd through the plain ops would keep every corner's weights and gathered features
-    alive until backward; this saves x, the table and (device branch) each corner's table row,
-    and backward recomputes the cheap per-axis arithmetic.
+    alive until backward; this saves x and the table (and, in the device branch with
+    DEVICE_KEEP, each corner's row and each axis' fraction), and backward recomputes the rest.
     """
 
     @staticmethod
@@ -881,7 +881,8 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor],
     for group, first, stop, lo, hi in passes.split(n_points):
         levels = slice(group.start + first, group.start + stop)
         if corner_by_corner:
-            values = _forward_by_corner(xt[:, lo:hi], table, group, first, stop, tricks, acc_dtype)
+            values = _forward_by_corner(xt[:, lo:hi], table, group, first, stop, tricks,
+                                        acc_dtype)
             values = values.transpose(0, 1)                                     # (n, G, F)
             if nan is not None:
                 values = values.masked_fill(nan[lo:hi, None, None], float("nan"))
@@ -1045,7 +1046,8 @@ def _corner_rows(xt, group: _LevelGroup, first: int, stop: int, offset: torch.Te
 
 
 def _pass_span(group: _LevelGroup, first: int, stop: int, table: torch.Tensor):
-    """(the corners of levels first..stop-1 as a view of table, their offsets (G, 1) within it)."""
+    """(the rows of levels first..stop-1 as a view of table (or of its gradient), their
+    offsets (G, 1) within it)."""
     start, end = group.row_span(first, stop)
     span = table[group.rows_start + start:group.rows_start + end]
     return span, group.offset[first:stop] - start
@@ -1054,7 +1056,7 @@ def _pass_span(group: _LevelGroup, first: int, stop: int, table: torch.Tensor):
 def _device_forward(xt, table, group: _LevelGroup, first: int, stop: int,
                     nan: Optional[torch.Tensor], out: torch.Tensor):
     """Writes the features of levels first..stop-1 for points xt (D, n) into out (G, n, F), NaN
-    for the points flagged in nan (n,); returns (corner corners, fracs), for backward."""
+    for the points flagged in nan (n,); returns (corner rows, fracs), for backward."""
     span, offset = _pass_span(group, first, stop, table)
     corners, fracs = _corner_rows(xt, group, first, stop, offset)
     values = span.index_select(0, corners.reshape(-1)).view(*corners.shape, span.shape[1])
@@ -1133,8 +1135,7 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, g: to
             grad_xt[d].add_((grad_frac * scale).sum(0))
         grads = _lerp_split(grads, weight.unsqueeze(-1).to(g.dtype))
     if grad_table is not None:
-        start, end = group.row_span(first, stop)
-        grad_span = grad_table[group.rows_start + start:group.rows_start + end]
+        grad_span = _pass_span(group, first, stop, grad_table)[0]
         grad_span.index_add_(0, corners.reshape(-1), grads.reshape(-1, g.shape[-1]))
 
 
