@@ -181,7 +181,7 @@ def test_region_psnr_is_the_fit_against_the_source(server, fit):
     "/../view.py", "/%2e%2e/view.py", "/fit_files/..%2f..%2fview.py", "/viewer/../view.py",
     "/openseadragon/../../../view.py", "/openseadragon/images/../../../../view.py",
     "/openseadragon/%2e%2e%2fopenseadragon.js", "//etc/passwd", "/%2fetc%2fpasswd",
-    "http://localhost/../view.py", "/openseadragon/openseadragon.js",
+    "/openseadragon/openseadragon.js",
 ])
 def test_everything_outside_the_served_set_is_404(server, path):
     status, body = server.get(path)
@@ -326,8 +326,7 @@ def test_waiting_is_bounded(fit, monkeypatch):
         with urllib.request.urlopen(url + "fit_files/7/0_0.png", timeout=30) as reply:
             assert reply.status == 200
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 def test_without_openseadragon_the_page_says_how_to_get_it(fit, monkeypatch, tmp_path):
@@ -343,7 +342,6 @@ def test_without_openseadragon_the_page_says_how_to_get_it(fit, monkeypatch, tmp
         with urllib.request.urlopen(url + "fit.dzi", timeout=30) as reply:   # tiles still serve
             assert reply.status == 200
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
     assert view.OSD_MISSING == ("OpenSeadragon is missing: run `npm ci` in the hashgrid folder "
                                 "(needs Node.js), then reload the page")
