@@ -165,6 +165,10 @@ def test_region_psnr_is_the_fit_against_the_source(server, fit):
     # zoomed past one pixel: that pixel
     one = server.json("/psnr.json?x0=0.5&y0=0.5&x1=0.51&y1=0.51")
     assert one["points"] == 1
+    # a region wholly off the image, on any side (or touching its edge from outside): nothing
+    for region in ("x0=-2&y0=0&x1=-1&y1=1", "x0=0&y0=-2&x1=1&y1=-1", "x0=-1&y0=0&x1=0&y1=1",
+                   "x0=1.5&y0=0&x1=2&y1=1", "x0=0&y0=1&x1=1&y1=2"):
+        assert server.json(f"/psnr.json?{region}") == dict(psnr=None, points=0, step=3), region
     assert server.get("/psnr.json?x0=1&y0=0&x1=0&y1=1")[0] == 404
     assert server.get("/psnr.json?x0=nan&y0=0&x1=1&y1=1")[0] == 404
 
@@ -263,6 +267,14 @@ def test_bad_inputs_are_one_line_before_listening(fit, tmp_path, capsys):
     code, out, err = run_view(capsys, "--ckpt", junk)
     assert (code, out) == (2, "") and err.count("\n") == 1
     assert err.startswith(f"view.py: error: {junk}: truncated or corrupt checkpoint")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    code, out, err = run_view(capsys, "--ckpt", text)
+    assert (code, err) == (2, f"view.py: error: {text}: not a checkpoint (train.py writes them "
+                              "with torch.save: a zip archive)\n")
+    code, out, err = run_view(capsys, "--ckpt", tmp_path)
+    assert (code, err) == (2, f"view.py: error: {tmp_path}: is a folder, not a checkpoint file "
+                              "(train.py saves them as .../checkpoints/last.ckpt)\n")
     code, out, err = run_view(capsys, "--ckpt", tmp_path / "none.ckpt")
     assert (code, err) == (2, f"view.py: error: {tmp_path / 'none.ckpt'}: no such checkpoint "
                               "file\n")
