@@ -9,6 +9,12 @@ error. Any Deep Zoom viewer can open the pyramids: /fit.dzi, /fit_files/L/C_R.jp
 /source.dzi and /error.dzi when there is a source. A tile is render.render_region of its window,
 the same pixels `render.py -o fit.dzi --scale ZOOM` writes. When the checkpoint file changes
 it is reloaded and the page refreshes its tiles. live.py serves the same during training.
+
+Serving is tornado's HTTP/1.1 (keep-alive, one write per response with TCP_NODELAY, a deadline
+for every request's headers, a listen backlog) on an asyncio loop of its own thread; renders
+wait in a RenderQueue without holding it. Before any work a request is refused (403) when its
+Host header is not this server's (DNS rebinding) or another site's page sent it (Sec-Fetch-Site,
+Origin, Referer); past MAX_CONNECTIONS connections or MAX_WAITING renders the answer is 503.
 """
 import asyncio
 import collections
@@ -607,7 +613,8 @@ def build_parser():
                         help="port; 0 picks a free one [default: %(default)s]")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; "
                         "127.0.0.1 is only this machine (use an SSH port forward from "
-                        "elsewhere) [default: %(default)s]")
+                        "elsewhere); ::1 the same in IPv6; 0.0.0.0 or :: every address, open to "
+                        "the network [default: %(default)s]")
     parser.add_argument("--zoom", type=cli.integer(0, 6), default=ZOOM.bit_length() - 1,
                         metavar="K", help="levels past the source resolution: the fit's "
                         "finest level is 2**K times the source [default: %(default)s]")

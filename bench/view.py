@@ -13,9 +13,10 @@ source resolution and at the level showing the whole image at about 1000 pixels;
 browser does, kept-alive connections: cached tiles with 1 and 8 clients at once, renders at
 the finest level with 1 and 8 clients (queued on the one render thread), and 20 clients
 connecting at once. --view OLD/view.py measures another version (before/after).
-slowdown: train.py on grace_hopper (other train.py flags pass through), the same steps with and without --serve 0, runs
-interleaved so that other load on the machine hits both alike; the best training seconds
-train.py reports, and the best CPU seconds of the whole process, are compared. Results go to
+slowdown: train.py on grace_hopper (other train.py flags pass through), the same steps with
+and without --serve 0, runs interleaved so that other load on the machine hits both alike;
+the best training seconds train.py reports, and the best CPU seconds of the whole process,
+are compared. Results go to
 bench/out/view.json and stdout.
 """
 import argparse
