@@ -33,7 +33,8 @@ PYTHON = sys.executable
 
 
 class ViewServer:
-    """`python view.py ARGS --port 0` in a subprocess; .url once it listens."""
+    """`python view.py ARGS --port 0` in a subprocess; .url once it listens, .notes the lines
+    printed after the URL's."""
 
     def __init__(self, *args, cwd=None):
         self.process = subprocess.Popen(
@@ -48,6 +49,11 @@ class ViewServer:
             if " at http://" in line:
                 self.url = line.rsplit(" at ", 1)[1].strip()
                 break
+        # then one line for each thing to know: an open --host, OpenSeadragon missing
+        args = list(map(str, args))
+        host = args[args.index("--host") + 1] if "--host" in args else "127.0.0.1"
+        count = (view.exposure_warning(host) is not None) + (not os.path.isdir(view.OSD_DIR))
+        self.notes = [self.process.stdout.readline() for _ in range(count)]
 
     def get(self, path):
         """(status, body bytes) of GET url+path (path sent as written, not normalised)."""
@@ -197,6 +203,8 @@ def test_recorded_source_is_found_in_the_current_folder(fit):
     try:
         assert running.lines == [f"view.py: serving {os.path.abspath(fit[0])} (step 3, with its "
                                  f"source) at {running.url}\n"]
+        assert running.notes == ([] if os.path.isdir(view.OSD_DIR) else   # a fresh machine
+                                 [f"view.py: {view.OSD_MISSING}\n"])
         assert running.json("/status.json")["source"] is True
     finally:
         running.stop()

@@ -257,7 +257,7 @@ def test_wildcard_host_warns_and_head_then_sigterm_is_quiet(checkpoint):
     try:
         port = int(running.url.rsplit(":", 1)[1].strip("/"))
         assert running.url == f"http://127.0.0.1:{port}/"
-        assert running.process.stdout.readline() == (
+        assert running.notes[0] == (
             "view.py: warning: --host '0.0.0.0' serves the source image and the fit, without a "
             "password, to every machine that can reach this one; the default 127.0.0.1 with an "
             "SSH port forward keeps them to you\n")
