@@ -462,16 +462,21 @@ class Listener(tornado.httpserver.HTTPServer):
 
 
 async def refuse(stream):
-    """503 on a connection past capacity: its request read first (1 s at most), so that closing
-    it does not reset the connection before the client reads the answer."""
+    """503 on a connection past capacity, sent however little of a request came: the request's
+    headers read first (1 s at most), so that closing does not reset the connection before
+    the client reads the answer."""
     try:
         await tornado.gen.with_timeout(
             datetime.timedelta(seconds=1), stream.read_until_regex(b"\r?\n\r?\n", 1 << 16),
             quiet_exceptions=(tornado.iostream.StreamClosedError,
                               tornado.iostream.UnsatisfiableReadError))
+    except (tornado.util.TimeoutError, tornado.iostream.UnsatisfiableReadError):
+        pass
+    except tornado.iostream.StreamClosedError:
+        return
+    try:
         await stream.write(BUSY_REPLY)
-    except (tornado.util.TimeoutError, tornado.iostream.StreamClosedError,
-            tornado.iostream.UnsatisfiableReadError):
+    except tornado.iostream.StreamClosedError:
         pass
     stream.close()
 

@@ -169,6 +169,8 @@ def test_past_capacity_a_503_and_never_a_silent_close(scene, monkeypatch):
                 status, headers, body = serving.ask("/status.json")
                 assert (status, headers["Retry-After"], headers["Connection"], body) == \
                     (503, "1", "close", b"busy: too many connections, retry\n")
+            with socket.create_connection(("127.0.0.1", serving.port), timeout=5) as mute:
+                assert mute.recv(100).startswith(b"HTTP/1.1 503 ")      # even if it says nothing
         finally:
             for sock in idle:
                 sock.close()
