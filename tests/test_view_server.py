@@ -150,7 +150,7 @@ def test_slow_clients_are_cut_off_and_the_user_still_gets_tiles(scene, monkeypat
                     assert sock.recv(100) == b""
                 except ConnectionResetError:
                     pass
-            assert 0.9 < time.monotonic() - opened < 4
+            assert 0.9 < time.monotonic() - opened < 8         # not before the deadline
         finally:
             done.set()
             for sock in slow:
