@@ -187,10 +187,24 @@ class FieldConfig:
 
 # --- checkpoints ---------------------------------------------------------------------------
 
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def read_checkpoint(path: str, device="cpu") -> dict:
     """The dict of a checkpoint written by train.py; CheckpointError (one line) otherwise."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (train.py saves "
+                              "them as .../checkpoints/last.ckpt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if magic != ZIP_MAGIC and magic[:1] != b"\x80":     # torch.save's zip, or its older pickle
+        raise CheckpointError(f"{path}: not a checkpoint (train.py writes them with torch.save: "
+                              "a zip archive)")
     try:
         # weights_only: a checkpoint is data; nothing in it may run code when loaded
         ckpt = torch.load(path, map_location=device, weights_only=True)

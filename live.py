@@ -1,8 +1,8 @@
 """train.py --serve: view.py's page and tiles during training, rendered from the live weights.
 
-The server answers in its own threads, but every render waits in view.RenderQueue and runs on
-the training thread between two steps (LiveView.on_train_batch_end), so tiles never see
-weights half-way through an optimizer step. Nobody looking costs one empty-queue check per
+The server answers on its own thread (view.start_server: tornado's event loop), but every
+render waits in view.RenderQueue and runs on the training thread between two steps
+(LiveView.on_train_batch_end), so tiles never see weights half-way through an optimizer step. Nobody looking costs one empty-queue check per
 step; somebody looking costs at most about one step's time per step in renders.
 """
 import threading

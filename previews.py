@@ -11,6 +11,7 @@ any image size. train.py is the only user.
 """
 import argparse
 import importlib
+import logging
 import math
 import os
 import warnings
@@ -264,7 +265,8 @@ def make_loggers(names: List[str], root: str, trace: str, name: str, version: in
                                                   default_hp_metric=False))
         elif logger == "wandb":
             made.append(loggers.WandbLogger(name=run_name, save_dir=log_dir, project=trace))
-        else:
+        else:       # MLflow 3 refuses its file store (ROOT/mlruns) unless asked; a user's
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")       # setting wins
             made.append(loggers.MLFlowLogger(experiment_name=trace, run_name=run_name,
                                              save_dir=os.path.join(root, "mlruns")))
     return made
@@ -287,10 +289,16 @@ def summary_line(s: dict, resumed: bool, config: str) -> str:
             f"{s['checkpoint']}; next, {then}")
 
 
+def _not_an_advertisement(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
 def quiet_lightning() -> None:
     """Silence Lightning's advice that does not apply here (workers: batches are drawn on the
     device; the 1-item validation set is deliberate; the version folder claim_version made
-    already holds config.yaml)."""
+    already holds config.yaml) and its "Tip: ... try installing litlogger" advertisement."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_not_an_advertisement)   # a second add is a no-op
     for pattern in (".*does not have many workers.*", ".*number of training batches.*",
                     ".*The `srun` command is available.*", ".*`IterableDataset` has `__len__`.*",
                     ".*that ended before the epoch ended.*", ".*The dirpath has changed from.*",

@@ -477,6 +477,13 @@ def run(args, callbacks=(), argv=()) -> dict:
         model.field.start_at(image.mean_colour())
     model.attach(image, PsnrProbe(source))
 
+    serving = []          # listening first: a port in use stops the run before its log folder
+    if args.serve is not None and rank_zero_only.rank == 0:
+        try:
+            serving.append(live.LiveView(model.field, config, source, args.serve,
+                                         first_step=first_step))
+        except OSError as exc:
+            raise UsageError(f"--serve: {exc}") from None
     version = claim_version(runs)
     loggers = make_loggers(args.logger, args.root, args.trace, name, version)
     log_dir = os.path.join(runs, f"version_{version}")
@@ -487,12 +494,7 @@ def run(args, callbacks=(), argv=()) -> dict:
         all_callbacks.append(Previews(image, os.path.join(log_dir, "previews")))
     # SLURM's requeue signal is KeepWork's: it saves at a step's end and requeues then
     cluster = [SLURMEnvironment(auto_requeue=False)] if slurm_job_id() is not None else []
-    if args.serve is not None and rank_zero_only.rank == 0:
-        try:
-            all_callbacks.append(live.LiveView(model.field, config, source, args.serve,
-                                               first_step=first_step))
-        except OSError as exc:
-            raise UsageError(f"--serve: {exc}") from None
+    all_callbacks += serving
     quiet_lightning()
     try:
         trainer = pl.Trainer(

@@ -9,10 +9,20 @@ error. Any Deep Zoom viewer can open the pyramids: /fit.dzi, /fit_files/L/C_R.jp
 /source.dzi and /error.dzi when there is a source. A tile is render.render_region of its window,
 the same pixels `render.py -o fit.dzi --scale ZOOM` writes. When the checkpoint file changes
 it is reloaded and the page refreshes its tiles. live.py serves the same during training.
+
+Serving is tornado's HTTP/1.1 (keep-alive, one write per response with TCP_NODELAY, a deadline
+for every request's headers, a listen backlog) on an asyncio loop of its own thread; renders
+wait in a RenderQueue without holding it. Before any work a request is refused (403) when its
+Host header is not this server's (DNS rebinding) or another site's page sent it (Sec-Fetch-Site,
+Origin, Referer); past MAX_CONNECTIONS connections or MAX_WAITING renders the answer is 503.
 """
+import asyncio
 import collections
+import concurrent.futures
+import datetime
 import errno
 import io
+import ipaddress
 import json
 import math
 import os
@@ -22,11 +32,16 @@ import signal
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import torch
+import tornado.gen
+import tornado.httpserver
+import tornado.iostream
+import tornado.netutil
+import tornado.util
+import tornado.web
 
 import cli
 import images
@@ -45,7 +60,9 @@ QUALITY = 95                       # render.py's default, so served jpg tiles eq
 ZOOM = 4                           # levels past the source resolution: 2**2
 CACHE_BYTES = 64 << 20             # encoded tiles kept, least recently used dropped first
 MAX_WAITING = 64                   # renders queued; beyond that a request gets 503
-MAX_CONNECTIONS = 32               # open connections; beyond that a new one is closed
+MAX_CONNECTIONS = 256              # open connections; beyond that a new one gets 503
+HEADER_SECONDS = 10                # a request's headers (or the next one's) arrive within this
+BACKLOG = 128                      # connections the kernel holds before we accept them
 WAIT_SECONDS = 60                  # a request waits at most this long for its render
 PSNR_POINTS = 2 ** 16              # region PSNR: every source pixel up to this many, else a grid
 ERROR_FULL_SCALE = 32              # per-pixel error map: white at 32 8-bit levels off
@@ -94,19 +111,18 @@ class RenderQueue:
     def __init__(self):
         self.jobs = queue.Queue(MAX_WAITING)
 
-    def call(self, fn):
-        """fn() run by the queue's runner; Busy when full or not run within WAIT_SECONDS."""
-        job = dict(fn=fn, done=threading.Event(), result=None, error=None, cancelled=False)
+    async def call(self, fn):
+        """fn() run by the queue's runner, awaited on the server's loop; Busy when the queue is
+        full or fn has not started within WAIT_SECONDS (then it never runs)."""
+        job = (fn, concurrent.futures.Future())
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise Busy() from None
-        if not job["done"].wait(WAIT_SECONDS):
-            job["cancelled"] = True
-            raise Busy()
-        if job["error"] is not None:
-            raise job["error"]
-        return job["result"]
+        try:    # a timeout cancels the wrapped future, so a job not yet started is dropped
+            return await asyncio.wait_for(asyncio.wrap_future(job[1]), WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            raise Busy() from None
 
     def run_pending(self, budget=None):
         """Run waiting jobs until none is left or `budget` seconds have passed (at least one
@@ -131,13 +147,13 @@ class RenderQueue:
 
     @staticmethod
     def _run(job):
-        if job["cancelled"]:
+        fn, future = job
+        if not future.set_running_or_notify_cancel():      # its request gave up waiting
             return 0
         try:
-            job["result"] = job["fn"]()
+            future.set_result(fn())
         except Exception as error:       # reported to the waiting request as HTTP 500
-            job["error"] = error
-        job["done"].set()
+            future.set_exception(error)
         return 1
 
 
@@ -151,7 +167,9 @@ class Scene:
         self.zoom, self.live = zoom, live
         self.source = None if source is None else SourceField(source, self.periodic)
         self.lock = threading.Lock()
-        self.field, self.step, self.version = field, info["global_step"], 1
+        # versions count on from the start time in ms: a later server's are higher, so the
+        # tiles a browser keeps for ?v= never come from another server on the same port
+        self.field, self.step, self.version = field, info["global_step"], time.time_ns() // 10**6
         self.curve = []                       # (step, PSNR dB) so far
         self.seen = 0.0                       # time.monotonic() of the last request
         self.cache = collections.OrderedDict()
@@ -189,8 +207,9 @@ class Scene:
                         zoom=self.zoom, source=self.source is not None,
                         viewer=None if os.path.isdir(OSD_DIR) else OSD_MISSING)
 
-    def tile(self, name, level, col, row, fmt):
-        """Encoded bytes of one tile, or None when it is outside that pyramid."""
+    async def tile(self, name, level, col, row, fmt):
+        """(encoded bytes, the version they show) of one tile, or None when it is outside that
+        pyramid."""
         size = self.sizes().get(name)
         levels = render.dzi_levels(*size) if size else []
         if level >= len(levels):
@@ -204,16 +223,16 @@ class Scene:
         with self.lock:
             if key in self.cache:
                 self.cache.move_to_end(key)
-                return self.cache[key]
-        data = self.queue.call(lambda: encode(self._render(field, name, width, height,
-                                                           window), fmt))
+                return self.cache[key], version
+        data = await self.queue.call(lambda: encode(self._render(field, name, width, height,
+                                                                 window), fmt))
         with self.lock:
             if version == self.version and key not in self.cache:
                 self.cache[key] = data
                 self.cached_bytes += len(data)
                 while self.cached_bytes > CACHE_BYTES:
                     self.cached_bytes -= len(self.cache.popitem(last=False)[1])
-        return data
+        return data, version
 
     def _render(self, field, name, width, height, window):
         if name == "source":
@@ -224,16 +243,17 @@ class Scene:
         return error_colours(fit, render.render_region(self.source, width, height,
                                                        window=window))
 
-    def region_psnr(self, region):
+    async def region_psnr(self, region):
         """PSNR (dB, None for an empty region) of the fit against the source over `region`
         (normalised, clipped to the image), and the number of points scored: every source
-        pixel the region touches up to PSNR_POINTS, else an even grid of about that many."""
+        pixel the region touches up to PSNR_POINTS, else an even grid of about that many;
+        (None, 0) for a region that misses the image on any side."""
+        if region[0] >= 1 or region[1] >= 1 or region[2] <= 0 or region[3] <= 0:
+            return None, 0
         x0, y0, x1, y1 = (min(1.0, max(0.0, v)) for v in region)
         px0, py0 = int(x0 * self.width), int(y0 * self.height)
         px1 = max(px0 + 1, min(self.width, math.ceil(x1 * self.width)))
         py1 = max(py0 + 1, min(self.height, math.ceil(y1 * self.height)))
-        if px0 >= self.width or py0 >= self.height:
-            return None, 0
         shrink = max(1.0, ((px1 - px0) * (py1 - py0) / PSNR_POINTS) ** 0.5)
         w, h = max(1, int((px1 - px0) / shrink)), max(1, int((py1 - py0) / shrink))
         snapped = (px0 / self.width, py0 / self.height, px1 / self.width, py1 / self.height)
@@ -244,7 +264,7 @@ class Scene:
             source = render.render_region(self.source, w, h, snapped)
             sse, count = pixels_sse(fit, source)
             return pixels.psnr_from_sse(sse, count)
-        return self.queue.call(score), w * h
+        return await self.queue.call(score), w * h
 
 
 def pixels_sse(a, b):
@@ -292,33 +312,44 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".png": "image/png"}
 
 
-class Handler(BaseHTTPRequestHandler):
-    """GET/HEAD of the page, its assets, status, region PSNR, .dzi and tiles; 404 otherwise."""
-    protocol_version = "HTTP/1.1"
-    timeout = 30                        # an idle or slow connection is dropped
-    server_version = "hashgrid-view"
+class Handler(tornado.web.RequestHandler):
+    """GET/HEAD of the page, its assets, status, region PSNR, .dzi and tiles; 404 otherwise.
+    Before any of that, 403 for a Host header not in the server's list (DNS rebinding) and for
+    a request another site's page makes (every path but the page itself)."""
 
-    def do_GET(self):
-        self.reply(body=True)
+    def initialize(self, server):
+        self.view = server
 
-    def do_HEAD(self):
-        self.reply(body=False)
+    def set_default_headers(self):
+        self.set_header("Server", "hashgrid-view")
+        self.set_header("X-Frame-Options", "DENY")          # no other page frames ours
+        self.set_header("X-Content-Type-Options", "nosniff")
 
-    def reply(self, body):
-        self.body = body
-        self.server.scene.seen = time.monotonic()
-        path, _, query = self.path.partition("?")
+    def compute_etag(self):                 # tiles change with the version, not a hash
+        return None
+
+    def prepare(self):
+        refusal = self.view.refusal(self.request)
+        if refusal:
+            self.send(403, f"forbidden: {refusal}\n".encode(), "text/plain")
+
+    async def get(self):
+        await self.reply()
+
+    async def head(self):
+        await self.reply()
+
+    async def reply(self):
+        self.view.scene.seen = time.monotonic()
         try:
-            self.answer(path, query)
+            await self.answer(self.request.path, self.request.query)
         except Busy:
             self.send(503, b"busy: too many tiles waiting, retry\n", "text/plain", retry=True)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
         except Exception as error:       # one line to the client; the server keeps serving
             self.send(500, f"render failed: {cli.one_line(error)}\n".encode(), "text/plain")
 
-    def answer(self, path, query):
-        scene, files = self.server.scene, self.server.files
+    async def answer(self, path, query):
+        scene, files = self.view.scene, self.view.files
         if path in files:
             with open(files[path], "rb") as f:
                 return self.send(200, f.read(), CONTENT_TYPES[os.path.splitext(files[path])[1]])
@@ -327,38 +358,43 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/psnr.json" and scene.source is not None:
             region = parse_region(query)
             if region is not None:
-                psnr, points = scene.region_psnr(region)
+                psnr, points = await scene.region_psnr(region)
                 psnr = None if psnr is None or psnr == float("inf") else round(psnr, 3)
                 return self.send_json(dict(psnr=psnr, points=points, step=scene.step))
+        asked = parse_qs(query).get("v", [None])[0]     # the page's ?v=: the version it shows
         name = path[1:-4] if path.endswith(".dzi") else None
         if name in scene.sizes():
             width, height = scene.sizes()[name]
             xml = render.dzi_xml(width, height, TILE_SIZE, OVERLAP, "jpg")
-            return self.send(200, xml.encode(), "application/xml")
+            return self.send(200, xml.encode(), "application/xml",
+                             cache=cache_control(asked, scene.version))
         match = TILE_PATH.fullmatch(path)
         if match:
             name, level, col, row, fmt = match.groups()
-            data = scene.tile(name, int(level), int(col), int(row), fmt)
-            if data is not None:
-                return self.send(200, data, FORMATS[fmt])
+            found = await scene.tile(name, int(level), int(col), int(row), fmt)
+            if found is not None:
+                return self.send(200, found[0], FORMATS[fmt], cache=cache_control(asked, found[1]))
         self.send(404, b"not found\n", "text/plain")
 
     def send_json(self, value):
         self.send(200, json.dumps(value).encode(), "application/json")
 
-    def send(self, code, body, content_type, retry=False):
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+    def send(self, code, body, content_type, cache="no-store", retry=False):
+        """The whole response in one write (tornado sends it with TCP_NODELAY on)."""
+        self.set_status(code)
+        self.set_header("Content-Type", content_type)
+        self.set_header("Cache-Control", cache)
         if retry:
-            self.send_header("Retry-After", "1")
-        self.end_headers()
-        if self.body:
-            self.wfile.write(body)
+            self.set_header("Retry-After", "1")
+        self.finish(body)
 
-    def log_message(self, format, *args):      # quiet: one line at start is the interface
-        pass
+
+def cache_control(asked, version):
+    """A response that shows `version`, asked for as ?v=`asked`: the browser may keep it while
+    that version holds (the URL changes with it); anything else is fetched again each time."""
+    if asked == str(version):
+        return "private, max-age=86400, immutable"
+    return "no-store"
 
 
 def parse_region(query):
@@ -373,42 +409,149 @@ def parse_region(query):
     return region
 
 
-class Server(ThreadingHTTPServer):
-    """A thread per connection, at most MAX_CONNECTIONS of them."""
-    daemon_threads = True
+def host_names(host, port):
+    """The Host header values a server on `host`:`port` answers: this machine's loopback names
+    and `host`, with the port (alone too on port 80); None (any) when `host` is every address,
+    where other machines reach it by names it cannot know (as Jupyter allows)."""
+    if host in WILDCARD_HOSTS:
+        return None
+    names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host.lower()}
+    return {f"{name}:{port}" for name in names} | (names if port == 80 else set())
 
-    def __init__(self, host, port, scene):
-        self.scene, self.files = scene, static_files()
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        super().__init__((host, port), Handler)
 
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+def cross_site(headers, host):
+    """Why a request came from a page of another site (its Sec-Fetch-Site, Origin or Referer
+    says so), or None. Browsers send these; they cannot be left out by a page."""
+    site = headers.get("Sec-Fetch-Site")
+    if site not in (None, "same-origin", "none"):
+        return f"Sec-Fetch-Site: {site}"
+    origin = headers.get("Origin")
+    if origin is not None and origin.lower() != f"http://{host}":
+        return f"Origin: {origin}"
+    referer = headers.get("Referer")
+    if referer is not None:
+        parts = urlsplit(referer)
+        if (parts.scheme, parts.netloc.lower()) != ("http", host):
+            return "Referer of another site"
+    return None
 
-    def process_request_thread(self, request, client_address):
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+              b"Content-Length: 34\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+              b"busy: too many connections, retry\n")
+
+
+class Listener(tornado.httpserver.HTTPServer):
+    """tornado's HTTP/1.1 server (keep-alive; every request's headers within HEADER_SECONDS,
+    else the connection is closed), answering 503 to connections past MAX_CONNECTIONS."""
+
+    def initialize(self, *args, **kwargs):
+        super().initialize(*args, **kwargs)
+        self.open = 0
+
+    def handle_stream(self, stream, address):
+        if self.open >= MAX_CONNECTIONS:
+            return refuse(stream)
+        self.open += 1
+        super().handle_stream(stream, address)
+
+    def on_close(self, server_conn):
+        self.open -= 1
+        super().on_close(server_conn)
+
+
+async def refuse(stream):
+    """503 on a connection past capacity, sent however little of a request came: the request's
+    headers read first (1 s at most), so that closing does not reset the connection before
+    the client reads the answer."""
+    try:
+        await tornado.gen.with_timeout(
+            datetime.timedelta(seconds=1), stream.read_until_regex(b"\r?\n\r?\n", 1 << 16),
+            quiet_exceptions=(tornado.iostream.StreamClosedError,
+                              tornado.iostream.UnsatisfiableReadError))
+    except (tornado.util.TimeoutError, tornado.iostream.UnsatisfiableReadError):
+        pass
+    except tornado.iostream.StreamClosedError:
+        return
+    try:
+        await stream.write(BUSY_REPLY)
+    except tornado.iostream.StreamClosedError:
+        pass
+    stream.close()
+
+
+class Server:
+    """What start_server starts: tornado on an asyncio loop of its own thread; renders wait in
+    the scene's RenderQueue without holding the loop. .close() stops it."""
+
+    def __init__(self, scene, sockets, hosts):
+        self.scene, self.files, self.hosts = scene, static_files(), hosts
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            app = tornado.web.Application([(r".*", Handler, dict(server=self))],
+                                          log_function=lambda handler: None)   # quiet
+            self.http = Listener(app, idle_connection_timeout=HEADER_SECONDS,
+                                 body_timeout=HEADER_SECONDS, max_body_size=1 << 16)
+            self.http.add_sockets(sockets)
+            started.set()
+            self.loop.run_forever()
+        self.thread = threading.Thread(target=run, daemon=True, name="view-http")
+        self.thread.start()
+        started.wait()
+
+    def refusal(self, request):
+        """Why `request` is refused before any work (403), or None."""
+        host = request.headers.get("Host", "").lower()
+        if self.hosts is not None and host not in self.hosts:
+            return f"Host {host!r} is not this server's (a DNS rebinding page?)"
+        if request.path != "/":           # the page itself may be opened from a link
+            return cross_site(request.headers, host)
+        return None
+
+    def close(self):
+        """Stop listening, close every connection, end the thread."""
+        async def stop():
+            self.http.stop()
+            await self.http.close_all_connections()
         try:
-            super().process_request_thread(request, client_address)
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
         finally:
-            self.slots.release()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
 
 
 def start_server(scene, host, port):
-    """Bind and serve `scene` in a background thread; returns (server, url). OSError with one
+    """Bind and serve `scene` in a background thread; returns (Server, url). OSError with one
     line naming the port when it cannot be bound."""
     try:
-        server = Server(host, port, scene)
+        sockets = tornado.netutil.bind_sockets(port, host or None, backlog=BACKLOG)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise OSError(f"port {port} on {host} is in use; pick another port (0: "
                           "any free one)") from None
         raise OSError(f"cannot listen on {host} port {port}: {error.strerror or error}") from None
-    threading.Thread(target=server.serve_forever, daemon=True, name="view-http").start()
-    bound_host, bound_port = server.server_address[:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    return server, f"http://{shown}:{bound_port}/"
+    port = sockets[0].getsockname()[1]
+    server = Server(scene, sockets, host_names(host, port))
+    shown = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(
+        host, f"[{host}]" if ":" in host else host)
+    return server, f"http://{shown}:{port}/"
+
+
+def exposure_warning(host):
+    """A line saying who else can see the images when `host` is not this machine's loopback."""
+    try:
+        private = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        private = False
+    if private:
+        return None
+    return (f"view.py: warning: --host {host!r} serves the source image and the fit, without a "
+            "password, to every machine that can reach this one; the default 127.0.0.1 with an "
+            "SSH port forward keeps them to you")
 
 
 def find_source(path, info):
@@ -425,6 +568,15 @@ def find_source(path, info):
                          f"{source.shape[2]}, the checkpoint was trained on "
                          f"{info['width']}x{info['height']}x{info['channels']}")
     return source
+
+
+def say(line):
+    """Print `line` to stdout; once nobody reads it (`view.py ... | head -1`), quietly drop it
+    and everything after (Python's own advice: stdout to devnull, no BrokenPipeError)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def watch(path, scene, device, stop):
@@ -448,10 +600,10 @@ def watch(path, scene, device, stop):
                     (scene.width, scene.height, scene.channels):
                 raise CheckpointError(f"{path}: now fits another image size")
         except (CheckpointError, OSError) as error:
-            print(f"view.py: kept step {scene.step}: {cli.one_line(error)}", flush=True)
+            say(f"view.py: kept step {scene.step}: {cli.one_line(error)}")
             continue
         scene.update(field, info["global_step"])
-        print(f"view.py: reloaded {path} (step {info['global_step']})", flush=True)
+        say(f"view.py: reloaded {path} (step {info['global_step']})")
 
 
 def build_parser():
@@ -466,7 +618,8 @@ def build_parser():
                         help="port; 0 picks a free one [default: %(default)s]")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; "
                         "127.0.0.1 is only this machine (use an SSH port forward from "
-                        "elsewhere) [default: %(default)s]")
+                        "elsewhere); ::1 the same in IPv6; 0.0.0.0 or :: every address, open to "
+                        "the network [default: %(default)s]")
     parser.add_argument("--zoom", type=cli.integer(0, 6), default=ZOOM.bit_length() - 1,
                         metavar="K", help="levels past the source resolution: the fit's "
                         "finest level is 2**K times the source [default: %(default)s]")
@@ -497,18 +650,19 @@ def main(argv=None):
                                 name="view-reload")]
     for thread in workers:
         thread.start()
-    if not os.path.isdir(OSD_DIR):
-        print(f"view.py: {OSD_MISSING}", flush=True)
-    print(f"view.py: serving {args.ckpt} (step {info['global_step']}"
-          + (", with its source" if source is not None else ", no source") + f") at {url}",
-          flush=True)
+    # the URL first (`view.py ... | head -1`), then what the user should know
+    say(f"view.py: serving {args.ckpt} (step {info['global_step']}"
+        + (", with its source" if source is not None else ", no source") + f") at {url}")
+    for note in (exposure_warning(args.host),
+                 None if os.path.isdir(OSD_DIR) else f"view.py: {OSD_MISSING}"):
+        if note:
+            say(note)
     while not stop.wait(0.5):
         pass
-    server.shutdown()
-    server.server_close()
+    server.close()
     for thread in workers:      # torch's threads must not be torn down under a render
         thread.join()
-    print("view.py: stopped", flush=True)
+    say("view.py: stopped")
     return 0
 
 

@@ -91,3 +91,4 @@ def test_serve_on_a_port_in_use_is_one_line(checker, tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"train.py: error: --serve: port {port} on 127.0.0.1 is in use; pick another port "
         "(0: any free one)\n")
+    assert not list((tmp_path / "logs").rglob("version_*"))       # no empty log folder left

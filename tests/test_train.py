@@ -2,11 +2,13 @@
 
 Every fit runs on a small generated image in tmp_path with the CPU accelerator."""
 import io
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -474,6 +476,70 @@ def test_tensorboard_receives_the_previews_as_images(tmp_path):
                                                      f"step_{event.step:06d}.png")))
         np.testing.assert_array_equal(picture, on_disk)
     assert [s.step for s in events.Scalars("val/psnr")] == [1, 2, 3, 4]   # a tenth of the run
+
+
+def test_wandb_and_mlflow_loggers_get_the_scores_and_previews(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed (requirements-dev.txt has it)")
+    pytest.importorskip("mlflow", reason="mlflow is not installed (requirements-dev.txt has "
+                        "mlflow-skinny)")
+    from mlflow.tracking import MlflowClient
+    path = save_png(tmp_path / "waves.png", smooth_image())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_"))}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true")    # W&B without an account
+    done = subprocess.run(            # a process of its own: W&B keeps a service running
+        [sys.executable, os.path.join(ROOT, "train.py"), "-i", path, "--root",
+         str(tmp_path / "logs"), "--accelerator", "cpu", "--batch_size", "4096", "--max_steps",
+         "4", "--val_every", "2", "--logger", "wandb,mlflow", "--visualize"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    psnr = float(done.stdout.split("PSNR ")[-1].split(" dB")[0])
+    log_dir = tmp_path / "logs" / "experiments" / "waves" / "version_0"
+    pictures = [np.asarray(Image.open(log_dir / "previews" / f"step_{step:06d}.png"))
+                for step in (1, 2, 4)]
+    # MLflow's file store ROOT/mlruns: the run named as the version folder, val/psnr at each
+    # validation, the very previews as artifacts
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")       # as train.py does
+    client = MlflowClient(f"file:{tmp_path / 'logs' / 'mlruns'}")
+    [run] = client.search_runs([client.get_experiment_by_name("experiments").experiment_id])
+    assert run.data.tags["mlflow.runName"] == "waves/version_0"
+    history = client.get_metric_history(run.info.run_id, "val/psnr")
+    assert [m.step for m in history] == [2, 4]
+    assert history[-1].value == pytest.approx(psnr, abs=0.005)
+    for step, picture in zip((1, 2, 4), pictures):
+        artifact = client.download_artifacts(run.info.run_id, f"preview/step_{step:06d}.png",
+                                             str(tmp_path))
+        np.testing.assert_array_equal(np.asarray(Image.open(artifact)), picture)
+    # W&B offline: its run inside the version folder, the previews among its images
+    [run_dir] = (log_dir / "wandb").glob("offline-run-*")
+    media = [np.asarray(Image.open(f)) for f in (run_dir / "files" / "media" / "images").glob(
+        "preview_*.png")]
+    assert len(media) == 3
+    assert all(any(np.array_equal(m, p) for m in media) for p in pictures)
+
+
+def test_lightning_advertises_nothing(tmp_path):
+    # its "Tip: ... try installing litlogger" goes to the lightning.pytorch logger in every run
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    lightning_log = logging.getLogger("lightning.pytorch")
+    rank_zero_logs = [logging.getLogger(name) for name in (
+        "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
+    lightning_log.addHandler(handler)
+    try:
+        for log in rank_zero_logs:                   # as before quiet_lightning ever ran
+            log.removeFilter(previews._not_an_advertisement)
+        for quiet in (False, True):
+            if quiet:
+                previews.quiet_lightning()
+            seen.clear()
+            pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                       enable_progress_bar=False, enable_model_summary=False)
+            assert any("GPU available" in line for line in seen)        # the handler sees it
+            assert any("litlogger" in line for line in seen) is not quiet, seen
+    finally:
+        lightning_log.removeHandler(handler)
+        previews.quiet_lightning()
 
 
 def test_every_run_ends_with_a_psnr_plot_and_says_what_next(tmp_path, capsys):

@@ -33,7 +33,8 @@ PYTHON = sys.executable
 
 
 class ViewServer:
-    """`python view.py ARGS --port 0` in a subprocess; .url once it listens."""
+    """`python view.py ARGS --port 0` in a subprocess; .url once it listens, .notes the lines
+    printed after the URL's."""
 
     def __init__(self, *args, cwd=None):
         self.process = subprocess.Popen(
@@ -48,6 +49,11 @@ class ViewServer:
             if " at http://" in line:
                 self.url = line.rsplit(" at ", 1)[1].strip()
                 break
+        # then one line for each thing to know: an open --host, OpenSeadragon missing
+        args = list(map(str, args))
+        host = args[args.index("--host") + 1] if "--host" in args else "127.0.0.1"
+        count = (view.exposure_warning(host) is not None) + (not os.path.isdir(view.OSD_DIR))
+        self.notes = [self.process.stdout.readline() for _ in range(count)]
 
     def get(self, path):
         """(status, body bytes) of GET url+path (path sent as written, not normalised)."""
@@ -165,6 +171,10 @@ def test_region_psnr_is_the_fit_against_the_source(server, fit):
     # zoomed past one pixel: that pixel
     one = server.json("/psnr.json?x0=0.5&y0=0.5&x1=0.51&y1=0.51")
     assert one["points"] == 1
+    # a region wholly off the image, on any side (or touching its edge from outside): nothing
+    for region in ("x0=-2&y0=0&x1=-1&y1=1", "x0=0&y0=-2&x1=1&y1=-1", "x0=-1&y0=0&x1=0&y1=1",
+                   "x0=1.5&y0=0&x1=2&y1=1", "x0=0&y0=1&x1=1&y1=2"):
+        assert server.json(f"/psnr.json?{region}") == dict(psnr=None, points=0, step=3), region
     assert server.get("/psnr.json?x0=1&y0=0&x1=0&y1=1")[0] == 404
     assert server.get("/psnr.json?x0=nan&y0=0&x1=1&y1=1")[0] == 404
 
@@ -181,7 +191,7 @@ def test_region_psnr_is_the_fit_against_the_source(server, fit):
     "/../view.py", "/%2e%2e/view.py", "/fit_files/..%2f..%2fview.py", "/viewer/../view.py",
     "/openseadragon/../../../view.py", "/openseadragon/images/../../../../view.py",
     "/openseadragon/%2e%2e%2fopenseadragon.js", "//etc/passwd", "/%2fetc%2fpasswd",
-    "http://localhost/../view.py", "/openseadragon/openseadragon.js",
+    "/openseadragon/openseadragon.js",
 ])
 def test_everything_outside_the_served_set_is_404(server, path):
     status, body = server.get(path)
@@ -193,6 +203,8 @@ def test_recorded_source_is_found_in_the_current_folder(fit):
     try:
         assert running.lines == [f"view.py: serving {os.path.abspath(fit[0])} (step 3, with its "
                                  f"source) at {running.url}\n"]
+        assert running.notes == ([] if os.path.isdir(view.OSD_DIR) else   # a fresh machine
+                                 [f"view.py: {view.OSD_MISSING}\n"])
         assert running.json("/status.json")["source"] is True
     finally:
         running.stop()
@@ -263,6 +275,14 @@ def test_bad_inputs_are_one_line_before_listening(fit, tmp_path, capsys):
     code, out, err = run_view(capsys, "--ckpt", junk)
     assert (code, out) == (2, "") and err.count("\n") == 1
     assert err.startswith(f"view.py: error: {junk}: truncated or corrupt checkpoint")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    code, out, err = run_view(capsys, "--ckpt", text)
+    assert (code, err) == (2, f"view.py: error: {text}: not a checkpoint (train.py writes them "
+                              "with torch.save: a zip archive)\n")
+    code, out, err = run_view(capsys, "--ckpt", tmp_path)
+    assert (code, err) == (2, f"view.py: error: {tmp_path}: is a folder, not a checkpoint file "
+                              "(train.py saves them as .../checkpoints/last.ckpt)\n")
     code, out, err = run_view(capsys, "--ckpt", tmp_path / "none.ckpt")
     assert (code, err) == (2, f"view.py: error: {tmp_path / 'none.ckpt'}: no such checkpoint "
                               "file\n")
@@ -326,8 +346,7 @@ def test_waiting_is_bounded(fit, monkeypatch):
         with urllib.request.urlopen(url + "fit_files/7/0_0.png", timeout=30) as reply:
             assert reply.status == 200
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 def test_without_openseadragon_the_page_says_how_to_get_it(fit, monkeypatch, tmp_path):
@@ -343,7 +362,6 @@ def test_without_openseadragon_the_page_says_how_to_get_it(fit, monkeypatch, tmp
         with urllib.request.urlopen(url + "fit.dzi", timeout=30) as reply:   # tiles still serve
             assert reply.status == 200
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
     assert view.OSD_MISSING == ("OpenSeadragon is missing: run `npm ci` in the hashgrid folder "
                                 "(needs Node.js), then reload the page")
