@@ -23,10 +23,10 @@ from PIL import Image
 
 import cli
 from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, TIFF_EXTENSIONS,
-                    ImageError, TiffBands, atomic_output, available_memory, check_free_space,
-                    decode, extension, linear_to_uint8, open_image, oriented_size,
-                    pil_orientation, pil_rows, pixel_mode, progress_bar, read_image, same_file,
-                    srgb_to_linear, stop_on_signals, to_linear, write_image)
+                    ImageError, TiffBands, available_memory, check_free_space, decode,
+                    extension, linear_to_uint8, open_image, oriented_size, pil_orientation,
+                    pil_rows, pixel_mode, read_image, srgb_to_linear, to_linear, write_image)
+from outputs import atomic_output, progress_bar, same_file, stop_on_signals
 
 # Resampling filters: PIL filter and its kernel radius in source pixels at scale 1.
 # "box" averages each output pixel's exact footprint (area-correct, and what JPEG draft
@@ -363,7 +363,7 @@ def convert(input_path, output_path, *, scale=None, width=None, height=None,
     sources unless `linear`; float .npy sources are linear already. draft: let JPEGs
     decode at a reduced size (memory, speed); off, or with `linear` (the reduction
     would average in sRGB), they decode at full size and match PIL's own resize.
-    progress: see images.progress_bar (decoding, resampling, writing).
+    progress: see outputs.progress_bar (decoding, resampling, writing).
     Raises ImageError / ValueError with one-line messages.
     """
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)

@@ -33,6 +33,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import cli
 import images
+import outputs
 from cli import UsageError
 from field import CheckpointError, FieldConfig, checkpoint_config, read_checkpoint
 
@@ -42,11 +43,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints go to a temporary name and are renamed when complete (images.atomic_output):
+    """Checkpoints go to a temporary name and are renamed when complete (outputs.atomic_output):
     a full disk or a kill mid-write leaves the previous file intact, never a truncated one."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        with images.atomic_output(path) as partial:
+        with outputs.atomic_output(path) as partial:
             super().save_checkpoint(checkpoint, partial, storage_options)
 
 
@@ -348,7 +349,7 @@ def check_export(path: str, source_path: str, dtype: str = "uint8") -> None:
         raise UsageError(f"--export_dtype: {exc}") from None
     if os.path.isdir(path):
         raise UsageError(f"--export {path}: is a folder")
-    if images.same_file(path, source_path):
+    if outputs.same_file(path, source_path):
         raise UsageError(f"--export {path}: would overwrite the input image; choose another name")
     folder = os.path.dirname(os.path.abspath(path))
     try:                              # now, not hours later

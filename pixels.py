@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import images
+import outputs
 import render
 
 PSNR_MAX_PIXELS = 2 ** 22              # larger images are scored on this many random pixels
@@ -142,7 +143,7 @@ class PsnrProbe:
             self.index = np.sort(rng.integers(0, height * width, max_pixels))
             flat = source.reshape(height * width, channels)
             targets = np.empty((max_pixels, channels), source.dtype)
-            with images.progress_bar(max_pixels, "psnr pixels", "px") as bar:
+            with outputs.progress_bar(max_pixels, "psnr pixels", "px") as bar:
                 for start in range(0, max_pixels, EVAL_BATCH):      # a memmap: read in order
                     stop = min(start + EVAL_BATCH, max_pixels)
                     targets[start:stop] = flat[self.index[start:stop]]
@@ -152,7 +153,7 @@ class PsnrProbe:
     def sse(self, field: nn.Module, rank: int = 0, world: int = 1, max_batch: int = EVAL_BATCH,
             progress=None):
         """(sum of squared 8-bit errors, number of values) over this rank's share; a
-        progress bar (images.progress_bar) when scoring takes more than a moment."""
+        progress bar (outputs.progress_bar) when scoring takes more than a moment."""
         height, width, _ = self.source.shape
         if self.index is None:
             band = max(1, max_batch // width)
@@ -161,7 +162,7 @@ class PsnrProbe:
         else:
             bounds = np.linspace(0, len(self.index), world + 1).astype(np.int64)
             total = int(bounds[rank + 1] - bounds[rank])
-        with images.progress_bar(total, "psnr", "px", progress) as bar:
+        with outputs.progress_bar(total, "psnr", "px", progress) as bar:
             if self.index is None:
                 return self._sse_rows(field, starts, band, max_batch, bar)
             return self._sse_subset(field, bounds[rank], bounds[rank + 1], max_batch, bar)

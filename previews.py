@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
 import images
+import outputs
 import render
 from pixels import EVAL_BATCH, PixelSource, bilinear_sample, host_tensor
 
@@ -154,7 +155,7 @@ class Previews(pl.Callback):
             draw.text((x, 4), text, fill=255 if mode == "L" else (255, 255, 255))
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"step_{step:06d}.png")
-        with images.atomic_output(path) as partial:
+        with outputs.atomic_output(path) as partial:
             picture.save(partial, format="PNG")
         self.written.append(path)
         for logger in self.loggers:
@@ -190,7 +191,7 @@ class Previews(pl.Callback):
             frames.append(frame.convert("P", palette=Image.Palette.ADAPTIVE)
                           if frame.mode == "RGB" else frame)
         durations = [self.gif_ms] * (len(frames) - 1) + [4 * self.gif_ms]
-        with images.atomic_output(path) as partial:
+        with outputs.atomic_output(path) as partial:
             frames[0].save(partial, format="GIF", save_all=True, append_images=frames[1:],
                            duration=durations, loop=0)
         return path
@@ -225,7 +226,7 @@ def plot_psnr(curve, path: str, title: str) -> str:
     left.set_ylabel("PSNR (dB, sRGB 8-bit)")
     fig.suptitle(title)
     fig.tight_layout()
-    with images.atomic_output(path) as partial:
+    with outputs.atomic_output(path) as partial:
         fig.savefig(partial, format="png", dpi=100)
     return path
 

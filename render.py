@@ -22,6 +22,7 @@ from PIL import Image
 
 import cli
 import images
+import outputs
 from field import CheckpointError, load_field
 
 FULL = (0.0, 0.0, 1.0, 1.0)
@@ -168,7 +169,7 @@ def render_region(field, width, height, region=FULL, *, window=None, max_batch=2
     max_batch: at most this many pixels per field call (the tile size).
     out: optional preallocated ``(h, w, C)`` array or np.memmap of ``dtype`` to fill (h, w:
         the window's size, else height, width).
-    progress: see images.progress_bar (pixels).
+    progress: see outputs.progress_bar (pixels).
     dtype: "uint8" / "uint16" sRGB or "float16" / "float32" linear light (images.from_linear).
     Returns the ``(h, w, C)`` image (``out`` when given).
     """
@@ -184,7 +185,7 @@ def render_region(field, width, height, region=FULL, *, window=None, max_batch=2
         raise ValueError(f"out must be a {dtype} array of shape ({out_h}, {out_w}, C), "
                          f"got {out.dtype} {out.shape}")
     device = field_device(field)
-    with torch.no_grad(), images.progress_bar(out_w * out_h, "render", "px", progress) as bar:
+    with torch.no_grad(), outputs.progress_bar(out_w * out_h, "render", "px", progress) as bar:
         for (r0, r1), (c0, c1) in tiles(out_w, out_h, max_batch):
             xy = pixel_centres(region, width, height, (row0 + r0, row0 + r1),
                                (col0 + c0, col0 + c1))
@@ -259,7 +260,7 @@ def zoom_regions(n_frames, zoom, center=None, base=FULL, periodic=""):
 
 def render_frames(field, width, height, regions, *, max_batch=2**18, progress=False):
     """Yield one ``(height, width, C)`` uint8 frame per region (see render_region)."""
-    with images.progress_bar(len(regions), "zoom", "frame", progress) as bar:
+    with outputs.progress_bar(len(regions), "zoom", "frame", progress) as bar:
         for region in regions:
             yield render_region(field, width, height, region, max_batch=max_batch)
             bar.update(1)
@@ -270,7 +271,7 @@ def write_frames(folder, frames):
     os.makedirs(folder, exist_ok=True)
     count = 0
     for count, frame in enumerate(frames, start=1):
-        with images.atomic_output(os.path.join(folder, f"frame_{count - 1:06d}.png")) as partial:
+        with outputs.atomic_output(os.path.join(folder, f"frame_{count - 1:06d}.png")) as partial:
             images.write_image(partial, frame)
     return count
 
@@ -288,7 +289,7 @@ def write_animation(path, frames, fps, quality=95):
     total duration stays ``len(frames) / fps``. Returns the number of frames given.
     """
     pictures = [_pil_frame(frame) for frame in frames]
-    with images.atomic_output(path) as partial:
+    with outputs.atomic_output(path) as partial:
         pictures[0].save(partial, format=os.path.splitext(path)[1][1:].upper(), save_all=True,
                          append_images=pictures[1:], duration=1000.0 / fps, loop=0,
                          quality=quality)
@@ -312,8 +313,8 @@ _FFMPEG_PIXEL_FORMATS = {1: "gray", 3: "rgb24", 4: "rgba"}
 
 def write_video(path, frames, fps, encoder):
     """Pipe raw frames into ffmpeg (H.264, yuv420p; odd sides padded to even, which the
-    codec needs), all or nothing (images.atomic_output). Returns the number of frames."""
-    with images.atomic_output(path) as partial:
+    codec needs), all or nothing (outputs.atomic_output). Returns the number of frames."""
+    with outputs.atomic_output(path) as partial:
         return _encode_video(partial, frames, fps, encoder)
 
 
@@ -424,7 +425,7 @@ def _check_dzi_manifest(folder, wanted):
     A folder with tiles but another (or no, or an unreadable) manifest belongs to another
     pyramid: ValueError rather than mixing tiles."""
     path = os.path.join(folder, DZI_MANIFEST)
-    if images.check_manifest(path, wanted, folder) is not None:
+    if outputs.check_manifest(path, wanted, folder) is not None:
         return None
     if os.path.isdir(folder) and os.listdir(folder):
         raise ValueError(f"{folder} exists and was not written by render.py; delete it or "
@@ -473,24 +474,24 @@ def write_deep_zoom(field, width, height, channels, path, region=FULL, *,
     images.check_free_space(path, int(samples * DZI_BYTES_PER_SAMPLE[tile_format])
                             + DZI_BYTES_PER_FILE * len(todo), what="Deep Zoom pyramid")
     if new_manifest:
-        images.save_manifest(new_manifest, manifest)
+        outputs.save_manifest(new_manifest, manifest)
     done = len(work) - len(todo)
-    with images.progress_bar(len(work), "deep zoom", "tile", progress, initial=done) as bar:
+    with outputs.progress_bar(len(work), "deep zoom", "tile", progress, initial=done) as bar:
         try:
             for level, w, h, (col, row, x0, y0, x1, y1) in todo:
                 tile = render_region(field, w, h, region, window=((y0, y1), (x0, x1)),
                                      max_batch=max_batch)
                 tile_path = os.path.join(folder, str(level), f"{col}_{row}.{tile_format}")
-                with images.atomic_output(tile_path) as tmp:
+                with outputs.atomic_output(tile_path) as tmp:
                     images.write_image(tmp, tile, quality=quality)
                 done += 1
                 bar.update(1)
-        except images.Stopped as stop:
+        except outputs.Stopped as stop:
             stop.left = (f"{os.fspath(path)} not finished: {done} of {len(work)} tiles are in "
                          f"{folder}; run the same command again to continue, or delete "
                          f"{folder} to discard them")
             raise
-    with images.atomic_output(path) as tmp:
+    with outputs.atomic_output(path) as tmp:
         with open(tmp, "w") as f:
             f.write(dzi_xml(width, height, tile_size, overlap, tile_format))
     return len(todo), len(work)
@@ -615,7 +616,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with images.stop_on_signals("render.py", f"{args.output} was not written"):
+        with outputs.stop_on_signals("render.py", f"{args.output} was not written"):
             _run(args)
     except MemoryError:
         parser.error("out of memory for the output image; write a .npy (memory-mapped) "
@@ -713,7 +714,7 @@ def render_to_file(field, width, height, channels, path, region=FULL, *, max_bat
     interrupted or failed render leaves any previous file intact.
 
     A .npy output is rendered straight into a memory-mapped file (outputs bigger than RAM),
-    after checking that the disk can hold it, under a temporary name (images.atomic_output),
+    after checking that the disk can hold it, under a temporary name (outputs.atomic_output),
     or with ``resume`` into ``partial_paths(path)``: the partial file plus a manifest (the
     geometry, the field's fingerprint, ``stamp`` and the tiles done, saved on a signal and
     every RESUME_SAVE_SECONDS), so the same call continues where a stopped one left off and
@@ -723,7 +724,7 @@ def render_to_file(field, width, height, channels, path, region=FULL, *, max_bat
     if os.path.splitext(os.fspath(path))[1].lower() != ".npy":
         image = render_region(field, width, height, region, max_batch=max_batch,
                               progress=progress, dtype=dtype)
-        with images.atomic_output(path) as partial:
+        with outputs.atomic_output(path) as partial:
             images.write_image(partial, image, quality=quality, progress=progress)
         return
     shape, nbytes = (height, width, channels), height * width * channels * np.dtype(dtype).itemsize
@@ -731,7 +732,7 @@ def render_to_file(field, width, height, channels, path, region=FULL, *, max_bat
         # a memory-mapped file is sparse until written: a full disk would show up as SIGBUS
         # hours later, so the space is checked first (plus a page for the header)
         images.check_free_space(path, nbytes + 4096)
-        with images.atomic_output(path) as partial:
+        with outputs.atomic_output(path) as partial:
             out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
             render_region(field, width, height, region, max_batch=max_batch, out=out,
                           progress=progress, dtype=dtype)
@@ -750,7 +751,7 @@ def _render_into_partial(field, shape, path, region, max_batch, progress, dtype,
                     dtype=dtype, region=list(region), max_batch=int(max_batch),
                     fingerprint=field_fingerprint(field), **(stamp or {}))
     work = list(tiles(width, height, max_batch))
-    found = images.check_manifest(manifest_path, manifest, partial, ignore=("tiles_done",))
+    found = outputs.check_manifest(manifest_path, manifest, partial, ignore=("tiles_done",))
     if found is None and os.path.exists(partial):
         raise ValueError(f"{partial} exists without its manifest {manifest_path}; delete it "
                          f"or pick another output name")
@@ -767,12 +768,12 @@ def _render_into_partial(field, shape, path, region, max_batch, progress, dtype,
 
     def save():
         out.flush()                            # the pixels first, then the count that vouches
-        images.save_manifest(manifest_path, dict(manifest, tiles_done=done))
+        outputs.save_manifest(manifest_path, dict(manifest, tiles_done=done))
     save()
     pixels_done = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in work[:done])
     last_save = time.monotonic()
     try:
-        with images.progress_bar(width * height, "render", "px", progress,
+        with outputs.progress_bar(width * height, "render", "px", progress,
                                  initial=pixels_done) as bar:
             for (r0, r1), (c0, c1) in work[done:]:
                 render_region(field, width, height, region, window=((r0, r1), (c0, c1)),
@@ -782,7 +783,7 @@ def _render_into_partial(field, shape, path, region, max_batch, progress, dtype,
                 if time.monotonic() - last_save > RESUME_SAVE_SECONDS:
                     save()
                     last_save = time.monotonic()
-    except images.Stopped as stop:
+    except outputs.Stopped as stop:
         save()
         rows = work[done][0][0] if done < len(work) else height
         stop.left = (f"{path} not finished: {rows} of {height} rows are in {partial} (manifest "

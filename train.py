@@ -41,6 +41,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 import cli
 import images
 import live
+import outputs
 import render
 from cli import UsageError
 from field import FieldConfig
@@ -395,7 +396,7 @@ def write_config(args: argparse.Namespace, path: str) -> str:
     """config.yaml: every flag of the run with the values it resolved to (batch size, device,
     precision, loggers, ...), so that `--config path` repeats it exactly."""
     values = {key: value for key, value in vars(args).items() if key != "config"}
-    with images.atomic_output(path) as partial, open(partial, "w") as f:
+    with outputs.atomic_output(path) as partial, open(partial, "w") as f:
         yaml.safe_dump(values, f, sort_keys=False)
     return path
 
@@ -529,7 +530,7 @@ def run(args, callbacks=(), argv=()) -> dict:
                    rank=trainer.global_rank)
     if trainer.is_global_zero:
         if args.export:
-            with images.stop_on_signals("train.py", f"{args.export} was not written; the fit "
+            with outputs.stop_on_signals("train.py", f"{args.export} was not written; the fit "
                                         f"is saved: python render.py --ckpt {keep.last} -o "
                                         f"{args.export} writes it"):
                 summary["export"] = export_fit(model.field.eval(), width, height, channels,

@@ -75,7 +75,7 @@ def finite_weights(path):
 
 
 def leftovers(folder):
-    """Temporary files images.atomic_output leaves behind when it fails to clean up."""
+    """Temporary files outputs.atomic_output leaves behind when it fails to clean up."""
     return [name for name in os.listdir(folder) if ".partial" in name]
 
 

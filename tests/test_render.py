@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageSequence
 
 import images
+import outputs
 import render
 from conftest import mlp_field, reference_render
 from field import FieldConfig, load_field
@@ -418,7 +419,7 @@ class SignalAt(torch.nn.Module):
 
 
 def render_npy(field, path):
-    with images.stop_on_signals("render.py", f"{path} was not written"):
+    with outputs.stop_on_signals("render.py", f"{path} was not written"):
         render.render_to_file(field, 80, 48, 3, path, max_batch=500, resume=True,
                               stamp={"global_step": 3})
 
