@@ -14,6 +14,7 @@
 Ranks agree on every decision through one all-reduce (any_rank). Nothing here knows about
 images or fields beyond the checkpoint's config; train.py is its only user.
 """
+import contextlib
 import hashlib
 import os
 import shlex
@@ -21,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -33,9 +33,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import cli
 import images
-import outputs
 from cli import UsageError
 from field import CheckpointError, FieldConfig, checkpoint_config, read_checkpoint
+from outputs import Stopped, atomic_output, same_file, signals_handled
 
 LOG_VERSION_ENV = "HASHGRID_LOG_VERSION"  # the log version rank 0 claimed, for its DDP workers
 SLURM_JOB_FILE = "slurm_job_id"           # in a version folder: the SLURM job that writes it
@@ -47,22 +47,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     a full disk or a kill mid-write leaves the previous file intact, never a truncated one."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        with outputs.atomic_output(path) as partial:
+        with atomic_output(path) as partial:
             super().save_checkpoint(checkpoint, partial, storage_options)
 
 
 class Diverged(Exception):
     """The loss (or the weights) became NaN or infinite: the run stops (exit status 1)."""
-
-
-class Stopped(BaseException):
-    """A signal stopped the run (exit status 128 + N): after the current step with last.ckpt
-    saved, or at once, unsaved, on a second signal. A BaseException, so that neither Lightning
-    nor a broad `except Exception` turns it into another exit status."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum, self.status = signum, 128 + signum
 
 
 def any_rank(trainer, *flags: bool):
@@ -93,16 +83,13 @@ class KeepWork(pl.Callback):
         self.last = os.path.join(ckpt_dir, "last.ckpt")
         self.signal = None            # the signal that asked us to stop
         self.saved = []               # checkpoints written by this callback, oldest first
-        self._previous_handlers = {}
+        self._signals = contextlib.ExitStack()    # our handlers while training
         self._first_bad = None        # device scalar: first step with a non-finite loss, or -1
 
     def on_train_start(self, trainer, pl_module):
         self._last_save = time.monotonic()
         self._first_bad = torch.full((), -1, dtype=torch.long, device=pl_module.device)
-        if threading.current_thread() is threading.main_thread():   # signals: main thread only
-            for signum in STOP_SIGNALS:
-                self._previous_handlers[signum] = signal.getsignal(signum)
-                signal.signal(signum, self._on_signal)
+        self._signals.enter_context(signals_handled(self._on_signal, STOP_SIGNALS))
 
     def _on_signal(self, signum, frame):
         if self.signal is not None:       # asked twice: stop now
@@ -112,9 +99,7 @@ class KeepWork(pl.Callback):
         self.signal = signum
 
     def restore_signals(self):
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
+        self._signals.close()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -349,7 +334,7 @@ def check_export(path: str, source_path: str, dtype: str = "uint8") -> None:
         raise UsageError(f"--export_dtype: {exc}") from None
     if os.path.isdir(path):
         raise UsageError(f"--export {path}: is a folder")
-    if outputs.same_file(path, source_path):
+    if same_file(path, source_path):
         raise UsageError(f"--export {path}: would overwrite the input image; choose another name")
     folder = os.path.dirname(os.path.abspath(path))
     try:                              # now, not hours later

@@ -32,13 +32,31 @@ def progress_bar(total, desc, unit="px", progress=None, **options):
 
 
 class Stopped(BaseException):
-    """SIGINT or SIGTERM inside stop_on_signals. Not an Exception, so nothing on the way
-    swallows it; it unwinds like Ctrl-C, and every atomic_output on the way removes its
-    temporary file. `left`: what a resumable writer kept (it fills it in), else None."""
+    """A signal stopped the work: exit status 128 + its number. Not an Exception, so nothing on
+    the way (Lightning included) swallows it or turns it into another status; it unwinds like
+    Ctrl-C, and every atomic_output on the way removes its temporary file. The message says
+    what became of the work; `left`: what a resumable writer kept (it fills it in on the way
+    out, for stop_on_signals to print), else None."""
 
-    def __init__(self, signum):
-        super().__init__(signum)
+    def __init__(self, signum, message=""):
+        super().__init__(message)
         self.signum, self.status, self.left = signum, 128 + signum, None
+
+
+@contextlib.contextmanager
+def signals_handled(handler, signums=(signal.SIGINT, signal.SIGTERM)):
+    """`handler(signum, frame)` answers `signums` inside the block; the previous handlers are
+    back after it. Outside the main thread (Python takes no handlers there) the block runs
+    unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, was in previous.items():
+            signal.signal(signum, was)
 
 
 @contextlib.contextmanager
@@ -48,27 +66,20 @@ def stop_on_signals(prog, not_written):
     `prog: stopped by SIGTERM; <not_written, or what a resumable writer left>` and exits with
     128 + the signal's number. Further signals during that clean-up are ignored. Outside the
     main thread (no signal handlers there) the block runs unchanged."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     stopping = []
 
     def handler(signum, frame):
         if not stopping:               # once: a second signal must not cut the clean-up short
             stopping.append(signum)
             raise Stopped(signum)
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT,
-                                                                      signal.SIGTERM)}
     try:
-        yield
+        with signals_handled(handler):
+            yield
     except Stopped as stop:
         name = signal.Signals(stop.signum).name
         sys.stderr.write(f"\n{prog}: stopped by {name}; {stop.left or not_written}\n")
         sys.stderr.flush()
         raise SystemExit(stop.status) from None
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def save_manifest(path, manifest):

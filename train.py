@@ -46,7 +46,7 @@ import render
 from cli import UsageError
 from field import FieldConfig
 from hardware import fused_adam, keep_freed_memory, resolve_accelerator, resolve_precision
-from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, Stopped, any_rank, check_export,
+from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, any_rank, check_export,
                        check_field, claim_version, load_source, resume_point, slurm_job_id,
                        source_digest)
 from pixels import EVAL_BATCH, PixelSource, PsnrProbe, psnr_from_sse, sampling_seed
@@ -553,7 +553,7 @@ def main(argv=None, callbacks=()) -> dict:
         parser.error(exc)
     except (images.ImageError, OSError, Diverged) as exc:   # e.g. the disk filled up mid-run
         parser.exit(1, f"train.py: error: {cli.one_line(exc)}\n")
-    except Stopped as exc:
+    except outputs.Stopped as exc:
         parser.exit(exc.status, f"train.py: {exc}\n")
     except KeyboardInterrupt:     # before training started
         parser.exit(128 + 2, "train.py: interrupted\n")
