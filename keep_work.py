@@ -15,27 +15,22 @@ Ranks agree on every decision through one all-reduce (any_rank). Nothing here kn
 images or fields beyond the checkpoint's config; train.py is its only user.
 """
 import contextlib
-import hashlib
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
-import numpy as np
 import torch
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-import cli
-import images
 from cli import UsageError
 from field import CheckpointError, FieldConfig, checkpoint_config, read_checkpoint
-from outputs import Stopped, atomic_output, same_file, signals_handled
+from outputs import Stopped, atomic_output, signals_handled
 
 LOG_VERSION_ENV = "HASHGRID_LOG_VERSION"  # the log version rank 0 claimed, for its DDP workers
 SLURM_JOB_FILE = "slurm_job_id"           # in a version folder: the SLURM job that writes it
@@ -264,37 +259,7 @@ def resume_command(argv, ckpt: str) -> str:
     return shlex.join(["python", "train.py", *kept, "--ckpt", ckpt])
 
 
-# --- checks before a run starts: what it trains on, resumes from, writes to -----------------
-
-def load_source(path: str) -> np.ndarray:
-    """(H, W, C) uint8 sRGB of `path`; UsageError when it cannot be used."""
-    try:
-        array = images.read_image(path)
-        return images.to_srgb8(array)
-    except images.ImageError as exc:
-        raise UsageError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
-def check_field(config: FieldConfig) -> None:
-    """UsageError for network flags that cannot build a field (e.g. N_max below N_min); built
-    on the meta device, so checking costs no memory."""
-    try:
-        with torch.device("meta"):
-            config.build()
-    except ValueError as exc:
-        raise UsageError(cli.one_line(exc)) from None
-
-
-def source_digest(source: np.ndarray) -> str:
-    """A fingerprint of an image (its size and 64 rows spread over it): a resumed run warns
-    when its checkpoint was trained on another image of the same size."""
-    digest = hashlib.sha1(repr(source.shape).encode())
-    for row in np.linspace(0, source.shape[0] - 1, 64).astype(np.int64):
-        digest.update(np.ascontiguousarray(source[row]).tobytes())
-    return digest.hexdigest()[:16]
-
+# --- resuming: the checkpoint a run starts from must fit it ---------------------------------
 
 def check_resume(ckpt_path: str, config: FieldConfig, source_name: str, digest: str) -> int:
     """The step `ckpt_path` was saved at. UsageError unless it is a train.py checkpoint of the
@@ -318,28 +283,3 @@ def check_resume(ckpt_path: str, config: FieldConfig, source_name: str, digest: 
               f"({saved_name or 'unknown'}) of the same size; continuing from its weights",
               file=sys.stderr)
     return int(ckpt.get("global_step", 0))
-
-
-def check_export(path: str, source_path: str, dtype: str = "uint8") -> None:
-    """UsageError before training for an export that could not be written at the end: a
-    format images.write_image lacks or that cannot hold `dtype`, a folder, an unwritable
-    place, or the source image."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in images.EXTENSIONS:
-        raise UsageError(f"--export {path}: unsupported format {ext or '(none)'}; use one of "
-                         + " ".join(images.EXTENSIONS))
-    try:
-        images.check_dtype(path, dtype)
-    except images.ImageError as exc:
-        raise UsageError(f"--export_dtype: {exc}") from None
-    if os.path.isdir(path):
-        raise UsageError(f"--export {path}: is a folder")
-    if same_file(path, source_path):
-        raise UsageError(f"--export {path}: would overwrite the input image; choose another name")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:                              # now, not hours later
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise UsageError(f"--export {folder}: cannot write there ({exc.strerror or exc})") from None

@@ -1,5 +1,6 @@
 """What every long output shares: progress bars, a clean stop on SIGINT / SIGTERM (one
-`Stopped`), all-or-nothing files, and the manifests that resumable outputs keep.
+`Stopped`), all-or-nothing files, the manifests that resumable outputs keep, and the check
+that an output can be written before the work starts.
 
     with stop_on_signals("render.py", "out.png was not written"):   # one line, 128 + N
         with atomic_output("out.png") as partial:                    # renamed on success
@@ -13,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 
 from tqdm import tqdm
@@ -159,3 +161,19 @@ def same_file(a, b):
     return os.path.realpath(a) == os.path.realpath(b) or (
         os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
+
+def check_output(path, source):
+    """ValueError (one line naming `path`), before any work, for an output that could not be
+    written at the end: a folder, the `source` it is made from (also through a link), or a
+    place where no file can be made (its folder is made when missing)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder")
+    if same_file(path, source):
+        raise ValueError(f"{path}: would overwrite the input; choose another name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:                              # now, not hours later
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot write there ({exc.strerror or exc})") from None

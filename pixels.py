@@ -1,6 +1,7 @@
 """The pixels a fit learns from, and how a fit is scored against them.
 
-    source = PixelSource(array)                     # (H, W, C) uint8 sRGB, a memmap is fine
+    array = load_source("albert.jpg")               # (H, W, C) uint8 sRGB, a memmap is fine
+    source = PixelSource(array)
     xy, target = source.sample(65536, generator)   # coordinates in [0, 1]^2, linear colour
     sse, count = PsnrProbe(array).sse(field)       # squared 8-bit sRGB errors of a field
 
@@ -8,6 +9,7 @@ The image stays 8-bit (3 bytes per pixel; a memory-mapped `.npy` stays on disk) 
 training device when it fits, else in host memory; batches are drawn where the pixels are and
 converted to linear light by one table look-up per value. Needs torch and numpy, no Lightning.
 """
+import hashlib
 import math
 import warnings
 
@@ -18,10 +20,31 @@ from torch import nn
 import images
 import outputs
 import render
+from cli import UsageError
 
 PSNR_MAX_PIXELS = 2 ** 22              # larger images are scored on this many random pixels
 EVAL_BATCH = 2 ** 18                   # points per forward pass when rendering / scoring
 DEVICE_MEMORY_SHARE = 0.5              # pixels stay on a GPU within this share of free memory
+
+
+def load_source(path: str) -> np.ndarray:
+    """(H, W, C) uint8 sRGB of `path`; UsageError when it cannot be used."""
+    try:
+        array = images.read_image(path)
+        return images.to_srgb8(array)
+    except images.ImageError as exc:
+        raise UsageError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def source_digest(source: np.ndarray) -> str:
+    """A fingerprint of an image (its size and 64 rows spread over it): a resumed run warns
+    when its checkpoint was trained on another image of the same size."""
+    digest = hashlib.sha1(repr(source.shape).encode())
+    for row in np.linspace(0, source.shape[0] - 1, 64).astype(np.int64):
+        digest.update(np.ascontiguousarray(source[row]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def bilinear_sample(pixels: torch.Tensor, lut: torch.Tensor, xy: torch.Tensor,

@@ -46,10 +46,10 @@ import render
 from cli import UsageError
 from field import FieldConfig
 from hardware import fused_adam, keep_freed_memory, resolve_accelerator, resolve_precision
-from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, any_rank, check_export,
-                       check_field, claim_version, load_source, resume_point, slurm_job_id,
-                       source_digest)
-from pixels import EVAL_BATCH, PixelSource, PsnrProbe, psnr_from_sse, sampling_seed
+from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, any_rank, claim_version,
+                       resume_point, slurm_job_id)
+from pixels import (EVAL_BATCH, PixelSource, PsnrProbe, load_source, psnr_from_sse,
+                    sampling_seed, source_digest)
 from previews import (LOGGERS, Previews, StepBar, logger_names, make_loggers, plot_psnr,
                       quiet_lightning, summary_line)
 
@@ -403,13 +403,33 @@ def write_config(args: argparse.Namespace, path: str) -> str:
 
 def field_config(args: argparse.Namespace, width: int, height: int,
                  channels: int) -> FieldConfig:
-    """The network the command line asks for, for a width x height image."""
-    return FieldConfig(width, height, channels, enc_method=args.enc_method,
-                       n_levels=args.n_levels, n_features_per_level=args.n_features_per_level,
-                       log2_hashmap_size=args.log2_hashmap_size,
-                       base_resolution=args.base_resolution,
-                       finest_resolution=args.finest_resolution,
-                       interpolation=args.interpolation, periodic=args.periodic)
+    """The network the command line asks for, for a width x height image; UsageError for
+    flags that cannot build one (e.g. N_max below N_min: built on the meta device, so
+    checking costs no memory)."""
+    try:
+        config = FieldConfig(width, height, channels, enc_method=args.enc_method,
+                             n_levels=args.n_levels,
+                             n_features_per_level=args.n_features_per_level,
+                             log2_hashmap_size=args.log2_hashmap_size,
+                             base_resolution=args.base_resolution,
+                             finest_resolution=args.finest_resolution,
+                             interpolation=args.interpolation, periodic=args.periodic)
+        with torch.device("meta"):
+            config.build()
+    except ValueError as exc:
+        raise UsageError(cli.one_line(exc)) from None
+    return config
+
+
+def check_export(path: str, source: str, dtype: str) -> None:
+    """UsageError before training for an export that could not be written at the end: a
+    format images.write_image lacks or that cannot hold `dtype`, or outputs.check_output's
+    cases (a folder, the source image, an unwritable place)."""
+    try:
+        images.check_dtype(path, dtype)
+        outputs.check_output(path, source)
+    except (images.ImageError, ValueError) as exc:
+        raise UsageError(f"--export {exc}") from None
 
 
 def default_batch_size(pixels: int, accelerator: str) -> int:
@@ -459,7 +479,6 @@ def run(args, callbacks=(), argv=()) -> dict:
     source = load_source(path)
     height, width, channels = source.shape
     config = field_config(args, width, height, channels)
-    check_field(config)
     digest = source_digest(source)
     name = os.path.splitext(os.path.basename(path))[0]
     runs = os.path.join(args.root, args.trace, name)

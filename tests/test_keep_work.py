@@ -113,7 +113,7 @@ def test_export_onto_the_input_is_refused_before_training(tmp_path, capsys, kind
         os.link(source, export)
     expect_error(capsys, train.main,
                  train_argv(tmp_path, source, "--max_steps", "5", "--export", str(export)),
-                 "would overwrite the input image")
+                 "would overwrite the input")
     assert source.read_bytes() == before
     assert not (tmp_path / "logs").exists()            # refused before training
 

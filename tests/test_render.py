@@ -555,5 +555,5 @@ def test_train_refuses_an_export_dtype_its_format_cannot_hold(tmp_path, capsys):
                     "--export", str(tmp_path / "fit.jpg"), "--export_dtype", "float32"])
     assert error.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"train.py: error: --export_dtype: {tmp_path / 'fit.jpg'}: float32 images can be "
+        f"train.py: error: --export {tmp_path / 'fit.jpg'}: float32 images can be "
         f"written as .tif, .tiff, .npy, not .jpg")

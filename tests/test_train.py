@@ -373,7 +373,7 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     path = save_png(tmp_path / "waves.png", smooth_image())
     argv = ["-i", path, "--root", str(tmp_path / "logs"), "--accelerator", "cpu"]
     expect_usage_error(capsys, [*argv, "--export", str(tmp_path / "fit.xyz")],
-                       "unsupported format .xyz")
+                       "unsupported output extension '.xyz'")
     expect_usage_error(capsys, [*argv, "--precision", "bogus"], "Precision 'bogus' is invalid")
 
 
