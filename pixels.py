@@ -19,7 +19,7 @@ from torch import nn
 
 import images
 import outputs
-import render
+import tiles
 from cli import UsageError
 
 PSNR_MAX_PIXELS = 2 ** 22              # larger images are scored on this many random pixels
@@ -195,7 +195,7 @@ class PsnrProbe:
         sse, count = 0, 0
         for r0 in starts:
             r1 = min(height, r0 + band)
-            fit = render.render_region(field, width, r1 - r0, (0.0, r0 / height, 1.0, r1 / height),
+            fit = tiles.render_region(field, width, r1 - r0, (0.0, r0 / height, 1.0, r1 / height),
                                        max_batch=max_batch)
             diff = fit.astype(np.int32) - np.asarray(self.source[r0:r1], dtype=np.int32)
             sse += int(np.einsum("ijk,ijk->", diff, diff, dtype=np.int64))
@@ -206,7 +206,7 @@ class PsnrProbe:
     @torch.no_grad()
     def _sse_subset(self, field, first, stop_at, max_batch, bar):
         height, width, channels = self.source.shape
-        device = render.field_device(field)
+        device = tiles.field_device(field)
         self.targets = self.targets.to(device)       # once: validation runs repeatedly
         sse = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(first, stop_at, max_batch):

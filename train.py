@@ -42,7 +42,7 @@ import cli
 import images
 import live
 import outputs
-import render
+import tiles
 from cli import UsageError
 from field import FieldConfig
 from hardware import fused_adam, keep_freed_memory, resolve_accelerator, resolve_precision
@@ -462,8 +462,8 @@ def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argpars
 
 def export_fit(field: nn.Module, width: int, height: int, channels: int, path: str,
                dtype: str = "uint8") -> str:
-    """Full-resolution render of `field` to `path`, tile by tile (render.render_to_file)."""
-    render.render_to_file(field, width, height, channels, path, max_batch=EVAL_BATCH,
+    """Full-resolution render of `field` to `path`, tile by tile (tiles.render_to_file)."""
+    tiles.render_to_file(field, width, height, channels, path, max_batch=EVAL_BATCH,
                           dtype=dtype)
     return path
 

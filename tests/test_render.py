@@ -16,6 +16,7 @@ from PIL import Image, ImageSequence
 import images
 import outputs
 import render
+import tiles
 from conftest import mlp_field, reference_render
 from field import FieldConfig, load_field
 
@@ -87,7 +88,7 @@ def test_tiled_equals_untiled_exactly(max_batch):
                                                       (7, 5, 15), (7, 5, 100), (10, 3, 4)])
 def test_tiles_cover_every_pixel_once_within_budget(width, height, max_batch):
     hits = np.zeros((height, width), dtype=int)
-    for (r0, r1), (c0, c1) in render.tiles(width, height, max_batch):
+    for (r0, r1), (c0, c1) in tiles.tiles(width, height, max_batch):
         assert 0 < (r1 - r0) * (c1 - c0) <= max_batch
         hits[r0:r1, c0:c1] += 1
     np.testing.assert_array_equal(hits, 1)
@@ -95,11 +96,11 @@ def test_tiles_cover_every_pixel_once_within_budget(width, height, max_batch):
 
 def test_pixel_centres_match_formula_and_do_not_depend_on_tile():
     region = (0.1, 0.3, 0.7, 0.8)
-    full = render.pixel_centres(region, 9, 7, (0, 7), (0, 9)).reshape(7, 9, 2)
+    full = tiles.pixel_centres(region, 9, 7, (0, 7), (0, 9)).reshape(7, 9, 2)
     c, r = 4, 5
     assert full[r, c, 0] == pytest.approx(0.1 + (c + 0.5) * 0.6 / 9, abs=1e-15)
     assert full[r, c, 1] == pytest.approx(0.3 + (r + 0.5) * 0.5 / 7, abs=1e-15)
-    piece = render.pixel_centres(region, 9, 7, (2, 6), (3, 8)).reshape(4, 5, 2)
+    piece = tiles.pixel_centres(region, 9, 7, (2, 6), (3, 8)).reshape(4, 5, 2)
     np.testing.assert_array_equal(piece, full[2:6, 3:8])
 
 
@@ -125,8 +126,8 @@ def test_out_must_match(out, message):
 
 
 def test_field_device_follows_parameters():
-    assert render.field_device(torch.nn.Linear(2, 3).to("meta")) == torch.device("meta")
-    assert render.field_device(lambda xy: xy) == torch.device("cpu")
+    assert tiles.field_device(torch.nn.Linear(2, 3).to("meta")) == torch.device("meta")
+    assert tiles.field_device(lambda xy: xy) == torch.device("cpu")
 
 
 @pytest.mark.parametrize("region", [(-0.1, 0, 1, 1), (0, 0, 1.5, 1), (0.5, 0, 0.5, 1),
@@ -210,7 +211,7 @@ def expand_by_duration(path, frame_ms):
 
 def test_gif_has_n_frames_equal_to_the_renders(tmp_path):
     frames = zoom_frames(6)
-    assert render.write_animation(str(tmp_path / "zoom.gif"), frames, fps=25) == 6
+    assert tiles.write_animation(str(tmp_path / "zoom.gif"), frames, duration=40) == 6
     shown = expand_by_duration(tmp_path / "zoom.gif", frame_ms=40)
     assert len(shown) == 6
     for got, want in zip(shown, frames):
@@ -219,7 +220,7 @@ def test_gif_has_n_frames_equal_to_the_renders(tmp_path):
 
 def test_webp_animation_has_n_frames(tmp_path):
     frames = zoom_frames(6)
-    render.write_animation(str(tmp_path / "zoom.webp"), frames, fps=25)
+    tiles.write_animation(str(tmp_path / "zoom.webp"), frames, duration=40)
     with Image.open(tmp_path / "zoom.webp") as animation:
         got = [(np.array(f.convert("L")), f.info["duration"])
                for f in ImageSequence.Iterator(animation)]
@@ -276,7 +277,7 @@ def test_tiny_field_calls_give_the_large_batch_result_bit_for_bit():
     with torch.no_grad():
         full = field(xy)
         for n in (1, 3, 5, 7, 11):
-            assert torch.equal(render._evaluate(field, xy[:n]), full[:n])
+            assert torch.equal(tiles._evaluate(field, xy[:n]), full[:n])
 
 
 def test_resolve_device():
@@ -499,7 +500,7 @@ def test_cli_wide_outputs_hold_the_fit_in_more_than_8_bits(checkpoint, fitted, t
                                                             output, dtype):
     run_cli("--ckpt", checkpoint, "-o", tmp_path / output, "--dtype", dtype)
     with torch.no_grad():
-        xy = torch.from_numpy(render.pixel_centres(render.FULL, 40, 24, (0, 24), (0, 40)))
+        xy = torch.from_numpy(tiles.pixel_centres(tiles.FULL, 40, 24, (0, 24), (0, 40)))
         colour = fitted(xy.float())
     expected = images.from_linear(colour, dtype).numpy().astype(dtype).reshape(24, 40, 3)
     back = images.read_image(tmp_path / output)
