@@ -19,7 +19,6 @@ from torch import nn
 
 import encoding
 
-COLOUR = "linear"          # the field predicts linear light (sRGB primaries)
 ENCODINGS = ("hashgrid", "freq", "none")
 # Checkpoint keys: where Lightning keeps the module's hyperparameters and weights, and the
 # prefix of the field's weights inside the LightningModule's state dict.
@@ -249,8 +248,9 @@ def load_field(path: str, device="cpu"):
     """(field, info) from a train.py checkpoint, without the source image.
 
     field: eval-mode nn.Module on `device`, xy (N, 2) in [0, 1] -> linear colour (N, C).
-    info: dict with width, height, channels (ints), colour ("linear"), global_step, source
-    (the trained image's file name) and config (the FieldConfig).
+    info: dict with width, height, channels (ints), global_step, source (the trained image's
+    file name) and config (the FieldConfig). (Checkpoints from before may also hold a
+    "colour" hyperparameter: always "linear", the field's output, and not read.)
     """
     ckpt = read_checkpoint(path, "cpu")
     config = checkpoint_config(ckpt, path)
@@ -260,7 +260,7 @@ def load_field(path: str, device="cpu"):
     field.load_state_dict(weights)
     hparams = ckpt[HPARAMS]
     info = dict(width=int(config.width), height=int(config.height),
-                channels=int(config.channels), colour=hparams.get("colour", COLOUR),
+                channels=int(config.channels),
                 global_step=int(ckpt.get("global_step", 0)), source=hparams.get("source", ""),
                 config=config)
     return field.to(device).eval(), info

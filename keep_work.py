@@ -1,18 +1,20 @@
 """What keeps a long train.py run's work: checkpoints, signals, divergence, log versions.
 
-    keep = KeepWork(ckpt_dir, every_steps, minutes)   # a Lightning callback
+    keep = KeepWork(ckpt_dir, every_steps, minutes, clock=clock, max_time=120)  # a callback
     trainer = pl.Trainer(callbacks=[keep], plugins=[AtomicCheckpointIO()], ...)
 
 - checkpoints are written whole or not at all (AtomicCheckpointIO), last.ckpt every few
   minutes, step=N.ckpt every N steps, never with non-finite weights;
-- SIGINT, SIGTERM and SIGUSR1 (SLURM's "time is nearly up") stop the run after the current
-  step, every rank at the same step, and the caller saves last.ckpt; under SLURM, SIGUSR1 then
-  requeues the job, which resumes from that checkpoint (logging to a new version_N);
+- the time budget (--max_time), SIGINT, SIGTERM and SIGUSR1 (SLURM's "time is nearly up")
+  stop the run after the current step, every rank at the same step; after a signal the
+  caller saves last.ckpt, and under SLURM SIGUSR1 then requeues the job, which resumes from
+  that checkpoint (logging to a new version_N);
 - a non-finite loss stops the run at the step it appears (Diverged);
 - two runs started together on one log root each claim their own version_N.
 
-Ranks agree on every decision through one all-reduce (any_rank). Nothing here knows about
-images or fields beyond the checkpoint's config; train.py is its only user.
+Ranks agree on every decision through one all-reduce per step (agree; a save checks the
+weights with one more). Nothing here knows about images or fields beyond the checkpoint's
+config; train.py is its only user.
 """
 import contextlib
 import os
@@ -50,31 +52,38 @@ class Diverged(Exception):
     """The loss (or the weights) became NaN or infinite: the run stops (exit status 1)."""
 
 
-def any_rank(trainer, *flags: bool):
-    """Each flag OR-ed over all ranks, in one all-reduce (none on a single device)."""
+def agree(trainer, *values: float):
+    """Each value's largest over all ranks (of flags: whether any rank raised one), in one
+    all-reduce; none on a single device."""
     if trainer.world_size == 1:
-        return flags
-    votes = torch.tensor(flags, dtype=torch.float32, device=trainer.strategy.root_device)
-    return tuple(bool(v) for v in trainer.strategy.reduce(votes, reduce_op="sum") > 0)
+        return values
+    votes = torch.tensor(values, dtype=torch.float32, device=trainer.strategy.root_device)
+    return tuple(trainer.strategy.reduce(votes, reduce_op="max").tolist())
 
 
 class KeepWork(pl.Callback):
-    """Bounds what a long run can lose, and stops it cleanly when asked to.
+    """Bounds what a long run can lose, and is the one place that stops it.
 
+    At every step's end the ranks agree once (`agree`, one all-reduce) on the training
+    seconds, whether a save is due, whether a signal came and, on check steps, the first
+    non-finite loss; every decision follows from that agreement, so every rank takes it at the
+    same step:
+    - the run stops after the current step when `clock` (seconds trained, pauses out) reaches
+      `max_time`, or on STOP_SIGNALS (the caller then saves last.ckpt with `save` and raises
+      `stopped(...)`); a second signal stops at once. The agreed seconds go to
+      `clock.agreed`, for the learning-rate schedule;
     - last.ckpt is refreshed every `minutes` of wall time, so a kill (even SIGKILL) loses at
-      most that much work on any device; step=N.ckpt is kept every `every_steps` steps.
-    - STOP_SIGNALS stop the run after the current step, every rank at the same step; the
-      caller then saves last.ckpt (`save`) and raises `stopped(...)`. A second signal stops
-      at once.
-    - A non-finite loss stops the run at the step it appears, and nothing non-finite is ever
-      saved: weights are checked before every save. On an asynchronous device (a GPU) the
-      loss is checked every `check_every` steps (each check waits for it) and before a save.
+      most that much work on any device; step=N.ckpt is kept every `every_steps` steps;
+    - a non-finite loss stops the run (Diverged), and nothing non-finite is ever saved:
+      weights are checked before every save (that check agrees on its own). On an
+      asynchronous device (a GPU) the loss is checked every `check_every` steps (each check
+      waits for it) and before a save.
     """
 
     def __init__(self, ckpt_dir: str, every_steps: int = 0, minutes: float = 10.0,
-                 check_every: int = 1):
+                 check_every: int = 1, clock=None, max_time: float = None):
         self.ckpt_dir, self.every_steps, self.minutes = ckpt_dir, every_steps, minutes
-        self.check_every = check_every
+        self.check_every, self.clock, self.max_time = check_every, clock, max_time
         self.last = os.path.join(ckpt_dir, "last.ckpt")
         self.signal = None            # the signal that asked us to stop
         self.saved = []               # checkpoints written by this callback, oldest first
@@ -102,36 +111,40 @@ class KeepWork(pl.Callback):
         bad = ~torch.isfinite(loss.detach())
         self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
         save_step = self.every_steps > 0 and step % self.every_steps == 0
-        save_time, stop = any_rank(trainer, time.monotonic() - self._last_save
-                                   >= 60 * self.minutes, self.signal is not None)
-        if save_step or save_time or step % self.check_every == 0:
-            self.check_finite(trainer, pl_module)
+        check = save_step or step % self.check_every == 0
+        seconds, save_time, signalled, bad_step = agree(
+            trainer, self.clock.seconds() if self.clock is not None else 0.0,
+            time.monotonic() - self._last_save >= 60 * self.minutes, self.signal is not None,
+            int(self._first_bad) if check else -1)
+        if self.clock is not None:
+            self.clock.agreed = seconds
+        self.diverged(trainer, int(bad_step))
         if save_step:
             self.save(trainer, os.path.join(self.ckpt_dir, f"step={step}.ckpt"))
         if save_time:
             self.save(trainer, self.last)
-        if stop:
+        if signalled or (self.max_time is not None and seconds >= self.max_time):
             trainer.should_stop = True
 
-    def check_finite(self, trainer, pl_module, weights: bool = False):
-        """Diverged if any rank has seen a non-finite loss (or, with `weights`, holds
-        non-finite weights), naming the last finite checkpoint."""
-        step = -1 if self._first_bad is None else int(self._first_bad)
-        bad_weights = weights and not all(bool(torch.isfinite(p).all())
-                                          for p in pl_module.parameters())
-        bad_loss, bad_weights = any_rank(trainer, step >= 0, bad_weights)
-        if bad_loss or bad_weights:
-            what = f"the loss became NaN or infinite at step {step}" if step >= 0 else \
-                f"the weights became NaN or infinite at step {trainer.global_step}"
-            kept = [p for p in self.saved if os.path.exists(p)]
-            raise Diverged(f"{what}: the run diverged (a lower --lr may help); "
-                           + (f"last finite checkpoint: {kept[-1]}" if kept
-                              else "no checkpoint was written before it"))
+    def diverged(self, trainer, bad_step: int, bad_weights: bool = False) -> None:
+        """Diverged, naming the last finite checkpoint, when the ranks found a non-finite loss
+        (`bad_step` >= 0: the step it appeared at) or non-finite weights."""
+        if bad_step < 0 and not bad_weights:
+            return
+        what = f"the loss became NaN or infinite at step {bad_step}" if bad_step >= 0 else \
+            f"the weights became NaN or infinite at step {trainer.global_step}"
+        kept = [p for p in self.saved if os.path.exists(p)]
+        raise Diverged(f"{what}: the run diverged (a lower --lr may help); "
+                       + (f"last finite checkpoint: {kept[-1]}" if kept
+                          else "no checkpoint was written before it"))
 
     def save(self, trainer, path: str = None):
         """A complete, resumable checkpoint at `path` (last.ckpt by default), logs flushed."""
         path = path or self.last
-        self.check_finite(trainer, trainer.lightning_module, weights=True)
+        bad_weights = not all(bool(torch.isfinite(p).all())
+                              for p in trainer.lightning_module.parameters())
+        first_bad = -1 if self._first_bad is None else int(self._first_bad)
+        self.diverged(trainer, *(int(v) for v in agree(trainer, first_bad, bad_weights)))
         trainer.save_checkpoint(path, weights_only=False)     # optimizer too: resumable
         for logger in trainer.loggers:                          # logs as far as the checkpoint
             logger.save()

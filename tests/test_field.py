@@ -73,6 +73,9 @@ def test_a_checkpoint_from_before_field_py_resumes(tmp_path):
     assert resumed["global_step"] == 5
     assert resumed["hyper_parameters"]["field"] == read_checkpoint(OLD_CKPT)[
         "hyper_parameters"]["field"]
+    # the old file's "colour" hyperparameter (never read) is not written any more
+    assert "colour" in read_checkpoint(OLD_CKPT)["hyper_parameters"]
+    assert "colour" not in resumed["hyper_parameters"]
     # saved with two groups (tables and MLP biases together), resumed with three
     saved_groups = read_checkpoint(OLD_CKPT)["optimizer_states"][0]["param_groups"]
     assert [len(g["params"]) for g in saved_groups] == [3, 4]
@@ -117,10 +120,16 @@ def imports_of(module):
     return names & set(project_modules())
 
 
+SCRIPTS = {"train", "render", "view", "convert"}
+LIBRARIES = {"cli", "encoding", "field", "hardware", "images", "keep_work", "outputs", "pixels",
+             "previews", "tiles"}
+
+
 def test_module_imports_run_one_way():
     graph = {module: imports_of(module) for module in project_modules()}
     assert not any("train" in deps for deps in graph.values()), graph   # nothing imports train
     assert graph["encoding"] == set()                                  # standalone
+    assert {lib: graph[lib] & SCRIPTS for lib in LIBRARIES} == {lib: set() for lib in LIBRARIES}
     done, visiting = set(), []
 
     def visit(module):        # depth-first search for a cycle
