@@ -19,6 +19,7 @@ import cli
 import images
 import outputs
 from field import CheckpointError, load_field
+from hardware import DEVICE_HELP, resolve_device
 from tiles import (FULL, check_region, field_fingerprint, render_region, render_to_file,
                    write_animation)
 
@@ -386,8 +387,7 @@ def build_parser():
     parser.add_argument("--max_batch", type=int, default=2**18,
                         help="pixels per tile; bounds peak memory [default: %(default)s]")
     parser.add_argument("--device", default="auto",
-                        help="'auto' (GPU if available, else CPU) or a torch device "
-                             "string such as cpu, cuda, cuda:1 [default: %(default)s]")
+                        help=f"{DEVICE_HELP} [default: %(default)s]")
     parser.add_argument("--quality", type=cli.integer(1, 100), default=95,
                         help="JPEG/WebP quality, 1..100 [default: %(default)s]")
     parser.add_argument("--dtype", choices=("uint8", "uint16", "float16", "float32"),
@@ -438,19 +438,6 @@ def output_kind(path, zoom):
         raise ValueError(f"--zoom writes a folder of PNG frames, .gif, .webp or .mp4, "
                          f"not {path!r}")
     return "frames"
-
-
-def resolve_device(name):
-    """'auto' -> the GPU if torch.cuda.is_available() else CPU; otherwise the named torch
-    device, checked usable. Raises ValueError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
-        raise ValueError(f"device {name!r} is not usable: {cli.one_line(error)}") from None
-    return device
 
 
 def main(argv=None):

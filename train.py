@@ -48,7 +48,8 @@ import outputs
 import tiles
 from cli import UsageError
 from field import FieldConfig
-from hardware import fused_adam, keep_freed_memory, resolve_accelerator, resolve_precision
+from hardware import (DEVICE_HELP, fused_adam, keep_freed_memory, resolve_accelerator,
+                      resolve_precision)
 from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, claim_version, resume_point,
                        slurm_job_id)
 from pixels import (EVAL_BATCH, PixelSource, PsnrProbe, load_source, psnr_from_sse,
@@ -313,13 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_time", type=cli.number(above=0), default=None,
                    help="stop after this many seconds of training steps in this run; "
                    "start-up, scoring and previews are not counted (default: none)")
-    p.add_argument("--device", type=int, default=0,
-                   help="GPU index to use when --devices is not given (default: 0)")
+    p.add_argument("--device", default="auto",
+                   help=f"{DEVICE_HELP}; it also sets --accelerator; --devices, when given, "
+                   "overrides it (default: auto)")
     p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
                    help="auto: a GPU (CUDA, or Apple's MPS) if torch sees one, else the CPU "
                    "(default: auto)")
     p.add_argument("--devices", type=cli.devices, default=None,
-                   help="device count, GPU indices (0,1) or auto (default: 1; on GPU [--device])")
+                   help="device count, GPU indices (0,1) or auto (default: 1: --device)")
     p.add_argument("--strategy", default="auto",
                    help="Lightning strategy, e.g. ddp for several devices (default: auto)")
     p.add_argument("--num_nodes", type=cli.integer(1), default=1,
@@ -441,9 +443,11 @@ def default_batch_size(pixels: int, accelerator: str) -> int:
     return min(cap, 2 ** max(8, round(math.log2(pixels / PIXELS_PER_SAMPLE))))
 
 
-def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argparse.Namespace:
-    """`args` with what its defaults resolve to for this image on this machine (written to
-    config.yaml, so that the run repeats exactly elsewhere too)."""
+def resolved(args: argparse.Namespace, accelerator: str, index: int,
+             pixels: int) -> argparse.Namespace:
+    """`args` with what its defaults resolve to for this image on this machine, on device
+    `index` of `accelerator` (written to config.yaml, so that the run repeats exactly
+    elsewhere too)."""
     if args.max_steps is not None or args.epochs is not None or args.max_time is None:
         max_steps = args.max_steps or (args.epochs or EPOCHS) * STEPS_PER_EPOCH
     else:
@@ -456,7 +460,7 @@ def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argpars
         val_every=args.val_every or min(CPU_VAL_EVERY if on_cpu else GPU_VAL_EVERY,
                                         max(1, (max_steps or 2**62) // 10)),
         max_steps=max_steps, devices=args.devices if args.devices is not None
-        else (1 if accelerator != "gpu" else [args.device]),
+        else (1 if accelerator != "gpu" else [index]),
         logger=args.logger or ["csv"] + (["tensorboard"] if tensorboard else []))})
 
 
@@ -499,7 +503,7 @@ def run(args, callbacks=(), argv=()) -> dict:
 def prepare(args) -> Plan:
     """Everything that can refuse the run, checked before anything is written (the image, the
     network flags, the checkpoint it resumes, the export); the model built on its pixels."""
-    accelerator = resolve_accelerator(args.accelerator)
+    accelerator, index = resolve_accelerator(args.accelerator, args.device)
     if accelerator == "cpu":
         keep_freed_memory()
     path = args.input or sample_image_path()
@@ -512,7 +516,7 @@ def prepare(args) -> Plan:
     if args.export:
         check_export(args.export, path, args.export_dtype)
     args.ckpt = ckpt                            # a requeued job's own last.ckpt, if any
-    args = resolved(args, accelerator, width * height)
+    args = resolved(args, accelerator, index, width * height)
     pl.seed_everything(args.seed, verbose=False)
     model = ImageFit(config.to_dict(), source=source_name, source_digest=digest,
                      batch_size=args.batch_size, lr=args.lr, mlp_lr=args.mlp_lr,

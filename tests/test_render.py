@@ -280,14 +280,6 @@ def test_tiny_field_calls_give_the_large_batch_result_bit_for_bit():
             assert torch.equal(tiles._evaluate(field, xy[:n]), full[:n])
 
 
-def test_resolve_device():
-    expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert render.resolve_device("auto") == expected
-    assert render.resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(ValueError, match="not usable"):
-        render.resolve_device("nonsense")
-
-
 # --- command line, from a real train.py checkpoint -----------------------------------------
 
 @pytest.fixture(scope="module")

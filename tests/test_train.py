@@ -128,48 +128,6 @@ def test_mean_colour_against_a_float64_reference():
         lut[source[::3, ::3]].mean((0, 1)), abs=1e-6)
 
 
-def test_precision_auto_follows_the_hardware(monkeypatch):
-    assert hardware.resolve_precision("32-true", "cpu") == "32-true"
-    assert hardware.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
-    for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native,
-                            raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-        assert hardware.resolve_precision("auto", "cpu") == expected
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args: native)
-        assert hardware.resolve_precision("auto", "gpu") == expected
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")     # an older torch
-    assert hardware.resolve_precision("auto", "cpu") == "32-true"
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_freed_memory_is_reused_without_page_faults():
-    # ten 64 MB tensors one after the other: glibc maps and page-faults each afresh (163,850
-    # faults); after keep_freed_memory they reuse one tensor's worth of pages (16,384)
-    script = textwrap.dedent("""
-        import resource, sys, torch, train
-        if sys.argv[1] == "keep":
-            assert train.keep_freed_memory()
-        torch.zeros(1 << 24)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(10):
-            torch.zeros(1 << 24)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    """)
-    faults = {}
-    for mode in ("plain", "keep"):
-        run = subprocess.run([sys.executable, "-c", script, mode], cwd=ROOT, text=True,
-                             capture_output=True, check=True)
-        faults[mode] = int(run.stdout.split()[-1])
-    pages = 10 * (64 << 20) // 4096
-    assert faults["plain"] > pages // 2 and faults["keep"] < pages // 5, faults
-
-
-def test_fused_adam_where_torch_has_it():
-    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    assert hardware.fused_adam(torch.device("cpu")) == ((major, minor) >= (2, 4))
-
-
 # --- training through the command line ------------------------------------------------------
 
 def test_fit_reaches_psnr_a_guess_cannot(tmp_path):
