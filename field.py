@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import encoding
+from cli import one_line
 
 ENCODINGS = ("hashgrid", "freq", "none")
 # Checkpoint keys: where Lightning keeps the module's hyperparameters and weights, and the
@@ -198,7 +199,7 @@ def read_checkpoint(path: str, device="cpu") -> dict:
                               "plain data, so it was not written by train.py") from None
     except Exception as exc:
         # torch's own message for a cut-off file is often an OS error ("Invalid argument")
-        detail = "" if isinstance(exc, OSError) else f" ({_first_line(exc)})"
+        detail = "" if isinstance(exc, OSError) else f" ({one_line(exc)})"
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint{detail}") from None
     config = ckpt.get(HPARAMS, {}).get(FIELD_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(config, dict) or STATE_KEY not in ckpt:
@@ -206,17 +207,12 @@ def read_checkpoint(path: str, device="cpu") -> dict:
     return ckpt
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def checkpoint_config(ckpt: dict, path: str) -> FieldConfig:
     """The FieldConfig stored in a checkpoint dict; CheckpointError if it cannot be one."""
     try:
         return FieldConfig.from_dict(ckpt[HPARAMS][FIELD_KEY])
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: bad field config ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: bad field config ({one_line(exc)})") from None
 
 
 def field_weights(ckpt: dict) -> dict:
@@ -235,7 +231,7 @@ def check_weights(config: FieldConfig, weights: dict, path: str) -> None:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in config.build().state_dict().items()}
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: bad field config ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: bad field config ({one_line(exc)})") from None
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in weights.items()}
     if got != expected:
         diffs = [f"{k}: {got.get(k)} vs {expected.get(k)}"

@@ -21,6 +21,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from cli import one_line
 from outputs import progress_bar, shown_name
 
 # Ceiling for PIL's decompression-bomb check: 2**32 pixels (4.3 gigapixels, e.g. 65536 x
@@ -44,8 +45,7 @@ class ImageError(Exception):
     """A file could not be read or written; the message is one line naming the file."""
 
     def __init__(self, path, reason):
-        reason = " ".join(str(reason).split())  # PIL/numpy messages may span lines
-        super().__init__(f"{os.fspath(path)}: {reason}")
+        super().__init__(f"{os.fspath(path)}: {one_line(reason)}")
 
 
 def extension(path, role="file"):
