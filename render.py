@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
 
 import cli
 import images

@@ -13,7 +13,7 @@ import torch
 import images
 import render
 import train
-from conftest import ROOT
+from conftest import ROOT, expect_error
 from field import CheckpointError, FieldConfig, load_field, read_checkpoint
 
 DATA = os.path.join(ROOT, "tests", "data")
@@ -185,3 +185,28 @@ def test_start_at_sets_the_untrained_colour():
     torch.testing.assert_close(after.double(), (before - old_bias + colour).double(),
                                atol=1e-6, rtol=0)
     assert (after - colour).abs().mean() < 0.3
+
+
+class NotTensors:
+    """Something a checkpoint written by train.py never holds."""
+
+    def __init__(self):
+        self.payload = [1, 2, 3]
+
+
+def test_bad_checkpoints_are_one_line(tmp_path, capsys, checkpoint):
+    data = open(checkpoint, "rb").read()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[:len(data) // 2])
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"field": {}}, "x": NotTensors()}, pickled)
+    image = str(tmp_path / "img.png")
+    images.write_image(image, np.zeros((24, 40, 3), np.uint8))
+    for path, needle in ((cut, "truncated or corrupt"), (pickled, "refused")):
+        for main, argv, prog in (
+                (render.main, ["--ckpt", str(path), "-o", str(tmp_path / "x.png")], "render.py"),
+                (train.main, ["-i", image, "--root", str(tmp_path / "logs"), "--ckpt", str(path)],
+                 "train.py")):
+            err = expect_error(capsys, main, argv, needle, prog=prog)
+            assert str(path) in err and "Errno" not in err and "weights_only" not in err, err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "logs").exists()

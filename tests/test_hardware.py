@@ -1,5 +1,4 @@
 """hardware.py: what the machine offers a run, and --device's one meaning in every script."""
-import os
 import subprocess
 import sys
 import textwrap
