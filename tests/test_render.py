@@ -18,6 +18,7 @@ import outputs
 import render
 import tiles
 from conftest import expect_error, mlp_field, prog_lines, run_limited
+from test_tiles import expand_by_duration
 
 RENDER_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "render.py")

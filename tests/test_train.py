@@ -493,7 +493,10 @@ def test_default_batch_is_a_sixteenth_of_the_image():
 
 def test_a_time_budget_alone_is_not_cut_short_by_the_default_length():
     parser = train.build_parser()
-    length = lambda *flags: train.resolved(parser.parse_args(list(flags)), "cpu", 10**6)  # noqa: E731
+
+    def length(*flags):
+        return train.resolved(parser.parse_args(list(flags)), "cpu", 0, 10**6)
+
     assert length().max_steps == 500                                   # 5 epochs of 100
     budget = length("--max_time", "120")
     assert budget.max_steps is None and budget.val_every == train.CPU_VAL_EVERY
