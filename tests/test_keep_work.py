@@ -517,6 +517,7 @@ TRAIN_FLAG_ERRORS = [
     (["--seed", "4294967296"], "got 4294967296"),
     (["--log2_hashmap_size", "40"], "--log2_hashmap_size: expected an integer 1..31, got 40"),
     (["--finest_resolution", "4", "--base_resolution", "16"], "finest_resolution"),
+    (["--periodic", "x", "--enc_method", "freq"], "periodic axes need enc_method 'hashgrid'"),
     (["--max_time", "nan"], "--max_time: expected a finite number, got 'nan'"),
     (["--max_time", "-1"], "--max_time: expected a number > 0, got -1"),
 ]
