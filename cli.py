@@ -9,12 +9,11 @@ argument types below reject bad values while the flags are parsed, before any wo
 import argparse
 import math
 
-import yaml
-
 
 def one_line(error) -> str:
-    """An exception or message as one line (library messages may span several)."""
-    text = " ".join(str(error).split())
+    """An exception or message as one line: its first paragraph, its lines joined (library
+    messages wrap, and some add paragraphs of advice). The one way every module says it."""
+    text = " ".join(str(error).strip().split("\n\n")[0].split())
     return text or type(error).__name__
 
 
@@ -90,6 +89,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
     wins; a list is comma-separated, a boolean is --key or --no-key (BooleanOptionalAction),
     a null or default value is left out. An unknown key, or a file that is not `key: value`
     lines, is one line and exit status 2."""
+    import yaml                   # here: the modules that only need one_line need no yaml
     args = parser.parse_args(argv)
     if args.config is None:
         return args

@@ -23,10 +23,10 @@ from PIL import Image
 
 import cli
 from images import (MAX_IMAGE_PIXELS, MODE_CHANNELS, SRGB_TO_LINEAR_LUT, TIFF_EXTENSIONS,
-                    ImageError, TiffBands, atomic_output, available_memory, check_free_space,
-                    decode, extension, linear_to_uint8, open_image, oriented_size,
-                    pil_orientation, pil_rows, pixel_mode, progress_bar, read_image, same_file,
-                    srgb_to_linear, stop_on_signals, to_linear, write_image)
+                    ImageError, TiffBands, available_memory, check_free_space, decode,
+                    extension, linear_to_uint8, open_image, oriented_size, pil_orientation,
+                    pil_rows, pixel_mode, read_image, srgb_to_linear, to_linear, write_image)
+from outputs import atomic_output, check_output, progress_bar, stop_on_signals
 
 # Resampling filters: PIL filter and its kernel radius in source pixels at scale 1.
 # "box" averages each output pixel's exact footprint (area-correct, and what JPEG draft
@@ -343,16 +343,6 @@ def _write_bands(path, shape, dtype, bands, quality, progress, label):
     bar.close()
 
 
-def _check_output(input_path, output_path, dtype):
-    ext = extension(output_path, "output")
-    if dtype == "float16" and ext != ".npy":
-        raise ImageError(output_path, "--dtype float16 needs a .npy output")
-    if os.path.isdir(output_path):
-        raise ImageError(output_path, "is a folder")
-    if same_file(input_path, output_path):
-        raise ImageError(output_path, "output would overwrite the input; choose another -o")
-
-
 def convert(input_path, output_path, *, scale=None, width=None, height=None,
             dtype="uint8", linear=False, filter="box", draft=True,
             max_pixels=MAX_IMAGE_PIXELS, quality=95, progress=None):
@@ -363,14 +353,16 @@ def convert(input_path, output_path, *, scale=None, width=None, height=None,
     sources unless `linear`; float .npy sources are linear already. draft: let JPEGs
     decode at a reduced size (memory, speed); off, or with `linear` (the reduction
     would average in sRGB), they decode at full size and match PIL's own resize.
-    progress: see images.progress_bar (decoding, resampling, writing).
+    progress: see outputs.progress_bar (decoding, resampling, writing).
     Raises ImageError / ValueError with one-line messages.
     """
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
     extension(input_path, "input")
     if not os.path.isfile(input_path):
         raise ImageError(input_path, "no such file")
-    _check_output(input_path, output_path, dtype)
+    if extension(output_path, "output") != ".npy" and dtype == "float16":
+        raise ImageError(output_path, "--dtype float16 needs a .npy output")
+    check_output(output_path, input_path)
 
     def out_size_of(w, h):
         return resized_size(w, h, scale, width, height)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import encoding
+from cli import one_line
 
-COLOUR = "linear"          # the field predicts linear light (sRGB primaries)
 ENCODINGS = ("hashgrid", "freq", "none")
 # Checkpoint keys: where Lightning keeps the module's hyperparameters and weights, and the
 # prefix of the field's weights inside the LightningModule's state dict.
@@ -213,7 +213,7 @@ def read_checkpoint(path: str, device="cpu") -> dict:
                               "plain data, so it was not written by train.py") from None
     except Exception as exc:
         # torch's own message for a cut-off file is often an OS error ("Invalid argument")
-        detail = "" if isinstance(exc, OSError) else f" ({_first_line(exc)})"
+        detail = "" if isinstance(exc, OSError) else f" ({one_line(exc)})"
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint{detail}") from None
     config = ckpt.get(HPARAMS, {}).get(FIELD_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(config, dict) or STATE_KEY not in ckpt:
@@ -221,17 +221,12 @@ def read_checkpoint(path: str, device="cpu") -> dict:
     return ckpt
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def checkpoint_config(ckpt: dict, path: str) -> FieldConfig:
     """The FieldConfig stored in a checkpoint dict; CheckpointError if it cannot be one."""
     try:
         return FieldConfig.from_dict(ckpt[HPARAMS][FIELD_KEY])
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: bad field config ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: bad field config ({one_line(exc)})") from None
 
 
 def field_weights(ckpt: dict) -> dict:
@@ -250,7 +245,7 @@ def check_weights(config: FieldConfig, weights: dict, path: str) -> None:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in config.build().state_dict().items()}
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: bad field config ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: bad field config ({one_line(exc)})") from None
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in weights.items()}
     if got != expected:
         diffs = [f"{k}: {got.get(k)} vs {expected.get(k)}"
@@ -263,8 +258,9 @@ def load_field(path: str, device="cpu"):
     """(field, info) from a train.py checkpoint, without the source image.
 
     field: eval-mode nn.Module on `device`, xy (N, 2) in [0, 1] -> linear colour (N, C).
-    info: dict with width, height, channels (ints), colour ("linear"), global_step, source
-    (the trained image's file name) and config (the FieldConfig).
+    info: dict with width, height, channels (ints), global_step, source (the trained image's
+    file name) and config (the FieldConfig). (Checkpoints from before may also hold a
+    "colour" hyperparameter: always "linear", the field's output, and not read.)
     """
     ckpt = read_checkpoint(path, "cpu")
     config = checkpoint_config(ckpt, path)
@@ -274,7 +270,7 @@ def load_field(path: str, device="cpu"):
     field.load_state_dict(weights)
     hparams = ckpt[HPARAMS]
     info = dict(width=int(config.width), height=int(config.height),
-                channels=int(config.channels), colour=hparams.get("colour", COLOUR),
+                channels=int(config.channels),
                 global_step=int(ckpt.get("global_step", 0)), source=hparams.get("source", ""),
                 config=config)
     return field.to(device).eval(), info

@@ -1,11 +1,13 @@
-"""What the machine offers a run: the accelerator, the precision it computes fast, fused Adam,
-and (glibc) reuse of freed memory. Needs torch only; train.py is its user.
+"""What the machine offers a run: the device (--device, one meaning in every script), the
+accelerator, the precision it computes fast, fused Adam, and (glibc) reuse of freed memory.
+Needs torch only.
 """
 import ctypes
+from typing import Tuple
 
 import torch
 
-from cli import UsageError
+from cli import UsageError, one_line
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -27,17 +29,47 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if any(native) else "32-true"
 
 
-def resolve_accelerator(name: str) -> str:
-    """"cpu", "gpu" or "mps" (Lightning's names); UsageError when the one asked for is not
-    available to torch."""
+# --device of every script (train.py, render.py, view.py): one meaning.
+DEVICE_HELP = ("auto: a GPU if torch sees one, else the CPU; or a torch device: cpu, cuda, "
+               "cuda:1, mps, ...; or a GPU index N (cuda:N)")
+LIGHTNING_NAMES = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}   # torch's device types -> its
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" -> the GPU if torch.cuda.is_available() else the CPU; a GPU index "N"
+    -> cuda:N; otherwise the named torch device, checked usable. ValueError otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(int(name) if name.isdigit() else name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"device {name!r} is not usable: {one_line(error)}") from None
+    return device
+
+
+def resolve_accelerator(name: str, device: str = "auto") -> Tuple[str, int]:
+    """(accelerator, index) for train.py's --accelerator and --device: Lightning's "cpu",
+    "gpu" or "mps", and which device of it (a GPU index; --device cuda:1 and 1 are GPU 1).
+    UsageError when the one asked for is not available to torch, or the two flags disagree."""
+    index = int(device) if device.isdigit() else 0
+    if device != "auto" and not device.isdigit():
+        try:
+            asked = torch.device(device)
+        except RuntimeError:
+            raise UsageError(f"--device {device}: expected {DEVICE_HELP}") from None
+        kind = LIGHTNING_NAMES.get(asked.type)
+        if kind is None or name not in ("auto", kind):
+            raise UsageError(f"--device {device} is not a device of --accelerator {name}")
+        name, index = kind, asked.index or 0
     available = dict(gpu=torch.cuda.is_available(), mps=torch.backends.mps.is_available(),
                      cpu=True)
     if name == "auto":
-        return next(kind for kind, there in available.items() if there)
+        return next(kind for kind, there in available.items() if there), index
     if not available[name]:
         what = "GPU" if name == "gpu" else "MPS device (Apple GPU)"
         raise UsageError(f"--accelerator {name}: no {what} is available to torch")
-    return name
+    return name, index
 
 
 def keep_freed_memory() -> bool:

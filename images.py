@@ -1,5 +1,5 @@
-"""Image files <-> numpy arrays, and sRGB <-> linear light; plus what every long output
-shares: all-or-nothing files, progress bars, a clean stop on SIGINT / SIGTERM.
+"""Image files <-> numpy arrays, and sRGB <-> linear light. (What every long output shares,
+all-or-nothing files, progress bars, a clean stop on signals, is outputs.py.)
 
 Pixels stay in the file's own precision (uint8 / uint16 sRGB, or float linear for `.npy`
 and TIFF) so that a gigapixel image costs 3 bytes per pixel, not 12 or 16; training
@@ -12,18 +12,17 @@ Conventions
   (the upstream `.npy` convention). A uint8 `.npy` is therefore sRGB, a float `.npy` linear.
 """
 import contextlib
-import json
 import os
-import re
 import shutil
-import signal
 import struct
 import sys
 import zlib
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from cli import one_line
+from outputs import progress_bar, shown_name
 
 # Ceiling for PIL's decompression-bomb check: 2**32 pixels (4.3 gigapixels, e.g. 65536 x
 # 65536), enough for the 1.22-gigapixel Tokyo photo while still refusing absurd headers.
@@ -37,9 +36,6 @@ TIFF_EXTENSIONS = (".tif", ".tiff")
 # What each format stores besides uint8 sRGB: 16-bit sRGB, float linear light.
 WIDE_EXTENSIONS = {"uint16": (".png", ".tif", ".tiff", ".npy"),
                    "float16": (".tif", ".tiff", ".npy"), "float32": (".tif", ".tiff", ".npy")}
-# Seconds a phase runs before its progress bar appears: quick phases stay silent.
-PROGRESS_DELAY = 2.0
-
 # Rows converted at a time when copying between PIL and numpy: bounds the temporary
 # copies to a few MB whatever the image size.
 _BAND_PIXELS = 1 << 22
@@ -49,8 +45,7 @@ class ImageError(Exception):
     """A file could not be read or written; the message is one line naming the file."""
 
     def __init__(self, path, reason):
-        reason = " ".join(str(reason).split())  # PIL/numpy messages may span lines
-        super().__init__(f"{os.fspath(path)}: {reason}")
+        super().__init__(f"{os.fspath(path)}: {one_line(reason)}")
 
 
 def extension(path, role="file"):
@@ -68,134 +63,6 @@ def _row_bands(height, width):
     step = max(1, _BAND_PIXELS // max(1, width))
     for y0 in range(0, height, step):
         yield y0, min(height, y0 + step)
-
-
-# ----------------------------------------------------------------------------- long phases
-
-def progress_bar(total, desc, unit="px", progress=None, **options):
-    """A tqdm bar with an ETA on stderr for a phase of `total` units. progress: True (shown at
-    once), False (never), or None: shown when the phase runs past PROGRESS_DELAY seconds."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit in ("px", "B"), leave=False,
-                disable=progress is False, delay=PROGRESS_DELAY if progress is None else 0,
-                dynamic_ncols=True, **options)
-
-
-class Stopped(BaseException):
-    """SIGINT or SIGTERM inside stop_on_signals. Not an Exception, so nothing on the way
-    swallows it; it unwinds like Ctrl-C, and every atomic_output on the way removes its
-    temporary file. `left`: what a resumable writer kept (it fills it in), else None."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum, self.status, self.left = signum, 128 + signum, None
-
-
-@contextlib.contextmanager
-def stop_on_signals(prog, not_written):
-    """Run a long output so that SIGINT / SIGTERM stop it cleanly: the signal raises Stopped
-    where the work is, the temporaries go on the way out, and the process prints one line
-    `prog: stopped by SIGTERM; <not_written, or what a resumable writer left>` and exits with
-    128 + the signal's number. Further signals during that clean-up are ignored. Outside the
-    main thread (no signal handlers there) the block runs unchanged."""
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stopping = []
-
-    def handler(signum, frame):
-        if not stopping:               # once: a second signal must not cut the clean-up short
-            stopping.append(signum)
-            raise Stopped(signum)
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT,
-                                                                      signal.SIGTERM)}
-    try:
-        yield
-    except Stopped as stop:
-        name = signal.Signals(stop.signum).name
-        sys.stderr.write(f"\n{prog}: stopped by {name}; {stop.left or not_written}\n")
-        sys.stderr.flush()
-        raise SystemExit(stop.status) from None
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def save_manifest(path, manifest):
-    """Write a small JSON file all or nothing (what a resumable output is a part of)."""
-    with atomic_output(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-
-
-def check_manifest(path, wanted, what, ignore=()):
-    """The manifest (a dict) at `path` when it equals `wanted` but for the keys in `ignore`,
-    None when there is none; ValueError when it describes something else, naming up to 3
-    differences and `what` to delete."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            found = json.load(f)
-    except (OSError, ValueError):
-        found = None
-    wanted = json.loads(json.dumps(wanted))          # tuples -> lists, as read back
-    if isinstance(found, dict):
-        keys = (set(found) | set(wanted)) - set(ignore)
-        diffs = [f"{key} {found.get(key)!r} vs {wanted.get(key)!r}"
-                 for key in sorted(keys) if found.get(key) != wanted.get(key)]
-        if not diffs:
-            return found
-        reason = "another output (" + ", ".join(diffs[:3]) + ")"
-    else:
-        reason = f"an unreadable {os.path.basename(path)}"
-    raise ValueError(f"{what} holds {reason}; delete it or pick another output name")
-
-
-# ----------------------------------------------------------------------------- output files
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """Write a file all or nothing: yields a temporary name in `path`'s folder (same
-    extension, so writers pick the same format), flushed to disk and renamed onto `path` when
-    the block succeeds, removed when it fails or is interrupted. A crash, Ctrl-C or a full
-    disk therefore never leaves a partial file under the real name, nor destroys the
-    previous one. Creates the folder. Two processes writing one path each use their own
-    temporary name; the last rename wins with a complete file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    root, ext = os.path.splitext(os.path.basename(path))
-    partial = os.path.join(folder, f".{root}.{os.getpid()}-{os.urandom(3).hex()}.partial{ext}")
-    try:
-        yield partial
-        with open(partial, "rb+") as f:   # data on disk before the name points at it
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except ImageError as exc:             # errors name the file asked for, not the temporary
-        exc.args = tuple(a.replace(partial, path) if isinstance(a, str) else a for a in exc.args)
-        raise
-    except OSError as exc:                # e.g. a full disk: same errno (and subclass)
-        if exc.errno is None:
-            raise
-        raise OSError(exc.errno, exc.strerror, path) from None
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-
-
-def shown_name(path):
-    """The file name a user asked for: atomic_output's temporary name -> the real one."""
-    name = os.path.basename(os.fspath(path))
-    match = re.fullmatch(r"\.(.+)\.\d+-[0-9a-f]{6}\.partial(\.[^.]*)?", name)
-    return match[1] + (match[2] or "") if match else name
-
-
-def same_file(a, b):
-    """Whether two paths name one file (also through symbolic or hard links); either may not
-    exist yet. Outputs use it to refuse to replace their input."""
-    return os.path.realpath(a) == os.path.realpath(b) or (
-        os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
 def check_free_space(path, nbytes, what="output"):

@@ -1,40 +1,38 @@
 """What keeps a long train.py run's work: checkpoints, signals, divergence, log versions.
 
-    keep = KeepWork(ckpt_dir, every_steps, minutes)   # a Lightning callback
+    keep = KeepWork(ckpt_dir, every_steps, minutes, clock=clock, max_time=120)  # a callback
     trainer = pl.Trainer(callbacks=[keep], plugins=[AtomicCheckpointIO()], ...)
 
 - checkpoints are written whole or not at all (AtomicCheckpointIO), last.ckpt every few
   minutes, step=N.ckpt every N steps, never with non-finite weights;
-- SIGINT, SIGTERM and SIGUSR1 (SLURM's "time is nearly up") stop the run after the current
-  step, every rank at the same step, and the caller saves last.ckpt; under SLURM, SIGUSR1 then
-  requeues the job, which resumes from that checkpoint (logging to a new version_N);
+- the time budget (--max_time), SIGINT, SIGTERM and SIGUSR1 (SLURM's "time is nearly up")
+  stop the run after the current step, every rank at the same step; after a signal the
+  caller saves last.ckpt, and under SLURM SIGUSR1 then requeues the job, which resumes from
+  that checkpoint (logging to a new version_N);
 - a non-finite loss stops the run at the step it appears (Diverged);
 - two runs started together on one log root each claim their own version_N.
 
-Ranks agree on every decision through one all-reduce (any_rank). Nothing here knows about
-images or fields beyond the checkpoint's config; train.py is its only user.
+Ranks agree on every decision through one all-reduce per step (agree; a save checks the
+weights with one more). Nothing here knows about images or fields beyond the checkpoint's
+config; train.py is its only user.
 """
-import hashlib
+import contextlib
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 
-import numpy as np
 import torch
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-import cli
-import images
 from cli import UsageError
 from field import CheckpointError, FieldConfig, checkpoint_config, read_checkpoint
+from outputs import Stopped, atomic_output, signals_handled
 
 LOG_VERSION_ENV = "HASHGRID_LOG_VERSION"  # the log version rank 0 claimed, for its DDP workers
 SLURM_JOB_FILE = "slurm_job_id"           # in a version folder: the SLURM job that writes it
@@ -42,11 +40,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints go to a temporary name and are renamed when complete (images.atomic_output):
+    """Checkpoints go to a temporary name and are renamed when complete (outputs.atomic_output):
     a full disk or a kill mid-write leaves the previous file intact, never a truncated one."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        with images.atomic_output(path) as partial:
+        with atomic_output(path) as partial:
             super().save_checkpoint(checkpoint, partial, storage_options)
 
 
@@ -54,54 +52,48 @@ class Diverged(Exception):
     """The loss (or the weights) became NaN or infinite: the run stops (exit status 1)."""
 
 
-class Stopped(BaseException):
-    """A signal stopped the run (exit status 128 + N): after the current step with last.ckpt
-    saved, or at once, unsaved, on a second signal. A BaseException, so that neither Lightning
-    nor a broad `except Exception` turns it into another exit status."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum, self.status = signum, 128 + signum
-
-
-def any_rank(trainer, *flags: bool):
-    """Each flag OR-ed over all ranks, in one all-reduce (none on a single device)."""
+def agree(trainer, *values: float):
+    """Each value's largest over all ranks (of flags: whether any rank raised one), in one
+    all-reduce; none on a single device."""
     if trainer.world_size == 1:
-        return flags
-    votes = torch.tensor(flags, dtype=torch.float32, device=trainer.strategy.root_device)
-    return tuple(bool(v) for v in trainer.strategy.reduce(votes, reduce_op="sum") > 0)
+        return values
+    votes = torch.tensor(values, dtype=torch.float32, device=trainer.strategy.root_device)
+    return tuple(trainer.strategy.reduce(votes, reduce_op="max").tolist())
 
 
 class KeepWork(pl.Callback):
-    """Bounds what a long run can lose, and stops it cleanly when asked to.
+    """Bounds what a long run can lose, and is the one place that stops it.
 
+    At every step's end the ranks agree once (`agree`, one all-reduce) on the training
+    seconds, whether a save is due, whether a signal came and, on check steps, the first
+    non-finite loss; every decision follows from that agreement, so every rank takes it at the
+    same step:
+    - the run stops after the current step when `clock` (seconds trained, pauses out) reaches
+      `max_time`, or on STOP_SIGNALS (the caller then saves last.ckpt with `save` and raises
+      `stopped(...)`); a second signal stops at once. The agreed seconds go to
+      `clock.agreed`, for the learning-rate schedule;
     - last.ckpt is refreshed every `minutes` of wall time, so a kill (even SIGKILL) loses at
-      most that much work on any device; step=N.ckpt is kept every `every_steps` steps.
-    - STOP_SIGNALS stop the run after the current step, every rank at the same step; the
-      caller then saves last.ckpt (`save`) and raises `stopped(...)`. A second signal stops
-      at once.
-    - A non-finite loss stops the run at the step it appears, and nothing non-finite is ever
-      saved: weights are checked before every save. On an asynchronous device (a GPU) the
-      loss is checked every `check_every` steps (each check waits for it) and before a save.
+      most that much work on any device; step=N.ckpt is kept every `every_steps` steps;
+    - a non-finite loss stops the run (Diverged), and nothing non-finite is ever saved:
+      weights are checked before every save (that check agrees on its own). On an
+      asynchronous device (a GPU) the loss is checked every `check_every` steps (each check
+      waits for it) and before a save.
     """
 
     def __init__(self, ckpt_dir: str, every_steps: int = 0, minutes: float = 10.0,
-                 check_every: int = 1):
+                 check_every: int = 1, clock=None, max_time: float = None):
         self.ckpt_dir, self.every_steps, self.minutes = ckpt_dir, every_steps, minutes
-        self.check_every = check_every
+        self.check_every, self.clock, self.max_time = check_every, clock, max_time
         self.last = os.path.join(ckpt_dir, "last.ckpt")
         self.signal = None            # the signal that asked us to stop
         self.saved = []               # checkpoints written by this callback, oldest first
-        self._previous_handlers = {}
+        self._signals = contextlib.ExitStack()    # our handlers while training
         self._first_bad = None        # device scalar: first step with a non-finite loss, or -1
 
     def on_train_start(self, trainer, pl_module):
         self._last_save = time.monotonic()
         self._first_bad = torch.full((), -1, dtype=torch.long, device=pl_module.device)
-        if threading.current_thread() is threading.main_thread():   # signals: main thread only
-            for signum in STOP_SIGNALS:
-                self._previous_handlers[signum] = signal.getsignal(signum)
-                signal.signal(signum, self._on_signal)
+        self._signals.enter_context(signals_handled(self._on_signal, STOP_SIGNALS))
 
     def _on_signal(self, signum, frame):
         if self.signal is not None:       # asked twice: stop now
@@ -111,9 +103,7 @@ class KeepWork(pl.Callback):
         self.signal = signum
 
     def restore_signals(self):
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
+        self._signals.close()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -121,36 +111,40 @@ class KeepWork(pl.Callback):
         bad = ~torch.isfinite(loss.detach())
         self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
         save_step = self.every_steps > 0 and step % self.every_steps == 0
-        save_time, stop = any_rank(trainer, time.monotonic() - self._last_save
-                                   >= 60 * self.minutes, self.signal is not None)
-        if save_step or save_time or step % self.check_every == 0:
-            self.check_finite(trainer, pl_module)
+        check = save_step or step % self.check_every == 0
+        seconds, save_time, signalled, bad_step = agree(
+            trainer, self.clock.seconds() if self.clock is not None else 0.0,
+            time.monotonic() - self._last_save >= 60 * self.minutes, self.signal is not None,
+            int(self._first_bad) if check else -1)
+        if self.clock is not None:
+            self.clock.agreed = seconds
+        self.diverged(trainer, int(bad_step))
         if save_step:
             self.save(trainer, os.path.join(self.ckpt_dir, f"step={step}.ckpt"))
         if save_time:
             self.save(trainer, self.last)
-        if stop:
+        if signalled or (self.max_time is not None and seconds >= self.max_time):
             trainer.should_stop = True
 
-    def check_finite(self, trainer, pl_module, weights: bool = False):
-        """Diverged if any rank has seen a non-finite loss (or, with `weights`, holds
-        non-finite weights), naming the last finite checkpoint."""
-        step = -1 if self._first_bad is None else int(self._first_bad)
-        bad_weights = weights and not all(bool(torch.isfinite(p).all())
-                                          for p in pl_module.parameters())
-        bad_loss, bad_weights = any_rank(trainer, step >= 0, bad_weights)
-        if bad_loss or bad_weights:
-            what = f"the loss became NaN or infinite at step {step}" if step >= 0 else \
-                f"the weights became NaN or infinite at step {trainer.global_step}"
-            kept = [p for p in self.saved if os.path.exists(p)]
-            raise Diverged(f"{what}: the run diverged (a lower --lr may help); "
-                           + (f"last finite checkpoint: {kept[-1]}" if kept
-                              else "no checkpoint was written before it"))
+    def diverged(self, trainer, bad_step: int, bad_weights: bool = False) -> None:
+        """Diverged, naming the last finite checkpoint, when the ranks found a non-finite loss
+        (`bad_step` >= 0: the step it appeared at) or non-finite weights."""
+        if bad_step < 0 and not bad_weights:
+            return
+        what = f"the loss became NaN or infinite at step {bad_step}" if bad_step >= 0 else \
+            f"the weights became NaN or infinite at step {trainer.global_step}"
+        kept = [p for p in self.saved if os.path.exists(p)]
+        raise Diverged(f"{what}: the run diverged (a lower --lr may help); "
+                       + (f"last finite checkpoint: {kept[-1]}" if kept
+                          else "no checkpoint was written before it"))
 
     def save(self, trainer, path: str = None):
         """A complete, resumable checkpoint at `path` (last.ckpt by default), logs flushed."""
         path = path or self.last
-        self.check_finite(trainer, trainer.lightning_module, weights=True)
+        bad_weights = not all(bool(torch.isfinite(p).all())
+                              for p in trainer.lightning_module.parameters())
+        first_bad = -1 if self._first_bad is None else int(self._first_bad)
+        self.diverged(trainer, *(int(v) for v in agree(trainer, first_bad, bad_weights)))
         trainer.save_checkpoint(path, weights_only=False)     # optimizer too: resumable
         for logger in trainer.loggers:                          # logs as far as the checkpoint
             logger.save()
@@ -278,37 +272,7 @@ def resume_command(argv, ckpt: str) -> str:
     return shlex.join(["python", "train.py", *kept, "--ckpt", ckpt])
 
 
-# --- checks before a run starts: what it trains on, resumes from, writes to -----------------
-
-def load_source(path: str) -> np.ndarray:
-    """(H, W, C) uint8 sRGB of `path`; UsageError when it cannot be used."""
-    try:
-        array = images.read_image(path)
-        return images.to_srgb8(array)
-    except images.ImageError as exc:
-        raise UsageError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
-def check_field(config: FieldConfig) -> None:
-    """UsageError for network flags that cannot build a field (e.g. N_max below N_min); built
-    on the meta device, so checking costs no memory."""
-    try:
-        with torch.device("meta"):
-            config.build()
-    except ValueError as exc:
-        raise UsageError(cli.one_line(exc)) from None
-
-
-def source_digest(source: np.ndarray) -> str:
-    """A fingerprint of an image (its size and 64 rows spread over it): a resumed run warns
-    when its checkpoint was trained on another image of the same size."""
-    digest = hashlib.sha1(repr(source.shape).encode())
-    for row in np.linspace(0, source.shape[0] - 1, 64).astype(np.int64):
-        digest.update(np.ascontiguousarray(source[row]).tobytes())
-    return digest.hexdigest()[:16]
-
+# --- resuming: the checkpoint a run starts from must fit it ---------------------------------
 
 def check_resume(ckpt_path: str, config: FieldConfig, source_name: str, digest: str) -> int:
     """The step `ckpt_path` was saved at. UsageError unless it is a train.py checkpoint of the
@@ -332,28 +296,3 @@ def check_resume(ckpt_path: str, config: FieldConfig, source_name: str, digest: 
               f"({saved_name or 'unknown'}) of the same size; continuing from its weights",
               file=sys.stderr)
     return int(ckpt.get("global_step", 0))
-
-
-def check_export(path: str, source_path: str, dtype: str = "uint8") -> None:
-    """UsageError before training for an export that could not be written at the end: a
-    format images.write_image lacks or that cannot hold `dtype`, a folder, an unwritable
-    place, or the source image."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in images.EXTENSIONS:
-        raise UsageError(f"--export {path}: unsupported format {ext or '(none)'}; use one of "
-                         + " ".join(images.EXTENSIONS))
-    try:
-        images.check_dtype(path, dtype)
-    except images.ImageError as exc:
-        raise UsageError(f"--export_dtype: {exc}") from None
-    if os.path.isdir(path):
-        raise UsageError(f"--export {path}: is a folder")
-    if images.same_file(path, source_path):
-        raise UsageError(f"--export {path}: would overwrite the input image; choose another name")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:                              # now, not hours later
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise UsageError(f"--export {folder}: cannot write there ({exc.strerror or exc})") from None

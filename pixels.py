@@ -1,6 +1,7 @@
 """The pixels a fit learns from, and how a fit is scored against them.
 
-    source = PixelSource(array)                     # (H, W, C) uint8 sRGB, a memmap is fine
+    array = load_source("albert.jpg")               # (H, W, C) uint8 sRGB, a memmap is fine
+    source = PixelSource(array)
     xy, target = source.sample(65536, generator)   # coordinates in [0, 1]^2, linear colour
     sse, count = PsnrProbe(array).sse(field)       # squared 8-bit sRGB errors of a field
 
@@ -8,6 +9,7 @@ The image stays 8-bit (3 bytes per pixel; a memory-mapped `.npy` stays on disk) 
 training device when it fits, else in host memory; batches are drawn where the pixels are and
 converted to linear light by one table look-up per value. Needs torch and numpy, no Lightning.
 """
+import hashlib
 import math
 import warnings
 
@@ -16,11 +18,33 @@ import torch
 from torch import nn
 
 import images
-import render
+import outputs
+import tiles
+from cli import UsageError
 
 PSNR_MAX_PIXELS = 2 ** 22              # larger images are scored on this many random pixels
 EVAL_BATCH = 2 ** 18                   # points per forward pass when rendering / scoring
 DEVICE_MEMORY_SHARE = 0.5              # pixels stay on a GPU within this share of free memory
+
+
+def load_source(path: str) -> np.ndarray:
+    """(H, W, C) uint8 sRGB of `path`; UsageError when it cannot be used."""
+    try:
+        array = images.read_image(path)
+        return images.to_srgb8(array)
+    except images.ImageError as exc:
+        raise UsageError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def source_digest(source: np.ndarray) -> str:
+    """A fingerprint of an image (its size and 64 rows spread over it): a resumed run warns
+    when its checkpoint was trained on another image of the same size."""
+    digest = hashlib.sha1(repr(source.shape).encode())
+    for row in np.linspace(0, source.shape[0] - 1, 64).astype(np.int64):
+        digest.update(np.ascontiguousarray(source[row]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def bilinear_sample(pixels: torch.Tensor, lut: torch.Tensor, xy: torch.Tensor,
@@ -142,7 +166,7 @@ class PsnrProbe:
             self.index = np.sort(rng.integers(0, height * width, max_pixels))
             flat = source.reshape(height * width, channels)
             targets = np.empty((max_pixels, channels), source.dtype)
-            with images.progress_bar(max_pixels, "psnr pixels", "px") as bar:
+            with outputs.progress_bar(max_pixels, "psnr pixels", "px") as bar:
                 for start in range(0, max_pixels, EVAL_BATCH):      # a memmap: read in order
                     stop = min(start + EVAL_BATCH, max_pixels)
                     targets[start:stop] = flat[self.index[start:stop]]
@@ -152,7 +176,7 @@ class PsnrProbe:
     def sse(self, field: nn.Module, rank: int = 0, world: int = 1, max_batch: int = EVAL_BATCH,
             progress=None):
         """(sum of squared 8-bit errors, number of values) over this rank's share; a
-        progress bar (images.progress_bar) when scoring takes more than a moment."""
+        progress bar (outputs.progress_bar) when scoring takes more than a moment."""
         height, width, _ = self.source.shape
         if self.index is None:
             band = max(1, max_batch // width)
@@ -161,7 +185,7 @@ class PsnrProbe:
         else:
             bounds = np.linspace(0, len(self.index), world + 1).astype(np.int64)
             total = int(bounds[rank + 1] - bounds[rank])
-        with images.progress_bar(total, "psnr", "px", progress) as bar:
+        with outputs.progress_bar(total, "psnr", "px", progress) as bar:
             if self.index is None:
                 return self._sse_rows(field, starts, band, max_batch, bar)
             return self._sse_subset(field, bounds[rank], bounds[rank + 1], max_batch, bar)
@@ -171,7 +195,7 @@ class PsnrProbe:
         sse, count = 0, 0
         for r0 in starts:
             r1 = min(height, r0 + band)
-            fit = render.render_region(field, width, r1 - r0, (0.0, r0 / height, 1.0, r1 / height),
+            fit = tiles.render_region(field, width, r1 - r0, (0.0, r0 / height, 1.0, r1 / height),
                                        max_batch=max_batch)
             diff = fit.astype(np.int32) - np.asarray(self.source[r0:r1], dtype=np.int32)
             sse += int(np.einsum("ijk,ijk->", diff, diff, dtype=np.int64))
@@ -182,7 +206,7 @@ class PsnrProbe:
     @torch.no_grad()
     def _sse_subset(self, field, first, stop_at, max_batch, bar):
         height, width, channels = self.source.shape
-        device = render.field_device(field)
+        device = tiles.field_device(field)
         self.targets = self.targets.to(device)       # once: validation runs repeatedly
         sse = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(first, stop_at, max_batch):

@@ -6,7 +6,7 @@
     plot_psnr(curve, "psnr.png")       # PSNR against training seconds and steps
     make_loggers(["csv", "tensorboard"], root, trace, name, version)   # Lightning's loggers
 
-Pictures are rendered tile by tile (render.render_region), so they cost bounded memory on
+Pictures are rendered tile by tile (tiles.render_region), so they cost bounded memory on
 any image size. train.py is the only user.
 """
 import argparse
@@ -26,7 +26,8 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
 import images
-import render
+import outputs
+import tiles
 from pixels import EVAL_BATCH, PixelSource, bilinear_sample, host_tensor
 
 PREVIEW_PANEL = 1024                   # long side of each preview panel; 2 side by side <= 2048
@@ -121,7 +122,7 @@ class Previews(pl.Callback):
         lut = torch.tensor(images.SRGB_TO_LINEAR_LUT, dtype=torch.float32)
         pixels = host_tensor(self.image.array)
         periodic = self.image.periodic
-        view = render.render_region(lambda xy: bilinear_sample(pixels, lut, xy, periodic),
+        view = tiles.render_region(lambda xy: bilinear_sample(pixels, lut, xy, periodic),
                                     self.pw, self.ph, max_batch=EVAL_BATCH)
         crop = np.asarray(self.image.array[y0:y0 + ch, x0:x0 + cw])
         return self._panel(view, crop)
@@ -129,8 +130,8 @@ class Previews(pl.Callback):
     def _fit(self, field: nn.Module) -> np.ndarray:
         x0, y0, cw, ch = self.crop
         width, height = self.image.width, self.image.height
-        view = render.render_region(field, self.pw, self.ph, max_batch=EVAL_BATCH)
-        crop = render.render_region(field, cw, ch, (x0 / width, y0 / height, (x0 + cw) / width,
+        view = tiles.render_region(field, self.pw, self.ph, max_batch=EVAL_BATCH)
+        crop = tiles.render_region(field, cw, ch, (x0 / width, y0 / height, (x0 + cw) / width,
                                                     (y0 + ch) / height), max_batch=EVAL_BATCH)
         return self._panel(view, crop)
 
@@ -155,7 +156,7 @@ class Previews(pl.Callback):
             draw.text((x, 4), text, fill=255 if mode == "L" else (255, 255, 255))
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"step_{step:06d}.png")
-        with images.atomic_output(path) as partial:
+        with outputs.atomic_output(path) as partial:
             picture.save(partial, format="PNG")
         self.written.append(path)
         for logger in self.loggers:
@@ -188,12 +189,9 @@ class Previews(pl.Callback):
             with Image.open(png) as im:
                 frame = im.copy()
             frame.thumbnail((GIF_MAX_SIDE, GIF_MAX_SIDE), Image.Resampling.LANCZOS)
-            frames.append(frame.convert("P", palette=Image.Palette.ADAPTIVE)
-                          if frame.mode == "RGB" else frame)
+            frames.append(np.atleast_3d(np.asarray(frame)))
         durations = [self.gif_ms] * (len(frames) - 1) + [4 * self.gif_ms]
-        with images.atomic_output(path) as partial:
-            frames[0].save(partial, format="GIF", save_all=True, append_images=frames[1:],
-                           duration=durations, loop=0)
+        tiles.write_animation(path, frames, durations)
         return path
 
 
@@ -226,7 +224,7 @@ def plot_psnr(curve, path: str, title: str) -> str:
     left.set_ylabel("PSNR (dB, sRGB 8-bit)")
     fig.suptitle(title)
     fig.tight_layout()
-    with images.atomic_output(path) as partial:
+    with outputs.atomic_output(path) as partial:
         fig.savefig(partial, format="png", dpi=100)
     return path
 

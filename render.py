@@ -1,60 +1,34 @@
-"""Render a fitted image field at any size, region or zoom, tile by tile.
-
-A field maps normalised coordinates ``xy: (N, 2)`` in [0, 1] (x along the width, y along
-the height) to linear colour ``(N, C)``. Rendering never materialises a full coordinate
-buffer: each tile makes its own coordinates, so peak memory is one tile plus the 8-bit
-output, and the output can be a ``np.memmap`` larger than RAM.
+"""Render a fitted image field at any size, region or zoom, tile by tile: stills, zoom
+sequences (frames, GIF, WebP, MP4) and Deep Zoom pyramids. The rendering itself (regions,
+tiles, resumable .npy files, animations) is tiles.py; this file adds the output geometry,
+zooms, Deep Zoom and the command line.
 
 Command line: ``python render.py --ckpt last.ckpt -o out.png`` (see ``--help``).
 """
-import hashlib
 import itertools
 import math
 import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
-import torch
-from PIL import Image
 
 import cli
 import images
+import outputs
 from field import CheckpointError, load_field
+from hardware import DEVICE_HELP, resolve_device
+from tiles import (FULL, check_region, field_fingerprint, render_region, render_to_file,
+                   write_animation)
 
-FULL = (0.0, 0.0, 1.0, 1.0)
 STILL_EXTS = images.EXTENSIONS
 ANIMATED_EXTS = (".gif", ".webp")
 VIDEO_EXTS = (".mp4",)
-# Below this many points some CPU BLAS kernels accumulate in another order than for large
-# batches (measured with torch 2.13: batches of < 12 rows), which would make a tiny tile
-# differ in the last bit from the same pixels rendered in a big tile.
-MIN_FIELD_BATCH = 64
 # Default longest side of zoom frames: a native-size frame of a gigapixel fit is no video.
 ZOOM_MAX_SIDE = 1024
 # Share of the zoom sequence spent in each phase: hold, zoom in, hold, zoom out.
 ZOOM_PHASES = (1 / 6, 1 / 3, 1 / 6, 1 / 3)
-
-
-def check_region(region, periodic=""):
-    """Validate a normalised region ``(x0, y0, x1, y1)`` and return it as 4 floats.
-
-    Raises ValueError unless ``0 <= x0 < x1 <= 1`` and ``0 <= y0 < y1 <= 1``. Along an axis
-    named in ``periodic`` ("x", "y" or "xy": a field that wraps around, e.g. a 360-degree
-    panorama) the region may extend past 0 and 1 and cross the seam, e.g. x from 0.9 to 1.1.
-    """
-    values = tuple(float(v) for v in region)
-    if len(values) != 4:
-        raise ValueError(f"region needs 4 numbers x0 y0 x1 y1, got {len(values)}")
-    x0, y0, x1, y1 = values
-    inside = [axis in periodic or 0.0 <= v <= 1.0 for v, axis in zip(values, "xyxy")]
-    if not all(math.isfinite(v) for v in values) or not all(inside):
-        raise ValueError(f"region {values} is outside [0, 1]")
-    if not (x0 < x1 and y0 < y1):
-        raise ValueError(f"region {values} is empty (need x0 < x1 and y0 < y1)")
-    return values
 
 
 def region_from_pixels(region_px, src_width, src_height, periodic=""):
@@ -102,104 +76,6 @@ def output_size(src_width, src_height, region=FULL, width=None, height=None, sca
 def _side(length):
     """Round a derived side length to whole pixels, at least 1."""
     return max(1, int(math.floor(length + 0.5)))
-
-
-def pixel_centres(region, width, height, rows, cols):
-    """Coordinates of output pixel centres, row-major.
-
-    Pixel (r, c) of a ``width x height`` render of ``region = (x0, y0, x1, y1)`` samples
-    ``x = x0 + (c + 0.5) * (x1 - x0) / width``, ``y = y0 + (r + 0.5) * (y1 - y0) / height``,
-    evaluated in float64 from the integer indices, so a pixel's coordinates do not depend
-    on which tile it is in.
-
-    rows, cols: ``(start, stop)`` index ranges. Returns ``(n_rows * n_cols, 2)`` float64.
-    """
-    x0, y0, x1, y1 = region
-    xs = (np.arange(*cols, dtype=np.float64) + 0.5) * (x1 - x0) / width + x0
-    ys = (np.arange(*rows, dtype=np.float64) + 0.5) * (y1 - y0) / height + y0
-    xy = np.empty((len(ys), len(xs), 2), dtype=np.float64)
-    xy[..., 0] = xs[None, :]
-    xy[..., 1] = ys[:, None]
-    return xy.reshape(-1, 2)
-
-
-def tiles(width, height, max_batch):
-    """Yield tiles ``((row0, row1), (col0, col1))`` covering a ``width x height`` output in
-    raster order, each of at most ``max_batch`` pixels: blocks of whole rows, or pieces of
-    one row when a row alone is longer than ``max_batch``."""
-    if width <= max_batch:
-        step = max_batch // width
-        for r0 in range(0, height, step):
-            yield (r0, min(r0 + step, height)), (0, width)
-    else:
-        for r in range(height):
-            for c0 in range(0, width, max_batch):
-                yield (r, r + 1), (c0, min(c0 + max_batch, width))
-
-
-def field_device(field):
-    """Device of the field's first parameter (or buffer); CPU for a plain callable."""
-    if isinstance(field, torch.nn.Module):
-        for tensor in (*field.parameters(), *field.buffers()):
-            return tensor.device
-    return torch.device("cpu")
-
-
-def _evaluate(field, xy):
-    """Field colours for ``xy: (n, 2)`` -> ``(n, C)``, padding tiny batches (see
-    MIN_FIELD_BATCH) with copies of the last point so every call takes the large-batch
-    kernels."""
-    n = xy.shape[0]
-    if n < MIN_FIELD_BATCH:
-        xy = torch.cat([xy, xy[-1:].expand(MIN_FIELD_BATCH - n, -1)])
-    colour = field(xy)[:n]
-    return colour.reshape(n, -1)
-
-
-def render_region(field, width, height, region=FULL, *, window=None, max_batch=2**18,
-                  out=None, progress=False, dtype="uint8"):
-    """Render ``region = (x0, y0, x1, y1)`` (normalised) of ``field`` at ``width x height``.
-
-    field: callable ``xy: (N, 2) float32 in [0, 1] -> linear colour (N, C)``; runs on the
-        device of its parameters (CPU for a parameter-less callable), under no_grad.
-        Its train/eval mode is left as the caller set it.
-    window: optional ``((row0, row1), (col0, col1))``: only that block of the render, with
-        the same pixel coordinates and so the same values, bit for bit (Deep Zoom tiles).
-    max_batch: at most this many pixels per field call (the tile size).
-    out: optional preallocated ``(h, w, C)`` array or np.memmap of ``dtype`` to fill (h, w:
-        the window's size, else height, width).
-    progress: see images.progress_bar (pixels).
-    dtype: "uint8" / "uint16" sRGB or "float16" / "float32" linear light (images.from_linear).
-    Returns the ``(h, w, C)`` image (``out`` when given).
-    """
-    region = check_region(region, getattr(field, "periodic", ""))
-    if width < 1 or height < 1:
-        raise ValueError(f"output size {width}x{height} is empty")
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-    (row0, row1), (col0, col1) = window or ((0, height), (0, width))
-    out_h, out_w = row1 - row0, col1 - col0
-    if out is not None and (out.dtype != np.dtype(dtype) or out.ndim != 3
-                            or out.shape[:2] != (out_h, out_w)):
-        raise ValueError(f"out must be a {dtype} array of shape ({out_h}, {out_w}, C), "
-                         f"got {out.dtype} {out.shape}")
-    device = field_device(field)
-    with torch.no_grad(), images.progress_bar(out_w * out_h, "render", "px", progress) as bar:
-        for (r0, r1), (c0, c1) in tiles(out_w, out_h, max_batch):
-            xy = pixel_centres(region, width, height, (row0 + r0, row0 + r1),
-                               (col0 + c0, col0 + c1))
-            # float32 on the CPU first: not every accelerator has float64.
-            colour = _evaluate(field, torch.from_numpy(xy).float().to(device))
-            tile = images.from_linear(colour, dtype).cpu().numpy().astype(dtype, copy=False)
-            tile = tile.reshape(r1 - r0, c1 - c0, -1)
-            if out is None:
-                out = np.empty((out_h, out_w, tile.shape[2]), dtype=dtype)
-            elif out.shape[2] != tile.shape[2]:
-                raise ValueError(f"out has {out.shape[2]} channels, the field gives "
-                                 f"{tile.shape[2]}")
-            out[r0:r1, c0:c1] = tile
-            bar.update(tile.shape[0] * tile.shape[1])
-    return out
 
 
 def _ease(t):
@@ -259,7 +135,7 @@ def zoom_regions(n_frames, zoom, center=None, base=FULL, periodic=""):
 
 def render_frames(field, width, height, regions, *, max_batch=2**18, progress=False):
     """Yield one ``(height, width, C)`` uint8 frame per region (see render_region)."""
-    with images.progress_bar(len(regions), "zoom", "frame", progress) as bar:
+    with outputs.progress_bar(len(regions), "zoom", "frame", progress) as bar:
         for region in regions:
             yield render_region(field, width, height, region, max_batch=max_batch)
             bar.update(1)
@@ -270,29 +146,9 @@ def write_frames(folder, frames):
     os.makedirs(folder, exist_ok=True)
     count = 0
     for count, frame in enumerate(frames, start=1):
-        with images.atomic_output(os.path.join(folder, f"frame_{count - 1:06d}.png")) as partial:
+        with outputs.atomic_output(os.path.join(folder, f"frame_{count - 1:06d}.png")) as partial:
             images.write_image(partial, frame)
     return count
-
-
-def _pil_frame(frame):
-    """(H, W, C) uint8 -> PIL image (C = 1 grayscale, 3 RGB, 4 RGBA)."""
-    return Image.fromarray(frame[..., 0] if frame.shape[2] == 1 else frame)
-
-
-def write_animation(path, frames, fps, quality=95):
-    """Write frames as a looping animated GIF or WebP (by extension) at ``fps``; ``quality``
-    applies to WebP. All frames are held in memory (Pillow writes them in one go).
-
-    Pillow merges consecutive identical frames (the holds) into one longer frame; the
-    total duration stays ``len(frames) / fps``. Returns the number of frames given.
-    """
-    pictures = [_pil_frame(frame) for frame in frames]
-    with images.atomic_output(path) as partial:
-        pictures[0].save(partial, format=os.path.splitext(path)[1][1:].upper(), save_all=True,
-                         append_images=pictures[1:], duration=1000.0 / fps, loop=0,
-                         quality=quality)
-    return len(pictures)
 
 
 def video_encoder():
@@ -312,8 +168,8 @@ _FFMPEG_PIXEL_FORMATS = {1: "gray", 3: "rgb24", 4: "rgba"}
 
 def write_video(path, frames, fps, encoder):
     """Pipe raw frames into ffmpeg (H.264, yuv420p; odd sides padded to even, which the
-    codec needs), all or nothing (images.atomic_output). Returns the number of frames."""
-    with images.atomic_output(path) as partial:
+    codec needs), all or nothing (outputs.atomic_output). Returns the number of frames."""
+    with outputs.atomic_output(path) as partial:
         return _encode_video(partial, frames, fps, encoder)
 
 
@@ -404,19 +260,6 @@ def dzi_files_folder(path):
     return os.path.splitext(os.fspath(path))[0] + "_files"
 
 
-def field_fingerprint(field):
-    """sha256 (hex) of a module's weights (names, shapes, values), or None for a plain
-    callable: tells apart two fits that stopped at the same step."""
-    if not isinstance(field, torch.nn.Module):
-        return None
-    digest = hashlib.sha256()
-    for name, tensor in field.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _check_dzi_manifest(folder, wanted):
     """Check the tiles folder's manifest matches ``wanted``; returns the manifest path when
     there is none yet (a new pyramid: the caller writes it), else None.
@@ -424,7 +267,7 @@ def _check_dzi_manifest(folder, wanted):
     A folder with tiles but another (or no, or an unreadable) manifest belongs to another
     pyramid: ValueError rather than mixing tiles."""
     path = os.path.join(folder, DZI_MANIFEST)
-    if images.check_manifest(path, wanted, folder) is not None:
+    if outputs.check_manifest(path, wanted, folder) is not None:
         return None
     if os.path.isdir(folder) and os.listdir(folder):
         raise ValueError(f"{folder} exists and was not written by render.py; delete it or "
@@ -473,24 +316,24 @@ def write_deep_zoom(field, width, height, channels, path, region=FULL, *,
     images.check_free_space(path, int(samples * DZI_BYTES_PER_SAMPLE[tile_format])
                             + DZI_BYTES_PER_FILE * len(todo), what="Deep Zoom pyramid")
     if new_manifest:
-        images.save_manifest(new_manifest, manifest)
+        outputs.save_manifest(new_manifest, manifest)
     done = len(work) - len(todo)
-    with images.progress_bar(len(work), "deep zoom", "tile", progress, initial=done) as bar:
+    with outputs.progress_bar(len(work), "deep zoom", "tile", progress, initial=done) as bar:
         try:
             for level, w, h, (col, row, x0, y0, x1, y1) in todo:
                 tile = render_region(field, w, h, region, window=((y0, y1), (x0, x1)),
                                      max_batch=max_batch)
                 tile_path = os.path.join(folder, str(level), f"{col}_{row}.{tile_format}")
-                with images.atomic_output(tile_path) as tmp:
+                with outputs.atomic_output(tile_path) as tmp:
                     images.write_image(tmp, tile, quality=quality)
                 done += 1
                 bar.update(1)
-        except images.Stopped as stop:
+        except outputs.Stopped as stop:
             stop.left = (f"{os.fspath(path)} not finished: {done} of {len(work)} tiles are in "
                          f"{folder}; run the same command again to continue, or delete "
                          f"{folder} to discard them")
             raise
-    with images.atomic_output(path) as tmp:
+    with outputs.atomic_output(path) as tmp:
         with open(tmp, "w") as f:
             f.write(dzi_xml(width, height, tile_size, overlap, tile_format))
     return len(todo), len(work)
@@ -543,8 +386,7 @@ def build_parser():
     parser.add_argument("--max_batch", type=int, default=2**18,
                         help="pixels per tile; bounds peak memory [default: %(default)s]")
     parser.add_argument("--device", default="auto",
-                        help="'auto' (GPU if available, else CPU) or a torch device "
-                             "string such as cpu, cuda, cuda:1 [default: %(default)s]")
+                        help=f"{DEVICE_HELP} [default: %(default)s]")
     parser.add_argument("--quality", type=cli.integer(1, 100), default=95,
                         help="JPEG/WebP quality, 1..100 [default: %(default)s]")
     parser.add_argument("--dtype", choices=("uint8", "uint16", "float16", "float32"),
@@ -597,25 +439,12 @@ def output_kind(path, zoom):
     return "frames"
 
 
-def resolve_device(name):
-    """'auto' -> the GPU if torch.cuda.is_available() else CPU; otherwise the named torch
-    device, checked usable. Raises ValueError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
-        raise ValueError(f"device {name!r} is not usable: {cli.one_line(error)}") from None
-    return device
-
-
 def main(argv=None):
     """Command-line entry point; returns 0, or exits 2 with a one-line error."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with images.stop_on_signals("render.py", f"{args.output} was not written"):
+        with outputs.stop_on_signals("render.py", f"{args.output} was not written"):
             _run(args)
     except MemoryError:
         parser.error("out of memory for the output image; write a .npy (memory-mapped) "
@@ -689,128 +518,10 @@ def _run(args):
     if kind == "frames":
         count = write_frames(args.output, sequence)
     elif kind == "animation":
-        count = write_animation(args.output, sequence, fps, args.quality)
+        count = write_animation(args.output, sequence, 1000.0 / fps, args.quality)
     else:
         count = write_video(args.output, sequence, fps, encoder)
     print(f"render.py: wrote {args.output} ({count} frames of {width}x{height})")
-
-
-# Seconds between saves of a resumable .npy render's progress (a kill -9 loses at most this).
-RESUME_SAVE_SECONDS = 30.0
-
-
-def partial_paths(path):
-    """Where a resumable .npy render keeps its work: ``fit.npy`` -> (``fit.partial.npy``,
-    ``fit.partial.json``), visible next to the output."""
-    root = os.path.splitext(os.fspath(path))[0]
-    return root + ".partial.npy", root + ".partial.json"
-
-
-def render_to_file(field, width, height, channels, path, region=FULL, *, max_batch=2**18,
-                   quality=95, progress=None, dtype="uint8", resume=False, stamp=None):
-    """Render ``region`` at ``width x height`` into the image file ``path`` (``dtype``: see
-    render_region; images.check_dtype says which formats hold it), all or nothing: an
-    interrupted or failed render leaves any previous file intact.
-
-    A .npy output is rendered straight into a memory-mapped file (outputs bigger than RAM),
-    after checking that the disk can hold it, under a temporary name (images.atomic_output),
-    or with ``resume`` into ``partial_paths(path)``: the partial file plus a manifest (the
-    geometry, the field's fingerprint, ``stamp`` and the tiles done, saved on a signal and
-    every RESUME_SAVE_SECONDS), so the same call continues where a stopped one left off and
-    gives the same bytes as an uninterrupted one (each tile is rendered in the same batch).
-    Anything else goes through one buffer to images.write_image."""
-    images.check_dtype(path, dtype)
-    if os.path.splitext(os.fspath(path))[1].lower() != ".npy":
-        image = render_region(field, width, height, region, max_batch=max_batch,
-                              progress=progress, dtype=dtype)
-        with images.atomic_output(path) as partial:
-            images.write_image(partial, image, quality=quality, progress=progress)
-        return
-    shape, nbytes = (height, width, channels), height * width * channels * np.dtype(dtype).itemsize
-    if not resume:
-        # a memory-mapped file is sparse until written: a full disk would show up as SIGBUS
-        # hours later, so the space is checked first (plus a page for the header)
-        images.check_free_space(path, nbytes + 4096)
-        with images.atomic_output(path) as partial:
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
-            render_region(field, width, height, region, max_batch=max_batch, out=out,
-                          progress=progress, dtype=dtype)
-            out.flush()
-            del out
-        return
-    _render_resumable(field, shape, path, check_region(region, getattr(field, "periodic", "")),
-                      max_batch, progress, dtype, nbytes, stamp)
-
-
-def _render_into_partial(field, shape, path, region, max_batch, progress, dtype, nbytes,
-                         stamp):
-    height, width, channels = shape
-    partial, manifest_path = partial_paths(path)
-    manifest = dict(kind="hashgrid render", width=width, height=height, channels=channels,
-                    dtype=dtype, region=list(region), max_batch=int(max_batch),
-                    fingerprint=field_fingerprint(field), **(stamp or {}))
-    work = list(tiles(width, height, max_batch))
-    found = images.check_manifest(manifest_path, manifest, partial, ignore=("tiles_done",))
-    if found is None and os.path.exists(partial):
-        raise ValueError(f"{partial} exists without its manifest {manifest_path}; delete it "
-                         f"or pick another output name")
-    done = 0
-    if found is not None and os.path.exists(partial):
-        done = int(found.get("tiles_done", 0))
-        out = np.lib.format.open_memmap(partial, mode="r+")
-        if out.shape != shape or out.dtype != np.dtype(dtype):
-            raise ValueError(f"{partial} is not the partial render its manifest describes; "
-                             f"delete it and {manifest_path}")
-    else:
-        images.check_free_space(path, nbytes + 4096)
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
-
-    def save():
-        out.flush()                            # the pixels first, then the count that vouches
-        images.save_manifest(manifest_path, dict(manifest, tiles_done=done))
-    save()
-    pixels_done = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in work[:done])
-    last_save = time.monotonic()
-    try:
-        with images.progress_bar(width * height, "render", "px", progress,
-                                 initial=pixels_done) as bar:
-            for (r0, r1), (c0, c1) in work[done:]:
-                render_region(field, width, height, region, window=((r0, r1), (c0, c1)),
-                              max_batch=max_batch, out=out[r0:r1, c0:c1], dtype=dtype)
-                done += 1
-                bar.update((r1 - r0) * (c1 - c0))
-                if time.monotonic() - last_save > RESUME_SAVE_SECONDS:
-                    save()
-                    last_save = time.monotonic()
-    except images.Stopped as stop:
-        save()
-        rows = work[done][0][0] if done < len(work) else height
-        stop.left = (f"{path} not finished: {rows} of {height} rows are in {partial} (manifest "
-                     f"{manifest_path}); run the same command again to continue, or delete "
-                     f"both to discard them")
-        raise
-    out.flush()
-    del out
-    with open(partial, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    os.remove(manifest_path)
-
-
-def _render_resumable(field, shape, path, region, max_batch, progress, dtype, nbytes, stamp):
-    """_render_into_partial, whose files go when writing them fails (a full disk, say: like
-    every other output, nothing is left behind; only a signal keeps them), its errors naming
-    `path`."""
-    try:
-        _render_into_partial(field, shape, path, region, max_batch, progress, dtype, nbytes,
-                             stamp)
-    except OSError as exc:
-        for leftover in partial_paths(path):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-        if exc.errno is None:
-            raise
-        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
 
 
 if __name__ == "__main__":

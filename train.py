@@ -12,15 +12,17 @@ field with an L2 loss between the sRGB encodings, the space PSNR is measured in 
 the way the image would be saved), at a learning rate that decays over the second half of
 the run.
 
-Read top to bottom: the LightningModule (ImageFit: the step, its schedule, its score), then
-the command line (build_parser, parse_args with --config files, the loggers) and `run`, which
-builds the Trainer. What keeps a long run's work (checkpoints, signals, divergence, SLURM
-requeue, log versions) is keep_work.py; the progress bar, previews and the PSNR plot are
-previews.py; the pixels and how batches are drawn and scored are pixels.py; the network and
-its checkpoints are field.py (which render.py shares). Nothing imports this file.
+Read top to bottom: the LightningModule (ImageFit: the step, its schedule, its score), the
+command line (build_parser; --config files), then `run`, in four steps: prepare (every
+check, the model on its pixels), build_trainer, fit, finish (the summary, --export). What
+keeps a long run's work and stops it (checkpoints, the time budget, signals, divergence,
+SLURM requeue, log versions) is keep_work.py; the progress bar, previews and the PSNR plot
+are previews.py; the pixels, how batches are drawn and scored are pixels.py; the network
+and its checkpoints are field.py; rendering is tiles.py. Nothing imports this file.
 """
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import math
 import os
@@ -28,6 +30,7 @@ import sys
 import time
 from typing import List
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -41,14 +44,16 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 import cli
 import images
 import live
-import render
+import outputs
+import tiles
 from cli import UsageError
 from field import FieldConfig
-from hardware import fused_adam, keep_freed_memory, resolve_accelerator, resolve_precision
-from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, Stopped, any_rank, check_export,
-                       check_field, claim_version, load_source, resume_point, slurm_job_id,
-                       source_digest)
-from pixels import EVAL_BATCH, PixelSource, PsnrProbe, psnr_from_sse, sampling_seed
+from hardware import (DEVICE_HELP, fused_adam, keep_freed_memory, resolve_accelerator,
+                      resolve_precision)
+from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, claim_version, resume_point,
+                       slurm_job_id)
+from pixels import (EVAL_BATCH, PixelSource, PsnrProbe, load_source, psnr_from_sse,
+                    sampling_seed, source_digest)
 from previews import (LOGGERS, Previews, StepBar, logger_names, make_loggers, plot_psnr,
                       quiet_lightning, summary_line)
 
@@ -81,10 +86,13 @@ class _Steps(IterableDataset):
 # --- the Lightning module -----------------------------------------------------------------
 
 class TrainClock:
-    """Seconds spent training, with scoring and previews paused out (pauses may nest)."""
+    """Seconds spent training, with scoring and previews paused out (pauses may nest).
+    `agreed`: the reading every rank goes by, the largest over the ranks at the last step's
+    end (KeepWork's agreement sets it): the schedule's progress and the time budget."""
 
     def __init__(self):
         self.elapsed, self.since, self.depth = 0.0, None, 0
+        self.agreed = 0.0
 
     def start(self):
         self.since = time.perf_counter()
@@ -148,7 +156,7 @@ class ImageFit(pl.LightningModule):
                  lr: float = 1e-2, mlp_lr: float = 3e-3, lr_schedule: str = "decay",
                  loss: str = "srgb_l2",
                  weight_decay: float = 1e-6, seed: int = 0,
-                 colour: str = "linear", max_time: float = None, compile: bool = False):
+                 max_time: float = None, compile: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["max_time", "compile"])
         self.max_time = max_time
@@ -218,14 +226,12 @@ class ImageFit(pl.LightningModule):
 
     def progress(self) -> float:
         """How far the run is, in [0, 1]: steps against the step budget and training seconds
-        against --max_time, whichever is further. Rank 0's value, so every replica takes
-        the same step size."""
+        against --max_time, whichever is further. The seconds are the ranks' agreed reading
+        (TrainClock.agreed), so every replica takes the same step size."""
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
         done = self.global_step / max_steps if max_steps and max_steps > 0 else 0.0
         if self.max_time is not None:
-            done = max(done, self.clock.seconds() / self.max_time)
-            if self.trainer is not None and self.trainer.world_size > 1:   # clocks differ
-                done = float(self.trainer.strategy.broadcast(done, src=0))
+            done = max(done, self.clock.agreed / self.max_time)
         return min(1.0, done)
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -246,10 +252,6 @@ class ImageFit(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.first_step_seconds is None:
             self.first_step_seconds = self.clock.seconds()
-        if self.max_time is not None:
-            # every rank must stop at the same step: stop when any rank's clock has run out
-            if any_rank(self.trainer, self.clock.seconds() >= self.max_time)[0]:
-                self.trainer.should_stop = True
 
     def val_dataloader(self):
         return DataLoader(_Steps(1), batch_size=None)
@@ -312,13 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_time", type=cli.number(above=0), default=None,
                    help="stop after this many seconds of training steps in this run; "
                    "start-up, scoring and previews are not counted (default: none)")
-    p.add_argument("--device", type=int, default=0,
-                   help="GPU index to use when --devices is not given (default: 0)")
+    p.add_argument("--device", default="auto",
+                   help=f"{DEVICE_HELP}; it also sets --accelerator; --devices, when given, "
+                   "overrides it (default: auto)")
     p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
                    help="auto: a GPU (CUDA, or Apple's MPS) if torch sees one, else the CPU "
                    "(default: auto)")
     p.add_argument("--devices", type=cli.devices, default=None,
-                   help="device count, GPU indices (0,1) or auto (default: 1; on GPU [--device])")
+                   help="device count, GPU indices (0,1) or auto (default: 1: --device)")
     p.add_argument("--strategy", default="auto",
                    help="Lightning strategy, e.g. ddp for several devices (default: auto)")
     p.add_argument("--num_nodes", type=cli.integer(1), default=1,
@@ -395,20 +398,40 @@ def write_config(args: argparse.Namespace, path: str) -> str:
     """config.yaml: every flag of the run with the values it resolved to (batch size, device,
     precision, loggers, ...), so that `--config path` repeats it exactly."""
     values = {key: value for key, value in vars(args).items() if key != "config"}
-    with images.atomic_output(path) as partial, open(partial, "w") as f:
+    with outputs.atomic_output(path) as partial, open(partial, "w") as f:
         yaml.safe_dump(values, f, sort_keys=False)
     return path
 
 
 def field_config(args: argparse.Namespace, width: int, height: int,
                  channels: int) -> FieldConfig:
-    """The network the command line asks for, for a width x height image."""
-    return FieldConfig(width, height, channels, enc_method=args.enc_method,
-                       n_levels=args.n_levels, n_features_per_level=args.n_features_per_level,
-                       log2_hashmap_size=args.log2_hashmap_size,
-                       base_resolution=args.base_resolution,
-                       finest_resolution=args.finest_resolution,
-                       interpolation=args.interpolation, periodic=args.periodic)
+    """The network the command line asks for, for a width x height image; UsageError for
+    flags that cannot build one (e.g. N_max below N_min: built on the meta device, so
+    checking costs no memory)."""
+    try:
+        config = FieldConfig(width, height, channels, enc_method=args.enc_method,
+                             n_levels=args.n_levels,
+                             n_features_per_level=args.n_features_per_level,
+                             log2_hashmap_size=args.log2_hashmap_size,
+                             base_resolution=args.base_resolution,
+                             finest_resolution=args.finest_resolution,
+                             interpolation=args.interpolation, periodic=args.periodic)
+        with torch.device("meta"):
+            config.build()
+    except ValueError as exc:
+        raise UsageError(cli.one_line(exc)) from None
+    return config
+
+
+def check_export(path: str, source: str, dtype: str) -> None:
+    """UsageError before training for an export that could not be written at the end: a
+    format images.write_image lacks or that cannot hold `dtype`, or outputs.check_output's
+    cases (a folder, the source image, an unwritable place)."""
+    try:
+        images.check_dtype(path, dtype)
+        outputs.check_output(path, source)
+    except (images.ImageError, ValueError) as exc:
+        raise UsageError(f"--export {exc}") from None
 
 
 def default_batch_size(pixels: int, accelerator: str) -> int:
@@ -420,9 +443,11 @@ def default_batch_size(pixels: int, accelerator: str) -> int:
     return min(cap, 2 ** max(8, round(math.log2(pixels / PIXELS_PER_SAMPLE))))
 
 
-def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argparse.Namespace:
-    """`args` with what its defaults resolve to for this image on this machine (written to
-    config.yaml, so that the run repeats exactly elsewhere too)."""
+def resolved(args: argparse.Namespace, accelerator: str, index: int,
+             pixels: int) -> argparse.Namespace:
+    """`args` with what its defaults resolve to for this image on this machine, on device
+    `index` of `accelerator` (written to config.yaml, so that the run repeats exactly
+    elsewhere too)."""
     if args.max_steps is not None or args.epochs is not None or args.max_time is None:
         max_steps = args.max_steps or (args.epochs or EPOCHS) * STEPS_PER_EPOCH
     else:
@@ -435,40 +460,65 @@ def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argpars
         val_every=args.val_every or min(CPU_VAL_EVERY if on_cpu else GPU_VAL_EVERY,
                                         max(1, (max_steps or 2**62) // 10)),
         max_steps=max_steps, devices=args.devices if args.devices is not None
-        else (1 if accelerator != "gpu" else [args.device]),
+        else (1 if accelerator != "gpu" else [index]),
         logger=args.logger or ["csv"] + (["tensorboard"] if tensorboard else []))})
 
 
 def export_fit(field: nn.Module, width: int, height: int, channels: int, path: str,
                dtype: str = "uint8") -> str:
-    """Full-resolution render of `field` to `path`, tile by tile (render.render_to_file)."""
-    render.render_to_file(field, width, height, channels, path, max_batch=EVAL_BATCH,
+    """Full-resolution render of `field` to `path`, tile by tile (tiles.render_to_file)."""
+    tiles.render_to_file(field, width, height, channels, path, max_batch=EVAL_BATCH,
                           dtype=dtype)
     return path
+
+
+# --- the run: prepare, build the trainer, fit, finish ---------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    """A run as `prepare` settles it, before anything is written: the flags resolved for this
+    image and machine, the image, the network, the step it starts from; `build_trainer` adds
+    where it logs and what keeps its work."""
+    args: argparse.Namespace
+    source_path: str
+    source: np.ndarray                 # (H, W, C) uint8 sRGB
+    config: FieldConfig
+    model: ImageFit
+    first_step: int                    # 0, or the step of the checkpoint it resumes
+    runs: str                          # ROOT/TRACE/IMAGE_NAME, the version_N folders' home
+    log_dir: str = ""
+    keep: KeepWork = None
 
 
 def run(args, callbacks=(), argv=()) -> dict:
     """Train as `args` say; returns a summary dict (rank 0 fills psnr/paths). `argv`: the
     command line, for the resume hint printed when a signal stops the run. `callbacks` go to
     the Trainer after train.py's own."""
-    accelerator = resolve_accelerator(args.accelerator)
+    plan = prepare(args)
+    trainer = build_trainer(plan, callbacks)
+    fit(plan, trainer, argv)
+    return finish(plan, trainer)
+
+
+def prepare(args) -> Plan:
+    """Everything that can refuse the run, checked before anything is written (the image, the
+    network flags, the checkpoint it resumes, the export); the model built on its pixels."""
+    accelerator, index = resolve_accelerator(args.accelerator, args.device)
     if accelerator == "cpu":
         keep_freed_memory()
     path = args.input or sample_image_path()
     source = load_source(path)
     height, width, channels = source.shape
     config = field_config(args, width, height, channels)
-    check_field(config)
-    digest = source_digest(source)
-    name = os.path.splitext(os.path.basename(path))[0]
-    runs = os.path.join(args.root, args.trace, name)
-    ckpt, first_step = resume_point(runs, args.ckpt, config, os.path.basename(path), digest)
+    digest, source_name = source_digest(source), os.path.basename(path)
+    runs = os.path.join(args.root, args.trace, os.path.splitext(source_name)[0])
+    ckpt, first_step = resume_point(runs, args.ckpt, config, source_name, digest)
     if args.export:
         check_export(args.export, path, args.export_dtype)
     args.ckpt = ckpt                            # a requeued job's own last.ckpt, if any
-    args = resolved(args, accelerator, width * height)
+    args = resolved(args, accelerator, index, width * height)
     pl.seed_everything(args.seed, verbose=False)
-    model = ImageFit(config.to_dict(), source=os.path.basename(path), source_digest=digest,
+    model = ImageFit(config.to_dict(), source=source_name, source_digest=digest,
                      batch_size=args.batch_size, lr=args.lr, mlp_lr=args.mlp_lr,
                      lr_schedule=args.lr_schedule, loss=args.loss, seed=args.seed,
                      max_time=args.max_time, compile=args.compile)
@@ -476,67 +526,90 @@ def run(args, callbacks=(), argv=()) -> dict:
     if ckpt is None:
         model.field.start_at(image.mean_colour())
     model.attach(image, PsnrProbe(source))
+    return Plan(args, path, source, config, model, first_step, runs)
 
-    serving = []          # listening first: a port in use stops the run before its log folder
+
+def build_trainer(plan: Plan, callbacks=()) -> pl.Trainer:
+    """The Trainer, its version_N folder (claimed, with config.yaml), loggers and callbacks:
+    the live view when asked for (listening first: a port in use stops the run before its log
+    folder exists), the progress bar, what keeps the work (KeepWork: saves, and the one place
+    that stops the run) and previews."""
+    args = plan.args
+    serving = []
     if args.serve is not None and rank_zero_only.rank == 0:
         try:
-            serving.append(live.LiveView(model.field, config, source, args.serve,
-                                         first_step=first_step))
+            serving.append(live.LiveView(plan.model.field, plan.config, plan.source, args.serve,
+                                         first_step=plan.first_step))
         except OSError as exc:
             raise UsageError(f"--serve: {exc}") from None
-    version = claim_version(runs)
-    loggers = make_loggers(args.logger, args.root, args.trace, name, version)
-    log_dir = os.path.join(runs, f"version_{version}")
-    keep = KeepWork(os.path.join(log_dir, "checkpoints"), args.ckpt_every, args.ckpt_minutes,
-                    check_every=1 if accelerator == "cpu" else ASYNC_LOSS_CHECK_EVERY)
-    all_callbacks = [StepBar(), keep]
+    version = claim_version(plan.runs)
+    plan.log_dir = os.path.join(plan.runs, f"version_{version}")
+    plan.keep = KeepWork(os.path.join(plan.log_dir, "checkpoints"), args.ckpt_every,
+                         args.ckpt_minutes, clock=plan.model.clock, max_time=args.max_time,
+                         check_every=1 if args.accelerator == "cpu" else ASYNC_LOSS_CHECK_EVERY)
+    own = [StepBar(), plan.keep]
     if args.visualize:
-        all_callbacks.append(Previews(image, os.path.join(log_dir, "previews")))
+        own.append(Previews(plan.model.image, os.path.join(plan.log_dir, "previews")))
+    own += serving
     # SLURM's requeue signal is KeepWork's: it saves at a step's end and requeues then
     cluster = [SLURMEnvironment(auto_requeue=False)] if slurm_job_id() is not None else []
-    all_callbacks += serving
+    loggers = make_loggers(args.logger, args.root, args.trace, os.path.basename(plan.runs),
+                           version)
     quiet_lightning()
     try:
         trainer = pl.Trainer(
-            accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes,
+            accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
             strategy=args.strategy, precision=args.precision,
             max_steps=-1 if args.max_steps is None else args.max_steps,
             max_epochs=-1, val_check_interval=args.val_every, check_val_every_n_epoch=None,
-            num_sanity_val_steps=0, logger=loggers, callbacks=[*all_callbacks, *callbacks],
+            num_sanity_val_steps=0, logger=loggers, callbacks=[*own, *callbacks],
             plugins=[AtomicCheckpointIO(), *cluster], enable_checkpointing=False,
             enable_model_summary=False, log_every_n_steps=min(50, args.val_every),
-            default_root_dir=log_dir)
+            default_root_dir=plan.log_dir)
     except (ValueError, TypeError, RuntimeError, MisconfigurationException) as exc:
-        raise UsageError(str(exc).strip().splitlines()[0]) from None
+        raise UsageError(cli.one_line(exc)) from None
     if trainer.is_global_zero:
-        write_config(args, os.path.join(log_dir, "config.yaml"))
+        write_config(args, os.path.join(plan.log_dir, "config.yaml"))
+    return trainer
 
+
+def fit(plan: Plan, trainer: pl.Trainer, argv=()) -> None:
+    """Train until the step budget or KeepWork stops the run; then save last.ckpt, score the
+    final weights and plot the curve. A signal's stop raises outputs.Stopped after the save,
+    with the command that resumes (`argv`)."""
+    model, keep = plan.model, plan.keep
     trainer.fit(model, train_dataloaders=DataLoader(_Steps(STEPS_PER_EPOCH), batch_size=None),
-                ckpt_path=ckpt, weights_only=True)
+                ckpt_path=plan.args.ckpt, weights_only=True)
     keep.save(trainer)                          # last.ckpt; checks the weights are finite first
     if keep.signal is None and model.last_val_step != trainer.global_step:
         trainer.validate(model, verbose=False)      # score the final weights too
-    plot = os.path.join(log_dir, "psnr.png")
     if trainer.is_global_zero:
-        plot_psnr(model.curve, plot, f"train.py on {os.path.basename(path)}")
+        plot_psnr(model.curve, os.path.join(plan.log_dir, "psnr.png"),
+                  f"train.py on {os.path.basename(plan.source_path)}")
     if keep.signal is not None:
-        raise keep.stopped(trainer, log_dir, argv)
+        raise keep.stopped(trainer, plan.log_dir, argv)
 
-    summary = dict(steps=trainer.global_step, steps_this_run=trainer.global_step - first_step,
-                   train_seconds=model.clock.seconds(),
+
+def finish(plan: Plan, trainer: pl.Trainer) -> dict:
+    """The run's summary; rank 0 also writes --export and prints the last line."""
+    args, model, keep = plan.args, plan.model, plan.keep
+    summary = dict(steps=trainer.global_step, steps_this_run=trainer.global_step
+                   - plan.first_step, train_seconds=model.clock.seconds(),
                    psnr=float(trainer.callback_metrics.get("val/psnr", float("nan"))),
-                   log_dir=log_dir, checkpoint=keep.last, plot=plot, curve=model.curve,
-                   export=None,
+                   log_dir=plan.log_dir, checkpoint=keep.last,
+                   plot=os.path.join(plan.log_dir, "psnr.png"), curve=model.curve, export=None,
                    compile_seconds=model.first_step_seconds if args.compile else None,
                    rank=trainer.global_rank)
     if trainer.is_global_zero:
         if args.export:
-            with images.stop_on_signals("train.py", f"{args.export} was not written; the fit "
-                                        f"is saved: python render.py --ckpt {keep.last} -o "
-                                        f"{args.export} writes it"):
+            height, width, channels = plan.source.shape
+            with outputs.stop_on_signals("train.py", f"{args.export} was not written; the fit "
+                                         f"is saved: python render.py --ckpt {keep.last} -o "
+                                         f"{args.export} writes it"):
                 summary["export"] = export_fit(model.field.eval(), width, height, channels,
                                                args.export, args.export_dtype)
-        print(summary_line(summary, ckpt is not None, os.path.join(log_dir, "config.yaml")))
+        print(summary_line(summary, args.ckpt is not None,
+                           os.path.join(plan.log_dir, "config.yaml")))
     return summary
 
 
@@ -554,7 +627,7 @@ def main(argv=None, callbacks=()) -> dict:
         parser.error(exc)
     except (images.ImageError, OSError, Diverged) as exc:   # e.g. the disk filled up mid-run
         parser.exit(1, f"train.py: error: {cli.one_line(exc)}\n")
-    except Stopped as exc:
+    except outputs.Stopped as exc:
         parser.exit(exc.status, f"train.py: {exc}\n")
     except KeyboardInterrupt:     # before training started
         parser.exit(128 + 2, "train.py: interrupted\n")

@@ -48,6 +48,7 @@ import images
 import pixels
 import render
 from field import CheckpointError, load_field
+from hardware import DEVICE_HELP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAGE_DIR = os.path.join(HERE, "viewer")
@@ -623,8 +624,7 @@ def build_parser():
     parser.add_argument("--zoom", type=cli.integer(0, 6), default=ZOOM.bit_length() - 1,
                         metavar="K", help="levels past the source resolution: the fit's "
                         "finest level is 2**K times the source [default: %(default)s]")
-    parser.add_argument("--device", default="auto", help="'auto', cpu, cuda, cuda:1, ... "
-                        "[default: %(default)s]")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} [default: %(default)s]")
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Rendering throughput of render.render_region (megapixels per second) at several tile
+"""Rendering throughput of tiles.render_region (megapixels per second) at several tile
 sizes, for the default train.py field: 2-D hash grid, L=16, F=2, log2 T=19, 64x2 MLP.
 
     python bench/render.py                     # 1024 x 1024 output on the CPU
@@ -21,7 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import render  # noqa: E402  (after the path set-up)
+import tiles  # noqa: E402  (after the path set-up)
 from field import FieldConfig  # noqa: E402
 
 
@@ -67,8 +67,8 @@ def main(argv=None):
     megapixels = width * height / 1e6
 
     # The same pixel centres as a 2**16 render, made up front: the bare field cost.
-    batches = [torch.from_numpy(render.pixel_centres(render.FULL, width, height, rows, cols))
-               .float().to(device) for rows, cols in render.tiles(width, height, 2**16)]
+    batches = [torch.from_numpy(tiles.pixel_centres(tiles.FULL, width, height, rows, cols))
+               .float().to(device) for rows, cols in tiles.tiles(width, height, 2**16)]
 
     def field_only():
         with torch.no_grad():
@@ -79,7 +79,7 @@ def main(argv=None):
 
     cases = {"field only, 2^16": field_only}
     for log2 in args.tiles:
-        cases[f"2^{log2}"] = (lambda max_batch: lambda: render.render_region(
+        cases[f"2^{log2}"] = (lambda max_batch: lambda: tiles.render_region(
             field, width, height, max_batch=max_batch))(2**log2)
     wall, cpu = timings(cases, args.repeats)
     rows = [dict(max_batch=name, seconds=wall[name], cpu_seconds=cpu[name],
@@ -90,7 +90,7 @@ def main(argv=None):
                output=f"{width}x{height}", source=f"{args.source[0]}x{args.source[1]}",
                # other work on the machine skews the numbers: record how busy it was
                load_average_1min=round(os.getloadavg()[0], 2))
-    print(f"render.py throughput: {env}")
+    print(f"tiles.render_region throughput: {env}")
     print("| max_batch | wall s | Mpx/s (wall) | CPU s | Mpx per CPU-s |")
     print("|---|---|---|---|---|")
     for row in rows:

@@ -2,7 +2,10 @@
 way a user's copy-paste project does (``import encoding``), without installing a package."""
 import math
 import os
+import re
+import resource
 import struct
+import subprocess
 import sys
 import zlib
 
@@ -21,6 +24,51 @@ import images  # noqa: E402  (after the path set-up)
 # a device lands there, so the device branch of the encoding runs where users run it.
 if os.environ.get("HASHGRID_TEST_DEVICE"):
     torch.set_default_device(os.environ["HASHGRID_TEST_DEVICE"])
+
+
+# the scripts run in a subprocess on one thread each: two shared cores
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def expect_error(capsys, main, argv, needle, status=2, prog="train.py"):
+    """main(argv) exits `status` with exactly one stderr line `prog: error: ...needle...`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == status
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"{prog}: error: ") and needle in err, err
+    return err
+
+
+def prog_lines(stderr, prog="train.py"):
+    """The lines a script printed itself (Lightning's banners and tqdm's \\r bars left out)."""
+    return [line for line in re.split(r"[\r\n]", stderr) if line.startswith(f"{prog}:")]
+
+
+def limited(limit):
+    """preexec_fn: files the child writes may not exceed `limit` bytes (a "full disk")."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def run_limited(cmd, limit, cwd):
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=180,
+                          preexec_fn=limited(limit))
+
+
+def nan_image(path):
+    array = images.to_linear(np.linspace(0, 255, 24 * 40 * 3).astype(np.uint8).reshape(24, 40, 3))
+    array[3, 5, 0] = np.nan
+    array[7, 1, 2] = np.nan
+    array[20, 39, 1] = np.inf
+    np.save(path, array)
+    return str(path)
+
+
+def leftovers(folder):
+    """Temporary files outputs.atomic_output leaves behind when it fails to clean up."""
+    return [name for name in os.listdir(folder) if ".partial" in name]
 
 
 def psnr(a, b, peak=255.0):
@@ -94,3 +142,12 @@ def checkpoint(tmp_path_factory):
                           "--max_steps", "3", "--batch_size", "256", "--n_levels", "4",
                           "--log2_hashmap_size", "8", "--ckpt_every", "0", "--val_every", "3"])
     return summary["checkpoint"]
+
+
+@pytest.fixture(scope="session")
+def fitted(checkpoint):
+    """The `checkpoint` fit, loaded (a 40 x 24 RGB field); tests only read it."""
+    from field import load_field
+    field, info = load_field(checkpoint)
+    assert (info["width"], info["height"], info["channels"]) == (40, 24, 3)
+    return field

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps, JpegImagePlugin
 
 import convert
 import images
-from conftest import psnr, write_16bit
+from conftest import expect_error, leftovers, nan_image, psnr, write_16bit
 from convert import chart_tile, main, resized_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -384,3 +384,28 @@ def test_a_signal_stops_convert_cleanly(tmp_path, argv, signum):
     assert err.strip().splitlines()[-1] == (f"convert.py: stopped by {signum.name}; {output} was "
                                             f"not written")
     assert set(os.listdir(tmp_path)) == before                # no temporary file left
+
+
+CONVERT_ERRORS = [
+    (["--scale", "inf"], "--scale must be > 0 and finite"),
+    (["--scale", "nan"], "--scale must be > 0 and finite"),
+    (["--width", "1000000000"], "free"),
+]
+
+
+@pytest.mark.parametrize("flags, needle", CONVERT_ERRORS,
+                         ids=[" ".join(f) for f, _ in CONVERT_ERRORS])
+def test_convert_errors_are_one_line(tmp_path, chart_png, capsys, flags, needle):
+    out = tmp_path / "out" / "x.npy"
+    expect_error(capsys, convert.main, ["-i", str(chart_png), "-o", str(out), *flags], needle,
+                 prog="convert.py")
+    assert not out.exists()
+
+
+def test_non_finite_pixels_are_refused(tmp_path, capsys):
+    source = nan_image(tmp_path / "hdr.npy")
+    for flags in ([], ["--scale", "1"], ["--dtype", "float16"]):
+        out = tmp_path / "small.npy"
+        expect_error(capsys, convert.main, ["-i", source, "-o", str(out), *flags],
+                     "3 of 2880 values are NaN or infinite", prog="convert.py")
+        assert not out.exists() and leftovers(tmp_path) == []

@@ -13,7 +13,7 @@ import torch
 import images
 import render
 import train
-from conftest import ROOT
+from conftest import ROOT, expect_error
 from field import CheckpointError, FieldConfig, load_field, read_checkpoint
 
 DATA = os.path.join(ROOT, "tests", "data")
@@ -73,6 +73,9 @@ def test_a_checkpoint_from_before_field_py_resumes(tmp_path):
     assert resumed["global_step"] == 5
     assert resumed["hyper_parameters"]["field"] == read_checkpoint(OLD_CKPT)[
         "hyper_parameters"]["field"]
+    # the old file's "colour" hyperparameter (never read) is not written any more
+    assert "colour" in read_checkpoint(OLD_CKPT)["hyper_parameters"]
+    assert "colour" not in resumed["hyper_parameters"]
     # saved with two groups (tables and MLP biases together), resumed with three
     saved_groups = read_checkpoint(OLD_CKPT)["optimizer_states"][0]["param_groups"]
     assert [len(g["params"]) for g in saved_groups] == [3, 4]
@@ -117,10 +120,16 @@ def imports_of(module):
     return names & set(project_modules())
 
 
+SCRIPTS = {"train", "render", "view", "convert"}
+LIBRARIES = {"cli", "encoding", "field", "hardware", "images", "keep_work", "outputs", "pixels",
+             "previews", "tiles"}
+
+
 def test_module_imports_run_one_way():
     graph = {module: imports_of(module) for module in project_modules()}
     assert not any("train" in deps for deps in graph.values()), graph   # nothing imports train
     assert graph["encoding"] == set()                                  # standalone
+    assert {lib: graph[lib] & SCRIPTS for lib in LIBRARIES} == {lib: set() for lib in LIBRARIES}
     done, visiting = set(), []
 
     def visit(module):        # depth-first search for a cycle
@@ -176,3 +185,28 @@ def test_start_at_sets_the_untrained_colour():
     torch.testing.assert_close(after.double(), (before - old_bias + colour).double(),
                                atol=1e-6, rtol=0)
     assert (after - colour).abs().mean() < 0.3
+
+
+class NotTensors:
+    """Something a checkpoint written by train.py never holds."""
+
+    def __init__(self):
+        self.payload = [1, 2, 3]
+
+
+def test_bad_checkpoints_are_one_line(tmp_path, capsys, checkpoint):
+    data = open(checkpoint, "rb").read()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[:len(data) // 2])
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"field": {}}, "x": NotTensors()}, pickled)
+    image = str(tmp_path / "img.png")
+    images.write_image(image, np.zeros((24, 40, 3), np.uint8))
+    for path, needle in ((cut, "truncated or corrupt"), (pickled, "refused")):
+        for main, argv, prog in (
+                (render.main, ["--ckpt", str(path), "-o", str(tmp_path / "x.png")], "render.py"),
+                (train.main, ["-i", image, "--root", str(tmp_path / "logs"), "--ckpt", str(path)],
+                 "train.py")):
+            err = expect_error(capsys, main, argv, needle, prog=prog)
+            assert str(path) in err and "Errno" not in err and "weights_only" not in err, err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "logs").exists()

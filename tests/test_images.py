@@ -1,8 +1,6 @@
 """images.py: format round-trips, sRGB <-> linear against the IEC 61966-2-1 formulas,
 memory mapping, and one-line errors naming the file."""
 
-import re
-import time
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 from PIL import Image, ImageOps
 
 import images
+import outputs
 from conftest import psnr, write_16bit
 from images import ImageError, read_image, write_image
 
@@ -410,17 +409,3 @@ def test_from_linear_matches_the_srgb_formula():
     assert images.from_linear(linear, "float16").dtype == np.float16
 
 
-def test_progress_bar_shows_an_eta_only_past_its_delay(capsys, monkeypatch):
-    with images.progress_bar(4, "shown", "row", progress=True) as bar:
-        time.sleep(0.2)
-        bar.update(2)
-        bar.refresh()
-    assert re.search(r"shown:  50%.* 2/4 \[00:00<00:00", capsys.readouterr().err)  # elapsed<ETA
-    with images.progress_bar(4, "quick", "row") as bar:   # done before PROGRESS_DELAY
-        bar.update(4)
-    assert "quick" not in capsys.readouterr().err
-    monkeypatch.setattr(images, "PROGRESS_DELAY", 0.05)
-    with images.progress_bar(4, "later", "row") as bar:
-        time.sleep(0.2)
-        bar.update(1)
-    assert "later:  25%" in capsys.readouterr().err
