@@ -406,7 +406,8 @@ class MultiResHashGrid(nn.Module):
             float atomics), as ``nn.Embedding(sparse=True)`` gives it: for
             ``torch.optim.SparseAdam`` or another lazy optimizer, so a step costs the batch,
             not the table. Same numbers as the dense gradient; settable later (``.sparse``).
-            Eager only: under torch.compile a gradient to the table raises (see `forward`).
+            Eager only: torch.compile(fullgraph=True) raises (when the table needs a gradient)
+            saying so; without fullgraph the encoding runs eagerly (one graph break).
         device, dtype: where the table is created and its dtype (torch's factory conventions:
             a 2**24-row table is made in place on a GPU, never on the CPU first).
 
@@ -612,8 +613,8 @@ class MultiResHashGrid(nn.Module):
                 and table.requires_grad):
             raise RuntimeError(
                 "MultiResHashGrid(sparse=True) has no torch.compile path (AOTAutograd traces no "
-                "sparse gradients): compile with sparse=False, or call the encoding through "
-                "torch.compiler.disable (it then runs eagerly: one graph break)")
+                "sparse gradients): compile with sparse=False, or without fullgraph=True (the "
+                "encoding then runs eagerly: one graph break)")
         batch_shape = x.shape[:-1]
         points = x.reshape(-1, self.input_dim)
         # float64 stays float64 (gradcheck); anything narrower computes positions in float32,

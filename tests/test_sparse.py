@@ -1,0 +1,217 @@
+"""MultiResHashGrid(sparse=True): the table's gradient as coalesced sparse rows, equal to the
+dense one and deterministic; LazyAdam against SparseAdam and a float64 Adam."""
+import itertools
+
+import pytest
+import torch
+
+import encoding
+from encoding import MultiResHashGrid
+from lazy_adam import LazyAdam
+
+
+def gradients(enc, x, create_graph=False):
+    """(table gradient, x gradient) of a fixed weighted loss on enc(x)."""
+    enc.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = enc(x)
+    weights = torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)
+    (y * weights).square().sum().backward()
+    return enc.embedding.weight.grad, x.grad
+
+
+def pair(dim, **kwargs):
+    """(dense, sparse) encodings with the same table."""
+    dense = MultiResHashGrid(dim, 4, 2, 8, 4, 64, **kwargs)
+    sparse = MultiResHashGrid(dim, 4, 2, 8, 4, 64, sparse=True, **kwargs)
+    sparse.load_state_dict(dense.state_dict())
+    return dense, sparse
+
+
+def rows_of(grad):
+    """The rows of a sparse gradient; checks they are sorted and unique (coalesced data)."""
+    assert grad.is_sparse and grad.sparse_dim() == 1 and grad.dense_dim() == 1
+    rows = grad._indices()[0]
+    assert bool((rows[1:] > rows[:-1]).all())
+    return rows
+
+
+@pytest.mark.parametrize("implementation,interpolation,dim", list(itertools.product(
+    ("fast", "device", "reference"), ("linear", "smoothstep", "nearest"), (2, 3))))
+def test_sparse_gradient_equals_the_dense_one(implementation, interpolation, dim):
+    torch.manual_seed(0)
+    dense, sparse = pair(dim, implementation=implementation, interpolation=interpolation,
+                         dtype=torch.float64)
+    x = torch.rand(700, dim, dtype=torch.float64)
+    x[5, 0] = float("nan")                        # a NaN point adds nothing
+    grad_dense, x_dense = gradients(dense, x)
+    grad_sparse, x_sparse = gradients(sparse, x)
+    rows = rows_of(grad_sparse)
+    # the touched rows are exactly the rows the points' corners read
+    assert set(rows.tolist()) >= set(grad_dense.abs().sum(1).nonzero()[:, 0].tolist())
+    torch.testing.assert_close(grad_sparse.to_dense(), grad_dense, rtol=1e-12, atol=1e-15)
+    if interpolation != "nearest":
+        torch.testing.assert_close(x_sparse, x_dense, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout,grid_type", [("tcnn", "hash"), ("tcnn", "dense"),
+                                              ("tcnn", "tiled"), ("paper", "dense")])
+def test_sparse_on_tcnn_and_dense_grids(layout, grid_type):
+    torch.manual_seed(1)
+    for implementation in ("fast", "device"):
+        dense, sparse = pair(2, layout=layout, grid_type=grid_type,
+                             implementation=implementation)
+        x = torch.rand(500, 2)
+        torch.testing.assert_close(gradients(sparse, x)[0].to_dense(), gradients(dense, x)[0])
+
+
+def test_the_function_returns_a_coalesced_tensor_and_only_touched_rows():
+    enc = MultiResHashGrid(2, 2, 2, 12, 4, 8, sparse=True)    # 2 dense levels: 25 + 81 rows
+    seen = []
+    enc.embedding.weight.register_hook(lambda g: seen.append(g.is_coalesced()))
+    x = torch.tensor([[0.1, 0.1]])                  # one point: 4 corners per level
+    grad = gradients(enc, x)[0]
+    assert seen == [True]
+    assert grad._nnz() == 8
+    cells = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    # level 0: 4 cells per axis, vertex (0, 0)..(1, 1); level 1: 8 cells, vertex (0, 0)..
+    expected = sorted([c + 5 * r for c, r in cells] + [25 + c + 9 * r for c, r in cells])
+    assert rows_of(grad).tolist() == expected
+
+
+def test_rows_are_summed_in_their_given_order():
+    # float32: (1e8 + 1) - 1e8 is 0 in this order and 1 in others; a fixed order gives 0
+    rows = torch.tensor([4, 2, 4, 4, 2])
+    values = torch.tensor([[1e8], [3.0], [1.0], [-1e8], [0.5]])
+    grad = encoding._coalesced_rows(rows, values, (6, 1), torch.float32)
+    assert grad.is_coalesced()
+    assert grad._indices().tolist() == [[2, 4]]
+    assert grad._values().tolist() == [[3.5], [0.0]]
+    empty = encoding._coalesced_rows(rows[:0], values[:0], (6, 1), torch.float64)
+    assert empty._nnz() == 0 and empty.dtype == torch.float64
+
+
+@pytest.mark.parametrize("implementation", ["fast", "device"])
+def test_sparse_gradient_is_bit_identical_run_to_run_and_on_1_or_2_threads(implementation):
+    torch.manual_seed(2)
+    # a small table and many points: every row is summed from hundreds of contributions
+    enc = MultiResHashGrid(2, 4, 2, 8, 4, 256, implementation=implementation, sparse=True)
+    x = torch.rand(20000, 2)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 2, 1):
+            torch.set_num_threads(n)
+            grad = gradients(enc, x)[0]
+            results.append((grad._indices().clone(), grad._values().clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for rows, values in results[1:]:
+        assert torch.equal(rows, results[0][0])
+        assert torch.equal(values, results[0][1])
+
+
+@pytest.mark.parametrize("implementation", ["fast", "device", "reference"])
+def test_second_order_is_unchanged(implementation):
+    torch.manual_seed(3)
+    dense, sparse = pair(2, implementation=implementation, dtype=torch.float64)
+    x = torch.rand(300, 2, dtype=torch.float64)
+    grads = []
+    for enc in (dense, sparse):
+        enc.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        y = enc(xx)
+        dx, = torch.autograd.grad(y.sum(), xx, create_graph=True)
+        (y.square().mean() + (dx.norm(dim=-1) - 1).square().mean()).backward()
+        grad = enc.embedding.weight.grad
+        grads.append(grad.to_dense() if grad.is_sparse else grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)
+
+
+def test_compile_with_a_table_gradient_says_what_to_do():
+    enc = MultiResHashGrid(2, 2, 2, 8, 4, 16, sparse=True)
+    compiled = torch.compile(enc, fullgraph=True)
+    x = torch.rand(16, 2)
+    with pytest.raises(Exception, match=r"sparse=True\) has no torch.compile path"):
+        compiled(x).sum().backward()
+    with torch.no_grad():                       # no gradient: compiles as sparse=False
+        torch.testing.assert_close(compiled(x), enc(x))
+    torch._dynamo.reset()
+    grad = gradients(torch.compile(enc), x)[0]   # without fullgraph: eagerly, sparse
+    torch.testing.assert_close(grad.to_dense(), gradients(enc, x)[0].to_dense())
+
+
+def test_sparse_flag_is_the_embeddings_and_checked():
+    enc = MultiResHashGrid(2, 2, 2, 8, 4, 16)
+    assert enc.sparse is False and enc.embedding.sparse is False
+    enc.sparse = True
+    assert enc.embedding.sparse is True           # what DDP reads to allreduce it sparse
+    with pytest.raises(ValueError, match="sparse must be a bool"):
+        MultiResHashGrid(2, sparse=1)
+    with pytest.raises(ValueError, match="sparse must be a bool"):
+        enc.sparse = "yes"
+
+
+def float64_lazy_adam(w, steps, lr, betas, eps):
+    """Adam's formula on the touched rows only, in float64: [(rows, values)] -> w after."""
+    w, (b1, b2) = w.double().clone(), betas
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    for t, (rows, values) in enumerate(steps, 1):
+        g = values.double()
+        m[rows] = b1 * m[rows] + (1 - b1) * g
+        v[rows] = b2 * v[rows] + (1 - b2) * g * g
+        w[rows] -= lr / (1 - b1 ** t) * m[rows] / ((v[rows] / (1 - b2 ** t)).sqrt() + eps)
+    return w
+
+
+def test_lazy_adam_equals_sparse_adam_and_a_float64_reference():
+    torch.manual_seed(4)
+    w0, n_rows = torch.randn(60, 2), 60
+    steps = []
+    for _ in range(6):
+        rows = torch.unique(torch.randint(0, n_rows, (15,)))
+        steps.append((rows, torch.randn(len(rows), 2)))
+    lazy, sparse = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    mlp = torch.nn.Linear(2, 2)
+    mlp_copy = torch.nn.Linear(2, 2)
+    mlp_copy.load_state_dict(mlp.state_dict())
+    opts = [LazyAdam([{"params": [lazy]}, {"params": mlp.parameters()}], lr=1e-2,
+                     betas=(0.9, 0.99), eps=1e-15),
+            torch.optim.SparseAdam([sparse], lr=1e-2, betas=(0.9, 0.99), eps=1e-15),
+            torch.optim.Adam(mlp_copy.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-15)]
+    for rows, values in steps:
+        grad = torch.sparse_coo_tensor(rows[None], values, (n_rows, 2), check_invariants=True)
+        lazy.grad, sparse.grad = grad.clone(), grad.clone()
+        for p, q in zip(mlp.parameters(), mlp_copy.parameters()):
+            p.grad = torch.ones_like(p)
+            q.grad = torch.ones_like(q)
+        for opt in opts:
+            opt.step()
+    reference = float64_lazy_adam(w0, steps, 1e-2, (0.9, 0.99), 1e-15)
+    torch.testing.assert_close(lazy.detach().double(), reference, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lazy.detach(), sparse.detach(), rtol=1e-6, atol=1e-7)
+    untouched = torch.ones(n_rows, dtype=torch.bool)
+    untouched[torch.cat([r for r, _ in steps])] = False
+    assert torch.equal(lazy.detach()[untouched], w0[untouched])
+    for p, q in zip(mlp.parameters(), mlp_copy.parameters()):   # the rest: Adam's step
+        assert torch.equal(p, q)
+    state = opts[0].state_dict()["state"][0]
+    assert sorted(state) == ["exp_avg", "exp_avg_sq", "step"] and int(state["step"]) == 6
+
+
+def test_lazy_adam_trains_the_encoding_as_sparse_adam_does():
+    torch.manual_seed(5)
+    dense, sparse = pair(2)
+    lazy = LazyAdam(sparse.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-15)
+    reference = torch.optim.SparseAdam(dense.parameters(), lr=1e-2, betas=(0.9, 0.99),
+                                       eps=1e-15)
+    dense.sparse = True
+    for _ in range(3):
+        x = torch.rand(400, 2)
+        for enc, opt in ((dense, reference), (sparse, lazy)):
+            opt.zero_grad()
+            enc(x).square().sum().backward()
+            opt.step()
+    # (steps of ~1e-2 on weights of ~1e-4: float32 rounding of two formulas)
+    torch.testing.assert_close(sparse.embedding.weight, dense.embedding.weight, rtol=1e-5,
+                               atol=1e-7)
