@@ -1508,9 +1508,11 @@ class _RowCollector:
 
     def to(self, dtype: torch.dtype) -> torch.Tensor:
         """The contributions summed per row: a coalesced sparse (R, F) tensor of `dtype`."""
+        parts, self._parts[:] = list(self._parts), []      # (freed as soon as they are joined)
         empty = torch.zeros((0,) + self.shape[1:], dtype=self.dtype, device=self.device)
-        rows = torch.cat([r for r, _ in self._parts]) if self._parts else empty[:, 0].long()
-        values = torch.cat([v for _, v in self._parts]) if self._parts else empty
+        rows = torch.cat([r for r, _ in parts]) if parts else empty[:, 0].long()
+        values = torch.cat([v for _, v in parts]) if parts else empty
+        del parts
         return _coalesced_rows(rows, values, self.shape, dtype)
 
 
