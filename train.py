@@ -48,6 +48,7 @@ from hardware import fused_adam, keep_freed_memory, resolve_accelerator, resolve
 from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, Stopped, any_rank, check_export,
                        check_field, claim_version, load_source, resume_point, slurm_job_id,
                        source_digest)
+from lazy_adam import LazyAdam
 from pixels import EVAL_BATCH, PixelSource, PsnrProbe, psnr_from_sse, sampling_seed
 from previews import (LOGGERS, Previews, StepBar, logger_names, make_loggers, plot_psnr,
                       quiet_lightning, summary_line)
@@ -62,6 +63,7 @@ CKPT_MINUTES = 10.0                    # last.ckpt refreshed this often: bounds 
 ASYNC_LOSS_CHECK_EVERY = 20            # steps between NaN checks on a GPU (each one waits for it)
 LR_DECAY_START, LR_DECAY_FINAL = 0.5, 0.05   # --lr_schedule decay: from half-way, down to 1/20
 ACCELERATORS = ["auto", "cpu", "gpu", "mps"]
+TABLE_OPTIMIZERS = ["adam", "sparse_adam"]
 
 
 class _Steps(IterableDataset):
@@ -148,7 +150,8 @@ class ImageFit(pl.LightningModule):
                  lr: float = 1e-2, mlp_lr: float = 3e-3, lr_schedule: str = "decay",
                  loss: str = "srgb_l2",
                  weight_decay: float = 1e-6, seed: int = 0,
-                 colour: str = "linear", max_time: float = None, compile: bool = False):
+                 colour: str = "linear", max_time: float = None, compile: bool = False,
+                 table_optimizer: str = "adam"):
         super().__init__()
         self.save_hyperparameters(ignore=["max_time", "compile"])
         self.max_time = max_time
@@ -185,9 +188,20 @@ class ImageFit(pl.LightningModule):
                        base_lr=hparams.mlp_lr)]
         return [dict(group, lr=group["base_lr"]) for group in groups if group["params"]]
 
+    def setup(self, stage: str) -> None:
+        # --table_optimizer sparse_adam: the tables' gradients are sparse rows (set before DDP
+        # wraps the module: it allreduces them as sparse tensors), except under NCCL, which has
+        # no sparse allreduce: there the tables step with dense gradients (Adam's step)
+        if self.trainer is not None and hasattr(self.field.encoder, "sparse"):
+            nccl = self.trainer.world_size > 1 and self.trainer.strategy.root_device.type == "cuda"
+            self.field.encoder.sparse = self.hparams.table_optimizer == "sparse_adam" and not nccl
+
     def configure_optimizers(self):
-        return torch.optim.Adam(self.param_groups(), betas=(0.9, 0.99), eps=1e-15,
-                                fused=fused_adam(self.device))
+        # sparse_adam: LazyAdam, Adam whose sparse-gradient parameters (the tables) step only
+        # the rows the batch touched; the MLP's step and the state dict's format are Adam's
+        kind = LazyAdam if self.hparams.table_optimizer == "sparse_adam" else torch.optim.Adam
+        return kind(self.param_groups(), betas=(0.9, 0.99), eps=1e-15,
+                    fused=fused_adam(self.device))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A resumed optimizer takes its settings from the checkpoint: make them this run's.
@@ -352,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate of the hash tables (default: 1e-2, the paper's)")
     p.add_argument("--mlp_lr", type=cli.number(above=0), default=3e-3,
                    help="Adam learning rate of the MLP (default: 3e-3; see the README)")
+    p.add_argument("--table_optimizer", choices=TABLE_OPTIMIZERS, default=None,
+                   help="adam: Adam over every table row each step; sparse_adam: lazy Adam over "
+                   "the rows the batch touched (sparse gradients; the MLP keeps Adam) "
+                   "(default: sparse_adam on a GPU, adam on a CPU; see the README)")
     p.add_argument("--lr_schedule", choices=["decay", "constant"], default="decay",
                    help="decay: constant for the first half of the run (steps or --max_time), "
                    "then exponential decay to 1/20 (default: decay)")
@@ -420,6 +438,12 @@ def default_batch_size(pixels: int, accelerator: str) -> int:
     return min(cap, 2 ** max(8, round(math.log2(pixels / PIXELS_PER_SAMPLE))))
 
 
+def default_table_optimizer(accelerator: str) -> str:
+    """One rule per device: on a GPU the bytes a step writes decide (sparse_adam), on a CPU
+    the measured clock (adam); the numbers are in the README (bench/step.py)."""
+    return "sparse_adam" if accelerator == "gpu" else "adam"
+
+
 def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argparse.Namespace:
     """`args` with what its defaults resolve to for this image on this machine (written to
     config.yaml, so that the run repeats exactly elsewhere too)."""
@@ -432,6 +456,7 @@ def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argpars
     return argparse.Namespace(**{**vars(args), **dict(
         accelerator=accelerator, precision=resolve_precision(args.precision, accelerator),
         batch_size=args.batch_size or default_batch_size(pixels, accelerator),
+        table_optimizer=args.table_optimizer or default_table_optimizer(accelerator),
         val_every=args.val_every or min(CPU_VAL_EVERY if on_cpu else GPU_VAL_EVERY,
                                         max(1, (max_steps or 2**62) // 10)),
         max_steps=max_steps, devices=args.devices if args.devices is not None
@@ -471,7 +496,8 @@ def run(args, callbacks=(), argv=()) -> dict:
     model = ImageFit(config.to_dict(), source=os.path.basename(path), source_digest=digest,
                      batch_size=args.batch_size, lr=args.lr, mlp_lr=args.mlp_lr,
                      lr_schedule=args.lr_schedule, loss=args.loss, seed=args.seed,
-                     max_time=args.max_time, compile=args.compile)
+                     max_time=args.max_time, compile=args.compile,
+                     table_optimizer=args.table_optimizer)
     image = PixelSource(source, config.periodic)
     if ckpt is None:
         model.field.start_at(image.mean_colour())

@@ -1,6 +1,7 @@
 """MultiResHashGrid(sparse=True): the table's gradient as coalesced sparse rows, equal to the
 dense one and deterministic; LazyAdam against SparseAdam and a float64 Adam."""
 import itertools
+import os
 
 import pytest
 import torch
@@ -215,3 +216,110 @@ def test_lazy_adam_trains_the_encoding_as_sparse_adam_does():
     # (steps of ~1e-2 on weights of ~1e-4: float32 rounding of two formulas)
     torch.testing.assert_close(sparse.embedding.weight, dense.embedding.weight, rtol=1e-5,
                                atol=1e-7)
+
+
+# --- train.py --table_optimizer ---------------------------------------------------------------
+
+def grad_layouts():
+    """A Lightning callback recording the tables' gradient layout at every optimizer step."""
+    import lightning.pytorch as pl
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.layouts = []
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            self.layouts.append(module.field.encoder.embedding.weight.grad.layout)
+    return Record()
+
+
+def test_sparse_adam_steps_only_touched_rows_and_resumes_either_way(tmp_path):
+    import yaml
+    import train
+    record = grad_layouts()
+    first = train.main(["-i", str(_write_waves(tmp_path)), "--root", str(tmp_path / "logs"),
+                        "--accelerator", "cpu", "--batch_size", "256", "--max_steps", "10",
+                        "--val_every", "10", "--table_optimizer", "sparse_adam",
+                        "--finest_resolution", "2048", "--log2_hashmap_size", "12"],
+                       callbacks=[record])
+    assert record.layouts == [torch.sparse_coo] * 10
+    saved = torch.load(first["checkpoint"], weights_only=True)
+    state = saved["optimizer_states"][0]
+    table = saved["state_dict"]["field.encoder.embedding.weight"]
+    table_state = next(s for s in state["state"].values() if s["exp_avg"].shape == table.shape)
+    assert int(table_state["step"]) == 10
+    # lazy: rows no batch touched have no moments; the fine hashed levels have many
+    untouched = (table_state["exp_avg_sq"] == 0).all(1)
+    assert 0.05 < untouched.float().mean() < 0.95
+    assert (table_state["exp_avg"][untouched] == 0).all()
+    assert (table[untouched].abs() <= 1e-4).all()          # still as initialised
+    config = yaml.safe_load(open(os.path.join(first["log_dir"], "config.yaml")))
+    assert config["table_optimizer"] == "sparse_adam"
+    for optimizer, steps in (("sparse_adam", 20), ("adam", 30)):   # Adam's state either way
+        more = train.main(["-i", str(tmp_path / "waves.png"), "--root", str(tmp_path / "logs"),
+                           "--accelerator", "cpu", "--batch_size", "256", "--max_steps",
+                           str(steps), "--val_every", "10", "--table_optimizer", optimizer,
+                           "--finest_resolution", "2048", "--log2_hashmap_size", "12",
+                           "--ckpt", first["checkpoint"]])
+        assert more["steps"] == steps and more["psnr"] > first["psnr"]
+        first = more
+
+
+def _write_waves(tmp_path):
+    import numpy as np
+    from PIL import Image
+    y, x = np.mgrid[0:48, 0:80]
+    image = (127 + 100 * np.sin(x / 7.0)[..., None] * np.cos(y / 5.0)[..., None]
+             * np.array([1.0, 0.5, -0.7])).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "waves.png")
+    return tmp_path / "waves.png"
+
+
+def test_the_default_table_optimizer_follows_the_device():
+    import train
+    assert train.default_table_optimizer("cpu") == "adam"
+    assert train.default_table_optimizer("gpu") == "sparse_adam"
+
+
+DDP_SCRIPT = """
+import sys, torch
+import lightning.pytorch as pl
+import train
+
+class Dump(pl.Callback):
+    layouts = []
+
+    def on_train_start(self, trainer, module):
+        self.initial = {k: v.clone() for k, v in module.field.state_dict().items()}
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.layouts.append(str(module.field.encoder.embedding.weight.grad.layout))
+
+    def on_train_end(self, trainer, module):
+        torch.save(dict(initial=self.initial, final=module.field.state_dict(),
+                        layouts=self.layouts), f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+
+train.main(sys.argv[2:], callbacks=[Dump()])
+"""
+
+
+def test_ddp_two_cpu_processes_allreduce_the_sparse_gradients(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "ddp_sparse.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, str(script), str(tmp_path), "-i", str(_write_waves(tmp_path)),
+           "--root", str(tmp_path / "logs"), "--accelerator", "cpu", "--devices", "2",
+           "--strategy", "ddp", "--max_steps", "5", "--batch_size", "512", "--val_every", "5",
+           "--table_optimizer", "sparse_adam"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["layouts"] == ranks[1]["layouts"] == ["torch.sparse_coo"] * 5
+    # each rank draws its own pixels: equal weights mean the gradients were allreduced
+    for key, final in ranks[0]["final"].items():
+        assert torch.equal(final, ranks[1]["final"][key]), key
+    table = "encoder.embedding.weight"
+    assert not torch.equal(ranks[0]["final"][table], ranks[0]["initial"][table])
