@@ -173,6 +173,31 @@ def clock(log2_t: int, batch: int, device: str, repeats: int) -> dict:
     return result
 
 
+def determinism(device: str, log2_t: int, batch: int, runs: int = 3, grid=None) -> dict:
+    """Whether the table's gradient has the same bits on every run of one backward (device
+    branch), sparse and dense: {"sparse": (identical, largest difference), "dense": ...}."""
+    torch.manual_seed(0)
+    enc = MultiResHashGrid(**(grid or TOKYO_HALF), log2_hashmap_size=log2_t, device=device,
+                           implementation="device")
+    x = torch.rand(batch, enc.input_dim, device=device,
+                   generator=torch.Generator(device=device).manual_seed(2))
+    result = {}
+    for sparse in (True, False):
+        enc.sparse = sparse
+        grads = []
+        for _ in range(runs):
+            enc.zero_grad(set_to_none=True)
+            enc(x).square().mean().backward()
+            grad = enc.embedding.weight.grad
+            grads.append(torch.cat([grad._indices()[0].double(), grad._values().flatten()
+                                    .double()]) if sparse else grad.flatten().clone())
+        same = all(torch.equal(g, grads[0]) for g in grads[1:])
+        diff = max(float((g - grads[0]).abs().max()) if g.shape == grads[0].shape
+                   else float("inf") for g in grads[1:])
+        result["sparse" if sparse else "dense"] = (same, diff)
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--log2_t", type=int, nargs="+", default=[19, 22, 24])
@@ -181,6 +206,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-clock", dest="clock", action="store_false")
     p.add_argument("--no-counts", dest="counts", action="store_false")
+    p.add_argument("--determinism", action="store_true",
+                   help="also check that the sparse gradient's bits repeat run to run (and "
+                   "whether the dense one's do)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "step.json"))
     args = p.parse_args(argv)
     cpu = ""
@@ -191,7 +219,7 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
     print(f"torch {torch.__version__}, {args.device} ({where}), {torch.get_num_threads()} "
           f"threads, float32; Tokyo-half grid; one step = fwd + bwd + optimizer + zero_grad")
-    rows, clocks = [], []
+    rows, clocks, checks = [], [], []
     for log2_t in args.log2_t:
         for log2_batch in args.log2_batch:
             batch = 2 ** log2_batch
@@ -199,6 +227,9 @@ def main(argv=None):
                 for variant in VARIANTS:
                     rows.append(count(variant, log2_t, batch, args.device))
                     gc.collect()
+            if args.determinism:
+                checks.append(dict(log2_t=log2_t, batch=batch,
+                                   **determinism(args.device, log2_t, batch)))
             if args.clock:
                 clocks.append(dict(log2_t=log2_t, batch=batch,
                                    seconds=clock(log2_t, batch, args.device, args.repeats)))
@@ -226,11 +257,16 @@ def main(argv=None):
                      for total, fb, o in (entry["seconds"][v] for v in VARIANTS)]
             print(f"| 2^{entry['log2_t']} | 2^{entry['batch'].bit_length() - 1} | "
                   + " | ".join(cells) + " |")
+    for check in checks:
+        print(f"\ndeterminism, T = 2^{check['log2_t']}, batch {check['batch']}: " + ", ".join(
+            f"{kind} {'bit-identical' if same else f'differs (up to {diff:.2g})'}"
+            for kind, (same, diff) in ((k, check[k]) for k in ("sparse", "dense"))))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     partial = args.out + ".partial"
     with open(partial, "w") as f:
         json.dump(dict(torch=torch.__version__, device=args.device, where=where,
-                       threads=torch.get_num_threads(), counts=rows, clocks=clocks), f, indent=1)
+                       threads=torch.get_num_threads(), counts=rows, clocks=clocks,
+                       determinism=checks), f, indent=1)
     os.replace(partial, args.out)
     print(f"\nwrote {os.path.relpath(args.out)}")
 
