@@ -1503,6 +1503,8 @@ class _RowCollector:
     def index_add_(self, dim: int, index: torch.Tensor, values: torch.Tensor) -> "_RowCollector":
         """Tensor.index_add_(0, index (m,), values (m, F)), kept for the sum."""
         assert dim == 0
+        if index.dtype == torch.int64 and self._base + self.shape[0] < 2**31:
+            index = index.to(torch.int32)         # (the CPU branch's; int32 sorts faster)
         self._parts.append((index + self._base if self._base else index, values))
         return self
 
