@@ -73,3 +73,24 @@ def test_step_bench_lazy_step_writes_less_at_a_larger_table_and_its_checks():
     assert checks[0]["result"].endswith("10.0 ms/step") and checks[-1]["ok"]
     result["determinism"][0]["sparse"] = (False, 1e-7)
     assert not device_bench.step_checks(result, 3.0)[-1]["ok"]
+
+
+_opt_spec = importlib.util.spec_from_file_location("bench_optimizers", os.path.join(ROOT, "bench", "optimizers.py"))
+optimizers_bench = importlib.util.module_from_spec(_opt_spec)
+_opt_spec.loader.exec_module(optimizers_bench)
+
+
+def test_optimizers_bench_joins_a_resumed_runs_curves_and_plots_both(tmp_path, capsys):
+    for version, rows in ((0, [(100, 20.5), (200, 22.0)]), (1, [(300, 23.25)])):
+        for optimizer, shift in (("adam", 0.0), ("sparse_adam", -0.125)):
+            folder = tmp_path / f"img_{optimizer}" / "img" / f"version_{version}"
+            folder.mkdir(parents=True)
+            lines = ["step,train/loss,val/psnr", "50.0,0.1,"]
+            lines += [f"{s}.0,,{p + shift}" for s, p in rows]
+            (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+    assert optimizers_bench.curve(str(tmp_path), "img_sparse_adam") == [
+        (100, 20.375), (200, 21.875), (300, 23.125)]
+    out = tmp_path / "plot.png"
+    optimizers_bench.main(["--root", str(tmp_path), "plot", "img", "-o", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "img sparse_adam: 100: 20.38, 200: 21.88, 300: 23.12" in capsys.readouterr().out
