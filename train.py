@@ -64,6 +64,7 @@ ASYNC_LOSS_CHECK_EVERY = 20            # steps between NaN checks on a GPU (each
 LR_DECAY_START, LR_DECAY_FINAL = 0.5, 0.05   # --lr_schedule decay: from half-way, down to 1/20
 ACCELERATORS = ["auto", "cpu", "gpu", "mps"]
 TABLE_OPTIMIZERS = ["adam", "sparse_adam"]
+SPARSE_PARAMS_PER_LOOKUP = 2   # GPU: lazy Adam writes fewer bytes above this (README, bench/step.py)
 
 
 class _Steps(IterableDataset):
@@ -369,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table_optimizer", choices=TABLE_OPTIMIZERS, default=None,
                    help="adam: Adam over every table row each step; sparse_adam: lazy Adam over "
                    "the rows the batch touched (sparse gradients; the MLP keeps Adam) "
-                   "(default: sparse_adam on a GPU, adam on a CPU; see the README)")
+                   "(default: adam on a CPU; on a GPU sparse_adam for tables of more than "
+                   f"{SPARSE_PARAMS_PER_LOOKUP} parameters per lookup of a step; see the README)")
     p.add_argument("--lr_schedule", choices=["decay", "constant"], default="decay",
                    help="decay: constant for the first half of the run (steps or --max_time), "
                    "then exponential decay to 1/20 (default: decay)")
@@ -438,10 +440,17 @@ def default_batch_size(pixels: int, accelerator: str) -> int:
     return min(cap, 2 ** max(8, round(math.log2(pixels / PIXELS_PER_SAMPLE))))
 
 
-def default_table_optimizer(accelerator: str) -> str:
-    """One rule per device: on a GPU the bytes a step writes decide (sparse_adam), on a CPU
-    the measured clock (adam); the numbers are in the README (bench/step.py)."""
-    return "sparse_adam" if accelerator == "gpu" else "adam"
+def default_table_optimizer(accelerator: str, config: FieldConfig, batch_size: int) -> str:
+    """One rule per device (the numbers: the README, from bench/step.py). On a GPU the bytes a
+    step writes: sparse_adam once the tables hold more than SPARSE_PARAMS_PER_LOOKUP parameters
+    per lookup of a step (batch x levels x 4 corners). On a CPU the measured clock: adam,
+    faster at every table size measured."""
+    if accelerator != "gpu" or config.enc_method != "hashgrid":
+        return "adam"
+    with torch.device("meta"):                  # the table's size, nothing allocated
+        params = config.build_encoder()[0].embedding.weight.numel()
+    lookups = batch_size * config.n_levels * 4
+    return "sparse_adam" if params > SPARSE_PARAMS_PER_LOOKUP * lookups else "adam"
 
 
 def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argparse.Namespace:
@@ -456,7 +465,6 @@ def resolved(args: argparse.Namespace, accelerator: str, pixels: int) -> argpars
     return argparse.Namespace(**{**vars(args), **dict(
         accelerator=accelerator, precision=resolve_precision(args.precision, accelerator),
         batch_size=args.batch_size or default_batch_size(pixels, accelerator),
-        table_optimizer=args.table_optimizer or default_table_optimizer(accelerator),
         val_every=args.val_every or min(CPU_VAL_EVERY if on_cpu else GPU_VAL_EVERY,
                                         max(1, (max_steps or 2**62) // 10)),
         max_steps=max_steps, devices=args.devices if args.devices is not None
@@ -492,6 +500,8 @@ def run(args, callbacks=(), argv=()) -> dict:
         check_export(args.export, path, args.export_dtype)
     args.ckpt = ckpt                            # a requeued job's own last.ckpt, if any
     args = resolved(args, accelerator, width * height)
+    if args.table_optimizer is None:
+        args.table_optimizer = default_table_optimizer(accelerator, config, args.batch_size)
     pl.seed_everything(args.seed, verbose=False)
     model = ImageFit(config.to_dict(), source=os.path.basename(path), source_digest=digest,
                      batch_size=args.batch_size, lr=args.lr, mlp_lr=args.mlp_lr,

@@ -275,10 +275,18 @@ def _write_waves(tmp_path):
     return tmp_path / "waves.png"
 
 
-def test_the_default_table_optimizer_follows_the_device():
+def test_the_default_table_optimizer_follows_the_device_and_the_bytes():
     import train
-    assert train.default_table_optimizer("cpu") == "adam"
-    assert train.default_table_optimizer("gpu") == "sparse_adam"
+    from field import FieldConfig
+    # the Tokyo-half grid: 8.0 M parameters at T = 2^19, 117 M at 2^24
+    small, large = (FieldConfig(28359, 10725, 3, log2_hashmap_size=t,
+                                finest_resolution=[14179, 5362]) for t in (19, 24))
+    lookups = 2**18 * 16 * 4
+    k = train.SPARSE_PARAMS_PER_LOOKUP
+    assert 8.0e6 < k * lookups < 117e6                      # the rule splits the two
+    assert train.default_table_optimizer("gpu", small, 2**18) == "adam"
+    assert train.default_table_optimizer("gpu", large, 2**18) == "sparse_adam"
+    assert train.default_table_optimizer("cpu", large, 2**18) == "adam"
 
 
 DDP_SCRIPT = """
