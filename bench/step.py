@@ -16,7 +16,8 @@ Bytes: written by non-view aten ops in one step (after a warm-up step), device b
 tensor plus a sparse one, ...) counts only the rows it writes, and a sparse tensor counts its
 indices and values. Peak: the extra tensor bytes allocated during a step (the table and the
 optimizer's state, alive throughout, excluded). Seconds: median per step, the variants
-interleaved step by step, with implementation="fast" (the CPU branch on a CPU); run it under
+interleaved step by step, with implementation="fast" (the CPU branch on a CPU) and freed memory
+kept for reuse as train.py keeps it (hardware.keep_freed_memory); run it under
 `flock -x /tmp/cpu.lock` on a shared machine. Writes bench/out/step.json.
 """
 import argparse
@@ -34,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from encoding import MultiResHashGrid  # noqa: E402  (after the path set-up)
-from hardware import fused_adam  # noqa: E402
+from hardware import fused_adam, keep_freed_memory  # noqa: E402
 from lazy_adam import LazyAdam  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_encoding",
@@ -211,6 +212,8 @@ def main(argv=None):
                    "whether the dense one's do)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "step.json"))
     args = p.parse_args(argv)
+    if args.device == "cpu":
+        keep_freed_memory()     # as train.py: the dense step's 470 MB gradient page-faults else
     cpu = ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as info:
