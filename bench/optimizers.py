@@ -45,6 +45,11 @@ def run(label: str, root: str, flags: list) -> None:
                        check=True)
 
 
+def finals_points(root: str, label: str) -> list:
+    """The non-empty curves of LABEL's runs."""
+    return [points for points in (curve(root, f"{label}_{o}") for o in OPTIMIZERS) if points]
+
+
 def plot(labels: list, root: str, out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -61,6 +66,11 @@ def plot(labels: list, root: str, out: str) -> None:
             name = "Adam (every row)" if optimizer == "adam" else "lazy Adam (touched rows)"
             ax.plot(steps, psnr, style, markersize=3,
                     label=f"{name}: {psnr[-1]:.2f} dB at {steps[-1]}")
+        # (a run stopped in its first steps scores there too: keep the axis on the fit)
+        shown = [p for points in finals_points(root, label) for s, p in points
+                 if s >= 0.05 * max(step for step, _ in points)]
+        if shown:
+            ax.set_ylim(min(shown) - 0.5, max(shown) + 0.5)
         title = label
         if len(finals) == 2:
             title += f" (lazy - dense: {finals['sparse_adam'][1] - finals['adam'][1]:+.2f} dB)"
