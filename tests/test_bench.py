@@ -35,10 +35,12 @@ def test_traffic_of_a_step_is_deterministic_and_the_device_branch_is_leaner():
     assert counts[0][1] < counts[2][1]        # keeping rows and fractions writes less
 
 
-_step_spec = importlib.util.spec_from_file_location("bench_step", os.path.join(ROOT, "bench", "step.py"))
+_step_spec = importlib.util.spec_from_file_location("bench_step",
+                                                  os.path.join(ROOT, "bench", "step.py"))
 step_bench = importlib.util.module_from_spec(_step_spec)
 _step_spec.loader.exec_module(step_bench)
-_device_spec = importlib.util.spec_from_file_location("bench_device", os.path.join(ROOT, "bench", "device.py"))
+_device_spec = importlib.util.spec_from_file_location("bench_device",
+                                                    os.path.join(ROOT, "bench", "device.py"))
 device_bench = importlib.util.module_from_spec(_device_spec)
 _device_spec.loader.exec_module(device_bench)
 
@@ -75,7 +77,8 @@ def test_step_bench_lazy_step_writes_less_at_a_larger_table_and_its_checks():
     assert not device_bench.step_checks(result, 3.0)[-1]["ok"]
 
 
-_opt_spec = importlib.util.spec_from_file_location("bench_optimizers", os.path.join(ROOT, "bench", "optimizers.py"))
+_opt_spec = importlib.util.spec_from_file_location("bench_optimizers",
+                                                 os.path.join(ROOT, "bench", "optimizers.py"))
 optimizers_bench = importlib.util.module_from_spec(_opt_spec)
 _opt_spec.loader.exec_module(optimizers_bench)
 
