@@ -688,7 +688,8 @@ class MultiResHashGrid(nn.Module):
                 f"hashed_levels={len(self.hashed_levels)}, "
                 f"interpolation={self.interpolation!r}, layout={self.layout!r}"
                 + (f", grid_type={self.grid_type!r}" if self.grid_type != "hash" else "")
-                + (f", periodic={self.periodic}" if any(self.periodic) else ""))
+                + (f", periodic={self.periodic}" if any(self.periodic) else "")
+                + (", sparse=True" if self.sparse else ""))
 
 
 # =============================================================================================

@@ -147,6 +147,7 @@ def test_sparse_flag_is_the_embeddings_and_checked():
     assert enc.sparse is False and enc.embedding.sparse is False
     enc.sparse = True
     assert enc.embedding.sparse is True           # what DDP reads to allreduce it sparse
+    assert "sparse=True" in enc.extra_repr()
     with pytest.raises(ValueError, match="sparse must be a bool"):
         MultiResHashGrid(2, sparse=1)
     with pytest.raises(ValueError, match="sparse must be a bool"):
