@@ -15,7 +15,7 @@
    bytes, peak memory and milliseconds per step, and whether the sparse gradient's bits
    repeat run to run (and the dense one's, scattered with atomics, do not).
 It prints one markdown table (for the README) and writes bench/out/device.json; all of it takes
-under 8 minutes on one GPU. On a machine without a CUDA GPU it says so in one line and exits 0.
+under 12 minutes on one GPU. On a machine without a CUDA GPU it says so in one line and exits 0.
 """
 import argparse
 import csv
