@@ -72,6 +72,8 @@ PART II, speed (the same numbers as the reference, in fewer and larger operation
   CPU branch        eager on a CPU: corners depth first, in cache-sized passes, with the CPU
                     speed tricks (word views, complex pairs, every intra-op thread)
   custom op         hashgrid::table_grad_v5: torch.compile's table gradient on a CPU
+  sparse gradients  sparse=True: _RowCollector gathers the passes' (row, value) contributions,
+                    _coalesced_rows sums them per row in a fixed order (no float atomics)
 PART III, tiny-cuda-nn interop: from_tcnn_config / tcnn_config / tcnn_params
 PART IV, Frequency: the NeRF positional encoding
 """
@@ -317,11 +319,12 @@ def _plan_levels(base: Sequence[float], growth: Sequence[float], n_levels: int,
 
 def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence[_Level],
                       interpolation: str, layout: str, periodic: Sequence[bool],
-                      hash_mask: int) -> torch.Tensor:
+                      hash_mask: int, sparse: bool = False) -> torch.Tensor:
     """x (N, D) in [0, 1] -> features (N, L * F), one level and one cell corner at a time, in
     plain differentiable torch ops: autograd gives the gradients to x and the table (and
     through them, second order). implementation="reference" runs this; the fast path computes
-    the same numbers in fewer, larger operations."""
+    the same numbers in fewer, larger operations. sparse: the table's gradient from each
+    lookup is a sparse tensor of its rows (their sum, uncoalesced, is the table's)."""
     n_points, dim = x.shape
     primes = hash_primes(dim)
     tcnn, nearest = layout == "tcnn", interpolation == "nearest"
@@ -356,7 +359,10 @@ def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence[_Le
                     weight = factor if weight is None else weight * factor
             if tcnn and not level.hashed:
                 index = torch.remainder(index, level.rows)   # tcnn's dense index wraps
-            vertex = table[level.offset + index]                                 # (N, F)
+            rows = level.offset + index
+            # sparse: each lookup's gradient a sparse tensor of its rows (nn.Embedding's)
+            vertex = (nn.functional.embedding(rows, table, sparse=True) if sparse
+                      else table[rows])                                          # (N, F)
             level_features = level_features + (vertex if nearest else weight[:, None] * vertex)
         features.append(level_features)
     return torch.cat(features, dim=-1)
@@ -395,6 +401,13 @@ class MultiResHashGrid(nn.Module):
             branch on GPUs and under torch.compile), "device" (the device branch everywhere,
             e.g. to test it on a CPU) or "reference" (_reference_encode: plain torch ops and
             autograd, one level and one corner at a time; to read, and to check against).
+        sparse: the table's gradient as a coalesced sparse COO tensor of the rows the batch
+            touched, each row's contributions summed in a fixed order (deterministic, no
+            float atomics), as ``nn.Embedding(sparse=True)`` gives it: for
+            ``torch.optim.SparseAdam`` or another lazy optimizer, so a step costs the batch,
+            not the table. Same numbers as the dense gradient; settable later (``.sparse``).
+            Eager only: torch.compile(fullgraph=True) raises (when the table needs a gradient)
+            saying so; without fullgraph the encoding runs eagerly (one graph break).
         device, dtype: where the table is created and its dtype (torch's factory conventions:
             a 2**24-row table is made in place on a GPU, never on the CPU first).
 
@@ -452,6 +465,7 @@ class MultiResHashGrid(nn.Module):
         grid_type: str = "hash",
         periodic: Union[bool, Sequence[bool]] = False,
         implementation: str = "fast",
+        sparse: bool = False,
         device: Optional[Union[torch.device, str]] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -474,6 +488,8 @@ class MultiResHashGrid(nn.Module):
         if implementation not in _IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, "
                              f"got {implementation!r}")
+        if not isinstance(sparse, bool):
+            raise ValueError(f"sparse must be a bool, got {sparse!r}")
         periodic_axes = (periodic,) * dim if isinstance(periodic, bool) else tuple(periodic)
         if len(periodic_axes) != dim or not all(isinstance(p, bool) for p in periodic_axes):
             raise ValueError(f"periodic must be a bool or {dim} bools, got {periodic!r}")
@@ -530,7 +546,7 @@ class MultiResHashGrid(nn.Module):
         # reset_parameters (nn.Embedding's own normal_ init would be a second pass over it).
         weight = torch.empty(sum(self.rows_per_level), n_features_per_level, device=device,
                              dtype=dtype)
-        self.embedding = nn.Embedding(*weight.shape, _weight=weight)
+        self.embedding = nn.Embedding(*weight.shape, _weight=weight, sparse=sparse)
         self.reset_parameters()
 
         # Row indices in int32 (half the memory traffic of int64) unless some index reaches
@@ -558,6 +574,18 @@ class MultiResHashGrid(nn.Module):
         with torch.device("meta"):
             return tuple(cls(*args, **kwargs).embedding.weight.shape)
 
+    @property
+    def sparse(self) -> bool:
+        """Whether the table's gradient is sparse: the embedding's own flag, which DDP reads
+        to allreduce it as a sparse tensor (gloo; NCCL has no sparse allreduce)."""
+        return self.embedding.sparse
+
+    @sparse.setter
+    def sparse(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"sparse must be a bool, got {value!r}")
+        self.embedding.sparse = value
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The table as the paper starts it: U(-1e-4, 1e-4)."""
@@ -569,7 +597,7 @@ class MultiResHashGrid(nn.Module):
         # (compiled: one pass per level group, whose temporaries inductor fuses away)
         lookups = (self.CPU_LOOKUPS_PER_PASS if cpu else self.DEVICE_LOOKUPS_PER_PASS
                    if not compiling else 1 << 62)
-        return _Passes(tuple(self._level_groups), self.chunk_size, cpu, lookups)
+        return _Passes(tuple(self._level_groups), self.chunk_size, cpu, lookups, self.sparse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., dim) in [0, 1] -> (..., n_levels * n_features_per_level)."""
@@ -581,6 +609,12 @@ class MultiResHashGrid(nn.Module):
             raise ValueError(f"MultiResHashGrid(dim={self.input_dim}) expects x of shape "
                              f"(..., {self.input_dim}), got {tuple(x.shape)}")
         table = self.embedding.weight
+        if (self.sparse and torch.compiler.is_compiling() and torch.is_grad_enabled()
+                and table.requires_grad):
+            raise RuntimeError(
+                "MultiResHashGrid(sparse=True) has no torch.compile path (AOTAutograd traces no "
+                "sparse gradients): compile with sparse=False, or without fullgraph=True (the "
+                "encoding then runs eagerly: one graph break)")
         batch_shape = x.shape[:-1]
         points = x.reshape(-1, self.input_dim)
         # float64 stays float64 (gradcheck); anything narrower computes positions in float32,
@@ -592,9 +626,11 @@ class MultiResHashGrid(nn.Module):
         points = points.masked_fill(nan, 0.0).clamp(0.0, 1.0)
         nan = nan.any(-1)
         if self.implementation == "reference":
+            if self.sparse:     # the lookups' sparse gradients meet here, summed per row
+                table = _CoalescedGrad.apply(table)
             features = _reference_encode(points, table, self._levels, self.interpolation,
                                          self.layout, self.periodic,
-                                         (1 << self.log2_hashmap_size) - 1)
+                                         (1 << self.log2_hashmap_size) - 1, self.sparse)
             features = features.masked_fill(nan[:, None], float("nan"))
         else:
             passes = self._passes(points.device)
@@ -652,7 +688,8 @@ class MultiResHashGrid(nn.Module):
                 f"hashed_levels={len(self.hashed_levels)}, "
                 f"interpolation={self.interpolation!r}, layout={self.layout!r}"
                 + (f", grid_type={self.grid_type!r}" if self.grid_type != "hash" else "")
-                + (f", periodic={self.periodic}" if any(self.periodic) else ""))
+                + (f", periodic={self.periodic}" if any(self.periodic) else "")
+                + (", sparse=True" if self.sparse else ""))
 
 
 # =============================================================================================
@@ -828,12 +865,14 @@ class _Passes:
     corner: all points for as many levels as fit, or one level for runs of points. Level-major,
     so consecutive passes read one level's table while it is in cache, and temporaries stay a
     bounded size whatever the batch. cpu: the CPU branch (eager on a CPU), else the device
-    branch. chunk_size, if given, sets the points per pass."""
+    branch. chunk_size, if given, sets the points per pass. sparse: backward gives the table's
+    gradient as a coalesced sparse tensor."""
 
     def __init__(self, groups: Sequence[_LevelGroup], chunk_size: Optional[int], cpu: bool,
-                 lookups_per_pass: int):
+                 lookups_per_pass: int, sparse: bool = False):
         self.groups, self.chunk_size = groups, chunk_size
         self.cpu, self.lookups_per_pass = cpu, lookups_per_pass
+        self.sparse = sparse     # the table's gradient sparse (_RowCollector, _coalesced_rows)
 
     def split(self, n_points: int, min_levels: int = 1
               ) -> List[Tuple[_LevelGroup, int, int, int, int]]:
@@ -900,14 +939,17 @@ def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool,
                      need_table: bool, kept: Optional[List[torch.Tensor]] = None):
     """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F). NaN
     points (nan: (N,), or None when there are none) contribute nothing. kept: what _encode kept
-    of the device branch's passes (None: recomputed).
+    of the device branch's passes (None: recomputed). passes.sparse: the table's gradient is a
+    coalesced sparse tensor (_RowCollector).
 
     Only differentiable torch ops, so autograd can differentiate this again (second-order
     gradients such as an eikonal loss on |df/dx|).
     """
     n_points, n_features = x.shape[0], table.shape[1]
     grad_table = None
-    if need_table:
+    if need_table and passes.sparse:
+        grad_table = _RowCollector(table.shape, grad_out.dtype, table.device)
+    elif need_table:
         grad_table = torch.zeros(table.shape, dtype=grad_out.dtype, device=table.device)
     grad_xt = None
     if need_x:
@@ -927,7 +969,7 @@ def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool,
                              grad_table, grad_xt[:, lo:hi] if need_x else None)
     grad_x = grad_xt.t().to(x.dtype) if need_x else None
     if need_table:
-        grad_table = grad_table.to(table.dtype)
+        grad_table = grad_table.to(table.dtype)   # (a _RowCollector: its sparse sum)
     return grad_x, grad_table
 
 
@@ -1272,7 +1314,8 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, tri
     group_grad = None
     if grad_table is not None:
         group_grad = grad_table[group.rows_start:group.rows_stop]
-    packed = tricks and group_grad is not None and _packable(group_grad, g_planes.dtype)
+    packed = (tricks and group_grad is not None and not isinstance(group_grad, _RowCollector)
+              and _packable(group_grad, g_planes.dtype))
     grad_levels, offset = None, group.offset[first:stop]
     # one copy of the gradient, straight into the packed form, NaN points zeroed
     if packed:
@@ -1429,6 +1472,82 @@ if hasattr(torch.library, "custom_op"):
         _table_grad_op = torch.library.custom_op(_TABLE_GRAD_OP, _table_grad_eager,
                                                  mutates_args=())
         _table_grad_op.register_fake(lambda x, table, *rest: torch.empty_like(table))
+
+
+# =============================================================================================
+# Sparse table gradients (sparse=True)
+# =============================================================================================
+# The passes add their contributions to a _RowCollector where they would scatter-add into a
+# dense gradient; backward then sorts the rows and sums each row's contributions in their
+# order (_coalesced_rows). No zeroed (R, F) gradient, no float atomics: the sum's order is fixed,
+# so its bits do not depend on the run, the thread count or the device's scheduling.
+
+class _RowCollector:
+    """A sparse table gradient in the making, in the place of a dense (R, F) one: the backward
+    passes call its index_add_ (and take row slices of it) as they would the dense gradient's,
+    and .to(dtype) returns the sum, a coalesced sparse COO tensor (_coalesced_rows).
+
+    shape (R, F), dtype: the contributions' (summed in it), device; a slice [a:b] shares the
+    contributions, its rows counted from a (as a tensor slice's)."""
+
+    def __init__(self, shape, dtype: torch.dtype, device: torch.device, base: int = 0,
+                 parts: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None):
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, device
+        self._base = base
+        self._parts = [] if parts is None else parts      # [(rows (m,), values (m, F))]
+
+    def __getitem__(self, rows: slice) -> "_RowCollector":
+        start, stop, _ = rows.indices(self.shape[0])
+        return _RowCollector((stop - start,) + self.shape[1:], self.dtype, self.device,
+                             self._base + start, self._parts)
+
+    def index_add_(self, dim: int, index: torch.Tensor, values: torch.Tensor) -> "_RowCollector":
+        """Tensor.index_add_(0, index (m,), values (m, F)), kept for the sum."""
+        assert dim == 0
+        if index.dtype == torch.int64 and self._base + self.shape[0] < 2**31:
+            index = index.to(torch.int32)         # (the CPU branch's; int32 sorts faster)
+        self._parts.append((index + self._base if self._base else index, values))
+        return self
+
+    def to(self, dtype: torch.dtype) -> torch.Tensor:
+        """The contributions summed per row: a coalesced sparse (R, F) tensor of `dtype`."""
+        parts, self._parts[:] = list(self._parts), []      # (freed as soon as they are joined)
+        empty = torch.zeros((0,) + self.shape[1:], dtype=self.dtype, device=self.device)
+        rows = torch.cat([r for r, _ in parts]) if parts else empty[:, 0].long()
+        values = torch.cat([v for _, v in parts]) if parts else empty
+        del parts
+        return _coalesced_rows(rows, values, self.shape, dtype)
+
+
+def _coalesced_rows(rows: torch.Tensor, values: torch.Tensor, shape, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    """rows (m,) integers, values (m, F) -> the coalesced sparse COO tensor of `shape` (R, F)
+    and `dtype` whose row r is the sum of values[i] over rows[i] == r, for the rows that occur
+    (sorted; nn.Embedding(sparse=True)'s format). A stable sort keeps each row's contributions
+    in their given order and segment_reduce sums them one row at a time, in that order: the
+    same bits on every run and for any number of threads."""
+    sorted_rows, order = torch.sort(rows, stable=True)
+    unique, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    sums = values.index_select(0, order)
+    if rows.numel():
+        sums = torch.segment_reduce(sums, "sum", lengths=counts, axis=0)
+    return torch.sparse_coo_tensor(unique.long().unsqueeze(0), sums.to(dtype), shape,
+                                   is_coalesced=True, check_invariants=False)
+
+
+class _CoalescedGrad(torch.autograd.Function):
+    """The identity on the table, whose backward sums the sparse gradients of its lookups per
+    row (_coalesced_rows): implementation="reference" with sparse=True."""
+
+    @staticmethod
+    def forward(ctx, table):
+        return table.view_as(table)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not grad.is_sparse:     # some contribution was dense (e.g. through double backward)
+            return grad
+        return _coalesced_rows(grad._indices()[0], grad._values(), grad.shape, grad.dtype)
 
 
 # =============================================================================================

@@ -52,6 +52,7 @@ from hardware import (DEVICE_HELP, fused_adam, keep_freed_memory, resolve_accele
                       resolve_precision)
 from keep_work import (AtomicCheckpointIO, Diverged, KeepWork, claim_version, resume_point,
                        slurm_job_id)
+from lazy_adam import LazyAdam
 from pixels import (EVAL_BATCH, PixelSource, PsnrProbe, load_source, psnr_from_sse,
                     sampling_seed, source_digest)
 from previews import (LOGGERS, Previews, StepBar, logger_names, make_loggers, plot_psnr,
@@ -67,6 +68,8 @@ CKPT_MINUTES = 10.0                    # last.ckpt refreshed this often: bounds 
 ASYNC_LOSS_CHECK_EVERY = 20            # steps between NaN checks on a GPU (each one waits for it)
 LR_DECAY_START, LR_DECAY_FINAL = 0.5, 0.05   # --lr_schedule decay: from half-way, down to 1/20
 ACCELERATORS = ["auto", "cpu", "gpu", "mps"]
+TABLE_OPTIMIZERS = ["adam", "sparse_adam"]
+SPARSE_PARAMS_PER_LOOKUP = 6   # GPU: above it lazy Adam writes fewer bytes (bench/step.py)
 
 
 class _Steps(IterableDataset):
@@ -156,7 +159,8 @@ class ImageFit(pl.LightningModule):
                  lr: float = 1e-2, mlp_lr: float = 3e-3, lr_schedule: str = "decay",
                  loss: str = "srgb_l2",
                  weight_decay: float = 1e-6, seed: int = 0,
-                 max_time: float = None, compile: bool = False):
+                 max_time: float = None, compile: bool = False,
+                 table_optimizer: str = "adam"):
         super().__init__()
         self.save_hyperparameters(ignore=["max_time", "compile"])
         self.max_time = max_time
@@ -193,9 +197,20 @@ class ImageFit(pl.LightningModule):
                        base_lr=hparams.mlp_lr)]
         return [dict(group, lr=group["base_lr"]) for group in groups if group["params"]]
 
+    def setup(self, stage: str) -> None:
+        # --table_optimizer sparse_adam: the tables' gradients are sparse rows (set before DDP
+        # wraps the module: it allreduces them as sparse tensors), except under NCCL, which has
+        # no sparse allreduce: there the tables step with dense gradients (Adam's step)
+        if self.trainer is not None and hasattr(self.field.encoder, "sparse"):
+            nccl = self.trainer.world_size > 1 and self.trainer.strategy.root_device.type == "cuda"
+            self.field.encoder.sparse = self.hparams.table_optimizer == "sparse_adam" and not nccl
+
     def configure_optimizers(self):
-        return torch.optim.Adam(self.param_groups(), betas=(0.9, 0.99), eps=1e-15,
-                                fused=fused_adam(self.device))
+        # sparse_adam: LazyAdam, Adam whose sparse-gradient parameters (the tables) step only
+        # the rows the batch touched; the MLP's step and the state dict's format are Adam's
+        kind = LazyAdam if self.hparams.table_optimizer == "sparse_adam" else torch.optim.Adam
+        return kind(self.param_groups(), betas=(0.9, 0.99), eps=1e-15,
+                    fused=fused_adam(self.device))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A resumed optimizer takes its settings from the checkpoint: make them this run's.
@@ -355,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate of the hash tables (default: 1e-2, the paper's)")
     p.add_argument("--mlp_lr", type=cli.number(above=0), default=3e-3,
                    help="Adam learning rate of the MLP (default: 3e-3; see the README)")
+    p.add_argument("--table_optimizer", choices=TABLE_OPTIMIZERS, default=None,
+                   help="adam: Adam over every table row each step; sparse_adam: lazy Adam over "
+                   "the rows the batch touched (sparse gradients; the MLP keeps Adam) "
+                   "(default: adam on a CPU; on a GPU sparse_adam for tables of more than "
+                   f"{SPARSE_PARAMS_PER_LOOKUP} parameters per lookup of a step; see the README)")
     p.add_argument("--lr_schedule", choices=["decay", "constant"], default="decay",
                    help="decay: constant for the first half of the run (steps or --max_time), "
                    "then exponential decay to 1/20 (default: decay)")
@@ -443,6 +463,19 @@ def default_batch_size(pixels: int, accelerator: str) -> int:
     return min(cap, 2 ** max(8, round(math.log2(pixels / PIXELS_PER_SAMPLE))))
 
 
+def default_table_optimizer(accelerator: str, config: FieldConfig, batch_size: int) -> str:
+    """One rule per device (the numbers: the README, from bench/step.py). On a GPU the bytes a
+    step writes: sparse_adam once the tables hold more than SPARSE_PARAMS_PER_LOOKUP parameters
+    per lookup of a step (batch x levels x 4 corners). On a CPU the measured clock: adam,
+    faster at every table size measured."""
+    if accelerator != "gpu" or config.enc_method != "hashgrid":
+        return "adam"
+    with torch.device("meta"):                  # the table's size, nothing allocated
+        params = config.build_encoder()[0].embedding.weight.numel()
+    lookups = batch_size * config.n_levels * 4
+    return "sparse_adam" if params > SPARSE_PARAMS_PER_LOOKUP * lookups else "adam"
+
+
 def resolved(args: argparse.Namespace, accelerator: str, index: int,
              pixels: int) -> argparse.Namespace:
     """`args` with what its defaults resolve to for this image on this machine, on device
@@ -517,11 +550,14 @@ def prepare(args) -> Plan:
         check_export(args.export, path, args.export_dtype)
     args.ckpt = ckpt                            # a requeued job's own last.ckpt, if any
     args = resolved(args, accelerator, index, width * height)
+    if args.table_optimizer is None:
+        args.table_optimizer = default_table_optimizer(accelerator, config, args.batch_size)
     pl.seed_everything(args.seed, verbose=False)
     model = ImageFit(config.to_dict(), source=source_name, source_digest=digest,
                      batch_size=args.batch_size, lr=args.lr, mlp_lr=args.mlp_lr,
                      lr_schedule=args.lr_schedule, loss=args.loss, seed=args.seed,
-                     max_time=args.max_time, compile=args.compile)
+                     max_time=args.max_time, compile=args.compile,
+                     table_optimizer=args.table_optimizer)
     image = PixelSource(source, config.periodic)
     if ckpt is None:
         model.field.start_at(image.mean_colour())

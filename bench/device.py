@@ -10,9 +10,12 @@
    fwd and fwd+bwd, peak allocated memory; the peers given with --vs side by side), and its
    traffic table (--traffic: ops, bytes written per point, compiled in one graph or not);
 3. a --seconds albert fit at batch 2^18 (the paper's batch): PSNR, steps, pixels/s and the
-   peak GPU memory train.py logs.
+   peak GPU memory train.py logs;
+4. the table's step, dense against sparse (bench/step.py at T = 2^19 and 2^24, batch 2^18):
+   bytes, peak memory and milliseconds per step, and whether the sparse gradient's bits
+   repeat run to run (and the dense one's, scattered with atomics, do not).
 It prints one markdown table (for the README) and writes bench/out/device.json; all of it takes
-under 8 minutes on one GPU. On a machine without a CUDA GPU it says so in one line and exits 0.
+under 12 minutes on one GPU. On a machine without a CUDA GPU it says so in one line and exits 0.
 """
 import argparse
 import csv
@@ -129,6 +132,44 @@ def training(image, seconds, timeout):
                 seconds=wall, peak_mib=peak, ok=True)
 
 
+def sparse_step(timeout):
+    """bench/step.py on the GPU: dense vs sparse table steps at T = 2^19 / 2^24, batch 2^18."""
+    out = os.path.join(OUT, "device_step.json")
+    status, seconds, lines = run([sys.executable, "bench/step.py", "--device", "cuda",
+                                  "--log2_t", "19", "24", "--log2_batch", "18",
+                                  "--determinism", "--out", out], timeout)
+    if status != 0:
+        return [dict(check="table step", result=f"failed: {lines[-1:] or status}",
+                     seconds=seconds, ok=False)]
+    with open(out) as f:
+        result = json.load(f)
+    return step_checks(result, seconds)
+
+
+def step_checks(result: dict, seconds: float) -> list:
+    """bench/step.py's JSON -> check rows: per T, bytes and ms per step of each variant, and
+    the determinism of the sparse gradient (the check fails if its bits vary)."""
+    checks = []
+    clocks = {(c["log2_t"], c["batch"]): c["seconds"] for c in result["clocks"]}
+    for row in result["counts"]:
+        total = clocks.get((row["log2_t"], row["batch"]), {}).get(row["variant"])
+        ms = "" if total is None else f", {total[0] * 1e3:.1f} ms/step"
+        checks.append(dict(check=f"table step T=2^{row['log2_t']} batch {row['batch']} "
+                                 f"[{row['variant']}]",
+                           result=f"{row['bytes'] / 1e9:.3f} GB written{ms}",
+                           peak_mib=row["peak_bytes"] / 2**20, ok=True))
+    for check in result.get("determinism", []):
+        same, diff = check["sparse"]
+        dense_same, dense_diff = check["dense"]
+        checks.append(dict(check=f"sparse gradient bits repeat, T=2^{check['log2_t']}",
+                           result=("yes" if same else f"NO (up to {diff:.2g})")
+                           + f"; dense: {'yes' if dense_same else f'no (up to {dense_diff:.2g})'}",
+                           ok=same))
+    if checks:
+        checks[0]["seconds"] = seconds
+    return checks
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vs", action="append", default=[], metavar="FILE.py:CLASS",
@@ -146,6 +187,7 @@ def main(argv=None):
     checks += encoding_bench(args.vs, timeout=180)
     checks += encoding_traffic(args.vs, timeout=150)
     checks.append(training(args.image, args.seconds, timeout=args.seconds + 90))
+    checks += sparse_step(timeout=240)
     print(f"\n{name}, torch {torch.__version__}\n")
     print("| check | result | wall s | peak GPU MiB |\n|---|---|---:|---:|")
     for c in checks:

@@ -1,0 +1,113 @@
+"""Lazy Adam against Adam at equal steps: train.py --table_optimizer adam / sparse_adam on the
+same image, seed and batches, then the PSNR curves side by side.
+
+    python bench/optimizers.py run albert -i ../shared/data/albert.jpg --max_steps 1000
+    python bench/optimizers.py run chart -i data/chart.npy --max_steps 400 --val_every 50 \
+        --log2_hashmap_size 24
+    python bench/optimizers.py plot albert chart -o docs/lazy_adam_psnr.png
+
+`run LABEL ...` trains twice (the flags after LABEL go to train.py), logging under
+ROOT/LABEL_adam and ROOT/LABEL_sparse_adam (--root, default bench/out/optimizers); a run that
+was stopped (a signal saves it) continues from its last checkpoint when run again. `plot` reads
+every version's metrics.csv of those folders (a resumed run's curve continues in the next
+version) and draws one panel per label, with the final PSNRs and their difference.
+"""
+import argparse
+import csv
+import glob
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTIMIZERS = ("adam", "sparse_adam")
+
+
+def curve(root: str, trace: str) -> list:
+    """[(step, psnr)] of every scored step of the runs under root/trace, by step."""
+    points = {}
+    for path in glob.glob(os.path.join(root, trace, "*", "version_*", "metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get("val/psnr"):
+                    points[int(float(row["step"]))] = float(row["val/psnr"])
+    return sorted(points.items())
+
+
+def run(label: str, root: str, flags: list) -> None:
+    for optimizer in OPTIMIZERS:
+        trace = f"{label}_{optimizer}"
+        checkpoints = glob.glob(os.path.join(root, trace, "*", "version_*", "checkpoints",
+                                             "last.ckpt"))
+        resume = ["--ckpt", max(checkpoints, key=os.path.getmtime)] if checkpoints else []
+        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--root", root,
+                        "--trace", trace, "--table_optimizer", optimizer, *flags, *resume],
+                       check=True)
+
+
+def finals_points(root: str, label: str) -> list:
+    """The non-empty curves of LABEL's runs."""
+    return [points for points in (curve(root, f"{label}_{o}") for o in OPTIMIZERS) if points]
+
+
+def plot(labels: list, root: str, out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        finals = {}
+        for optimizer, style in zip(OPTIMIZERS, ("-o", "--s")):
+            points = curve(root, f"{label}_{optimizer}")
+            if not points:
+                continue
+            steps, psnr = zip(*points)
+            finals[optimizer] = points[-1]
+            name = "Adam (every row)" if optimizer == "adam" else "lazy Adam (touched rows)"
+            ax.plot(steps, psnr, style, markersize=3,
+                    label=f"{name}: {psnr[-1]:.2f} dB at {steps[-1]}")
+        # (a run stopped in its first steps scores there too: keep the axis on the fit)
+        shown = [p for points in finals_points(root, label) for s, p in points
+                 if s >= 0.05 * max(step for step, _ in points)]
+        if shown:
+            ax.set_ylim(min(shown) - 0.5, max(shown) + 0.5)
+        title = label
+        if len(finals) == 2:
+            title += f" (lazy - dense: {finals['sparse_adam'][1] - finals['adam'][1]:+.2f} dB)"
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("PSNR (dB, sRGB 8-bit)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    partial = out + ".partial.png"
+    fig.savefig(partial, dpi=110)
+    os.replace(partial, out)
+    for label in labels:
+        for optimizer in OPTIMIZERS:
+            points = curve(root, f"{label}_{optimizer}")
+            print(f"{label} {optimizer}: " + ", ".join(f"{s}: {p:.2f}" for s, p in points))
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=os.path.join(ROOT, "bench", "out", "optimizers"))
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train LABEL with both table optimizers")
+    r.add_argument("label")
+    d = sub.add_parser("plot", help="the PSNR curves of LABELs, one panel each")
+    d.add_argument("labels", nargs="+")
+    d.add_argument("-o", "--out", default=os.path.join(ROOT, "docs", "lazy_adam_psnr.png"))
+    args, flags = p.parse_known_args(argv)
+    if args.command == "run":
+        run(args.label, args.root, flags)
+    else:
+        if flags:
+            p.error(f"unrecognized arguments: {' '.join(flags)}")
+        plot(args.labels, args.root, args.out)
+
+
+if __name__ == "__main__":
+    main()
