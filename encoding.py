@@ -601,7 +601,12 @@ class MultiResHashGrid(nn.Module):
             # the device branch keeps its corner rows and fractions for backward, if any
             keep = (self.DEVICE_KEEP and not passes.cpu and not torch.compiler.is_compiling()
                     and torch.is_grad_enabled() and (points.requires_grad or table.requires_grad))
-            features = _HashGridFunction.apply(points, table, nan, passes, keep)
+            if torch.compiler.is_compiling() and points.requires_grad:
+                # a gradient to x (e.g. an eikonal loss) under torch.compile: its traced ops,
+                # which AOTAutograd differentiates to any order (a custom Function only once)
+                features = _encode(points, table, nan, passes, False)[0]
+            else:
+                features = _HashGridFunction.apply(points, table, nan, passes, keep)
         return features.to(table.dtype).reshape(*batch_shape, self.output_dim)
 
     @classmethod
@@ -807,9 +812,61 @@ class _HashGridFunction(torch.autograd.Function):
             interpolation = ctx.passes.groups[0].interpolation
             grad_table = _table_grad_op(x, table, nan, grad_out, tensors, ints, interpolation)
             return None, grad_table, None, None, None
-        grad_x, grad_table = _encode_backward(x, table, nan, ctx.passes, grad_out, need_x,
-                                              need_table, kept or None)
-        return grad_x, grad_table, None, None, None
+        if torch.is_grad_enabled():      # create_graph: a differentiable step of its own
+            # (autograd.grad(..., x) of an eikonal loss: no table gradient is asked for)
+            need_table = need_table and _will_run(ctx, 1)
+            return (*_HashGridBackward.apply(x, table, nan, ctx.passes, grad_out, need_x,
+                                             need_table, kept or None), None, None, None)
+        args = (x, table, nan, ctx.passes, grad_out, need_x, need_table, kept or None)
+        return (*_encode_backward(*args), None, None, None)
+
+
+def _will_run(ctx, i: int) -> bool:
+    """Whether the running backward will use the gradient of a Function's input i (eager;
+    True where torch cannot tell)."""
+    if torch.compiler.is_compiling() or not hasattr(torch._C, "_will_engine_execute_node"):
+        return True
+    node = ctx.next_functions[i][0]
+    try:
+        return node is not None and torch._C._will_engine_execute_node(node)
+    except RuntimeError:     # (a leaf that autograd.grad was asked for)
+        return True
+
+
+class _HashGridBackward(torch.autograd.Function):
+    """_encode_backward (x, table, grad_out) -> (grad_x, grad_table) as a differentiable step
+    (second order, e.g. an eikonal loss on |df/dx|): forward runs the fast branches outside
+    autograd, backward the analytic second derivatives (_encode_double_backward). Differentiated
+    once more (third order), that backward's plain torch ops go through autograd."""
+
+    @staticmethod
+    def forward(ctx, x, table, nan, passes, grad_out, need_x, need_table, kept):
+        ctx.set_materialize_grads(False)
+        ctx.passes = passes
+        ctx.save_for_backward(x, table, nan, grad_out)
+        return _encode_backward(x, table, nan, passes, grad_out, need_x, need_table, kept)
+
+    @staticmethod
+    def backward(ctx, gg_x, gg_table):
+        x, table, nan, grad_out = ctx.saved_tensors
+        need_x, need_table, _, _, need_g = ctx.needs_input_grad[:5]
+        grads = [None, None, None]                                  # x, table, grad_out
+        if gg_x is not None:
+            grads = _encode_double_backward(x, table, nan, ctx.passes, grad_out, gg_x, need_x,
+                                            need_table, need_g)
+        if gg_table is not None:
+            # grad_table is grad_out scattered with the weights of x: its derivatives are
+            # the encoding and its x-gradient, with gg_table as the table
+            more = [None, None, None]
+            if need_g:
+                more[2] = _encode(x, gg_table, nan, ctx.passes, False)[0].to(grad_out.dtype)
+                if nan is not None:
+                    more[2] = more[2].masked_fill(nan[:, None], 0.0)
+            if need_x:
+                more[0] = _HashGridBackward.apply(x, gg_table, nan, ctx.passes, grad_out, True,
+                                                  False, None)[0]
+            grads = [a if b is None else b if a is None else a + b for a, b in zip(grads, more)]
+        return grads[0], grads[1], None, None, grads[2], None, None, None
 
 
 def _use_table_grad_op(table: torch.Tensor, need_x: bool, need_table: bool) -> bool:
@@ -900,10 +957,7 @@ def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool,
                      need_table: bool, kept: Optional[List[torch.Tensor]] = None):
     """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F). NaN
     points (nan: (N,), or None when there are none) contribute nothing. kept: what _encode kept
-    of the device branch's passes (None: recomputed).
-
-    Only differentiable torch ops, so autograd can differentiate this again (second-order
-    gradients such as an eikonal loss on |df/dx|).
+    of the device branch's passes (None: recomputed). Second order: _HashGridBackward.
     """
     n_points, n_features = x.shape[0], table.shape[1]
     grad_table = None
@@ -929,6 +983,39 @@ def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool,
     if need_table:
         grad_table = grad_table.to(table.dtype)
     return grad_x, grad_table
+
+
+def _encode_double_backward(x, table, nan, passes: _Passes, grad_out, gg_x, need_x: bool,
+                            need_table: bool, need_g: bool):
+    """The gradients of (gg_x * grad_x).sum(), grad_x = _encode_backward's, w.r.t. x (N, D),
+    table (R, F) and grad_out (N, L * F), given gg_x (N, D): [grad_x, grad_table, grad_g],
+    None where not needed or zero ("nearest": grad_x does not depend on anything). NaN points
+    contribute nothing. Both branches run _double_backward_pass: 2**D corners at once (a
+    depth-first walk would need D partial products and their tangents per corner)."""
+    n_points, n_features = x.shape[0], table.shape[1]
+    if passes.groups[0].interpolation == "nearest":
+        return [None, None, None]
+    dtype, device = grad_out.dtype, x.device
+    grad_xt = torch.zeros(x.shape[::-1], dtype=dtype, device=device) if need_x else None
+    grad_table = torch.zeros(table.shape, dtype=dtype, device=device) if need_table else None
+    per_level = grad_out.reshape(n_points, -1, n_features)
+    grad_g = torch.zeros(per_level.shape, dtype=dtype, device=device) if need_g else None
+    xt, ggt = x.t().contiguous(), gg_x.t().to(dtype)                                # (D, N)
+    if passes.cpu:    # 2**D corners at once: passes as large as the CPU branch's per corner
+        passes = _Passes(passes.groups, passes.chunk_size, True,
+                         passes.lookups_per_pass >> x.shape[1])
+    for group, first, stop, lo, hi in passes.split(n_points):
+        levels = slice(group.start + first, group.start + stop)
+        g, gg = per_level[lo:hi, levels].transpose(0, 1), ggt[:, lo:hi]
+        if nan is not None:     # NaN points add nothing (their g and gg may be NaN)
+            g, gg = g.masked_fill(nan[lo:hi, None], 0.0), gg.masked_fill(nan[lo:hi], 0.0)
+        _double_backward_pass(xt[:, lo:hi], table, group, first, stop, g, gg, grad_table,
+                              grad_xt[:, lo:hi] if need_x else None,
+                              grad_g[lo:hi, levels].transpose(0, 1) if need_g else None,
+                              passes.cpu and not torch.is_grad_enabled())
+    return [grad_xt.t().to(x.dtype) if need_x else None,
+            grad_table.to(table.dtype) if need_table else None,
+            grad_g.view(n_points, -1).to(grad_out.dtype) if need_g else None]
 
 
 def _any_nan(nan: torch.Tensor, passes: _Passes) -> Optional[torch.Tensor]:
@@ -1110,8 +1197,6 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, g: to
         corners, fracs = _corner_rows(xt, group, first, stop, offset)
     else:
         corners, fracs = kept[0], kept[1:]
-        if torch.is_grad_enabled():     # double backward: the fracs as functions of x
-            fracs = _axis_terms(xt, group, first, stop, offset)[1]
     nearest = group.interpolation == "nearest"
     weights = [] if nearest else [_upper_weight(f, group.interpolation) for f in fracs]
     need_x = grad_xt is not None and not nearest     # "nearest" is piecewise constant
@@ -1137,6 +1222,80 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, g: to
     if grad_table is not None:
         grad_span = _pass_span(group, first, stop, grad_table)[0]
         grad_span.index_add_(0, corners.reshape(-1), grads.reshape(-1, g.shape[-1]))
+
+
+def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, g, gg,
+                          grad_table, grad_xt, grad_g, tricks: bool) -> None:
+    """Second order of levels first..stop-1 for points xt (D, n): the derivatives of
+    sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, with g = dL/dfeatures (G, n, F) and
+    gg (D, n) the gradient arriving at grad_x. Added to grad_g (G, n, F): sum_c row_c dw_c; to
+    grad_table (R, F): g dw_c at row_c; to grad_xt (D, n): the Hessian of P = sum_c (g . row_c)
+    w_c times gg. dw_c = sum_d gg_d dw_c/dx_d is the tangent along gg, carried through the
+    same lerps as _device_forward / _device_backward (dual numbers). tricks: the CPU branch's
+    (outside autograd)."""
+    span, offset = _pass_span(group, first, stop, table)
+    corners, fracs = _corner_rows(xt, group, first, stop, offset)
+    rows = _gather(span, corners, tricks).to(g.dtype)                        # (2**D, G, n, F)
+    # feature pairs as complex numbers (see _packable): rows (2**D, G, n)
+    packed = tricks and _packable(rows[0], g.dtype)
+    if packed:
+        rows, g = _pack(rows), _pack(g.contiguous())
+        values = (rows * g.conj()).real if g.is_complex() else rows * g
+    else:
+        values = (rows * g).sum(-1)
+    per_row = (lambda t: t) if packed else (lambda t: t.unsqueeze(-1))         # noqa: E731
+    scale = group.scale[:, first:stop].to(values.dtype)
+    tangent, ends = None, []          # values: P at the corners; tangent: its tangent along gg
+    for d, frac in enumerate(fracs):       # lerps along axis d with their tangents along gg
+        weight, slope = _upper_weight(frac.to(values.dtype), group.interpolation)
+        step = gg[d] * scale[d]                              # d frac_d along gg (G, n)
+        pairs = values.view(-1, 2, *values.shape[1:])
+        diff = pairs[:, 1] - pairs[:, 0]
+        dtan = None
+        if tangent is not None:
+            tangents = tangent.view(-1, 2, *tangent.shape[1:])
+            dtan = tangents[:, 1] - tangents[:, 0]
+        ends.append((weight, slope, frac, step, diff, dtan))
+        values = torch.lerp(pairs[:, 0], pairs[:, 1], weight)
+        move = step if slope is None else step * slope        # d weight_d along gg
+        tangent = diff * move if tangent is None else torch.lerp(
+            tangents[:, 0], tangents[:, 1], weight) + diff * move
+    w = dw = None       # the weights of the axes split so far (None: 1), and their tangents
+    for d in reversed(range(len(fracs))):
+        weight, slope, frac, step, diff, dtan = ends[d]
+        if grad_xt is not None:
+            first_order = (diff if w is None else w * diff).sum(0)          # dP/dweight_d
+            second = None if dw is None else (dw * diff).sum(0)
+            if dtan is not None:
+                more = (dtan if w is None else w * dtan).sum(0)
+                second = more if second is None else second + more
+            # d/dx_d of grad_x . gg: slope * (Hessian row . gg) + step * curvature * dP/dweight
+            term = None
+            if slope is not None:
+                curve = step * (6.0 - 12.0 * frac) * first_order
+                term = curve if second is None else second * slope + curve
+            elif second is not None:
+                term = second
+            if term is not None:
+                grad_xt[d].add_((term * scale[d]).sum(0))
+        move = step if slope is None else step * slope
+        upper = move.unsqueeze(0) if w is None else w * move
+        if dw is not None:
+            upper = torch.addcmul(upper, dw, weight)
+        lower = -upper if dw is None else dw - upper
+        dw = torch.stack((lower, upper), 1).flatten(0, 1)
+        w = torch.stack((1.0 - weight, weight)) if w is None else _lerp_split(w, weight)
+    if grad_g is not None:
+        grad_dw = (rows * per_row(dw)).sum(0)
+        grad_g.add_(_unpack(grad_dw) if packed else grad_dw)
+    if grad_table is not None:
+        grad_span = _pass_span(group, first, stop, grad_table)[0]
+        values = g * per_row(dw)
+        if packed and _packable(grad_span, values.real.dtype):   # (see _cpu_backward_pass)
+            _pack(grad_span).scatter_add_(0, corners.reshape(-1).long(), values.reshape(-1))
+        else:
+            grad_span.index_add_(0, corners.reshape(-1), _unpack(values).reshape(
+                -1, grad_span.shape[1]) if packed else values.reshape(-1, g.shape[-1]))
 
 
 # =============================================================================================

@@ -91,7 +91,8 @@ def build(cls, workload: str, device: str, spec: str = OURS):
             raise TypeError(f"{cls.__name__} takes no input dimension (3-D only?)")
     if spec in (OURS_DEVICE, OURS_RECOMPUTE):
         kwargs["implementation"] = "device"
-    elif spec not in OUR_SPECS and "implementation" in params:
+    elif (spec not in OUR_SPECS and "implementation" in params
+          and params["implementation"].default != "fast"):   # (not another copy of ours)
         kwargs["implementation"] = "torch"     # nerfstudio's pure-torch path
     module = cls(**kwargs).to(device)
     if spec == OURS_RECOMPUTE:
@@ -116,6 +117,76 @@ def make_step(module, batch: int, dim: int, device: str, backward: bool,
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     return step
+
+
+# --eikonal: an SDF's step, 3-D at 2^16 points, MLP 32-64-1 with Softplus
+EIKONAL_BATCH = 2**16
+
+
+def make_mlp(module, device: str):
+    torch.manual_seed(0)
+    width = module(torch.rand(1, module_dim(module), device=device)).shape[-1]
+    return torch.nn.Sequential(torch.nn.Linear(width, 64), torch.nn.Softplus(),
+                               torch.nn.Linear(64, 1)).to(device)
+
+
+def module_dim(module) -> int:
+    return getattr(module, "input_dim", None) or getattr(module, "dim", 3)
+
+
+def make_eikonal_step(module, mlp, batch: int, dim: int, device: str, second_order: bool):
+    """second_order: y = enc(x); g = d(mlp(y).sum())/dx (create_graph); ((|g| - 1)^2).mean()
+    backward. Else the first-order step on the same model: mlp(enc(x)).abs().mean() backward."""
+    x = torch.rand(batch, dim, device=device)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        mlp.zero_grad(set_to_none=True)
+        if second_order:
+            points = x.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(mlp(module(points)).sum(), points, create_graph=True)
+            ((grad.norm(dim=-1) - 1) ** 2).mean().backward()
+        else:
+            mlp(module(x)).abs().mean().backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return step
+
+
+def eikonal_main(args):
+    specs = [OURS] + args.vs
+    workloads = [w for w in args.workloads if w == "3d"] or ["3d"]
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}; {EIKONAL_BATCH} points, MLP 32-64-1 (Softplus), eager")
+    rows = []
+    for workload in workloads:
+        dim = WORKLOADS[workload][0]
+        steps = {}
+        for spec in specs:
+            module = build(load_class(spec), workload, args.device, spec)
+            mlp = make_mlp(module, args.device)
+            for second in (False, True):
+                steps[(spec, second)] = make_eikonal_step(module, mlp, EIKONAL_BATCH, dim,
+                                                          args.device, second)
+        seconds = time_interleaved(steps, args.repeats)
+        for spec in specs:
+            first, second = seconds[(spec, False)], seconds[(spec, True)]
+            rows.append(dict(workload=workload, impl=spec, first_order_s=first, eikonal_s=second,
+                             eikonal_over_first=second / first,
+                             ours_faster=second / seconds[(OURS, True)]))
+    print(f"\n{'workload':8} {'implementation':44} {'1st-order ms':>12} {'eikonal ms':>10} "
+          f"{'ratio':>6} {'ours is':>8}")
+    for row in rows:
+        name = row["impl"] if len(row["impl"]) <= 44 else "..." + row["impl"][-41:]
+        faster = f"{row['ours_faster']:.2f}x" if row["impl"] != OURS else ""
+        print(f"{row['workload']:8} {name:44} {row['first_order_s'] * 1e3:12.1f} "
+              f"{row['eikonal_s'] * 1e3:10.1f} {row['eikonal_over_first']:5.2f}x {faster:>8}")
+    out = args.out.replace(".json", "_eikonal.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(torch=torch.__version__, device=args.device,
+                       threads=torch.get_num_threads(), rows=rows), f, indent=1)
+    print(f"\nwrote {os.path.relpath(out)}")
 
 
 def time_interleaved(steps: dict, repeats: int) -> dict:
@@ -208,6 +279,11 @@ def main(argv=None):
                         help="the fwd+bwd step's loss on the features (default: %(default)s)")
     parser.add_argument("--traffic", action="store_true",
                         help="count ops, bytes written and peak memory instead of timing")
+    parser.add_argument("--eikonal", action="store_true",
+                        help="time (with --traffic: count) the second-order step of an SDF "
+                        "(3-D, 2^16 points): y = enc(x); g = d(mlp(y).sum())/dx "
+                        "(create_graph); ((|g| - 1)^2).mean().backward(), against the "
+                        "first-order step mlp(enc(x)).abs().mean().backward()")
     parser.add_argument("--_memory", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory:
@@ -216,6 +292,8 @@ def main(argv=None):
         return
     if args.traffic:
         return traffic_main(args)
+    if args.eikonal:
+        return eikonal_main(args)
 
     specs = [OURS] + args.vs
     classes = {spec: load_class(spec) for spec in specs}
