@@ -3,6 +3,7 @@
     python bench/encoding.py                                     # ours only
     python bench/encoding.py --vs ../peers/upstream_encoding.py:MultiResHashGrid
     python bench/encoding.py --traffic [--vs ...]                # ops and bytes, any machine
+    python bench/encoding.py --eikonal [--traffic] [--vs ...]    # second order: an SDF's step
 
 --traffic counts, for one forward+backward step (loss y.square().mean()), the aten ops and the
 bytes their outputs write per point (views and allocations excluded: they write nothing; an
@@ -384,9 +385,14 @@ class WriteCounter(TorchDispatchMode):
         return out
 
 
-def count_traffic(module, batch: int, dim: int, device: str) -> WriteCounter:
-    """The ops and bytes of one forward+backward step (after a warm-up step)."""
-    step = make_step(module, batch, dim, device, backward=True)
+def count_traffic(module, batch: int, dim: int, device: str, eikonal: bool = False
+                  ) -> WriteCounter:
+    """The ops and bytes of one forward+backward step (eikonal: of the eikonal step, MLP
+    included), after a warm-up step."""
+    if eikonal:
+        step = make_eikonal_step(module, make_mlp(module, device), batch, dim, device, True)
+    else:
+        step = make_step(module, batch, dim, device, backward=True)
     step()
     with WriteCounter() as counter:
         step()
@@ -411,18 +417,23 @@ def compiled_traffic(module, batch: int, dim: int, device: str) -> dict:
 def traffic_main(args):
     specs = [OURS_DEVICE, OURS_RECOMPUTE, OURS_CPU] + args.vs
     workloads = [w for w in args.workloads if w in TRAFFIC_WORKLOADS] or list(TRAFFIC_WORKLOADS)
-    print(f"torch {torch.__version__}, device {args.device}; one fwd+bwd step, loss "
-          "y.square().mean(); bytes written by non-view aten ops, per point")
+    what = "one fwd+bwd step, loss y.square().mean()"
+    if args.eikonal:   # (eager only; no memory column)
+        workloads, args.modes, args.no_memory = ["3d"], ["eager"], True
+        what = f"one eikonal step (--eikonal), {EIKONAL_BATCH} points"
+    print(f"torch {torch.__version__}, device {args.device}; {what}; bytes written by non-view "
+          "aten ops, per point")
     rows = []
     for workload in workloads:
         dim, batch = WORKLOADS[workload][0], WORKLOADS[workload][6]
+        batch = EIKONAL_BATCH if args.eikonal else batch
         for spec in specs:
             try:
                 module = build(load_class(spec), workload, args.device, spec)
             except Exception as error:
                 print(f"  {spec} on {workload}: n/a ({type(error).__name__}: {error})")
                 continue
-            counter = count_traffic(module, batch, dim, args.device)
+            counter = count_traffic(module, batch, dim, args.device, args.eikonal)
             row = dict(workload=workload, impl=spec, ops=counter.ops,
                        bytes_per_point=counter.bytes / batch,
                        top=sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:6])
@@ -448,14 +459,14 @@ def traffic_main(args):
         elif not compiled["fullgraph"]:
             after = f"graph break: {compiled['error']}"
         else:
-            batch = WORKLOADS[row["workload"]][6]
+            batch = EIKONAL_BATCH if args.eikonal else WORKLOADS[row["workload"]][6]
             accessed = compiled["bytes_accessed"]   # (inductor's C++ backend reports none)
             accessed = f"{accessed / batch:,.0f}" if accessed else "n/a"
             after = (f"yes, {compiled['kernels']}, {accessed}, "
                      f"{mib(row.get('compiled_peak_bytes'))}")
         print(f"{row['workload']:8} {name:34} {row['ops']:5d} {row['bytes_per_point']:8,.0f} "
               f"{mib(row.get('peak_bytes')):>9}   {after}")
-    out = args.out.replace(".json", "_traffic.json")
+    out = args.out.replace(".json", "_eikonal_traffic.json" if args.eikonal else "_traffic.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(torch=torch.__version__, device=args.device, rows=rows), f, indent=1)

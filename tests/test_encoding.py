@@ -418,6 +418,19 @@ def test_second_order_gradgradcheck(implementation, interpolation, case, monkeyp
     assert torch.autograd.gradgradcheck(with_table(enc), (x, enc.embedding.weight))
 
 
+def test_third_order_falls_back_to_autograd():
+    """The second-order step's own backward, differentiated again (third order), through
+    autograd of its plain ops: gradgradcheck of grad_x."""
+    enc = make(2, "smoothstep", n_levels=2, log2_t=5, base=2, finest=6)
+    x = torch.rand(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 0.9 + 0.05
+    weights = torch.randn(3, enc.output_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def grad_x(x, table):
+        (g,) = torch.autograd.grad((with_table(enc)(x, table) * weights).sum(), x, create_graph=True)
+        return g
+    assert torch.autograd.gradgradcheck(grad_x, (x.requires_grad_(True), enc.embedding.weight))
+
+
 @pytest.mark.parametrize("implementation", ["fast", "device"])
 def test_eikonal_step_with_a_nan_point(implementation, monkeypatch):
     """A NaN point in an eikonal step: NaN features, and every gradient as without the point
