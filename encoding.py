@@ -65,6 +65,8 @@ PART I, what to read
 PART II, speed (the same numbers as the reference, in fewer and larger operations)
   _LevelGroup       consecutive levels that index alike, as the tensors the passes use
   _HashGridFunction the autograd Function, with a hand-written backward
+  _HashGridBackward that backward as a Function of its own, for second order (eikonal losses):
+                    analytic second derivatives, 2**D corners at once (_double_backward_pass)
   _Passes           how the work is split: level-major passes of a bounded size
   shared pieces     _axis_terms (with the shortcuts _next_hash_term, _term / _next_term and
                     axis 0 taken directly, each tested against the formula it replaces)
@@ -401,7 +403,11 @@ class MultiResHashGrid(nn.Module):
     Input: x of shape (..., dim), any floating dtype. Values are clamped to [0, 1]; a point
     with a NaN coordinate gets NaN features (that point only). Output: (..., output_dim) in
     the tables' dtype. Gradients flow to the tables, to x, and again through d/dx
-    (second order, e.g. an eikonal loss).
+    (second order, e.g. an eikonal loss: the backward is itself a fast differentiable step
+    with analytic second derivatives; third order goes through autograd of its ops). Under
+    torch.compile, when x requires grad the encoding is traced as plain ops, which AOTAutograd
+    differentiates to any order (compile the whole step, with
+    ``torch._dynamo.config.trace_autograd_ops = True`` for its torch.autograd.grad).
 
     Attributes: input_dim, output_dim, resolutions (per level, per axis: N_l in the paper
     layout, tcnn's vertex count in the tcnn layout), rows_per_level, level_offsets,
@@ -1001,9 +1007,6 @@ def _encode_double_backward(x, table, nan, passes: _Passes, grad_out, gg_x, need
     per_level = grad_out.reshape(n_points, -1, n_features)
     grad_g = torch.zeros(per_level.shape, dtype=dtype, device=device) if need_g else None
     xt, ggt = x.t().contiguous(), gg_x.t().to(dtype)                                # (D, N)
-    if passes.cpu:    # 2**D corners at once: passes as large as the CPU branch's per corner
-        passes = _Passes(passes.groups, passes.chunk_size, True,
-                         passes.lookups_per_pass >> x.shape[1])
     for group, first, stop, lo, hi in passes.split(n_points):
         levels = slice(group.start + first, group.start + stop)
         g, gg = per_level[lo:hi, levels].transpose(0, 1), ggt[:, lo:hi]
@@ -1235,56 +1238,40 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     (outside autograd)."""
     span, offset = _pass_span(group, first, stop, table)
     corners, fracs = _corner_rows(xt, group, first, stop, offset)
-    rows = _gather(span, corners, tricks).to(g.dtype)                        # (2**D, G, n, F)
-    # feature pairs as complex numbers (see _packable): rows (2**D, G, n)
-    packed = tricks and _packable(rows[0], g.dtype)
-    if packed:
-        rows, g = _pack(rows), _pack(g.contiguous())
-        values = (rows * g.conj()).real if g.is_complex() else rows * g
+    packed = tricks and _packable(span, g.dtype)
+    if packed:   # feature pairs as complex numbers (see _packable), gathers on every thread
+        index, lanes = corners.reshape(-1).long(), torch.get_num_threads()
+        words, g = _pack(span), _pack(g.contiguous())
+        rows = (words.expand(lanes, -1).gather(1, index.view(lanes, -1))
+                if index.numel() % lanes == 0 else words[index]).view(corners.shape)
+        values = (rows * g.conj()).real if g.is_complex() else rows * g     # (2**D, G, n)
     else:
+        rows = _gather(span, corners, tricks).to(g.dtype)                    # (2**D, G, n, F)
         values = (rows * g).sum(-1)
     per_row = (lambda t: t) if packed else (lambda t: t.unsqueeze(-1))         # noqa: E731
     scale = group.scale[:, first:stop].to(values.dtype)
-    tangent, ends = None, []          # values: P at the corners; tangent: its tangent along gg
-    for d, frac in enumerate(fracs):       # lerps along axis d with their tangents along gg
+    tangent, ends = torch.zeros_like(values), []   # values: P at the corners, tangent along gg
+    for d, frac in enumerate(fracs):        # lerps along axis d, and their tangents
         weight, slope = _upper_weight(frac.to(values.dtype), group.interpolation)
-        step = gg[d] * scale[d]                              # d frac_d along gg (G, n)
-        pairs = values.view(-1, 2, *values.shape[1:])
-        diff = pairs[:, 1] - pairs[:, 0]
-        dtan = None
-        if tangent is not None:
-            tangents = tangent.view(-1, 2, *tangent.shape[1:])
-            dtan = tangents[:, 1] - tangents[:, 0]
-        ends.append((weight, slope, frac, step, diff, dtan))
+        step = gg[d] * scale[d]                                   # d frac_d along gg (G, n)
+        move = step if slope is None else step * slope            # d weight_d along gg
+        pairs, tangents = (t.view(-1, 2, *t.shape[1:]) for t in (values, tangent))
+        diff, dtan = pairs[:, 1] - pairs[:, 0], tangents[:, 1] - tangents[:, 0]
+        ends.append((weight, slope, frac, step, move, diff, dtan))
         values = torch.lerp(pairs[:, 0], pairs[:, 1], weight)
-        move = step if slope is None else step * slope        # d weight_d along gg
-        tangent = diff * move if tangent is None else torch.lerp(
-            tangents[:, 0], tangents[:, 1], weight) + diff * move
-    w = dw = None       # the weights of the axes split so far (None: 1), and their tangents
+        tangent = torch.lerp(tangents[:, 0], tangents[:, 1], weight) + diff * move
+    w, dw = torch.ones_like(values), torch.zeros_like(values)   # the weights split so far
     for d in reversed(range(len(fracs))):
-        weight, slope, frac, step, diff, dtan = ends[d]
+        weight, slope, frac, step, move, diff, dtan = ends[d]
         if grad_xt is not None:
-            first_order = (diff if w is None else w * diff).sum(0)          # dP/dweight_d
-            second = None if dw is None else (dw * diff).sum(0)
-            if dtan is not None:
-                more = (dtan if w is None else w * dtan).sum(0)
-                second = more if second is None else second + more
-            # d/dx_d of grad_x . gg: slope * (Hessian row . gg) + step * curvature * dP/dweight
-            term = None
+            # d/dx_d of grad_x . gg: slope (Hessian row . gg) + step S''(frac) dP/dweight_d
+            term = (dw * diff + w * dtan).sum(0)
             if slope is not None:
-                curve = step * (6.0 - 12.0 * frac) * first_order
-                term = curve if second is None else second * slope + curve
-            elif second is not None:
-                term = second
-            if term is not None:
-                grad_xt[d].add_((term * scale[d]).sum(0))
-        move = step if slope is None else step * slope
-        upper = move.unsqueeze(0) if w is None else w * move
-        if dw is not None:
-            upper = torch.addcmul(upper, dw, weight)
-        lower = -upper if dw is None else dw - upper
-        dw = torch.stack((lower, upper), 1).flatten(0, 1)
-        w = torch.stack((1.0 - weight, weight)) if w is None else _lerp_split(w, weight)
+                term = term * slope + step * (6.0 - 12.0 * frac) * (w * diff).sum(0)
+            grad_xt[d].add_((term * scale[d]).sum(0))
+        upper = torch.addcmul(w * move, dw, weight)
+        dw = torch.stack((dw - upper, upper), 1).flatten(0, 1)
+        w = _lerp_split(w, weight)
     if grad_g is not None:
         grad_dw = (rows * per_row(dw)).sum(0)
         grad_g.add_(_unpack(grad_dw) if packed else grad_dw)
@@ -1292,7 +1279,7 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
         grad_span = _pass_span(group, first, stop, grad_table)[0]
         values = g * per_row(dw)
         if packed and _packable(grad_span, values.real.dtype):   # (see _cpu_backward_pass)
-            _pack(grad_span).scatter_add_(0, corners.reshape(-1).long(), values.reshape(-1))
+            _pack(grad_span).scatter_add_(0, index, values.reshape(-1))
         else:
             grad_span.index_add_(0, corners.reshape(-1), _unpack(values).reshape(
                 -1, grad_span.shape[1]) if packed else values.reshape(-1, g.shape[-1]))
