@@ -65,6 +65,8 @@ PART I, what to read
 PART II, speed (the same numbers as the reference, in fewer and larger operations)
   _LevelGroup       consecutive levels that index alike, as the tensors the passes use
   _HashGridFunction the autograd Function, with a hand-written backward
+  _HashGridBackward that backward as a Function of its own, for second order (eikonal losses):
+                    analytic second derivatives, 2**D corners at once (_double_backward_pass)
   _Passes           how the work is split: level-major passes of a bounded size
   shared pieces     _axis_terms (with the shortcuts _next_hash_term, _term / _next_term and
                     axis 0 taken directly, each tested against the formula it replaces)
@@ -414,7 +416,11 @@ class MultiResHashGrid(nn.Module):
     Input: x of shape (..., dim), any floating dtype. Values are clamped to [0, 1]; a point
     with a NaN coordinate gets NaN features (that point only). Output: (..., output_dim) in
     the tables' dtype. Gradients flow to the tables, to x, and again through d/dx
-    (second order, e.g. an eikonal loss).
+    (second order, e.g. an eikonal loss: the backward is itself a fast differentiable step
+    with analytic second derivatives; third order goes through autograd of its ops). Under
+    torch.compile, when x requires grad the encoding is traced as plain ops, which AOTAutograd
+    differentiates to any order (compile the whole step, with
+    ``torch._dynamo.config.trace_autograd_ops = True`` for its torch.autograd.grad).
 
     Attributes: input_dim, output_dim, resolutions (per level, per axis: N_l in the paper
     layout, tcnn's vertex count in the tcnn layout), rows_per_level, level_offsets,
@@ -637,7 +643,12 @@ class MultiResHashGrid(nn.Module):
             # the device branch keeps its corner rows and fractions for backward, if any
             keep = (self.DEVICE_KEEP and not passes.cpu and not torch.compiler.is_compiling()
                     and torch.is_grad_enabled() and (points.requires_grad or table.requires_grad))
-            features = _HashGridFunction.apply(points, table, nan, passes, keep)
+            if torch.compiler.is_compiling() and points.requires_grad:
+                # a gradient to x (e.g. an eikonal loss) under torch.compile: its traced ops,
+                # which AOTAutograd differentiates to any order (a custom Function only once)
+                features = _encode(points, table, nan, passes, False)[0]
+            else:
+                features = _HashGridFunction.apply(points, table, nan, passes, keep)
         return features.to(table.dtype).reshape(*batch_shape, self.output_dim)
 
     @classmethod
@@ -844,9 +855,61 @@ class _HashGridFunction(torch.autograd.Function):
             interpolation = ctx.passes.groups[0].interpolation
             grad_table = _table_grad_op(x, table, nan, grad_out, tensors, ints, interpolation)
             return None, grad_table, None, None, None
-        grad_x, grad_table = _encode_backward(x, table, nan, ctx.passes, grad_out, need_x,
-                                              need_table, kept or None)
-        return grad_x, grad_table, None, None, None
+        if torch.is_grad_enabled():      # create_graph: a differentiable step of its own
+            # (autograd.grad(..., x) of an eikonal loss: no table gradient is asked for)
+            need_table = need_table and _will_run(ctx, 1)
+            return (*_HashGridBackward.apply(x, table, nan, ctx.passes, grad_out, need_x,
+                                             need_table, kept or None), None, None, None)
+        args = (x, table, nan, ctx.passes, grad_out, need_x, need_table, kept or None)
+        return (*_encode_backward(*args), None, None, None)
+
+
+def _will_run(ctx, i: int) -> bool:
+    """Whether the running backward will use the gradient of a Function's input i (eager;
+    True where torch cannot tell)."""
+    if torch.compiler.is_compiling() or not hasattr(torch._C, "_will_engine_execute_node"):
+        return True
+    node = ctx.next_functions[i][0]
+    try:
+        return node is not None and torch._C._will_engine_execute_node(node)
+    except RuntimeError:     # (a leaf that autograd.grad was asked for)
+        return True
+
+
+class _HashGridBackward(torch.autograd.Function):
+    """_encode_backward (x, table, grad_out) -> (grad_x, grad_table) as a differentiable step
+    (second order, e.g. an eikonal loss on |df/dx|): forward runs the fast branches outside
+    autograd, backward the analytic second derivatives (_encode_double_backward). Differentiated
+    once more (third order), that backward's plain torch ops go through autograd."""
+
+    @staticmethod
+    def forward(ctx, x, table, nan, passes, grad_out, need_x, need_table, kept):
+        ctx.set_materialize_grads(False)
+        ctx.passes = passes
+        ctx.save_for_backward(x, table, nan, grad_out)
+        return _encode_backward(x, table, nan, passes, grad_out, need_x, need_table, kept)
+
+    @staticmethod
+    def backward(ctx, gg_x, gg_table):
+        x, table, nan, grad_out = ctx.saved_tensors
+        need_x, need_table, _, _, need_g = ctx.needs_input_grad[:5]
+        grads = [None, None, None]                                  # x, table, grad_out
+        if gg_x is not None:
+            grads = _encode_double_backward(x, table, nan, ctx.passes, grad_out, gg_x, need_x,
+                                            need_table, need_g)
+        if gg_table is not None:
+            # grad_table is grad_out scattered with the weights of x: its derivatives are
+            # the encoding and its x-gradient, with gg_table as the table
+            more = [None, None, None]
+            if need_g:
+                more[2] = _encode(x, gg_table, nan, ctx.passes, False)[0].to(grad_out.dtype)
+                if nan is not None:
+                    more[2] = more[2].masked_fill(nan[:, None], 0.0)
+            if need_x:
+                more[0] = _HashGridBackward.apply(x, gg_table, nan, ctx.passes, grad_out, True,
+                                                  False, None)[0]
+            grads = [a if b is None else b if a is None else a + b for a, b in zip(grads, more)]
+        return grads[0], grads[1], None, None, grads[2], None, None, None
 
 
 def _use_table_grad_op(table: torch.Tensor, need_x: bool, need_table: bool) -> bool:
@@ -940,10 +1003,7 @@ def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool,
     """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F). NaN
     points (nan: (N,), or None when there are none) contribute nothing. kept: what _encode kept
     of the device branch's passes (None: recomputed). passes.sparse: the table's gradient is a
-    coalesced sparse tensor (_RowCollector).
-
-    Only differentiable torch ops, so autograd can differentiate this again (second-order
-    gradients such as an eikonal loss on |df/dx|).
+    coalesced sparse tensor (_RowCollector). Second order: _HashGridBackward.
     """
     n_points, n_features = x.shape[0], table.shape[1]
     grad_table = None
@@ -971,6 +1031,39 @@ def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool,
     if need_table:
         grad_table = grad_table.to(table.dtype)   # (a _RowCollector: its sparse sum)
     return grad_x, grad_table
+
+
+def _encode_double_backward(x, table, nan, passes: _Passes, grad_out, gg_x, need_x: bool,
+                            need_table: bool, need_g: bool):
+    """The gradients of (gg_x * grad_x).sum(), grad_x = _encode_backward's, w.r.t. x (N, D),
+    table (R, F) and grad_out (N, L * F), given gg_x (N, D): [grad_x, grad_table, grad_g],
+    None where not needed or zero ("nearest": grad_x does not depend on anything). NaN points
+    contribute nothing. Both branches run _double_backward_pass: 2**D corners at once (a
+    depth-first walk would need D partial products and their tangents per corner)."""
+    n_points, n_features = x.shape[0], table.shape[1]
+    if passes.groups[0].interpolation == "nearest":
+        return [None, None, None]
+    dtype, device = grad_out.dtype, x.device
+    grad_xt = torch.zeros(x.shape[::-1], dtype=dtype, device=device) if need_x else None
+    grad_table = None
+    if need_table:     # sparse: the same collector as the first-order table gradient's
+        grad_table = (_RowCollector(table.shape, dtype, device) if passes.sparse
+                      else torch.zeros(table.shape, dtype=dtype, device=device))
+    per_level = grad_out.reshape(n_points, -1, n_features)
+    grad_g = torch.zeros(per_level.shape, dtype=dtype, device=device) if need_g else None
+    xt, ggt = x.t().contiguous(), gg_x.t().to(dtype)                                # (D, N)
+    for group, first, stop, lo, hi in passes.split(n_points):
+        levels = slice(group.start + first, group.start + stop)
+        g, gg = per_level[lo:hi, levels].transpose(0, 1), ggt[:, lo:hi]
+        if nan is not None:     # NaN points add nothing (their g and gg may be NaN)
+            g, gg = g.masked_fill(nan[lo:hi, None], 0.0), gg.masked_fill(nan[lo:hi], 0.0)
+        _double_backward_pass(xt[:, lo:hi], table, group, first, stop, g, gg, grad_table,
+                              grad_xt[:, lo:hi] if need_x else None,
+                              grad_g[lo:hi, levels].transpose(0, 1) if need_g else None,
+                              passes.cpu and not torch.is_grad_enabled())
+    return [grad_xt.t().to(x.dtype) if need_x else None,
+            grad_table.to(table.dtype) if need_table else None,
+            grad_g.view(n_points, -1).to(grad_out.dtype) if need_g else None]
 
 
 def _any_nan(nan: torch.Tensor, passes: _Passes) -> Optional[torch.Tensor]:
@@ -1152,8 +1245,6 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, g: to
         corners, fracs = _corner_rows(xt, group, first, stop, offset)
     else:
         corners, fracs = kept[0], kept[1:]
-        if torch.is_grad_enabled():     # double backward: the fracs as functions of x
-            fracs = _axis_terms(xt, group, first, stop, offset)[1]
     nearest = group.interpolation == "nearest"
     weights = [] if nearest else [_upper_weight(f, group.interpolation) for f in fracs]
     need_x = grad_xt is not None and not nearest     # "nearest" is piecewise constant
@@ -1179,6 +1270,65 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, g: to
     if grad_table is not None:
         grad_span = _pass_span(group, first, stop, grad_table)[0]
         grad_span.index_add_(0, corners.reshape(-1), grads.reshape(-1, g.shape[-1]))
+
+
+def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, g, gg,
+                          grad_table, grad_xt, grad_g, tricks: bool) -> None:
+    """Second order of levels first..stop-1 for points xt (D, n): the derivatives of
+    sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, with g = dL/dfeatures (G, n, F) and
+    gg (D, n) the gradient arriving at grad_x. Added to grad_g (G, n, F): sum_c row_c dw_c; to
+    grad_table (R, F): g dw_c at row_c; to grad_xt (D, n): the Hessian of P = sum_c (g . row_c)
+    w_c times gg. dw_c = sum_d gg_d dw_c/dx_d is the tangent along gg, carried through the
+    same lerps as _device_forward / _device_backward (dual numbers). tricks: the CPU branch's
+    (outside autograd)."""
+    span, offset = _pass_span(group, first, stop, table)
+    corners, fracs = _corner_rows(xt, group, first, stop, offset)
+    packed = tricks and _packable(span, g.dtype)
+    if packed:   # feature pairs as complex numbers (see _packable), gathers on every thread
+        index, lanes = corners.reshape(-1).long(), torch.get_num_threads()
+        words, g = _pack(span), _pack(g.contiguous())
+        rows = (words.expand(lanes, -1).gather(1, index.view(lanes, -1))
+                if index.numel() % lanes == 0 else words[index]).view(corners.shape)
+        values = (rows * g.conj()).real if g.is_complex() else rows * g     # (2**D, G, n)
+    else:
+        rows = _gather(span, corners, tricks).to(g.dtype)                    # (2**D, G, n, F)
+        values = (rows * g).sum(-1)
+    per_row = (lambda t: t) if packed else (lambda t: t.unsqueeze(-1))         # noqa: E731
+    scale = group.scale[:, first:stop].to(values.dtype)
+    tangent, ends = torch.zeros_like(values), []   # values: P at the corners, tangent along gg
+    for d, frac in enumerate(fracs):        # lerps along axis d, and their tangents
+        weight, slope = _upper_weight(frac.to(values.dtype), group.interpolation)
+        step = gg[d] * scale[d]                                   # d frac_d along gg (G, n)
+        move = step if slope is None else step * slope            # d weight_d along gg
+        pairs, tangents = (t.view(-1, 2, *t.shape[1:]) for t in (values, tangent))
+        diff, dtan = pairs[:, 1] - pairs[:, 0], tangents[:, 1] - tangents[:, 0]
+        ends.append((weight, slope, frac, step, move, diff, dtan))
+        values = torch.lerp(pairs[:, 0], pairs[:, 1], weight)
+        tangent = torch.lerp(tangents[:, 0], tangents[:, 1], weight) + diff * move
+    w, dw = torch.ones_like(values), torch.zeros_like(values)   # the weights split so far
+    for d in reversed(range(len(fracs))):
+        weight, slope, frac, step, move, diff, dtan = ends[d]
+        if grad_xt is not None:
+            # d/dx_d of grad_x . gg: slope (Hessian row . gg) + step S''(frac) dP/dweight_d
+            term = (dw * diff + w * dtan).sum(0)
+            if slope is not None:
+                term = term * slope + step * (6.0 - 12.0 * frac) * (w * diff).sum(0)
+            grad_xt[d].add_((term * scale[d]).sum(0))
+        upper = torch.addcmul(w * move, dw, weight)
+        dw = torch.stack((dw - upper, upper), 1).flatten(0, 1)
+        w = _lerp_split(w, weight)
+    if grad_g is not None:
+        grad_dw = (rows * per_row(dw)).sum(0)
+        grad_g.add_(_unpack(grad_dw) if packed else grad_dw)
+    if grad_table is not None:
+        grad_span = _pass_span(group, first, stop, grad_table)[0]
+        values = g * per_row(dw)
+        if (packed and not isinstance(grad_span, _RowCollector)
+                and _packable(grad_span, values.real.dtype)):   # (see _cpu_backward_pass)
+            _pack(grad_span).scatter_add_(0, index, values.reshape(-1))
+        else:
+            grad_span.index_add_(0, corners.reshape(-1), _unpack(values).reshape(
+                -1, grad_span.shape[1]) if packed else values.reshape(-1, g.shape[-1]))
 
 
 # =============================================================================================

@@ -3,6 +3,7 @@
     python bench/encoding.py                                     # ours only
     python bench/encoding.py --vs ../peers/upstream_encoding.py:MultiResHashGrid
     python bench/encoding.py --traffic [--vs ...]                # ops and bytes, any machine
+    python bench/encoding.py --eikonal [--traffic] [--vs ...]    # second order: an SDF's step
 
 --traffic counts, for one forward+backward step (loss y.square().mean()), the aten ops and the
 bytes their outputs write per point (views and allocations excluded: they write nothing; an
@@ -91,7 +92,8 @@ def build(cls, workload: str, device: str, spec: str = OURS):
             raise TypeError(f"{cls.__name__} takes no input dimension (3-D only?)")
     if spec in (OURS_DEVICE, OURS_RECOMPUTE):
         kwargs["implementation"] = "device"
-    elif spec not in OUR_SPECS and "implementation" in params:
+    elif (spec not in OUR_SPECS and "implementation" in params
+          and params["implementation"].default != "fast"):   # (not another copy of ours)
         kwargs["implementation"] = "torch"     # nerfstudio's pure-torch path
     module = cls(**kwargs).to(device)
     if spec == OURS_RECOMPUTE:
@@ -116,6 +118,76 @@ def make_step(module, batch: int, dim: int, device: str, backward: bool,
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     return step
+
+
+# --eikonal: an SDF's step, 3-D at 2^16 points, MLP 32-64-1 with Softplus
+EIKONAL_BATCH = 2**16
+
+
+def make_mlp(module, device: str):
+    torch.manual_seed(0)
+    width = module(torch.rand(1, module_dim(module), device=device)).shape[-1]
+    return torch.nn.Sequential(torch.nn.Linear(width, 64), torch.nn.Softplus(),
+                               torch.nn.Linear(64, 1)).to(device)
+
+
+def module_dim(module) -> int:
+    return getattr(module, "input_dim", None) or getattr(module, "dim", 3)
+
+
+def make_eikonal_step(module, mlp, batch: int, dim: int, device: str, second_order: bool):
+    """second_order: y = enc(x); g = d(mlp(y).sum())/dx (create_graph); ((|g| - 1)^2).mean()
+    backward. Else the first-order step on the same model: mlp(enc(x)).abs().mean() backward."""
+    x = torch.rand(batch, dim, device=device)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        mlp.zero_grad(set_to_none=True)
+        if second_order:
+            points = x.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(mlp(module(points)).sum(), points, create_graph=True)
+            ((grad.norm(dim=-1) - 1) ** 2).mean().backward()
+        else:
+            mlp(module(x)).abs().mean().backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return step
+
+
+def eikonal_main(args):
+    specs = [OURS] + args.vs
+    workloads = [w for w in args.workloads if w == "3d"] or ["3d"]
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}; {EIKONAL_BATCH} points, MLP 32-64-1 (Softplus), eager")
+    rows = []
+    for workload in workloads:
+        dim = WORKLOADS[workload][0]
+        steps = {}
+        for spec in specs:
+            module = build(load_class(spec), workload, args.device, spec)
+            mlp = make_mlp(module, args.device)
+            for second in (False, True):
+                steps[(spec, second)] = make_eikonal_step(module, mlp, EIKONAL_BATCH, dim,
+                                                          args.device, second)
+        seconds = time_interleaved(steps, args.repeats)
+        for spec in specs:
+            first, second = seconds[(spec, False)], seconds[(spec, True)]
+            rows.append(dict(workload=workload, impl=spec, first_order_s=first, eikonal_s=second,
+                             eikonal_over_first=second / first,
+                             ours_faster=second / seconds[(OURS, True)]))
+    print(f"\n{'workload':8} {'implementation':44} {'1st-order ms':>12} {'eikonal ms':>10} "
+          f"{'ratio':>6} {'ours is':>8}")
+    for row in rows:
+        name = row["impl"] if len(row["impl"]) <= 44 else "..." + row["impl"][-41:]
+        faster = f"{row['ours_faster']:.2f}x" if row["impl"] != OURS else ""
+        print(f"{row['workload']:8} {name:44} {row['first_order_s'] * 1e3:12.1f} "
+              f"{row['eikonal_s'] * 1e3:10.1f} {row['eikonal_over_first']:5.2f}x {faster:>8}")
+    out = args.out.replace(".json", "_eikonal.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(torch=torch.__version__, device=args.device,
+                       threads=torch.get_num_threads(), rows=rows), f, indent=1)
+    print(f"\nwrote {os.path.relpath(out)}")
 
 
 def time_interleaved(steps: dict, repeats: int) -> dict:
@@ -208,6 +280,11 @@ def main(argv=None):
                         help="the fwd+bwd step's loss on the features (default: %(default)s)")
     parser.add_argument("--traffic", action="store_true",
                         help="count ops, bytes written and peak memory instead of timing")
+    parser.add_argument("--eikonal", action="store_true",
+                        help="time (with --traffic: count) the second-order step of an SDF "
+                        "(3-D, 2^16 points): y = enc(x); g = d(mlp(y).sum())/dx "
+                        "(create_graph); ((|g| - 1)^2).mean().backward(), against the "
+                        "first-order step mlp(enc(x)).abs().mean().backward()")
     parser.add_argument("--_memory", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory:
@@ -216,6 +293,8 @@ def main(argv=None):
         return
     if args.traffic:
         return traffic_main(args)
+    if args.eikonal:
+        return eikonal_main(args)
 
     specs = [OURS] + args.vs
     classes = {spec: load_class(spec) for spec in specs}
@@ -306,9 +385,14 @@ class WriteCounter(TorchDispatchMode):
         return out
 
 
-def count_traffic(module, batch: int, dim: int, device: str) -> WriteCounter:
-    """The ops and bytes of one forward+backward step (after a warm-up step)."""
-    step = make_step(module, batch, dim, device, backward=True)
+def count_traffic(module, batch: int, dim: int, device: str, eikonal: bool = False
+                  ) -> WriteCounter:
+    """The ops and bytes of one forward+backward step (eikonal: of the eikonal step, MLP
+    included), after a warm-up step."""
+    if eikonal:
+        step = make_eikonal_step(module, make_mlp(module, device), batch, dim, device, True)
+    else:
+        step = make_step(module, batch, dim, device, backward=True)
     step()
     with WriteCounter() as counter:
         step()
@@ -333,18 +417,23 @@ def compiled_traffic(module, batch: int, dim: int, device: str) -> dict:
 def traffic_main(args):
     specs = [OURS_DEVICE, OURS_RECOMPUTE, OURS_CPU] + args.vs
     workloads = [w for w in args.workloads if w in TRAFFIC_WORKLOADS] or list(TRAFFIC_WORKLOADS)
-    print(f"torch {torch.__version__}, device {args.device}; one fwd+bwd step, loss "
-          "y.square().mean(); bytes written by non-view aten ops, per point")
+    what = "one fwd+bwd step, loss y.square().mean()"
+    if args.eikonal:   # (eager only; no memory column)
+        workloads, args.modes, args.no_memory = ["3d"], ["eager"], True
+        what = f"one eikonal step (--eikonal), {EIKONAL_BATCH} points"
+    print(f"torch {torch.__version__}, device {args.device}; {what}; bytes written by non-view "
+          "aten ops, per point")
     rows = []
     for workload in workloads:
         dim, batch = WORKLOADS[workload][0], WORKLOADS[workload][6]
+        batch = EIKONAL_BATCH if args.eikonal else batch
         for spec in specs:
             try:
                 module = build(load_class(spec), workload, args.device, spec)
             except Exception as error:
                 print(f"  {spec} on {workload}: n/a ({type(error).__name__}: {error})")
                 continue
-            counter = count_traffic(module, batch, dim, args.device)
+            counter = count_traffic(module, batch, dim, args.device, args.eikonal)
             row = dict(workload=workload, impl=spec, ops=counter.ops,
                        bytes_per_point=counter.bytes / batch,
                        top=sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:6])
@@ -370,14 +459,14 @@ def traffic_main(args):
         elif not compiled["fullgraph"]:
             after = f"graph break: {compiled['error']}"
         else:
-            batch = WORKLOADS[row["workload"]][6]
+            batch = EIKONAL_BATCH if args.eikonal else WORKLOADS[row["workload"]][6]
             accessed = compiled["bytes_accessed"]   # (inductor's C++ backend reports none)
             accessed = f"{accessed / batch:,.0f}" if accessed else "n/a"
             after = (f"yes, {compiled['kernels']}, {accessed}, "
                      f"{mib(row.get('compiled_peak_bytes'))}")
         print(f"{row['workload']:8} {name:34} {row['ops']:5d} {row['bytes_per_point']:8,.0f} "
               f"{mib(row.get('peak_bytes')):>9}   {after}")
-    out = args.out.replace(".json", "_traffic.json")
+    out = args.out.replace(".json", "_eikonal_traffic.json" if args.eikonal else "_traffic.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(torch=torch.__version__, device=args.device, rows=rows), f, indent=1)

@@ -395,6 +395,78 @@ def test_gradcheck_and_gradgradcheck(dim, interpolation):
     assert torch.autograd.gradcheck(enc, (x,))
 
 
+def with_table(enc):
+    """enc (any implementation) as a function of (x, table), for gradgradcheck."""
+    return lambda x, t: torch.func.functional_call(enc, {"embedding.weight": t}, (x,))
+
+
+SECOND_ORDER_CASES = {"paper": {}, "periodic": dict(periodic=(True, False)), "tcnn": dict(layout="tcnn")}
+
+
+@pytest.mark.parametrize("case", list(SECOND_ORDER_CASES))
+@pytest.mark.parametrize("interpolation", ["linear", "smoothstep", "nearest"])
+@pytest.mark.parametrize("implementation", ["fast", "device", "reference"])
+def test_second_order_gradgradcheck(implementation, interpolation, case, monkeypatch):
+    """The second-order path (_HashGridBackward) in float64, chunked (3 points per pass):
+    "nearest" has no x-derivative, linear and smoothstep their cross and diagonal terms."""
+    enc = make(2, interpolation, n_levels=3, log2_t=5, base=2, finest=12, **SECOND_ORDER_CASES[case])
+    if implementation == "device":
+        device_branch(enc, monkeypatch, 3)
+    enc.implementation, enc.chunk_size = implementation, 3
+    x = torch.rand(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
+    x.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(with_table(enc), (x, enc.embedding.weight))
+
+
+def test_third_order_falls_back_to_autograd():
+    """The second-order step's own backward, differentiated again (third order), through
+    autograd of its plain ops: gradgradcheck of grad_x."""
+    enc = make(2, "smoothstep", n_levels=2, log2_t=5, base=2, finest=6)
+    x = torch.rand(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 0.9 + 0.05
+    weights = torch.randn(3, enc.output_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def grad_x(x, table):
+        (g,) = torch.autograd.grad((with_table(enc)(x, table) * weights).sum(), x, create_graph=True)
+        return g
+    assert torch.autograd.gradgradcheck(grad_x, (x.requires_grad_(True), enc.embedding.weight))
+
+
+@pytest.mark.parametrize("implementation", ["fast", "device"])
+def test_eikonal_step_with_a_nan_point(implementation, monkeypatch):
+    """A NaN point in an eikonal step: NaN features, and every gradient as without the point
+    (even where the gradient arriving at its grad_x is not zero)."""
+    torch.manual_seed(0)
+    enc = make(3, "smoothstep", n_levels=3, log2_t=7, base=2, finest=16)
+    if implementation == "device":
+        device_branch(enc, monkeypatch, 4)
+    enc.chunk_size = 4
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Softplus(), torch.nn.Linear(8, 1)).double()
+    x = torch.rand(9, 3, dtype=torch.float64)
+    x_nan = x.clone()
+    x_nan[4, 1] = float("nan")
+    keep = [i for i in range(9) if i != 4]
+
+    def step(points):
+        enc.zero_grad()
+        mlp.zero_grad()
+        points = points.clone().requires_grad_(True)
+        y = enc(points)
+        (g,) = torch.autograd.grad(mlp(torch.where(y.isnan(), 0.0, y)).sum(), points, create_graph=True)
+        ((g - 1) ** 2).sum().backward()
+        # (the output bias does not change g: no gradient)
+        return y, g, points.grad, [p.grad.clone() for p in (enc.embedding.weight, mlp[0].weight, mlp[0].bias, mlp[2].weight)]
+
+    y, g, x_grad, grads = step(x_nan)
+    y_want, g_want, x_grad_want, grads_want = step(x[keep])
+    assert y[4].isnan().all() and torch.equal(g[4], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(x_grad[4], torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(y[keep], y_want)
+    torch.testing.assert_close(g[keep], g_want)
+    torch.testing.assert_close(x_grad[keep], x_grad_want)
+    for got, want in zip(grads, grads_want):
+        torch.testing.assert_close(got, want)
+
+
 def test_nearest_gradients():
     enc = make(2, "nearest", n_levels=3, log2_t=6, base=2, finest=12)
     x = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
@@ -506,6 +578,35 @@ def test_compile_matches_eager():
     out.square().sum().backward()
     torch.testing.assert_close(out, eager_out)
     torch.testing.assert_close(enc.embedding.weight.grad, eager_grad)
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
+                    reason="dynamo traces torch.autograd.grad from torch 2.9 on")
+def test_compiled_eikonal_step_matches_eager():
+    """torch.compile(fullgraph=True) of a whole eikonal step, autograd.grad inside: the loss and
+    the gradients of eager (there x's gradient goes through the traced ops, which AOTAutograd
+    differentiates twice; a custom Function it differentiates once)."""
+    torch.manual_seed(0)
+    enc = make(3, "smoothstep", n_levels=3, log2_t=7, base=2, finest=16)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Softplus(), torch.nn.Linear(16, 1)).double()
+    x = torch.rand(64, 3, dtype=torch.float64)
+
+    def eikonal(points):
+        (g,) = torch.autograd.grad(mlp(enc(points)).sum(), points, create_graph=True)
+        return ((g.norm(dim=-1) - 1) ** 2).mean()
+
+    results = []
+    for step in (eikonal, torch.compile(eikonal, fullgraph=True)):
+        enc.zero_grad()
+        mlp.zero_grad()
+        points = x.clone().requires_grad_(True)
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            loss = step(points)
+        loss.backward()
+        results.append([loss, points.grad, enc.embedding.weight.grad, mlp[0].weight.grad])
+    assert results[0][2].abs().sum() > 0
+    for got, want in zip(*results[::-1]):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.skipif(encoding._table_grad_op is None, reason="torch.library.custom_op needs torch >= 2.4")

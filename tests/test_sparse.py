@@ -125,6 +125,7 @@ def test_second_order_is_unchanged(implementation):
         dx, = torch.autograd.grad(y.sum(), xx, create_graph=True)
         (y.square().mean() + (dx.norm(dim=-1) - 1).square().mean()).backward()
         grad = enc.embedding.weight.grad
+        assert grad.is_sparse == enc.sparse       # second order's table gradient sparse too
         grads.append(grad.to_dense() if grad.is_sparse else grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)
 
