@@ -111,8 +111,9 @@ def main():
     parser.add_argument("-i", "--input", help=".obj or .ply mesh (default: the built-in chain)")
     parser.add_argument("-o", "--output", help=".ply or .obj (default: INPUT_sdf.ply, sdf.ply)")
     parser.add_argument("--encoding", choices=("hashgrid", "frequency"), default="hashgrid")
-    parser.add_argument("--steps", type=positive, default=1000, help="training steps")
-    parser.add_argument("--seconds", type=float, default=math.inf, help="or stop after this")
+    parser.add_argument("--steps", type=positive, help="training steps (default: 1000, or "
+                        "as many as --seconds allows)")
+    parser.add_argument("--seconds", type=float, default=math.inf, help="training time")
     parser.add_argument("--batch", type=positive, default=1 << 13, help="points per step")
     parser.add_argument("--samples", type=positive, default=1 << 17, help="training points")
     parser.add_argument("--resolution", type=positive, default=256, help="marching cubes grid")
@@ -120,6 +121,7 @@ def main():
     parser.add_argument("--png", help="also render the output mesh to this picture")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    steps = args.steps or (math.inf if args.seconds < math.inf else 1000)
     output = args.output or (os.path.splitext(args.input)[0] + "_sdf.ply" if args.input
                              else "sdf.ply")
     if os.path.splitext(output)[1].lower() not in (".ply", ".obj"):
@@ -162,7 +164,7 @@ def main():
     optimizer = torch.optim.Adam([{"params": encoder.parameters(), "lr": 1e-2},
                                   {"params": mlp.parameters(), "lr": 1e-3}], eps=1e-15)
     start, step = time.perf_counter(), 0
-    while step < args.steps and time.perf_counter() - start < args.seconds:
+    while step < steps and time.perf_counter() - start < args.seconds:
         batch = torch.randint(len(x_all), (args.batch,))
         x = x_all[batch].requires_grad_(True)
         y = model(x).squeeze(-1)
