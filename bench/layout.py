@@ -56,7 +56,8 @@ def main():
     mlp3 = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Softplus(beta=100),
                                torch.nn.Linear(64, 1))
     sdf = torch.nn.Sequential(enc3, mlp3)
-    cases = [("field fp32", field, field_step, False, 2), ("field bf16", field, field_step, True, 2),
+    cases = [("field fp32", field, field_step, False, 2),
+             ("field bf16", field, field_step, True, 2),
              ("encoding 2-D", field.encoder, encoding_step, False, 2),
              ("3-D eikonal", sdf, eikonal_step, False, 3)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
