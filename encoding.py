@@ -410,6 +410,8 @@ class MultiResHashGrid(nn.Module):
             not the table. Same numbers as the dense gradient; settable later (``.sparse``).
             Eager only: torch.compile(fullgraph=True) raises (when the table needs a gradient)
             saying so; without fullgraph the encoding runs eagerly (one graph break).
+        feature_major: False (default): the output is row-major (contiguous), like any torch
+            module's. True: in eager mode it is stored feature-major (see Output layout).
         device, dtype: where the table is created and its dtype (torch's factory conventions:
             a 2**24-row table is made in place on a GPU, never on the CPU first).
 
@@ -430,11 +432,12 @@ class MultiResHashGrid(nn.Module):
     ``MultiResHashGrid.table_shape(...)`` gives the embedding's shape for the same arguments
     without allocating it. The table starts as U(-1e-4, 1e-4), as in the paper.
 
-    Output layout: in eager mode the (..., output_dim) result is stored feature-major, with
-    the strides of a transposed contiguous (output_dim, points) matrix (tiny-cuda-nn's "SoA"
-    layout): each pass writes contiguous memory, and a following nn.Linear reads it, and
-    returns its gradient, with no copy. Under torch.compile it is row-major. Call
-    .contiguous() if you need row-major.
+    Output layout: row-major (contiguous) by default, so .view works on it as on any module's
+    output. With feature_major=True, in eager mode the (points, output_dim) result is stored
+    with the strides of a transposed contiguous (output_dim, points) matrix (tiny-cuda-nn's
+    "SoA" layout): each pass writes contiguous memory, and a following nn.Linear reads it,
+    and returns its gradient, with no copy; .view(-1) then raises (.reshape copies). Under
+    torch.compile it is row-major either way.
 
     Speed notes: work runs level-major in passes of about CPU_LOOKUPS_PER_PASS (CPU branch)
     or DEVICE_LOOKUPS_PER_PASS (device branch) lookups per cell corner: all points for as
@@ -472,6 +475,7 @@ class MultiResHashGrid(nn.Module):
         periodic: Union[bool, Sequence[bool]] = False,
         implementation: str = "fast",
         sparse: bool = False,
+        feature_major: bool = False,
         device: Optional[Union[torch.device, str]] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -537,6 +541,7 @@ class MultiResHashGrid(nn.Module):
         self.finest_resolution = finest_resolution
         self.per_level_scale = growth
         self.implementation = implementation
+        self.feature_major = bool(feature_major)
         self.chunk_size: Optional[int] = None   # points per pass; None: automatic (_Passes)
 
         levels = _plan_levels(base, growth, n_levels, log2_hashmap_size, layout, grid_type,
@@ -603,7 +608,8 @@ class MultiResHashGrid(nn.Module):
         # (compiled: one pass per level group, whose temporaries inductor fuses away)
         lookups = (self.CPU_LOOKUPS_PER_PASS if cpu else self.DEVICE_LOOKUPS_PER_PASS
                    if not compiling else 1 << 62)
-        return _Passes(tuple(self._level_groups), self.chunk_size, cpu, lookups, self.sparse)
+        return _Passes(tuple(self._level_groups), self.chunk_size, cpu, lookups, self.sparse,
+                       self.feature_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., dim) in [0, 1] -> (..., n_levels * n_features_per_level)."""
@@ -653,15 +659,20 @@ class MultiResHashGrid(nn.Module):
 
     @classmethod
     def from_tcnn_config(cls, n_input_dims: int, config: dict, **kwargs) -> "MultiResHashGrid":
-        """The layout="tcnn" encoding of a tiny-cuda-nn encoding config (its JSON as a dict):
-        otype "HashGrid", "DenseGrid", "TiledGrid" or "Grid" (with "type" "Hash", "Dense" or
-        "Tiled"), and tcnn's keys with tcnn's defaults: n_levels 16 (or n_features /
-        n_grid_features = n_levels * n_features_per_level), n_features_per_level 2,
-        log2_hashmap_size 19, base_resolution 16, per_level_scale 2.0 (DenseGrid:
-        exp(ln(256 / base_resolution) / (n_levels - 1)), in float32), interpolation
-        "Linear" ("Nearest", "Smoothstep"), hash "CoherentPrime". Names of types are
-        case-insensitive, keys are not (as in tcnn). Anything else raises a ValueError
-        naming it. Load the trained parameters with `load_tcnn_params`."""
+        """The layout="tcnn" encoding of a tiny-cuda-nn encoding config (its JSON as a dict,
+        or a whole tcnn config, whose "encoding" it takes): otype "HashGrid", "DenseGrid",
+        "TiledGrid" or "Grid" (with "type" "Hash", "Dense" or "Tiled"), and tcnn's keys with
+        tcnn's defaults: n_levels 16 (or n_features / n_grid_features = n_levels *
+        n_features_per_level), n_features_per_level 2, log2_hashmap_size 19,
+        base_resolution 16, per_level_scale 2.0 (DenseGrid: exp(ln(256 / base_resolution) /
+        (n_levels - 1)), in float32), interpolation "Linear" ("Nearest", "Smoothstep"), hash
+        "CoherentPrime". n_dims_to_encode n (default n_input_dims; 1..n_input_dims): as a
+        nested encoding of tcnn's Composite, the grid encodes the first n of the input
+        dimensions: the module has dim=n and takes x[..., :n] (shape (..., n)); the other
+        dimensions are the next nested encoding's. Names of types are case-insensitive, keys
+        are not (as in tcnn). Another otype (OneBlob, Frequency, Composite, ...) raises
+        "not a grid encoding", anything else unsupported a ValueError naming it. Load the
+        trained parameters with `load_tcnn_params`."""
         args, tcnn_kwargs = _args_from_tcnn_config(n_input_dims, config)
         return cls(*args, **tcnn_kwargs, **kwargs)
 
@@ -929,13 +940,15 @@ class _Passes:
     so consecutive passes read one level's table while it is in cache, and temporaries stay a
     bounded size whatever the batch. cpu: the CPU branch (eager on a CPU), else the device
     branch. chunk_size, if given, sets the points per pass. sparse: backward gives the table's
-    gradient as a coalesced sparse tensor."""
+    gradient as a coalesced sparse tensor. feature_major: the output layout
+    (MultiResHashGrid's argument)."""
 
     def __init__(self, groups: Sequence[_LevelGroup], chunk_size: Optional[int], cpu: bool,
-                 lookups_per_pass: int, sparse: bool = False):
+                 lookups_per_pass: int, sparse: bool = False, feature_major: bool = False):
         self.groups, self.chunk_size = groups, chunk_size
         self.cpu, self.lookups_per_pass = cpu, lookups_per_pass
         self.sparse = sparse     # the table's gradient sparse (_RowCollector, _coalesced_rows)
+        self.feature_major = feature_major
 
     def split(self, n_points: int, min_levels: int = 1
               ) -> List[Tuple[_LevelGroup, int, int, int, int]]:
@@ -961,17 +974,19 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor],
     device branch's corner rows and fractions of every pass, for backward, D + 1 tensors per
     pass).
 
-    In eager mode the result has the strides of a transposed contiguous (L * F, N) matrix
-    (tiny-cuda-nn's "SoA"): a pass writes each feature's values for its points contiguously,
-    and a following matmul (the MLP's first layer) reads this layout as is and hands back its
-    gradient in the same layout. Under torch.compile it is row-major, which inductor writes as
-    cheaply and AOTAutograd expects of an incoming gradient. Either way a tensor of its own,
-    not a view (autograd forbids modifying a view made inside a custom Function in place).
+    The result is row-major, unless passes.feature_major in eager mode: then it has the
+    strides of a transposed contiguous (L * F, N) matrix (tiny-cuda-nn's "SoA"): a pass writes
+    each feature's values for its points contiguously, and a following matmul (the MLP's first
+    layer) reads this layout as is and hands back its gradient in the same layout. Under
+    torch.compile it is row-major, which inductor writes as cheaply and AOTAutograd expects of
+    an incoming gradient. Either way a tensor of its own, not a view (autograd forbids
+    modifying a view made inside a custom Function in place).
     """
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
     n_points, n_features = x.shape[0], table.shape[1]
     n_levels = passes.groups[-1].stop
-    strides = (n_levels * n_features, 1) if torch.compiler.is_compiling() else (1, n_points)
+    feature_major = passes.feature_major and not torch.compiler.is_compiling()
+    strides = (1, n_points) if feature_major else (n_levels * n_features, 1)
     out = torch.empty_strided((n_points, n_levels * n_features), strides, dtype=acc_dtype,
                               device=x.device)
     per_level = out.view(n_points, n_levels, n_features)
@@ -1708,19 +1723,23 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
     """MultiResHashGrid's (args, kwargs) for a tcnn encoding config (from_tcnn_config)."""
     if not isinstance(config, dict):
         raise ValueError(f"a tcnn encoding config is a dict, got {type(config).__name__}")
+    if "otype" not in config and isinstance(config.get("encoding"), dict):
+        config = config["encoding"]         # a whole tcnn config: its encoding
+    otypes = {"grid": "hash", "hashgrid": "hash", "densegrid": "dense", "tiledgrid": "tiled"}
+    otype = config.get("otype")
+    if str(otype).lower() not in otypes:
+        hint = ("; pass one of its nested grid configs (its n_dims_to_encode is kept)"
+                if str(otype).lower() == "composite" else "")
+        raise ValueError(f"not a grid encoding: otype {otype!r} (MultiResHashGrid is tcnn's "
+                         f"Grid, HashGrid, DenseGrid or TiledGrid){hint}")
     known = ("otype", "type", "n_levels", "n_features", "n_grid_features",
              "n_features_per_level", "log2_hashmap_size", "base_resolution",
              "per_level_scale", "interpolation", "hash", "stochastic_interpolation",
-             "fixed_point_pos")
+             "fixed_point_pos", "n_dims_to_encode")
     unknown = [key for key in config if key not in known]
     if unknown:
         raise ValueError(f"unsupported tcnn grid config key(s) {unknown}; "
                          f"supported: {list(known)}")
-    otypes = {"grid": "hash", "hashgrid": "hash", "densegrid": "dense", "tiledgrid": "tiled"}
-    otype = config.get("otype")
-    if str(otype).lower() not in otypes:
-        raise ValueError(f"unsupported tcnn encoding otype {otype!r}: expected Grid, "
-                         "HashGrid, DenseGrid or TiledGrid")
     grid_types = {"hash": "hash", "dense": "dense", "tiled": "tiled", "tile": "tiled"}
     grid_type = grid_types.get(str(config.get("type", otypes[str(otype).lower()])).lower())
     if grid_type is None:
@@ -1744,6 +1763,10 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
             raise ValueError(f"tcnn config {key} must be an integer, got {value!r}")
         return int(value)
 
+    n_dims = integer("n_dims_to_encode", n_input_dims)
+    if not 1 <= n_dims <= n_input_dims:
+        raise ValueError(f"tcnn config n_dims_to_encode={n_dims} must be in 1..n_input_dims "
+                         f"({n_input_dims})")
     n_features_per_level = integer("n_features_per_level", 2)
     n_levels = integer("n_levels", 16)
     for key in ("n_features", "n_grid_features"):
@@ -1771,7 +1794,7 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
     else:
         raise ValueError("a DenseGrid with n_levels < 2 needs per_level_scale (tcnn's "
                          "default divides by n_levels - 1)")
-    return ((n_input_dims, n_levels, n_features_per_level, integer("log2_hashmap_size", 19),
+    return ((n_dims, n_levels, n_features_per_level, integer("log2_hashmap_size", 19),
              base), dict(per_level_scale=per_level_scale, interpolation=interpolation,
                          layout="tcnn", grid_type=grid_type))
 

@@ -171,6 +171,9 @@ class FieldConfig:
                 2, n_levels=self.n_levels, n_features_per_level=self.n_features_per_level,
                 log2_hashmap_size=self.log2_hashmap_size, base_resolution=self.base_resolution,
                 finest_resolution=self.finest_resolution, interpolation=self.interpolation,
+                # tcnn's layout, which the first Linear reads and hands back as is: a training
+                # step 3-8% faster (bench/layout.py)
+                feature_major=True,
                 **({"periodic": ("x" in self.periodic, "y" in self.periodic)}
                    if self.periodic else {}))
             return encoder, encoder.output_dim

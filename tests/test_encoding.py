@@ -684,14 +684,22 @@ def test_cpu_passes_on_any_thread_count(threads, dtype):
     torch.testing.assert_close(got.double(), expected.double(), **tol)
 
 
-def test_output_layout_and_gradients_in_any_layout():
-    """Eager output has the strides of a transposed (output_dim, N) matrix; the gradient may
-    arrive in that layout (from nn.Linear), row-major (an elementwise loss) or strided."""
-    enc = make(2, n_levels=5, log2_t=8, base=3, finest=40)
-    enc.CPU_LOOKUPS_PER_PASS = 64   # several passes per level
+@pytest.mark.parametrize("implementation", ["fast", "device"])
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_output_layout_and_gradients_in_any_layout(feature_major, implementation):
+    """The output is row-major (.view works, as on any module's output), or with
+    feature_major=True has the strides of a transposed (output_dim, N) matrix; either way the
+    gradient may arrive in that layout (from nn.Linear), row-major (an elementwise loss) or
+    strided."""
+    enc = make(2, n_levels=5, log2_t=8, base=3, finest=40, implementation=implementation,
+               feature_major=feature_major)
+    enc.CPU_LOOKUPS_PER_PASS = enc.DEVICE_LOOKUPS_PER_PASS = 64   # several passes per level
     x = torch.rand(300, 2, dtype=torch.float64, requires_grad=True)
     out = enc(x)
-    assert out.t().is_contiguous()
+    assert out.t().is_contiguous() if feature_major else out.is_contiguous()
+    if not feature_major:
+        torch.testing.assert_close(out.view(-1), out.reshape(-1))
+        torch.testing.assert_close(enc(x.view(20, 15, 2)).view(20, 15, -1), out.view(20, 15, -1))
     linear = torch.nn.Linear(enc.output_dim, 3, dtype=torch.float64)
     row_major = torch.randn(300, enc.output_dim, dtype=torch.float64)
     losses = {
@@ -895,10 +903,14 @@ def test_tcnn_config_defaults_and_round_trip():
 
 @pytest.mark.parametrize("config, name", [
     ({"otype": "HashGrid", "hash": "Prime"}, "'Prime'"),
-    ({"otype": "HashGrid", "n_dims_to_encode": 2}, "n_dims_to_encode"),
-    ({"otype": "Frequency", "n_frequencies": 12}, "n_frequencies"),
-    ({"otype": "Frequency"}, "'Frequency'"),
-    ({"n_levels": 4}, "otype"),
+    ({"otype": "HashGrid", "n_dims_to_encode": 3}, "n_dims_to_encode=3"),
+    ({"otype": "HashGrid", "n_dims_to_encode": 0}, "n_dims_to_encode=0"),
+    ({"otype": "HashGrid", "dims_to_encode_begin": 1}, "dims_to_encode_begin"),
+    ({"otype": "Frequency", "n_frequencies": 12}, "not a grid encoding: otype 'Frequency'"),
+    ({"otype": "OneBlob", "n_bins": 16}, "not a grid encoding: otype 'OneBlob'"),
+    ({"otype": "Composite", "nested": []}, "pass one of its nested grid configs"),
+    ({"n_levels": 4}, "not a grid encoding: otype None"),
+    ({"encoding": {"otype": "Identity"}, "network": {}}, "not a grid encoding: otype 'Identity'"),
     ({"otype": "Grid", "type": "Sparse"}, "'Sparse'"),
     ({"otype": "HashGrid", "interpolation": "Cubic"}, "'Cubic'"),
     ({"otype": "HashGrid", "stochastic_interpolation": True}, "stochastic_interpolation"),
@@ -911,6 +923,102 @@ def test_tcnn_config_defaults_and_round_trip():
 def test_unsupported_tcnn_configs_name_the_problem(config, name):
     with pytest.raises(ValueError, match=re.escape(name)):
         MultiResHashGrid.from_tcnn_config(2, config)
+
+
+# tiny-cuda-nn's samples/mlp_learning_an_image_pytorch.py reads this whole file (data/config_hash.json)
+TCNN_SAMPLE_CONFIG = {
+    "loss": {"otype": "RelativeL2"},
+    "optimizer": {"otype": "Adam", "learning_rate": 1e-2, "beta1": 0.9, "beta2": 0.99,
+                  "epsilon": 1e-15, "l2_reg": 1e-6},
+    "encoding": {"otype": "HashGrid", "n_levels": 16, "n_features_per_level": 2,
+                 "log2_hashmap_size": 15, "base_resolution": 16, "per_level_scale": 1.5,
+                 "fixed_point_pos": False},
+    "network": {"otype": "FullyFusedMLP", "activation": "ReLU", "output_activation": "None",
+                "n_neurons": 64, "n_hidden_layers": 2},
+}
+
+
+def test_tcnn_whole_config_takes_its_encoding():
+    whole = MultiResHashGrid.from_tcnn_config(2, TCNN_SAMPLE_CONFIG)
+    alone = MultiResHashGrid.from_tcnn_config(2, TCNN_SAMPLE_CONFIG["encoding"])
+    assert whole.tcnn_config() == alone.tcnn_config()
+    assert whole.tcnn_config()["per_level_scale"] == 1.5 and whole.output_dim == 32
+    assert whole.rows_per_level == alone.rows_per_level
+
+
+def test_tcnn_n_dims_to_encode_is_a_composite_nested_grid():
+    """tcnn's Composite gives a nested encoding with n_dims_to_encode = n the first n of its
+    input dimensions (DOCUMENTATION.md, "Composite": 3 spatial dims to one encoding, the rest to
+    the next): the module encodes n dims and takes x[..., :n], exactly as the grid without the
+    key built for n inputs."""
+    nested = {"otype": "HashGrid", "n_dims_to_encode": 3, "n_levels": 4, "log2_hashmap_size": 10,
+              "base_resolution": 4, "per_level_scale": 2.0}
+    grid = MultiResHashGrid.from_tcnn_config(5, nested).double()
+    plain = MultiResHashGrid.from_tcnn_config(3, {k: v for k, v in nested.items()
+                                                  if k != "n_dims_to_encode"}).double()
+    assert grid.input_dim == 3 and grid.tcnn_config() == plain.tcnn_config()
+    params = torch.rand(plain.tcnn_params().numel(), dtype=torch.float64)
+    grid.load_tcnn_params(params)
+    plain.load_tcnn_params(params)
+    x = torch.rand(100, 5, dtype=torch.float64)
+    torch.testing.assert_close(grid(x[..., :3]), plain(x[..., :3]), rtol=0, atol=0)
+    reference = reference_tcnn(x[:, :3], grid.embedding.weight, 3, 4, 10, 4, 2.0)
+    torch.testing.assert_close(grid(x[..., :3]), reference)
+    with pytest.raises(ValueError, match=r"expects x of shape \(\.\.\., 3\)"):
+        grid(x)                      # the rest is the next encoding's, not this module's
+
+
+def test_upstream_published_calls_run_as_written():
+    """Ending2015a/hash-grid-encoding's README and train.py, their calls as they stand (the
+    README's two typos aside: torch.rand(..., dtpye=) and enc_input.output_dim, a tensor's,
+    raise with upstream's own module too), so code written for upstream drops in."""
+    import encoding as encoding_module    # upstream: `import encoding`
+    # README.md, "How To Use"
+    enc = encoding_module.MultiResHashGrid(2)  # 2D image data
+    enc = encoding_module.MultiResHashGrid(3)  # 3D data
+    dim = 3
+    batch_size = 100
+    input = torch.rand((batch_size, dim), dtype=torch.float32)
+    enc_input = enc(input)
+    assert enc.output_dim == 32 and enc_input.shape == (batch_size, enc.output_dim)
+    assert enc_input.view(-1).shape == (batch_size * 32,)       # .view, as on any module
+    # upstream's defaults: 16 levels of 2 features, T = 2**15, N 16..512
+    reference = reference_encode(input.double(), enc.embedding.weight.double(), 3, 16, 15, 16,
+                                 512, "linear")
+    torch.testing.assert_close(enc_input.double(), reference, atol=1e-6, rtol=1e-5)
+    enc = enc.to(dtype=torch.float64)
+    assert enc.embedding.weight.dtype == torch.float64
+    # train.py: ToyNet(dim=2, enc_method=..., enc_kwargs=...) with its command-line defaults
+    a = dict(n_levels=16, n_features_per_level=2, log2_hashmap_size=15, base_resolution=16,
+             finest_resolution=8192)
+    for enc_method, enc_kwargs in (("freq", dict(n_levels=a["n_levels"])),
+                                   ("hashgrid", dict(
+                                       n_levels=a["n_levels"],
+                                       n_features_per_level=a["n_features_per_level"],
+                                       log2_hashmap_size=a["log2_hashmap_size"],
+                                       base_resolution=a["base_resolution"],
+                                       finest_resolution=a["finest_resolution"]))):
+        dim = 2
+        if enc_method == "freq":
+            enc = encoding_module.Frequency(dim, **enc_kwargs)
+            assert enc.output_dim == 2 * 16 * 2
+        else:
+            enc = encoding_module.MultiResHashGrid(dim, **enc_kwargs)
+            assert enc.output_dim == 32 and enc.resolutions[-1] == (8192, 8192)
+        mlp = torch.nn.Sequential(torch.nn.Linear(enc.output_dim, 64), torch.nn.ReLU(inplace=True),
+                                  torch.nn.Linear(64, 64), torch.nn.ReLU(inplace=True),
+                                  torch.nn.Linear(64, 3))
+        x = torch.as_tensor(torch.rand(65536 // 64, 2), dtype=torch.float32)
+        y = mlp(enc(x))
+        ((y - torch.rand_like(y)) ** 2.0).mean().backward()
+        assert all(p.grad is not None for p in mlp.parameters())
+        if enc_method == "freq":
+            k = torch.arange(16, dtype=torch.float64)
+            angles = x.double()[:, :, None] * (2.0 ** k) * math.pi              # (N, 2, 16)
+            torch.testing.assert_close(enc(x.double()), torch.cat(
+                (angles.sin(), angles.cos()), -1).flatten(1))
+        else:
+            assert enc.embedding.weight.grad.abs().sum() > 0
 
 
 # --- periodic axes ----------------------------------------------------------------------------

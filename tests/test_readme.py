@@ -34,6 +34,10 @@ SUBSTITUTIONS = [
     (r"--finest_resolution 32768", "--finest_resolution 256"),
     (r"--seconds 120 --e2e_seconds 120", "--seconds 2 --e2e_seconds 2 --curve_every 2"),
     (r"--serve(?= |$)(?! *\d)", "--serve 0"),                  # any free port
+    # an SDF fit of 60 s: 100 small steps (the README's flags, later on the line, win)
+    (r"examples/sdf\.py --seconds 60",
+     "examples/sdf.py --steps 100 --batch 1024 --samples 8192 --resolution 32 "
+     "--log2_hashmap_size 12 --seconds 60"),
 ]
 # Put right after every `train.py` (the README's own flags, later on the line, win): a tiny
 # network for 2 steps.
@@ -125,7 +129,8 @@ def test_every_readme_command_runs_at_a_small_size(tmp_path):
     # what the commands promise is there
     for path in ("albert_fit.png", "albert_fit16.png", "huge.npy", "albert16.png",
                  "albert_linear.tif", "zoom.gif", "fit.dzi", "tokyo_fit.dzi", "tokyo_fit.npy",
-                 "data/tokyo.npy", "data/chart.npy", "chart_small.png", "seam.png"):
+                 "data/tokyo.npy", "data/chart.npy", "chart_small.png", "seam.png", "sdf.ply",
+                 "sdf.png", "sdf_frequency.ply"):
         assert os.path.exists(os.path.join(folder, path)), path
     assert Image.open(os.path.join(folder, "albert16.png")).mode.startswith("I;16")
     assert len(os.listdir(os.path.join(folder, "frames"))) == 3
