@@ -377,12 +377,16 @@ class WriteCounter(TorchDispatchMode):
             return out
         if func.__name__.startswith(("empty", "new_empty")):
             return out
-        written = sum(t.numel() * t.element_size() for t in tree_flatten(out)[0]
-                      if isinstance(t, torch.Tensor))
+        written = self.written(func, args, out)
         self.ops += 1
         self.bytes += written
         self.by_op[func.__name__] = self.by_op.get(func.__name__, 0) + written
         return out
+
+    def written(self, func, args, out) -> int:
+        """The bytes an op that writes wrote: its outputs'."""
+        return sum(t.numel() * t.element_size() for t in tree_flatten(out)[0]
+                   if isinstance(t, torch.Tensor))
 
 
 def count_traffic(module, batch: int, dim: int, device: str, eikonal: bool = False

@@ -65,39 +65,26 @@ class StepCounter(bench_encoding.WriteCounter):
     a sparse tensor its indices and values (not its dense size), and an op that returns
     nothing (fused Adam) the tensors it writes into."""
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
-        if returns and all(r.alias_info is not None and not r.alias_info.is_write
-                           for r in returns):
-            return out
+    def written(self, func, args, out) -> int:
         name = func.__name__.split(".")[0]
-        if name.startswith(("empty", "new_empty")):
-            return out
         source = _SCATTER_SOURCE.get(name)
         if source is not None and len(args) > source:
             values, target = args[source], args[0]
             row_bytes = target[0].numel() * target.element_size() if target.dim() else 0
             if name in ("index_put_", "_index_put_impl_"):
-                written = args[1][0].numel() * row_bytes      # one row per index
-            else:
-                written = _bytes(values)
-        elif name == "add_" and len(args) > 1 and isinstance(args[1], torch.Tensor) \
+                return args[1][0].numel() * row_bytes      # one row per index
+            return _bytes(values)
+        if name == "add_" and len(args) > 1 and isinstance(args[1], torch.Tensor) \
                 and args[1].is_sparse and not args[0].is_sparse:
-            written = _bytes(args[1]._values())               # dense += sparse: its rows
-        elif not returns:                 # e.g. _fused_adam_: the arguments it writes
-            written = sum(_bytes(t) for arg, value in zip(func._schema.arguments, args)
-                          if arg.alias_info is not None and arg.alias_info.is_write
-                          and arg.name != "grads"     # (written only to unscale / maximize)
-                          for t in bench_encoding.tree_flatten(value)[0]
-                          if isinstance(t, torch.Tensor))
-        else:
-            written = sum(_bytes(t) for t in bench_encoding.tree_flatten(out)[0]
-                          if isinstance(t, torch.Tensor))
-        self.ops += 1
-        self.bytes += written
-        self.by_op[func.__name__] = self.by_op.get(func.__name__, 0) + written
-        return out
+            return _bytes(args[1]._values())               # dense += sparse: its rows
+        if not func._schema.returns:        # e.g. _fused_adam_: the arguments it writes
+            return sum(_bytes(t) for arg, value in zip(func._schema.arguments, args)
+                       if arg.alias_info is not None and arg.alias_info.is_write
+                       and arg.name != "grads"     # (written only to unscale / maximize)
+                       for t in bench_encoding.tree_flatten(value)[0]
+                       if isinstance(t, torch.Tensor))
+        return sum(_bytes(t) for t in bench_encoding.tree_flatten(out)[0]   # sparse: its rows
+                   if isinstance(t, torch.Tensor))
 
 
 def build(variant: str, log2_t: int, device: str, implementation: str):
