@@ -106,7 +106,8 @@ def positive(text):
 
 
 def main():
-    parser = argparse.ArgumentParser(prog="sdf.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="sdf.py",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.error = fail                                               # one line, exit 2
     parser.add_argument("-i", "--input", help=".obj or .ply mesh (default: the built-in chain)")
     parser.add_argument("-o", "--output", help=".ply or .obj (default: INPUT_sdf.ply, sdf.ply)")
