@@ -252,6 +252,10 @@ def _smoothstep_derivative(t: torch.Tensor) -> torch.Tensor:
     return 6.0 * t * (1.0 - t)
 
 
+def _smoothstep_second_derivative(t: torch.Tensor) -> torch.Tensor:
+    return 6.0 - 12.0 * t
+
+
 def _upper_weight(frac: torch.Tensor, interpolation: str):
     """One axis: (s, ds/dfrac) with s the weight of the upper vertex, frac ("linear") or
     S(frac) ("smoothstep"; ds/dfrac None for linear). The lower vertex weighs 1 - s, and a cell
@@ -1300,10 +1304,9 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     corners, fracs = _corner_rows(xt, group, first, stop, offset)
     packed = tricks and _packable(span, g.dtype)
     if packed:   # feature pairs as complex numbers (see _packable), gathers on every thread
-        index, lanes = corners.reshape(-1).long(), torch.get_num_threads()
+        index = corners.reshape(-1).long()
         words, g = _pack(span), _pack(g.contiguous())
-        rows = (words.expand(lanes, -1).gather(1, index.view(lanes, -1))
-                if index.numel() % lanes == 0 else words[index]).view(corners.shape)
+        rows = _packed_gather(words, index, torch.get_num_threads()).view(corners.shape)
         values = (rows * g.conj()).real if g.is_complex() else rows * g     # (2**D, G, n)
     else:
         rows = _gather(span, corners, tricks).to(g.dtype)                    # (2**D, G, n, F)
@@ -1327,7 +1330,7 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
             # d/dx_d of grad_x . gg: slope (Hessian row . gg) + step S''(frac) dP/dweight_d
             term = (dw * diff + w * dtan).sum(0)
             if slope is not None:
-                term = term * slope + step * (6.0 - 12.0 * frac) * (w * diff).sum(0)
+                term = term * slope + step * _smoothstep_second_derivative(frac) * (w * diff).sum(0)
             grad_xt[d].add_((term * scale[d]).sum(0))
         upper = torch.addcmul(w * move, dw, weight)
         dw = torch.stack((dw - upper, upper), 1).flatten(0, 1)
@@ -1414,19 +1417,14 @@ def _forward_by_corner(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup
     group_table = table[group.rows_start:group.rows_stop]
     packed = tricks and _packable(group_table, acc_dtype)
     packed_table = _pack(group_table) if packed else None
-    # gather along dim 1 of the packed table expanded to (threads, R), the lookups split among them,
-    # runs on all cores where index_select is serial
-    lanes = torch.get_num_threads() if packed else 1
+    lanes = torch.get_num_threads() if packed else 1     # (_packed_gather: int64 rows then)
     terms, factors, wrap = _corner_setup(xt, group, first, stop, group.offset[first:stop],
                                          torch.int64 if lanes > 1 else None)
     out = []
 
     def accumulate(corner, index, weight):
-        if lanes > 1 and index.numel() % lanes == 0:   # (G, n) real or complex
-            lookups = index.reshape(lanes, -1)
-            feature = packed_table.expand(lanes, -1).gather(1, lookups).view(index.shape)
-        elif packed:   # (G, n) real or complex
-            feature = packed_table.index_select(0, index.reshape(-1)).view(index.shape)
+        if packed:   # (G, n) real or complex
+            feature = _packed_gather(packed_table, index, lanes)
         else:        # (G, n, F)
             feature = _gather(group_table, index, tricks).to(acc_dtype)
             weight = weight.unsqueeze(-1) if weight is not None else None
@@ -1579,6 +1577,15 @@ def _per_level(packed: torch.Tensor, group: _LevelGroup, first: int, stop: int
     offset = group.offset[first:stop]
     steps = torch.arange(n_levels, dtype=offset.dtype, device=offset.device).unsqueeze(1)
     return view, offset - start - steps
+
+
+def _packed_gather(packed: torch.Tensor, index: torch.Tensor, lanes: int) -> torch.Tensor:
+    """packed (R,) one number per row, index (...) -> (...). With lanes > 1 (int64 index): a
+    gather along dim 1 of packed expanded to (lanes, R), the lookups split among the intra-op
+    threads, where index_select is serial."""
+    if lanes > 1 and index.numel() % lanes == 0:
+        return packed.expand(lanes, -1).gather(1, index.reshape(lanes, -1)).view(index.shape)
+    return packed.index_select(0, index.reshape(-1)).view(index.shape)
 
 
 def _packable(table: torch.Tensor, acc_dtype: torch.dtype) -> bool:
