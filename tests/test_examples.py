@@ -13,7 +13,7 @@ SDF = os.path.join(ROOT, "examples", "sdf.py")
 SMALL = ["--steps", "200", "--batch", "1024", "--samples", "16384", "--resolution", "40",
          "--log2_hashmap_size", "14"]
 sys.path.insert(0, os.path.join(ROOT, "examples"))
-import sdf  # noqa: E402
+import shapes  # noqa: E402
 
 
 def run_sdf(*args, cwd):
@@ -38,7 +38,7 @@ def test_mesh_sdf_is_exact_on_a_box_either_orientation():
     p = torch.rand(3000, 3, dtype=torch.float64) - 0.5
     expected = box_sdf(p, torch.tensor([0.3, 0.15, 0.2], dtype=torch.float64))
     for triangles in (box.triangles, box.triangles[:, ::-1]):        # flipped faces too
-        got = sdf.mesh_sdf(p, torch.tensor(triangles.copy()), chunk=1 << 12)
+        got = shapes.mesh_sdf(p, torch.tensor(triangles.copy()), chunk=1 << 12)
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
@@ -47,17 +47,17 @@ def test_chain_sdf_is_exact():
     0.02 apart at the closest, so within 0.009 no other link is nearer)."""
     u, v = torch.rand(2, 4000, dtype=torch.float64) * 2 * torch.pi
     t = (torch.rand(4000, 1, dtype=torch.float64) - 0.5) * 0.018
-    for centre, axis in sdf.TORI:
+    for centre, axis in shapes.TORI:
         axis = torch.tensor(axis, dtype=torch.float64)
         e1 = torch.tensor([1.0, 0, 0], dtype=torch.float64)       # every axis is normal to x
         e2 = torch.linalg.cross(axis, e1)
         ring = torch.cos(u)[:, None] * e1 + torch.sin(u)[:, None] * e2
         normal = torch.cos(v)[:, None] * ring + torch.sin(v)[:, None] * axis
-        points = torch.tensor(centre, dtype=torch.float64) + sdf.R * ring + sdf.r * normal
-        torch.testing.assert_close(sdf.chain_sdf(points + t * normal), t[:, 0], atol=1e-6, rtol=0)
-    mesh = sdf.chain_mesh()                   # the tessellation sampled in training: close
-    assert sdf.chain_sdf(torch.tensor(mesh.vertices)).abs().max() < 1e-6
-    assert sdf.chain_sdf(torch.tensor(mesh.sample(10000))).abs().max() < 1e-4
+        points = torch.tensor(centre, dtype=torch.float64) + shapes.R * ring + shapes.r * normal
+        torch.testing.assert_close(shapes.chain_sdf(points + t * normal), t[:, 0], atol=1e-6, rtol=0)
+    mesh = shapes.chain_mesh()                # the tessellation sampled in training: close
+    assert shapes.chain_sdf(torch.tensor(mesh.vertices)).abs().max() < 1e-6
+    assert shapes.chain_sdf(torch.tensor(mesh.sample(10000))).abs().max() < 1e-4
 
 
 def test_sdf_example_fits_the_built_in_chain(tmp_path):
@@ -68,7 +68,7 @@ def test_sdf_example_fits_the_built_in_chain(tmp_path):
     assert error < 0.01 and chamfer < 0.01, result.stdout
     mesh = trimesh.load(tmp_path / "out" / "chain.ply")
     assert len(mesh.faces) > 500
-    assert abs(sdf.chain_sdf(torch.tensor(mesh.vertices)).float()).mean() < 0.01
+    assert abs(shapes.chain_sdf(torch.tensor(mesh.vertices)).float()).mean() < 0.01
     assert os.listdir(tmp_path / "out") == ["chain.ply"]       # no temporary file left
 
 
