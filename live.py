@@ -1,16 +1,17 @@
 """train.py --serve: view.py's page and tiles during training, rendered from the live weights.
 
-The server answers on its own thread (view.start_server: tornado's event loop), but every
-render waits in view.RenderQueue and runs on the training thread between two steps
-(LiveView.on_train_batch_end), so tiles never see weights half-way through an optimizer step. Nobody looking costs one empty-queue check per
-step; somebody looking costs at most about one step's time per step in renders.
+The server (tileserver.py) answers on its own thread (start_server: tornado's event loop), but every
+render waits in the scene's RenderQueue and runs on the training thread between two steps
+(LiveView.on_train_batch_end), so tiles never see weights half-way through an optimizer step.
+Nobody looking costs one empty-queue check per step; somebody looking costs at most about one
+step's time per step in renders.
 """
 import threading
 import time
 
 import lightning.pytorch as pl
 
-import view
+import tileserver
 
 LIVE_REFRESH = 3.0      # seconds between tile refreshes of a watched run
 MIN_BUDGET = 0.02       # seconds of rendering per step at least, however short the steps
@@ -24,8 +25,8 @@ class LiveView(pl.Callback):
     def __init__(self, field, config, source, port, host="127.0.0.1", first_step=0):
         info = dict(width=config.width, height=config.height, channels=config.channels,
                     config=config, global_step=first_step)
-        self.scene = view.Scene(field, info, source, live=True)
-        self.server, self.url = view.start_server(self.scene, host, port)
+        self.scene = tileserver.Scene(field, info, source, live=True)
+        self.server, self.url = tileserver.start_server(self.scene, host, port)
         self.last_refresh = self.last_end = time.monotonic()
         print(f"train.py: the fit live at {self.url}", flush=True)
 

@@ -4,6 +4,7 @@
     source = PixelSource(array)
     xy, target = source.sample(65536, generator)   # coordinates in [0, 1]^2, linear colour
     sse, count = PsnrProbe(array).sse(field)       # squared 8-bit sRGB errors of a field
+    colour = source(xy)                            # the image as a field (bilinear, linear)
 
 The image stays 8-bit (3 bytes per pixel; a memory-mapped `.npy` stays on disk) on the
 training device when it fits, else in host memory; batches are drawn where the pixels are and
@@ -100,7 +101,8 @@ def host_tensor(array: np.ndarray) -> torch.Tensor:
 
 class PixelSource:
     """The training image (H, W, C) uint8 sRGB plus the random batches drawn from it
-    (`periodic`: the axes along which it wraps around, see bilinear_sample)."""
+    (`periodic`: the axes along which it wraps around, see bilinear_sample); called on xy it is
+    a field, what training samples, so its render at the source resolution is its pixels."""
 
     def __init__(self, array: np.ndarray, periodic: str = ""):
         self.array, self.periodic = array, periodic
@@ -134,16 +136,27 @@ class PixelSource:
             out[r:r + rows_per_chunk].copy_(host_tensor(self.array[r:r + rows_per_chunk]))
         return out
 
+    def __call__(self, xy: torch.Tensor) -> torch.Tensor:
+        """xy: (N, 2) in [0, 1]^2 on the pixels' device -> (N, C) float32 linear colour."""
+        return bilinear_sample(self.pixels, self.lut, xy, self.periodic)
+
     def sample(self, n: int, generator: torch.Generator):
         """xy: (n, 2) uniform in [0, 1]^2 and target: (n, C) linear colour there, on
         `self.device`. `generator` lives with the pixels; host-resident pixels send the batch
         through pinned memory without blocking."""
         xy = torch.rand(n, 2, generator=generator, device=self.pixels.device)
-        target = bilinear_sample(self.pixels, self.lut, xy, self.periodic)
+        target = self(xy)
         if self.pixels.device != self.device:
             staged = torch.cat([xy, target], 1).pin_memory().to(self.device, non_blocking=True)
             xy, target = staged[:, :2], staged[:, 2:]
         return xy, target
+
+
+def uint8_sse(a: np.ndarray, b: np.ndarray):
+    """(sum of squared differences, number of values) of two uint8 arrays of one shape; the
+    sum exact (int64)."""
+    diff = (a.astype(np.int32) - np.asarray(b, dtype=np.int32)).ravel()
+    return int(np.einsum("i,i->", diff, diff, dtype=np.int64)), diff.size
 
 
 def sampling_seed(seed: int, rank: int, step: int) -> int:
@@ -197,9 +210,9 @@ class PsnrProbe:
             r1 = min(height, r0 + band)
             fit = tiles.render_region(field, width, r1 - r0, (0.0, r0 / height, 1.0, r1 / height),
                                        max_batch=max_batch)
-            diff = fit.astype(np.int32) - np.asarray(self.source[r0:r1], dtype=np.int32)
-            sse += int(np.einsum("ijk,ijk->", diff, diff, dtype=np.int64))
-            count += diff.size
+            band_sse, band_count = uint8_sse(fit, self.source[r0:r1])
+            sse += band_sse
+            count += band_count
             bar.update((r1 - r0) * width)
         return float(sse), count
 

@@ -19,8 +19,8 @@ import images
 import outputs
 from field import CheckpointError, load_field
 from hardware import DEVICE_HELP, resolve_device
-from tiles import (FULL, check_region, field_fingerprint, render_region, render_to_file,
-                   write_animation)
+from tiles import (DZI_DEFAULTS, FULL, check_region, dzi_levels, dzi_tiles, dzi_xml,
+                   field_fingerprint, render_region, render_to_file, write_animation)
 
 STILL_EXTS = images.EXTENSIONS
 ANIMATED_EXTS = (".gif", ".webp")
@@ -196,63 +196,15 @@ def _encode_video(path, frames, fps, encoder):
     return count
 
 
-# --- Deep Zoom pyramid (.dzi) -----------------------------------------------------------
-#
-# The layout OpenSeadragon and other gigapixel viewers read (Microsoft's Deep Zoom, as libvips
-# dzsave writes it): ``name.dzi`` (XML: tile size, overlap, format, full size) next to
-# ``name_files/<level>/<col>_<row>.<format>``. Level L of a W x H image is
-# ceil(W / 2**(M - L)) x ceil(H / 2**(M - L)) with M = ceil(log2(max(W, H))), so level M is
-# full size and level 0 is 1 x 1. Each level is cut into TileSize squares; a tile also
-# carries Overlap pixels of its neighbours on each interior side, and edge tiles are
-# smaller. Every level is rendered from the field at its own resolution, never downsampled.
+# --- Deep Zoom pyramid (.dzi): the geometry (levels, tiles, descriptor) is tiles.py's -----
 
-DZI_NAMESPACE = "http://schemas.microsoft.com/deepzoom/2008"
 DZI_FORMATS = ("jpg", "png")
-DZI_DEFAULTS = dict(tile_size=254, overlap=1, tile_format="jpg")   # dzsave's defaults
 # Written in the tiles folder at the start: what the tiles there are a pyramid of.
 DZI_MANIFEST = ".pyramid.json"
 # Free-space estimate per pixel and channel of a tile not yet written (PNG about the raw
 # size at worst, JPEG q95 4:4:4 about a quarter), plus a file-system block per tile.
 DZI_BYTES_PER_SAMPLE = {"png": 1.0, "jpg": 0.25}
 DZI_BYTES_PER_FILE = 4096
-
-
-def dzi_levels(width, height):
-    """Size ``(w, h)`` of every Deep Zoom level, level 0 (1 x 1) first, the full
-    ``width x height`` last: ceil(log2(max(width, height))) + 1 levels."""
-    if width < 1 or height < 1:
-        raise ValueError(f"pyramid size {width}x{height} is empty")
-    top = (max(width, height) - 1).bit_length()       # ceil(log2(n)) for integers n >= 1
-    return [(-(-width // 2 ** (top - level)), -(-height // 2 ** (top - level)))
-            for level in range(top + 1)]
-
-
-def dzi_tiles(width, height, tile_size, overlap):
-    """Tiles of one ``width x height`` level: a list of ``(col, row, x0, y0, x1, y1)``,
-    pixels [x0, x1) x [y0, y1), in raster order. Tile (col, row) covers the
-    ``tile_size`` square at (col * tile_size, row * tile_size) plus ``overlap`` pixels on
-    each side that has a neighbour, clipped to the level."""
-    if tile_size < 1 or not 0 <= overlap <= tile_size:
-        raise ValueError(f"need tile size >= 1 and 0 <= overlap <= tile size, got tile size "
-                         f"{tile_size}, overlap {overlap}")
-
-    def spans(length):
-        return [(i * tile_size - (overlap if i else 0),
-                 min(length, (i + 1) * tile_size + overlap))
-                for i in range(-(-length // tile_size))]
-
-    return [(col, row, x0, y0, x1, y1)
-            for row, (y0, y1) in enumerate(spans(height))
-            for col, (x0, x1) in enumerate(spans(width))]
-
-
-def dzi_xml(width, height, tile_size, overlap, tile_format):
-    """The ``.dzi`` descriptor of a ``width x height`` pyramid (text)."""
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n'
-            f'<Image xmlns="{DZI_NAMESPACE}" TileSize="{int(tile_size)}" '
-            f'Overlap="{int(overlap)}" Format="{tile_format}">\n'
-            f'  <Size Width="{int(width)}" Height="{int(height)}"/>\n'
-            f'</Image>\n')
 
 
 def dzi_files_folder(path):

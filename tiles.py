@@ -8,7 +8,8 @@ A field maps normalised coordinates ``xy: (N, 2)`` in [0, 1] (x along the width,
 the height) to linear colour ``(N, C)``. Rendering never materialises a full coordinate
 buffer: each tile makes its own coordinates, so peak memory is one tile plus the 8-bit
 output, and the output can be a ``np.memmap`` larger than RAM. What render.py, pixels.py
-(scoring), previews.py and view.py draw with; needs torch, numpy and PIL, no Lightning.
+(scoring), previews.py and tileserver.py draw with, and the Deep Zoom pyramids' geometry; needs
+torch, numpy and PIL, no Lightning.
 """
 import hashlib
 import math
@@ -295,3 +296,55 @@ def write_animation(path, frames, duration, quality=95):
                          append_images=pictures[1:], duration=duration, loop=0,
                          quality=quality)
     return len(pictures)
+
+
+# --- Deep Zoom pyramids (.dzi): their geometry, shared by render.py and tileserver.py --
+#
+# The layout OpenSeadragon and other gigapixel viewers read (Microsoft's Deep Zoom, as libvips
+# dzsave writes it): ``name.dzi`` (XML: tile size, overlap, format, full size) next to
+# ``name_files/<level>/<col>_<row>.<format>``. Level L of a W x H image is
+# ceil(W / 2**(M - L)) x ceil(H / 2**(M - L)) with M = ceil(log2(max(W, H))), so level M is
+# full size and level 0 is 1 x 1. Each level is cut into TileSize squares; a tile also
+# carries Overlap pixels of its neighbours on each interior side, and edge tiles are
+# smaller. Every level is rendered from the field at its own resolution, never downsampled.
+
+DZI_NAMESPACE = "http://schemas.microsoft.com/deepzoom/2008"
+DZI_DEFAULTS = dict(tile_size=254, overlap=1, tile_format="jpg")   # dzsave's defaults
+
+
+def dzi_levels(width, height):
+    """Size ``(w, h)`` of every Deep Zoom level, level 0 (1 x 1) first, the full
+    ``width x height`` last: ceil(log2(max(width, height))) + 1 levels."""
+    if width < 1 or height < 1:
+        raise ValueError(f"pyramid size {width}x{height} is empty")
+    top = (max(width, height) - 1).bit_length()       # ceil(log2(n)) for integers n >= 1
+    return [(-(-width // 2 ** (top - level)), -(-height // 2 ** (top - level)))
+            for level in range(top + 1)]
+
+
+def dzi_tiles(width, height, tile_size, overlap):
+    """Tiles of one ``width x height`` level: a list of ``(col, row, x0, y0, x1, y1)``,
+    pixels [x0, x1) x [y0, y1), in raster order. Tile (col, row) covers the
+    ``tile_size`` square at (col * tile_size, row * tile_size) plus ``overlap`` pixels on
+    each side that has a neighbour, clipped to the level."""
+    if tile_size < 1 or not 0 <= overlap <= tile_size:
+        raise ValueError(f"need tile size >= 1 and 0 <= overlap <= tile size, got tile size "
+                         f"{tile_size}, overlap {overlap}")
+
+    def spans(length):
+        return [(i * tile_size - (overlap if i else 0),
+                 min(length, (i + 1) * tile_size + overlap))
+                for i in range(-(-length // tile_size))]
+
+    return [(col, row, x0, y0, x1, y1)
+            for row, (y0, y1) in enumerate(spans(height))
+            for col, (x0, x1) in enumerate(spans(width))]
+
+
+def dzi_xml(width, height, tile_size, overlap, tile_format):
+    """The ``.dzi`` descriptor of a ``width x height`` pyramid (text)."""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n'
+            f'<Image xmlns="{DZI_NAMESPACE}" TileSize="{int(tile_size)}" '
+            f'Overlap="{int(overlap)}" Format="{tile_format}">\n'
+            f'  <Size Width="{int(width)}" Height="{int(height)}"/>\n'
+            f'</Image>\n')

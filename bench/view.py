@@ -39,9 +39,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import render  # noqa: E402  (after the path set-up)
-import view  # noqa: E402
+import tileserver  # noqa: E402  (after the path set-up)
 from field import FieldConfig  # noqa: E402
+from tiles import dzi_levels, dzi_tiles  # noqa: E402
 
 
 def write_checkpoint(path, config):
@@ -103,14 +103,14 @@ def latency(args):
             url = next(line for line in server.stdout if " at http" in line)
             url = url.rsplit(" at ", 1)[1].strip()
             port = int(url.rsplit(":", 1)[1].strip("/"))
-            levels = render.dzi_levels(config.width * view.ZOOM, config.height * view.ZOOM)
+            levels = dzi_levels(config.width * tileserver.ZOOM, config.height * tileserver.ZOOM)
             top = len(levels) - 1
             tiles, results = {}, {}
             for name, level in (("4x past 1:1", top), ("1:1", top - 2), ("whole image", top - 4)):
                 width, height = levels[level]
                 found = [f"/fit_files/{level}/{c}_{r}.jpg" for c, r, x0, y0, x1, y1 in
-                         render.dzi_tiles(width, height, view.TILE_SIZE, view.OVERLAP)
-                         if x1 - x0 == y1 - y0 == view.TILE_SIZE + 2 * view.OVERLAP]
+                         dzi_tiles(width, height, tileserver.TILE_SIZE, tileserver.OVERLAP)
+                         if x1 - x0 == y1 - y0 == tileserver.TILE_SIZE + 2 * tileserver.OVERLAP]
                 random.Random(0).shuffle(found)
                 tiles[name] = found
             # renders (none cached), a new connection each, as before keep-alive was measured

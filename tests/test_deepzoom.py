@@ -14,6 +14,7 @@ import images
 import render
 from conftest import mlp_field, psnr, reference_render
 from field import load_field
+from tiles import DZI_NAMESPACE, dzi_levels, dzi_tiles, dzi_xml
 
 
 def read_level(folder, level, fmt="png"):
@@ -32,7 +33,7 @@ def read_level(folder, level, fmt="png"):
 def stitch(tiles, width, height, tile_size, overlap):
     """A level put back together from its tiles, every tile checked against the geometry and
     its overlaps dropped; every pixel must be written exactly once."""
-    rects = render.dzi_tiles(width, height, tile_size, overlap)
+    rects = dzi_tiles(width, height, tile_size, overlap)
     assert sorted(tiles) == sorted((c, r) for c, r, *_ in rects)
     channels = next(iter(tiles.values())).shape[2]
     out = np.zeros((height, width, channels), np.uint8)
@@ -50,7 +51,7 @@ def stitch(tiles, width, height, tile_size, overlap):
 
 def read_dzi(path):
     root = ET.parse(path).getroot()
-    ns = "{" + render.DZI_NAMESPACE + "}"
+    ns = "{" + DZI_NAMESPACE + "}"
     size = root.find(ns + "Size")
     assert root.tag == ns + "Image" and size is not None
     return dict(root.attrib), dict(size.attrib)
@@ -63,19 +64,19 @@ SMALL = dict(tile_size=8, overlap=1, tile_format="png")
 
 def test_levels_of_an_odd_size_by_hand():
     # max side 37 -> ceil(log2 37) = 6 -> 7 levels; level L = ceil(37 / 2**(6-L)) x ...
-    assert render.dzi_levels(37, 23) == [(1, 1), (2, 1), (3, 2), (5, 3), (10, 6), (19, 12),
+    assert dzi_levels(37, 23) == [(1, 1), (2, 1), (3, 2), (5, 3), (10, 6), (19, 12),
                                          (37, 23)]
-    assert render.dzi_levels(1, 1) == [(1, 1)]
-    assert render.dzi_levels(256, 100)[-2:] == [(128, 50), (256, 100)]
-    assert len(render.dzi_levels(256, 100)) == 9 and len(render.dzi_levels(257, 3)) == 10
+    assert dzi_levels(1, 1) == [(1, 1)]
+    assert dzi_levels(256, 100)[-2:] == [(128, 50), (256, 100)]
+    assert len(dzi_levels(256, 100)) == 9 and len(dzi_levels(257, 3)) == 10
     with pytest.raises(ValueError):
-        render.dzi_levels(0, 5)
+        dzi_levels(0, 5)
 
 
 def test_tiles_of_an_odd_level_by_hand():
     # 37 wide, tile 8, overlap 1: squares at 0, 8, 16, 24, 32; one overlap pixel on each
     # interior side; the last column is 32..37 plus 1 on the left = 31..37 (6 px).
-    rects = render.dzi_tiles(37, 23, 8, 1)
+    rects = dzi_tiles(37, 23, 8, 1)
     assert len(rects) == 5 * 3
     cols = sorted({(c, x0, x1) for c, r, x0, y0, x1, y1 in rects})
     rows = sorted({(r, y0, y1) for c, r, x0, y0, x1, y1 in rects})
@@ -83,23 +84,23 @@ def test_tiles_of_an_odd_level_by_hand():
     assert rows == [(0, 0, 9), (1, 7, 17), (2, 15, 23)]
     assert rects[0] == (0, 0, 0, 0, 9, 9) and rects[-1] == (4, 2, 31, 15, 37, 23)
     # 19 x 12 (level 5): 3 x 2 tiles, the last 4 + 1 wide and 4 + 1 high
-    assert render.dzi_tiles(19, 12, 8, 1)[-1] == (2, 1, 15, 7, 19, 12)
+    assert dzi_tiles(19, 12, 8, 1)[-1] == (2, 1, 15, 7, 19, 12)
     # a level smaller than one tile is a single tile without overlap
-    assert render.dzi_tiles(5, 3, 8, 1) == [(0, 0, 0, 0, 5, 3)]
+    assert dzi_tiles(5, 3, 8, 1) == [(0, 0, 0, 0, 5, 3)]
     # overlap 0 partitions the level
-    assert render.dzi_tiles(16, 9, 8, 0) == [(0, 0, 0, 0, 8, 8), (1, 0, 8, 0, 16, 8),
+    assert dzi_tiles(16, 9, 8, 0) == [(0, 0, 0, 0, 8, 8), (1, 0, 8, 0, 16, 8),
                                              (0, 1, 0, 8, 8, 9), (1, 1, 8, 8, 16, 9)]
 
 
 @pytest.mark.parametrize("tile_size, overlap", [(0, 0), (8, -1), (8, 9)])
 def test_bad_tile_geometry_rejected(tile_size, overlap):
     with pytest.raises(ValueError):
-        render.dzi_tiles(37, 23, tile_size, overlap)
+        dzi_tiles(37, 23, tile_size, overlap)
 
 
 def test_xml_parses_with_the_right_attributes(tmp_path):
     path = tmp_path / "a.dzi"
-    path.write_text(render.dzi_xml(37, 23, 254, 1, "jpg"))
+    path.write_text(dzi_xml(37, 23, 254, 1, "jpg"))
     image, size = read_dzi(path)
     assert image == {"TileSize": "254", "Overlap": "1", "Format": "jpg"}
     assert size == {"Width": "37", "Height": "23"}
@@ -118,10 +119,10 @@ def test_every_level_equals_a_direct_render_at_its_size(tmp_path):
     np.testing.assert_array_equal(top, reference_render(field, 37, 23))
     assert len(np.unique(top)) > 50
     # Every tile, overlaps included, is its block of the direct render at that level's size.
-    for level, (w, h) in enumerate(render.dzi_levels(37, 23)):
+    for level, (w, h) in enumerate(dzi_levels(37, 23)):
         direct = render.render_region(field, w, h)
         tiles = read_level(folder, level)
-        for col, row, x0, y0, x1, y1 in render.dzi_tiles(w, h, 8, 1):
+        for col, row, x0, y0, x1, y1 in dzi_tiles(w, h, 8, 1):
             np.testing.assert_array_equal(tiles[col, row], direct[y0:y1, x0:x1])
     np.testing.assert_array_equal(stitch(read_level(folder, 4), 10, 6, 8, 1),
                                   render.render_region(field, 10, 6))

@@ -25,9 +25,12 @@ from PIL import Image
 
 import images
 import render
+import tileserver
 import view
 from conftest import ROOT
 from field import load_field, read_checkpoint
+from pixels import PixelSource
+from tiles import DZI_NAMESPACE, dzi_levels, dzi_tiles
 
 PYTHON = sys.executable
 
@@ -52,7 +55,7 @@ class ViewServer:
         # then one line for each thing to know: an open --host, OpenSeadragon missing
         args = list(map(str, args))
         host = args[args.index("--host") + 1] if "--host" in args else "127.0.0.1"
-        count = (view.exposure_warning(host) is not None) + (not os.path.isdir(view.OSD_DIR))
+        count = (view.exposure_warning(host) is not None) + (not os.path.isdir(tileserver.OSD_DIR))
         self.notes = [self.process.stdout.readline() for _ in range(count)]
 
     def get(self, path):
@@ -104,21 +107,21 @@ def server(fit):
 
 def expected_tile(field, size, level, col, row):
     """render_region of tile (col, row) of `level` of a pyramid whose top level is `size`."""
-    width, height = render.dzi_levels(*size)[level]
+    width, height = dzi_levels(*size)[level]
     rect = {(c, r): (x0, y0, x1, y1) for c, r, x0, y0, x1, y1
-            in render.dzi_tiles(width, height, view.TILE_SIZE, view.OVERLAP)}
+            in dzi_tiles(width, height, tileserver.TILE_SIZE, tileserver.OVERLAP)}
     x0, y0, x1, y1 = rect[col, row]
     return render.render_region(field, width, height, window=((y0, y1), (x0, x1)))
 
 
 def test_tiles_are_render_region_windows(server, fit):
     field, info = load_field(str(fit[0]))
-    size = (info["width"] * view.ZOOM, info["height"] * view.ZOOM)     # 160 x 96
+    size = (info["width"] * tileserver.ZOOM, info["height"] * tileserver.ZOOM)     # 160 x 96
     root = ET.fromstring(server.get("/fit.dzi")[1])
-    ns = "{" + render.DZI_NAMESPACE + "}"
+    ns = "{" + DZI_NAMESPACE + "}"
     assert (root.get("TileSize"), root.get("Overlap"), root.get("Format")) == ("254", "1", "jpg")
     assert root.find(ns + "Size").attrib == {"Width": "160", "Height": "96"}
-    top = len(render.dzi_levels(*size)) - 1
+    top = len(dzi_levels(*size)) - 1
     # the top level is 4x the source resolution: new pixels from the field, not enlarged ones
     for level, col, row in [(top, 0, 0), (top - 2, 0, 0), (top - 4, 0, 0), (0, 0, 0)]:
         np.testing.assert_array_equal(server.image(f"/fit_files/{level}/{col}_{row}.png"),
@@ -127,7 +130,8 @@ def test_tiles_are_render_region_windows(server, fit):
 
 def test_jpg_tiles_are_the_files_render_py_writes(server, fit, tmp_path):
     dzi = tmp_path / "fit.dzi"
-    assert render.main(["--ckpt", str(fit[0]), "-o", str(dzi), "--scale", str(view.ZOOM)]) == 0
+    zoom = str(tileserver.ZOOM)
+    assert render.main(["--ckpt", str(fit[0]), "-o", str(dzi), "--scale", zoom]) == 0
     assert server.get("/fit.dzi")[1] == dzi.read_bytes()
     folder = tmp_path / "fit_files"
     tiles = sorted(f"{level}/{name}" for level in os.listdir(folder) if level.isdigit()
@@ -140,18 +144,18 @@ def test_jpg_tiles_are_the_files_render_py_writes(server, fit, tmp_path):
 def test_source_tiles_and_error_map(server, fit):
     field, info = load_field(str(fit[0]))
     source = images.read_image(fit[1])
-    top = len(render.dzi_levels(40, 24)) - 1
+    top = len(dzi_levels(40, 24)) - 1
     root = ET.fromstring(server.get("/source.dzi")[1])
-    assert root.find("{" + render.DZI_NAMESPACE + "}Size").attrib == {"Width": "40",
+    assert root.find("{" + DZI_NAMESPACE + "}Size").attrib == {"Width": "40",
                                                                      "Height": "24"}
     np.testing.assert_array_equal(server.image(f"/source_files/{top}/0_0.png"), source)
     assert server.get(f"/source_files/{top + 1}/0_0.png")[0] == 404
     # the error map at 4x: the field against the source sampled bilinearly at each pixel
     fine = (160, 96)
     fit_tile = expected_tile(field, fine, 8, 0, 0)
-    source_tile = render.render_region(view.SourceField(source), 160, 96)
+    source_tile = render.render_region(PixelSource(source), 160, 96)
     error = server.image("/error_files/8/0_0.png")
-    np.testing.assert_array_equal(error, view.error_colours(fit_tile, source_tile))
+    np.testing.assert_array_equal(error, tileserver.error_colours(fit_tile, source_tile))
     diff = np.abs(fit_tile.astype(int) - source_tile.astype(int)).max(axis=2)
     assert (error[diff == 0] == 0).all() and (error[diff >= 32] == 255).all()
 
@@ -203,8 +207,8 @@ def test_recorded_source_is_found_in_the_current_folder(fit):
     try:
         assert running.lines == [f"view.py: serving {os.path.abspath(fit[0])} (step 3, with its "
                                  f"source) at {running.url}\n"]
-        assert running.notes == ([] if os.path.isdir(view.OSD_DIR) else   # a fresh machine
-                                 [f"view.py: {view.OSD_MISSING}\n"])
+        assert running.notes == ([] if os.path.isdir(tileserver.OSD_DIR) else   # a fresh machine
+                                 [f"view.py: {tileserver.OSD_MISSING}\n"])
         assert running.json("/status.json")["source"] is True
     finally:
         running.stop()
@@ -217,9 +221,10 @@ def test_page_and_assets(server):
     status = server.json("/status.json")
     assert status == dict(version=status["version"], step=3, live=False, curve=[], width=40,
                           height=24, zoom=4, source=True,
-                          viewer=None if os.path.isdir(view.OSD_DIR) else view.OSD_MISSING)
-    if os.path.isdir(view.OSD_DIR):
-        with open(os.path.join(view.OSD_DIR, "openseadragon.min.js"), "rb") as f:
+                          viewer=(None if os.path.isdir(tileserver.OSD_DIR)
+                                  else tileserver.OSD_MISSING))
+    if os.path.isdir(tileserver.OSD_DIR):
+        with open(os.path.join(tileserver.OSD_DIR, "openseadragon.min.js"), "rb") as f:
             assert server.get("/openseadragon/openseadragon.min.js") == (200, f.read())
         assert server.get("/openseadragon/images/home_rest.png")[0] == 200
 
@@ -319,11 +324,11 @@ def test_ctrl_c_stops_cleanly_while_serving(fit):
 def test_waiting_is_bounded(fit, monkeypatch):
     # a scene whose renders never run (no worker): requests wait WAIT_SECONDS, then 503;
     # past MAX_WAITING queued, 503 at once
-    monkeypatch.setattr(view, "WAIT_SECONDS", 0.5)
-    monkeypatch.setattr(view, "MAX_WAITING", 2)
+    monkeypatch.setattr(tileserver, "WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(tileserver, "MAX_WAITING", 2)
     field, info = load_field(str(fit[0]))
-    scene = view.Scene(field, info)
-    server, url = view.start_server(scene, "127.0.0.1", 0)
+    scene = tileserver.Scene(field, info)
+    server, url = tileserver.start_server(scene, "127.0.0.1", 0)
     try:
         replies = []
 
@@ -350,12 +355,12 @@ def test_waiting_is_bounded(fit, monkeypatch):
 
 
 def test_without_openseadragon_the_page_says_how_to_get_it(fit, monkeypatch, tmp_path):
-    monkeypatch.setattr(view, "OSD_DIR", str(tmp_path / "node_modules" / "openseadragon"))
+    monkeypatch.setattr(tileserver, "OSD_DIR", str(tmp_path / "node_modules" / "openseadragon"))
     field, info = load_field(str(fit[0]))
-    server, url = view.start_server(view.Scene(field, info), "127.0.0.1", 0)
+    server, url = tileserver.start_server(tileserver.Scene(field, info), "127.0.0.1", 0)
     try:
         with urllib.request.urlopen(url + "status.json", timeout=30) as reply:
-            assert json.load(reply)["viewer"] == view.OSD_MISSING
+            assert json.load(reply)["viewer"] == tileserver.OSD_MISSING
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(url + "openseadragon/openseadragon.min.js", timeout=30)
         assert missing.value.code == 404
@@ -363,5 +368,5 @@ def test_without_openseadragon_the_page_says_how_to_get_it(fit, monkeypatch, tmp
             assert reply.status == 200
     finally:
         server.close()
-    assert view.OSD_MISSING == ("OpenSeadragon is missing: run `npm ci` in the hashgrid folder "
-                                "(needs Node.js), then reload the page")
+    assert tileserver.OSD_MISSING == ("OpenSeadragon is missing: run `npm ci` in the hashgrid "
+                                      "folder (needs Node.js), then reload the page")

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import psnr  # noqa: E402  (the path set-up first, for the command line)
 import images  # noqa: E402
 import render  # noqa: E402
-import view  # noqa: E402
+import tileserver  # noqa: E402
 from field import load_field  # noqa: E402
 from test_view import ViewServer  # noqa: E402
 
@@ -159,7 +159,7 @@ def checker_fit(tmp_path_factory):
 
 @pytest.mark.skipif(BROWSER is None, reason="chromium is not installed (.ci/run installs it: "
                     "apt-get install chromium)")
-@pytest.mark.skipif(not os.path.isdir(view.OSD_DIR), reason="OpenSeadragon is not installed: "
+@pytest.mark.skipif(not os.path.isdir(tileserver.OSD_DIR), reason="OpenSeadragon is not installed: "
                     "run `npm ci` in the repository")
 def test_the_page_draws_the_fit_and_the_source(checker_fit, tmp_path):
     ckpt, source_path = checker_fit

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+import images
+import tileserver
 import view
 from field import load_field
 from test_view import ViewServer
@@ -24,11 +26,11 @@ PSNR = "/psnr.json?x0=0&y0=0&x1=1&y1=1"
 
 @pytest.fixture
 def scene(checkpoint):
-    """A view.Scene of the shared checkpoint with its source, renders not yet running."""
+    """A tileserver.Scene of the shared checkpoint with its source, renders not yet running."""
     field, info = load_field(checkpoint)
-    source = view.images.to_srgb8(view.images.read_image(
+    source = images.to_srgb8(images.read_image(
         os.path.join(os.path.dirname(checkpoint), *[os.pardir] * 5, "src.png")))
-    return view.Scene(field, info, source)
+    return tileserver.Scene(field, info, source)
 
 
 class Serving:
@@ -36,7 +38,7 @@ class Serving:
 
     def __init__(self, scene, host="127.0.0.1"):
         self.scene, self.stop = scene, threading.Event()
-        self.server, self.url = view.start_server(scene, host, 0)
+        self.server, self.url = tileserver.start_server(scene, host, 0)
         self.port = int(self.url.rsplit(":", 1)[1].strip("/"))
         self.host = "[::1]" if ":" in host else "127.0.0.1"
 
@@ -82,11 +84,12 @@ def test_a_foreign_host_header_is_refused(scene):
         assert scene.queue.jobs.qsize() == 0
         for host in ("localhost", "127.0.0.1", "[::1]", "LOCALHOST"):
             assert serving.ask("/status.json", {"Host": f"{host}:{port}"})[0] == 200, host
-    assert view.host_names("myhost.lan", 8000) == {"localhost:8000", "127.0.0.1:8000",
-                                                   "[::1]:8000", "myhost.lan:8000"}
-    assert view.host_names("::1", 80) == {"localhost:80", "127.0.0.1:80", "[::1]:80",
-                                          "localhost", "127.0.0.1", "[::1]"}
-    assert view.host_names("0.0.0.0", 8000) is None and view.host_names("::", 8000) is None
+    assert tileserver.host_names("myhost.lan", 8000) == {"localhost:8000", "127.0.0.1:8000",
+                                                         "[::1]:8000", "myhost.lan:8000"}
+    assert tileserver.host_names("::1", 80) == {"localhost:80", "127.0.0.1:80", "[::1]:80",
+                                                "localhost", "127.0.0.1", "[::1]"}
+    assert tileserver.host_names("0.0.0.0", 8000) is None
+    assert tileserver.host_names("::", 8000) is None
 
 
 def test_the_host_value_given_is_allowed(scene):
@@ -121,7 +124,7 @@ def test_cross_site_requests_are_refused_before_any_render(scene):
 
 
 def test_slow_clients_are_cut_off_and_the_user_still_gets_tiles(scene, monkeypatch):
-    monkeypatch.setattr(view, "HEADER_SECONDS", 1.0)
+    monkeypatch.setattr(tileserver, "HEADER_SECONDS", 1.0)
     with Serving(scene).render() as serving:
         # 32 connections that trickle a request's headers one byte at a time, never ending them
         slow = [socket.create_connection(("127.0.0.1", serving.port)) for _ in range(32)]
@@ -158,7 +161,7 @@ def test_slow_clients_are_cut_off_and_the_user_still_gets_tiles(scene, monkeypat
 
 
 def test_past_capacity_a_503_and_never_a_silent_close(scene, monkeypatch):
-    monkeypatch.setattr(view, "MAX_CONNECTIONS", 8)
+    monkeypatch.setattr(tileserver, "MAX_CONNECTIONS", 8)
     with Serving(scene).render() as serving:
         idle = [socket.create_connection(("127.0.0.1", serving.port)) for _ in range(8)]
         try:
