@@ -50,6 +50,8 @@ def main():
         fail(f"the input must be .obj or .ply, got {args.input!r}")
     if args.input and os.path.abspath(args.input) in map(os.path.abspath, (output, args.png or "")):
         fail(f"refusing to overwrite the input {args.input!r}")
+    if args.png and os.path.abspath(args.png) == os.path.abspath(output):
+        fail(f"--png and the output mesh are the same file {output!r}")
     torch.manual_seed(0)
     rng = np.random.default_rng(0)                        # trimesh's sampling (not np.random's)
 

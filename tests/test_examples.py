@@ -97,6 +97,7 @@ def test_sdf_example_fits_a_mesh_in_its_units(tmp_path):
     (["-i", "shape.stl"], "the input must be .obj or .ply"),
     (["-i", "bad.obj", "-o", "bad.obj"], "refusing to overwrite the input"),
     (["-o", "out.png"], "the output must be .ply or .obj"),
+    (["-o", "out.ply", "--png", "out.ply"], "--png and the output mesh are the same file"),
     (["--steps", "0"], "expected an integer >= 1"),
     (["--encoding", "fourier"], "invalid choice"),
 ])
