@@ -10,7 +10,9 @@ same image, seed and batches, then the PSNR curves side by side.
 ROOT/LABEL_adam and ROOT/LABEL_sparse_adam (--root, default bench/out/optimizers); a run that
 was stopped (a signal saves it) continues from its last checkpoint when run again. `plot` reads
 every version's metrics.csv of those folders (a resumed run's curve continues in the next
-version) and draws one panel per label, with the final PSNRs and their difference.
+version) and draws one panel per label, with the final PSNRs and their difference; a folder
+ROOT/LABEL_skip, if there is one, adds the curve of a run whose lazy Adam skipped the steps
+without a gradient (LazyAdam before it caught them up, the paper's and SparseAdam's rule).
 """
 import argparse
 import csv
@@ -21,6 +23,11 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZERS = ("adam", "sparse_adam")
+# (the runs of LABEL_skip, if any: lazy Adam as SparseAdam and the paper step it, skipping a row's
+# steps without a gradient; LazyAdam did so before it caught them up)
+SKIP = "skip"
+NAMES = {"adam": "Adam (every row)", "sparse_adam": "LazyAdam (touched rows, caught up)",
+         SKIP: "lazy Adam, skipped steps (SparseAdam, paper)"}
 
 
 def curve(root: str, trace: str) -> list:
@@ -47,7 +54,8 @@ def run(label: str, root: str, flags: list) -> None:
 
 def finals_points(root: str, label: str) -> list:
     """The non-empty curves of LABEL's runs."""
-    return [points for points in (curve(root, f"{label}_{o}") for o in OPTIMIZERS) if points]
+    return [points for points in (curve(root, f"{label}_{o}") for o in OPTIMIZERS + (SKIP,))
+            if points]
 
 
 def plot(labels: list, root: str, out: str) -> None:
@@ -57,14 +65,15 @@ def plot(labels: list, root: str, out: str) -> None:
     fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4), squeeze=False)
     for ax, label in zip(axes[0], labels):
         finals = {}
-        for optimizer, style in zip(OPTIMIZERS, ("-o", "--s")):
+        for optimizer, style, colour in zip(OPTIMIZERS + (SKIP,), ("-o", "--s", ":^"),
+                                            ("C0", "C1", "C2")):
             points = curve(root, f"{label}_{optimizer}")
             if not points:
                 continue
             steps, psnr = zip(*points)
             finals[optimizer] = points[-1]
-            name = "Adam (every row)" if optimizer == "adam" else "lazy Adam (touched rows)"
-            ax.plot(steps, psnr, style, markersize=3,
+            name = NAMES[optimizer]
+            ax.plot(steps, psnr, style, color=colour, markersize=3,
                     label=f"{name}: {psnr[-1]:.2f} dB at {steps[-1]}")
         # (a run stopped in its first steps scores there too: keep the axis on the fit)
         shown = [p for points in finals_points(root, label) for s, p in points
@@ -72,20 +81,21 @@ def plot(labels: list, root: str, out: str) -> None:
         if shown:
             ax.set_ylim(min(shown) - 0.5, max(shown) + 0.5)
         title = label
-        if len(finals) == 2:
-            title += f" (lazy - dense: {finals['sparse_adam'][1] - finals['adam'][1]:+.2f} dB)"
+        lazy = "sparse_adam" if "sparse_adam" in finals else SKIP
+        if "adam" in finals and lazy in finals:
+            title += f" (lazy - dense: {finals[lazy][1] - finals['adam'][1]:+.2f} dB)"
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel("PSNR (dB, sRGB 8-bit)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     partial = out + ".partial.png"
     fig.savefig(partial, dpi=110)
     os.replace(partial, out)
     for label in labels:
-        for optimizer in OPTIMIZERS:
+        for optimizer in OPTIMIZERS + (SKIP,):
             points = curve(root, f"{label}_{optimizer}")
             print(f"{label} {optimizer}: " + ", ".join(f"{s}: {p:.2f}" for s, p in points))
     print(f"wrote {out}")

@@ -12,13 +12,13 @@ encoding's forward, backward (loss y.square().mean()), the optimizer's step and 
   lazy_adam   sparse=True, lazy_adam.LazyAdam (what train.py --table_optimizer sparse_adam runs)
 Bytes: written by non-view aten ops in one step (after a warm-up step), device branch
 (implementation="device": what a GPU runs), counted as bench/encoding.py --traffic counts them
-(allocations excluded) except that an in-place scatter (index_add_, index_copy_, a dense
-tensor plus a sparse one, ...) counts only the rows it writes, and a sparse tensor counts its
-indices and values. Peak: the extra tensor bytes allocated during a step (the table and the
+(allocations excluded) except that an in-place scatter (index_add_, index_copy_, index_fill_, a
+dense tensor plus a sparse one, ...) counts only the rows it writes, and a sparse tensor counts
+its indices and values. Peak: the extra tensor bytes allocated during a step (the table and the
 optimizer's state, alive throughout, excluded). Seconds: median per step, the variants
 interleaved step by step, with implementation="fast" (the CPU branch on a CPU) and freed memory
-kept for reuse as train.py keeps it (hardware.keep_freed_memory); run it under
-`flock -x /tmp/cpu.lock` on a shared machine. Writes bench/out/step.json.
+kept for reuse as train.py keeps it (hardware.keep_freed_memory); time it on a quiet machine.
+Writes bench/out/step.json.
 """
 import argparse
 import gc
@@ -61,9 +61,9 @@ _SCATTER_SOURCE = {"index_add_": 3, "index_copy_": 3, "scatter_add_": 3, "scatte
 
 
 class StepCounter(bench_encoding.WriteCounter):
-    """bench/encoding.py's counter, but an in-place scatter counts only the rows it writes,
-    a sparse tensor its indices and values (not its dense size), and an op that returns
-    nothing (fused Adam) the tensors it writes into."""
+    """bench/encoding.py's counter, but an in-place scatter (or index_fill_) counts only the
+    rows it writes, a sparse tensor its indices and values (not its dense size), and an op
+    that returns nothing (fused Adam) the tensors it writes into."""
 
     def written(self, func, args, out) -> int:
         name = func.__name__.split(".")[0]
@@ -74,6 +74,8 @@ class StepCounter(bench_encoding.WriteCounter):
             if name in ("index_put_", "_index_put_impl_"):
                 return args[1][0].numel() * row_bytes      # one row per index
             return _bytes(values)
+        if name == "index_fill_":                            # one row per index
+            return args[2].numel() * (args[0][0].numel() * args[0].element_size())
         if name == "add_" and len(args) > 1 and isinstance(args[1], torch.Tensor) \
                 and args[1].is_sparse and not args[0].is_sparse:
             return _bytes(args[1]._values())               # dense += sparse: its rows
