@@ -209,16 +209,12 @@ class MultiResHashGrid(nn.Module):
         if log2_hashmap_size > 31:
             raise ValueError("log2_hashmap_size must be <= 31 (tables of 2**31 rows), "
                              f"got {log2_hashmap_size}")
-        if interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, "
-                             f"got {interpolation!r}")
-        if layout not in _LAYOUTS:
-            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
-        if grid_type not in _GRID_TYPES:
-            raise ValueError(f"grid_type must be one of {_GRID_TYPES}, got {grid_type!r}")
-        if implementation not in _IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, "
-                             f"got {implementation!r}")
+        for name, value, choices in (("interpolation", interpolation, _INTERPOLATIONS),
+                                     ("layout", layout, _LAYOUTS),
+                                     ("grid_type", grid_type, _GRID_TYPES),
+                                     ("implementation", implementation, _IMPLEMENTATIONS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         if not isinstance(sparse, bool):
             raise ValueError(f"sparse must be a bool, got {sparse!r}")
         periodic_axes = (periodic,) * dim if isinstance(periodic, bool) else tuple(periodic)
@@ -249,19 +245,12 @@ class MultiResHashGrid(nn.Module):
             growth = _per_axis(per_level_scale, dim, "per_level_scale")
             if any(g < 1 for g in growth):
                 raise ValueError(f"per_level_scale must be >= 1, got {per_level_scale}")
-        self.input_dim = dim
-        self.output_dim = n_levels * n_features_per_level
-        self.n_levels = n_levels
-        self.n_features_per_level = n_features_per_level
-        self.log2_hashmap_size = log2_hashmap_size
-        self.interpolation = interpolation
-        self.layout = layout
-        self.grid_type = grid_type
-        self.periodic = periodic_axes
-        self.base_resolution = base_resolution
-        self.finest_resolution = finest_resolution
-        self.per_level_scale = growth
-        self.implementation = implementation
+        self.input_dim, self.output_dim = dim, n_levels * n_features_per_level
+        self.n_levels, self.n_features_per_level = n_levels, n_features_per_level
+        self.log2_hashmap_size, self.interpolation = log2_hashmap_size, interpolation
+        self.layout, self.grid_type, self.periodic = layout, grid_type, periodic_axes
+        self.base_resolution, self.finest_resolution = base_resolution, finest_resolution
+        self.per_level_scale, self.implementation = growth, implementation
         self.feature_major = bool(feature_major)
 
         levels = _plan_levels(base, growth, n_levels, log2_hashmap_size, layout, grid_type,
@@ -279,23 +268,10 @@ class MultiResHashGrid(nn.Module):
                              dtype=dtype)
         self.embedding = nn.Embedding(*weight.shape, _weight=weight, sparse=sparse)
         self.reset_parameters()
-
-        # Row indices in int32 (half the memory traffic of int64) unless some index reaches
-        # 2**31: a row, or a tcnn dense index before its wrap-around (vertex at most V_d).
-        largest = max([sum(self.rows_per_level)] + [
-            sum(v * s for v, s in zip(level.vertices, _dense_strides(level.vertices)))
-            for level in levels if not level.hashed])
-        index_dtype = torch.int32 if largest < 2**31 else torch.int64
-        groups, start, max_rows = [], 0, 1 << log2_hashmap_size
-        while start < n_levels:
-            stop = start
-            while stop < n_levels and levels[stop].hashed == levels[start].hashed:
-                stop += 1
-            groups.append(_LevelGroup.from_levels(levels[start:stop], start, max_rows - 1,
-                                                  layout, periodic_axes, interpolation,
-                                                  index_dtype, weight.device))
-            start = stop
-        self._level_groups = nn.ModuleList(groups)
+        # the speed-only part's view of the levels
+        self._level_groups = nn.ModuleList(_LevelGroup.of_plan(
+            levels, (1 << log2_hashmap_size) - 1, layout, periodic_axes, interpolation,
+            weight.device))
 
     @classmethod
     def table_shape(cls, *args, **kwargs) -> Tuple[int, int]:
@@ -361,7 +337,7 @@ class MultiResHashGrid(nn.Module):
     def _mode(self, points: torch.Tensor, table: torch.Tensor) -> "_Mode":
         """How this call runs (see _Mode): the one place that reads torch's global state."""
         compiling, grad = torch.compiler.is_compiling(), torch.is_grad_enabled()
-        if self.sparse and compiling and grad and table.requires_grad:
+        if self.embedding.sparse and compiling and grad and table.requires_grad:
             raise RuntimeError(
                 "MultiResHashGrid(sparse=True) has no torch.compile path (AOTAutograd traces no "
                 "sparse gradients): compile with sparse=False, or without fullgraph=True (the "
@@ -372,7 +348,7 @@ class MultiResHashGrid(nn.Module):
         # (compiled: one pass per level group, whose temporaries inductor fuses away)
         lookups = 1 << 62 if compiling else self._cpu_lookups if cpu else self._device_lookups
         return _Mode(tuple(self._level_groups), cpu, compiling, not compiling, keep,
-                     self.sparse, self.feature_major, lookups, self._chunk_size)
+                     self.embedding.sparse, self.feature_major, lookups, self._chunk_size)
 
     @classmethod
     def from_tcnn_config(cls, n_input_dims: int, config: dict, **kwargs) -> "MultiResHashGrid":
@@ -432,9 +408,7 @@ class MultiResHashGrid(nn.Module):
 
 
 
-# =============================================================================================
-# The reference: the whole encoding, read top to bottom
-# =============================================================================================
+# --- The reference: the whole encoding, read top to bottom -----------------------------------
 
 def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence["_Level"],
                       interpolation: str, layout: str, periodic: Sequence[bool],
@@ -484,9 +458,7 @@ def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence["_L
     return torch.cat(features, dim=-1)
 
 
-# =============================================================================================
-# The level plan: plain Python, computed once at construction
-# =============================================================================================
+# --- The level plan: plain Python, computed once at construction -----------------------------
 
 class _Level(NamedTuple):
     """One level: resolution (N_l per axis in the paper layout, tcnn's vertex count in the
@@ -646,6 +618,27 @@ class _LevelGroup(nn.Module):
                                  persistent=False)
 
     @classmethod
+    def of_plan(cls, levels: Sequence[_Level], hash_mask: int, layout: str,
+                periodic: Sequence[bool], interpolation: str, device: torch.device
+                ) -> List["_LevelGroup"]:
+        """The plan's levels as groups of consecutive levels that index alike."""
+        # Row indices in int32 (half the memory traffic of int64) unless some index reaches
+        # 2**31: a row, or a tcnn dense index before its wrap-around (vertex at most V_d).
+        largest = max([levels[-1].offset + levels[-1].rows] + [
+            sum(v * s for v, s in zip(level.vertices, _dense_strides(level.vertices)))
+            for level in levels if not level.hashed])
+        index_dtype = torch.int32 if largest < 2**31 else torch.int64
+        groups, start = [], 0
+        while start < len(levels):
+            stop = start
+            while stop < len(levels) and levels[stop].hashed == levels[start].hashed:
+                stop += 1
+            groups.append(cls.from_levels(levels[start:stop], start, hash_mask, layout,
+                                          periodic, interpolation, index_dtype, device))
+            start = stop
+        return groups
+
+    @classmethod
     def from_levels(cls, levels: Sequence[_Level], start: int, hash_mask: int, layout: str,
                     periodic: Sequence[bool], interpolation: str, index_dtype: torch.dtype,
                     device: Optional[torch.device] = None) -> "_LevelGroup":
@@ -697,10 +690,12 @@ class _LevelGroup(nn.Module):
         end = offsets[stop] if stop < len(offsets) else self.rows_stop - self.rows_start
         return offsets[first], end
 
-    def op_args(self) -> Tuple[List[Optional[torch.Tensor]], List[int]]:
-        """(tensors, ints) in TENSORS / STATICS order, for the custom op's schema."""
-        return ([getattr(self, name) for name in self.TENSORS],
-                [int(getattr(self, name)) for name in self.STATICS])
+    @classmethod
+    def op_args(cls, groups: Sequence["_LevelGroup"]
+                ) -> Tuple[List[Optional[torch.Tensor]], List[int]]:
+        """(tensors, ints) of groups, in TENSORS / STATICS order, for the custom op's schema."""
+        return ([getattr(g, name) for g in groups for name in cls.TENSORS],
+                [int(getattr(g, name)) for g in groups for name in cls.STATICS])
 
     @classmethod
     def from_op_args(cls, tensors: Sequence[Optional[torch.Tensor]], ints: Sequence[int],
@@ -715,8 +710,6 @@ class _LevelGroup(nn.Module):
     def extra_repr(self) -> str:
         return (f"levels {self.start}..{self.stop - 1}, {'hashed' if self.hashed else 'dense'}, "
                 f"rows {self.rows_start}..{self.rows_stop - 1}")
-
-
 
 
 class _Mode(NamedTuple):
@@ -759,14 +752,12 @@ class _Mode(NamedTuple):
             per_pass = min(max(self.lookups // step, 1), n_levels)
             for first in range(0, n_levels, per_pass):
                 stop = min(first + per_pass, n_levels)
-                passes += [(group, first, stop, lo, min(lo + step, n_points))
-                           for lo in range(0, n_points, step)]
+                for lo in range(0, n_points, step):
+                    passes.append((group, first, stop, lo, min(lo + step, n_points)))
         return passes
 
 
-# =============================================================================================
-# The autograd Functions and the three passes over the levels: forward, backward, second order
-# =============================================================================================
+# --- The autograd Functions, and one loop over the passes each: forward, backward, second order
 
 class _HashGridFunction(torch.autograd.Function):
     """Interpolated table lookup with a hand-written backward.
@@ -793,11 +784,7 @@ class _HashGridFunction(torch.autograd.Function):
         mode, (need_x, need_table) = ctx.mode, ctx.needs_input_grad[:2]
         if (mode.compiling and need_table and not need_x and table.device.type == "cpu"
                 and _table_grad_op is not None):      # (see _TABLE_GRAD_OP)
-            tensors, ints = [], []
-            for group in mode.groups:
-                group_tensors, group_ints = group.op_args()
-                tensors += group_tensors
-                ints += group_ints
+            tensors, ints = _LevelGroup.op_args(mode.groups)
             interpolation = mode.groups[0].interpolation
             grad_table = _table_grad_op(x, table, nan, grad_out, tensors, ints, interpolation)
             return None, grad_table, None, None
@@ -993,9 +980,7 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
             grad_g.view(n_points, -1).to(grad_out.dtype) if need_g else None]
 
 
-# =============================================================================================
-# Every pass's pieces: row index terms per axis, interpolation weights, the cell corners
-# =============================================================================================
+# --- Every pass's pieces: row index terms per axis, interpolation weights, the cell corners --
 
 def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
                 offset: Optional[torch.Tensor], index_dtype: Optional[torch.dtype] = None):
@@ -1090,7 +1075,7 @@ def _corners(terms, weights, group: _LevelGroup, first: int, stop: int,
     """
     hashed, n_dims, wrap = group.hashed, len(terms), group.wrap_rows is not None
     factors = None if weights is None else [(1.0 - s, s) for s, _ in weights]
-    stack = [(0, bit, 0, None, None) for bit in reversed(range(len(terms[0])))]
+    stack = [(0, 1, 0, None, None), (0, 0, 0, None, None)][-len(terms[0]):]
     while stack:     # each entry: extend a corner of axes < d (its index, weight) by axis d
         d, bit, corner, index, weight = stack.pop()
         corner, term, last = corner | bit << d, terms[d][bit], d == n_dims - 1
@@ -1103,7 +1088,8 @@ def _corners(terms, weights, group: _LevelGroup, first: int, stop: int,
         if factors is not None:
             weight = factors[d][bit] if weight is None else weight * factors[d][bit]
         if not last:
-            stack += [(d + 1, b, corner, index, weight) for b in reversed(range(len(terms[d + 1])))]
+            for b in reversed(range(len(terms[d + 1]))):
+                stack.append((d + 1, b, corner, index, weight))
             continue
         if wrap:
             index = torch.remainder(index, group.wrap_rows[first:stop])
@@ -1129,9 +1115,7 @@ def _pass_span(group: _LevelGroup, first: int, stop: int, table: torch.Tensor):
     return span, group.offset[first:stop] - start
 
 
-# =============================================================================================
-# The device branch: GPUs, and torch.compile's backward
-# =============================================================================================
+# --- The device branch: GPUs, and torch.compile's backward -----------------------------------
 # A pass reads all 2**D corners with one gather and one table-gradient scatter: the corner rows
 # go into one (2**D, G, n) tensor, interpolation is a lerp along one axis after another, and
 # backward sends the gradient down the same lerps. Every op is a plain elementwise or indexing
@@ -1284,9 +1268,7 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
                 -1, grad_span.shape[1]) if words is not None else values.reshape(-1, g.shape[-1]))
 
 
-# =============================================================================================
-# The CPU branch: eager mode on a CPU (its forward is torch.compile's too)
-# =============================================================================================
+# --- The CPU branch: eager mode on a CPU (its forward is torch.compile's too) ----------------
 # Passes of about 2**16 lookups: every temporary is a few hundred KB that malloc recycles (a
 # fresh large buffer per op would spend its time in page faults), and the corners are visited
 # one at a time, depth first. Where mode.eager (outside autograd) the rows are read and written
@@ -1374,9 +1356,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
         _add_grad_x(grad_xt, d, grad_weight[d], weights[d][1], group, first, stop)
 
 
-# =============================================================================================
-# CPU speed tricks (the CPU branch outside autograd: `tricks` above)
-# =============================================================================================
+# --- CPU speed tricks (the CPU branch where mode.eager) --------------------------------------
 
 # Row-at-a-time access to the (R, F) tables is much faster through a 1-D view with one element
 # per row (F features reinterpreted as one machine word): PyTorch's 2-D index_select /
@@ -1449,9 +1429,7 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(packed) if packed.is_complex() else packed.unsqueeze(-1)
 
 
-# =============================================================================================
-# The custom op: torch.compile's table gradient on a CPU
-# =============================================================================================
+# --- The custom op: torch.compile's table gradient on a CPU ----------------------------------
 
 def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
                       grad_out: torch.Tensor, tensors: List[Optional[torch.Tensor]],
@@ -1486,9 +1464,7 @@ if hasattr(torch.library, "custom_op"):
         _table_grad_op.register_fake(lambda x, table, *rest: torch.empty_like(table))
 
 
-# =============================================================================================
-# Sparse table gradients (sparse=True)
-# =============================================================================================
+# --- Sparse table gradients (sparse=True) ----------------------------------------------------
 # The passes add their contributions to a _RowCollector where they would scatter-add into a
 # dense gradient; backward then sorts the rows and sums each row's contributions in their
 # order (_coalesced_rows). No zeroed (R, F) gradient, no float atomics: the sum's order is fixed,
@@ -1562,9 +1538,7 @@ class _CoalescedGrad(torch.autograd.Function):
         return _coalesced_rows(grad._indices()[0], grad._values(), grad.shape, grad.dtype)
 
 
-# =============================================================================================
-# PART III: tiny-cuda-nn interop (layout="tcnn": configs in, configs and parameters out)
-# =============================================================================================
+# --- tiny-cuda-nn interop (layout="tcnn": configs in, configs and parameters out) ------------
 
 def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict]:
     """MultiResHashGrid's (args, kwargs) for a tcnn encoding config (from_tcnn_config)."""
@@ -1663,9 +1637,7 @@ def _tcnn_config_of(enc: "MultiResHashGrid") -> dict:
     return config
 
 
-# =============================================================================================
-# PART IV: Frequency, the NeRF positional encoding
-# =============================================================================================
+# --- Frequency, the NeRF positional encoding -------------------------------------------------
 
 class Frequency(nn.Module):
     """NeRF positional encoding (Mildenhall et al. 2020, eq. 4):

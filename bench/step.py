@@ -10,12 +10,12 @@ encoding's forward, backward (loss y.square().mean()), the optimizer's step and 
   dense       sparse=False, torch.optim.Adam (fused where torch has it): today's step
   sparse_adam sparse=True, torch.optim.SparseAdam
   lazy_adam   sparse=True, lazy_adam.LazyAdam (what train.py --table_optimizer sparse_adam runs)
-Bytes: written by non-view aten ops in one step (after a warm-up step), device branch
-(the module's private _device_branch hook: what a GPU runs), counted as bench/encoding.py --traffic counts them
-(allocations excluded) except that an in-place scatter (index_add_, index_copy_, a dense
-tensor plus a sparse one, ...) counts only the rows it writes, and a sparse tensor counts its
-indices and values. Peak: the extra tensor bytes allocated during a step (the table and the
-optimizer's state, alive throughout, excluded). Seconds: median per step, the variants
+Bytes: written by non-view aten ops in one step (after a warm-up step), device branch (the
+module's private _device_branch hook: what a GPU runs), counted as bench/encoding.py --traffic
+counts them (allocations excluded) except that an in-place scatter (index_add_, index_copy_,
+a dense tensor plus a sparse one, ...) counts only the rows it writes, and a sparse tensor
+counts its indices and values. Peak: the extra tensor bytes allocated during a step (the
+table and the optimizer's state, alive throughout, excluded). Seconds: median per step, the variants
 interleaved step by step, with the default implementation (the CPU branch on a CPU) and freed
 memory kept for reuse as train.py keeps it (hardware.keep_freed_memory); run it under
 `flock -x /tmp/cpu.lock` on a shared machine. Writes bench/out/step.json.

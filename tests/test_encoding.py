@@ -654,10 +654,7 @@ def test_a_second_copy_of_the_file_shares_the_custom_op():
     x, grad_out = torch.rand(40, 2), torch.randn(40, enc.output_dim)
     table = enc.embedding.weight
     (expected,) = torch.autograd.grad((enc(x) * grad_out).sum(), table)
-    tensors, ints = [], []
-    for group in enc._level_groups:
-        tensors += group.op_args()[0]
-        ints += group.op_args()[1]
+    tensors, ints = encoding._LevelGroup.op_args(enc._level_groups)
     nan = torch.zeros(40, dtype=torch.bool)
     got = copy._table_grad_op(x, table.detach(), nan, grad_out, tensors, ints, "linear")
     torch.testing.assert_close(got, expected)
