@@ -898,14 +898,7 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
     coalesced sparse tensor (_RowCollector). Second order: _HashGridBackward.
     """
     n_points, n_features = x.shape[0], table.shape[1]
-    grad_table = None
-    if need_table and mode.sparse:
-        grad_table = _RowCollector(table.shape, grad_out.dtype, table.device)
-    elif need_table:
-        grad_table = torch.zeros(table.shape, dtype=grad_out.dtype, device=table.device)
-    grad_xt = None
-    if need_x:
-        grad_xt = torch.zeros(x.shape[::-1], dtype=grad_out.dtype, device=x.device)   # (D, N)
+    grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     xt = x.t().contiguous()
     min_levels = 1
     if mode.cpu:
@@ -948,6 +941,17 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
     return grad_x, grad_table
 
 
+def _zero_grads(x, table, mode: _Mode, dtype: torch.dtype, need_x: bool, need_table: bool):
+    """(grad_xt (D, N), grad_table (R, F)) to add to, of `dtype`: zeros, the table's a
+    _RowCollector when mode.sparse; None where not needed."""
+    grad_xt = torch.zeros(x.shape[::-1], dtype=dtype, device=x.device) if need_x else None
+    grad_table = None
+    if need_table:
+        grad_table = (_RowCollector(table.shape, dtype, table.device) if mode.sparse
+                      else torch.zeros(table.shape, dtype=dtype, device=table.device))
+    return grad_xt, grad_table
+
+
 def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: bool,
                             need_table: bool, need_g: bool):
     """The gradients of (gg_x * grad_x).sum(), grad_x = _encode_backward's, w.r.t. x (N, D),
@@ -958,15 +962,12 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
     n_points, n_features = x.shape[0], table.shape[1]
     if mode.groups[0].interpolation == "nearest":
         return [None, None, None]
-    dtype, device = grad_out.dtype, x.device
-    grad_xt = torch.zeros(x.shape[::-1], dtype=dtype, device=device) if need_x else None
-    grad_table = None
-    if need_table:     # sparse: the same collector as the first-order table gradient's
-        grad_table = (_RowCollector(table.shape, dtype, device) if mode.sparse
-                      else torch.zeros(table.shape, dtype=dtype, device=device))
+    grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     per_level = grad_out.reshape(n_points, -1, n_features)
-    grad_g = torch.zeros(per_level.shape, dtype=dtype, device=device) if need_g else None
-    xt, ggt = x.t().contiguous(), gg_x.t().to(dtype)                                # (D, N)
+    grad_g = None
+    if need_g:
+        grad_g = torch.zeros(per_level.shape, dtype=grad_out.dtype, device=grad_out.device)
+    xt, ggt = x.t().contiguous(), gg_x.t().to(grad_out.dtype)                       # (D, N)
     for group, first, stop, lo, hi in mode.split(n_points):
         levels = slice(group.start + first, group.start + stop)
         g, gg = per_level[lo:hi, levels].transpose(0, 1), ggt[:, lo:hi]
@@ -1330,7 +1331,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
     terms, _, weights = _axis_terms(xt, group, first, stop, offset,
                                     torch.int64 if grad_levels is not None else None)
     need_x = grad_xt is not None and weights is not None   # "nearest": d/dx = 0
-    grad_weight, factors = [None] * n_dims, [(1.0 - s, s) for s, _ in weights or []]
+    grad_weight, factors = [None] * n_dims, [(1.0 - s, s) for s, _ in weights] if need_x else None
     for corner, index, weight in _corners(terms, weights, group, first, stop, offset):
         if grad_levels is not None:
             values = g_rows if weight is None else g_rows * weight
