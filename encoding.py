@@ -1071,15 +1071,16 @@ def _encode_double_backward(x, table, nan, passes: _Passes, grad_out, gg_x, need
     per_level = grad_out.reshape(n_points, -1, n_features)
     grad_g = torch.zeros(per_level.shape, dtype=dtype, device=device) if need_g else None
     xt, ggt = x.t().contiguous(), gg_x.t().to(dtype)                                # (D, N)
-    for group, first, stop, lo, hi in passes.split(n_points):
+    tricks = passes.cpu and not torch.is_grad_enabled()
+    min_levels = _threaded_levels(passes) if tricks and need_table else 1
+    for group, first, stop, lo, hi in passes.split(n_points, min_levels):
         levels = slice(group.start + first, group.start + stop)
         g, gg = per_level[lo:hi, levels].transpose(0, 1), ggt[:, lo:hi]
         if nan is not None:     # NaN points add nothing (their g and gg may be NaN)
             g, gg = g.masked_fill(nan[lo:hi, None], 0.0), gg.masked_fill(nan[lo:hi], 0.0)
         _double_backward_pass(xt[:, lo:hi], table, group, first, stop, g, gg, grad_table,
                               grad_xt[:, lo:hi] if need_x else None,
-                              grad_g[lo:hi, levels].transpose(0, 1) if need_g else None,
-                              passes.cpu and not torch.is_grad_enabled())
+                              grad_g[lo:hi, levels].transpose(0, 1) if need_g else None, tricks)
     return [grad_xt.t().to(x.dtype) if need_x else None,
             grad_table.to(table.dtype) if need_table else None,
             grad_g.view(n_points, -1).to(grad_out.dtype) if need_g else None]
@@ -1178,10 +1179,12 @@ def _wrap(index: torch.Tensor, group: _LevelGroup, first: int, stop: int,
 # backward sends the gradient down the same lerps. Every op is a plain elementwise or indexing
 # kernel over the whole pass, which is what a GPU, or inductor, runs well.
 
-def _corner_rows(xt, group: _LevelGroup, first: int, stop: int, offset: torch.Tensor):
+def _corner_rows(xt, group: _LevelGroup, first: int, stop: int, offset: Optional[torch.Tensor],
+                 index_dtype: Optional[torch.dtype] = None):
     """(corners (2**D, G, n) ("nearest": (1, G, n)) the table row of each cell corner, bit d of
-    the corner the upper vertex on axis d; fracs: D tensors (G, n))."""
-    terms, fracs = _axis_terms(xt, group, first, stop, offset)
+    the corner the upper vertex on axis d; fracs: D tensors (G, n)). offset, index_dtype: see
+    _axis_terms."""
+    terms, fracs = _axis_terms(xt, group, first, stop, offset, index_dtype)
     n_corners = 1 << len(terms) if len(terms[0]) == 2 else 1
     corners = torch.empty((n_corners,) + terms[0][0].shape, dtype=terms[0][0].dtype,
                           device=xt.device)
@@ -1301,12 +1304,25 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     same lerps as _device_forward / _device_backward (dual numbers). tricks: the CPU branch's
     (outside autograd)."""
     span, offset = _pass_span(group, first, stop, table)
-    corners, fracs = _corner_rows(xt, group, first, stop, offset)
     packed = tricks and _packable(span, g.dtype)
+    grad_levels = None
+    if packed and grad_table is not None and not isinstance(grad_table, _RowCollector):
+        group_grad = grad_table[group.rows_start:group.rows_stop]
+        if _packable(group_grad, g.dtype):
+            # the table and its gradient as (G, W) views (_per_level): the gather and the
+            # scatter-add along dim 1 run the levels on all cores
+            grad_levels, offset = _per_level(_pack(group_grad), group, first, stop)
+            span = _per_level(_pack(table[group.rows_start:group.rows_stop]), group, first,
+                              stop)[0]
+    corners, fracs = _corner_rows(xt, group, first, stop, offset,
+                                  torch.int64 if grad_levels is not None else None)
     if packed:   # feature pairs as complex numbers (see _packable), gathers on every thread
-        index = corners.reshape(-1).long()
-        words, g = _pack(span), _pack(g.contiguous())
-        rows = _packed_gather(words, index, torch.get_num_threads()).view(corners.shape)
+        g = _pack(g.contiguous())
+        if grad_levels is not None:
+            rows = span.expand(corners.shape[0], -1, -1).gather(2, corners)
+        else:
+            rows = _packed_gather(_pack(span), corners.reshape(-1).long(),
+                                  torch.get_num_threads()).view(corners.shape)
         values = (rows * g.conj()).real if g.is_complex() else rows * g     # (2**D, G, n)
     else:
         rows = _gather(span, corners, tricks).to(g.dtype)                    # (2**D, G, n, F)
@@ -1338,15 +1354,15 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     if grad_g is not None:
         grad_dw = (rows * per_row(dw)).sum(0)
         grad_g.add_(_unpack(grad_dw) if packed else grad_dw)
-    if grad_table is not None:
+    if grad_levels is not None:
+        values = g * dw
+        for corner in range(corners.shape[0]):
+            grad_levels.scatter_add_(1, corners[corner], values[corner])
+    elif grad_table is not None:
         grad_span = _pass_span(group, first, stop, grad_table)[0]
         values = g * per_row(dw)
-        if (packed and not isinstance(grad_span, _RowCollector)
-                and _packable(grad_span, values.real.dtype)):   # (see _cpu_backward_pass)
-            _pack(grad_span).scatter_add_(0, index, values.reshape(-1))
-        else:
-            grad_span.index_add_(0, corners.reshape(-1), _unpack(values).reshape(
-                -1, grad_span.shape[1]) if packed else values.reshape(-1, g.shape[-1]))
+        grad_span.index_add_(0, corners.reshape(-1), _unpack(values).reshape(
+            -1, grad_span.shape[1]) if packed else values.reshape(-1, g.shape[-1]))
 
 
 # =============================================================================================
@@ -1439,6 +1455,13 @@ def _forward_by_corner(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup
     return _unpack(out[0]) if packed else out[0]
 
 
+def _threaded_levels(passes: _Passes) -> int:
+    """The levels per pass (one per intra-op thread) that let the CPU branch's table-gradient
+    scatter-adds, and the gathers indexed alike, run on all cores (_per_level)."""
+    most = max(group.stop - group.start for group in passes.groups)
+    return max(min(torch.get_num_threads(), most), 1)
+
+
 def _cpu_backward(xt, table, nan, passes: _Passes, grad_out, need_x: bool, grad_table,
                   grad_xt) -> None:
     """_encode_backward's CPU branch: adds to grad_table (R, F) and grad_xt (D, N)."""
@@ -1454,12 +1477,7 @@ def _cpu_backward(xt, table, nan, passes: _Passes, grad_out, need_x: bool, grad_
             planes[..., lo:lo + step] = grad_planes[..., lo:lo + step]
         grad_planes = planes
     tricks = not torch.is_grad_enabled()
-    # one level per intra-op thread in each pass: the table gradient's scatter_add_ then runs
-    # on all cores (_cpu_backward_pass, _per_level)
-    min_levels = 1
-    if tricks and grad_table is not None and not need_x:
-        most = max(g.stop - g.start for g in passes.groups)
-        min_levels = max(min(torch.get_num_threads(), most), 1)
+    min_levels = _threaded_levels(passes) if tricks and grad_table is not None else 1
     for group, first, stop, lo, hi in passes.split(n_points, min_levels):
         levels = slice(group.start + first, group.start + stop)
         _cpu_backward_pass(xt[:, lo:hi], table, group, first, stop, tricks,
@@ -1479,7 +1497,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, tri
         group_grad = grad_table[group.rows_start:group.rows_stop]
     packed = (tricks and group_grad is not None and not isinstance(group_grad, _RowCollector)
               and _packable(group_grad, g_planes.dtype))
-    grad_levels, offset = None, group.offset[first:stop]
+    grad_levels, table_levels, offset = None, None, group.offset[first:stop]
     # one copy of the gradient, straight into the packed form, NaN points zeroed
     if packed:
         g_rows = (torch.complex(g_planes[:, 0], g_planes[:, 1]) if n_features == 2
@@ -1487,9 +1505,12 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, tri
         if nan is not None:
             g_rows.masked_fill_(nan, 0.0)
         packed_grad, g = _pack(group_grad), _unpack(g_rows)                        # (R,), (G, n, F)
-        if not need_x:
-            # scatter_add_ along dim 1 of this (G, W) view runs the levels on all cores
+        if not need_x or _packable(group_table, g_rows.real.dtype):
+            # scatter_add_ along dim 1 of this (G, W) view runs the levels on all cores, and
+            # so does the x gradient's gather from the table's view, indexed alike
             grad_levels, offset = _per_level(packed_grad, group, first, stop)
+            if need_x:
+                table_levels = _per_level(_pack(group_table), group, first, stop)[0]
     terms, factors, wrap = _corner_setup(xt, group, first, stop, offset,
                                          torch.int64 if grad_levels is not None else None)
     need_x = need_x and factors is not None   # "nearest" is piecewise constant: d/dx = 0
@@ -1513,7 +1534,11 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, tri
             # (the 2-D index_add_ CPU kernel is several times slower with int32 indices)
             group_grad.index_add_(0, index.reshape(-1).long(), values.to(group_grad.dtype))
         if need_x:
-            g_dot_feature = (g * _gather(group_table, index, tricks)).sum(-1)     # (G, n)
+            if table_levels is not None:    # (G, n) rows . g, feature pairs as complex numbers
+                rows = table_levels.gather(1, index)
+                g_dot_feature = (rows * g_rows.conj()).real if rows.is_complex() else rows * g_rows
+            else:
+                g_dot_feature = (g * _gather(group_table, index, tricks)).sum(-1)     # (G, n)
             for d in range(n_dims):
                 # d weight / d s_d = +-prod_{e != d} (s_e or 1 - s_e)
                 others = [factors[e][(corner >> e) & 1] for e in range(n_dims) if e != d]
