@@ -1418,13 +1418,6 @@ def _corner_setup(xt, group: _LevelGroup, first: int, stop: int,
     return terms, factors, wrap
 
 
-def _product(factors: List[torch.Tensor]) -> torch.Tensor:
-    result = factors[0]
-    for factor in factors[1:]:
-        result = result * factor
-    return result
-
-
 def _forward_by_corner(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, first: int,
                  stop: int, tricks: bool, acc_dtype: torch.dtype) -> torch.Tensor:
     """xt: (D, n) -> the features (G, n, F) of the group's levels first..stop-1, corner by
@@ -1514,7 +1507,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, tri
     terms, factors, wrap = _corner_setup(xt, group, first, stop, offset,
                                          torch.int64 if grad_levels is not None else None)
     need_x = need_x and factors is not None   # "nearest" is piecewise constant: d/dx = 0
-    grad_frac = [None] * n_dims
+    dots = [None] * (1 << n_dims)     # need_x: each corner's g . row (G, n)
     if not packed:
         g = g_planes.transpose(1, 2)                                             # (G, n, F)
         if nan is not None:
@@ -1539,19 +1532,26 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, tri
                 g_dot_feature = (rows * g_rows.conj()).real if rows.is_complex() else rows * g_rows
             else:
                 g_dot_feature = (g * _gather(group_table, index, tricks)).sum(-1)     # (G, n)
-            for d in range(n_dims):
-                # d weight / d s_d = +-prod_{e != d} (s_e or 1 - s_e)
-                others = [factors[e][(corner >> e) & 1] for e in range(n_dims) if e != d]
-                term = g_dot_feature * _product(others) if others else g_dot_feature
-                term = term if (corner >> d) & 1 else -term
-                grad_frac[d] = term if grad_frac[d] is None else grad_frac[d] + term
+            dots[corner] = g_dot_feature
 
     _for_each_corner(terms, factors, group.hashed, wrap, accumulate)
     if need_x:
+        # P = sum_c dots_c w_c, the weights products of lerp weights s_d: lerping the corners
+        # axis by axis gives each dP/ds_d as the difference of the two ends along d, lerped
+        # along the later axes (about 2**(D+1) ops, not 4 D 2**D corner by corner)
+        grad_weight = []      # per axis so far, its derivative at the corners of later axes
+        for d in range(n_dims):
+            weight = factors[d][1].to(dots[0].dtype)
+            lower, upper = dots[0::2], dots[1::2]
+            grad_weight = [[torch.lerp(a, b, weight) for a, b in zip(t[0::2], t[1::2])]
+                           for t in grad_weight]
+            grad_weight.append([b - a for a, b in zip(lower, upper)])
+            if d < n_dims - 1:
+                dots = [torch.lerp(a, b, weight) for a, b in zip(lower, upper)]
         scale = group.scale[:, first:stop]
         for d in range(n_dims):
             ds = factors[d][2]
-            dfrac = grad_frac[d] if ds is None else grad_frac[d] * ds
+            dfrac = grad_weight[d][0] if ds is None else grad_weight[d][0] * ds
             # d pos / d x = scale; the cell index is piecewise constant
             grad_xt[d].add_((dfrac * scale[d].to(dfrac.dtype)).sum(0))
 
