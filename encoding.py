@@ -1470,7 +1470,7 @@ def _cpu_backward(xt, table, nan, passes: _Passes, grad_out, need_x: bool, grad_
             planes[..., lo:lo + step] = grad_planes[..., lo:lo + step]
         grad_planes = planes
     tricks = not torch.is_grad_enabled()
-    min_levels = _threaded_levels(passes) if tricks and grad_table is not None else 1
+    min_levels = _threaded_levels(passes) if tricks else 1
     for group, first, stop, lo, hi in passes.split(n_points, min_levels):
         levels = slice(group.start + first, group.start + stop)
         _cpu_backward_pass(xt[:, lo:hi], table, group, first, stop, tricks,
@@ -1488,8 +1488,14 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, tri
     group_grad = None
     if grad_table is not None:
         group_grad = grad_table[group.rows_start:group.rows_stop]
-    packed = (tricks and group_grad is not None and not isinstance(group_grad, _RowCollector)
-              and _packable(group_grad, g_planes.dtype))
+    packed_grad = (tricks and group_grad is not None
+                   and not isinstance(group_grad, _RowCollector)
+                   and _packable(group_grad, g_planes.dtype))
+    # (G, W) views (_per_level) of the rows read and written, all indexed alike: scatter_add_ and
+    # gather along their dim 1 run the levels on all cores
+    per_level = (tricks and (group_grad is None or packed_grad)
+                 and (not need_x or _packable(group_table, g_planes.dtype)))
+    packed = packed_grad or per_level
     grad_levels, table_levels, offset = None, None, group.offset[first:stop]
     # one copy of the gradient, straight into the packed form, NaN points zeroed
     if packed:
@@ -1497,15 +1503,14 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, tri
                   else g_planes[:, 0].clone())                                    # (G, n)
         if nan is not None:
             g_rows.masked_fill_(nan, 0.0)
-        packed_grad, g = _pack(group_grad), _unpack(g_rows)                        # (R,), (G, n, F)
-        if not need_x or _packable(group_table, g_rows.real.dtype):
-            # scatter_add_ along dim 1 of this (G, W) view runs the levels on all cores, and
-            # so does the x gradient's gather from the table's view, indexed alike
-            grad_levels, offset = _per_level(packed_grad, group, first, stop)
-            if need_x:
-                table_levels = _per_level(_pack(group_table), group, first, stop)[0]
+        g = _unpack(g_rows)                                                         # (G, n, F)
+    grad_words = _pack(group_grad) if packed_grad else None                       # (R,)
+    if per_level and group_grad is not None:
+        grad_levels, offset = _per_level(grad_words, group, first, stop)
+    if per_level and need_x:
+        table_levels, offset = _per_level(_pack(group_table), group, first, stop)
     terms, factors, wrap = _corner_setup(xt, group, first, stop, offset,
-                                         torch.int64 if grad_levels is not None else None)
+                                         torch.int64 if per_level else None)
     need_x = need_x and factors is not None   # "nearest" is piecewise constant: d/dx = 0
     dots = [None] * (1 << n_dims)     # need_x: each corner's g . row (G, n)
     if not packed:
@@ -1517,11 +1522,11 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, tri
         if grad_levels is not None:
             values = g_rows if weight is None else g_rows * weight
             grad_levels.scatter_add_(1, index, values)   # (index: int64 rows of each level)
-        elif packed:
+        elif grad_words is not None:
             values = g_rows if weight is None else g_rows * weight
             # scatter_add_'s 1-D CPU loop is tighter than index_add_'s, even after the int64
             # copy it needs
-            packed_grad.scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
+            grad_words.scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
         elif group_grad is not None:
             values = (g if weight is None else g * weight.unsqueeze(-1)).reshape(-1, n_features)
             # (the 2-D index_add_ CPU kernel is several times slower with int32 indices)
