@@ -756,6 +756,13 @@ class _Mode(NamedTuple):
                     passes.append((group, first, stop, lo, min(lo + step, n_points)))
         return passes
 
+    def thread_levels(self) -> int:
+        """The levels per pass (one per intra-op thread) that let the CPU branch's
+        table-gradient scatter-adds, and the gathers indexed alike, run on all cores
+        (_per_level): split's min_levels."""
+        most = max(group.stop - group.start for group in self.groups)
+        return max(min(torch.get_num_threads(), most), 1)
+
 
 # --- The autograd Functions, and one loop over the passes each: forward, backward, second order
 
@@ -912,11 +919,8 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
             for lo in range(0, n_points, step):
                 planes[..., lo:lo + step] = grad_planes[..., lo:lo + step]
             grad_planes = planes
-        # one level per intra-op thread in each pass: the table gradient's scatter_add_ then
-        # runs on all cores (_cpu_backward_pass, _per_level)
-        if mode.eager and grad_table is not None and not need_x:
-            most = max(g.stop - g.start for g in mode.groups)
-            min_levels = max(min(torch.get_num_threads(), most), 1)
+        # one level per intra-op thread in each pass: scatter-adds and gathers on all cores
+        min_levels = mode.thread_levels() if mode.eager else 1
     else:
         per_level = grad_out.reshape(n_points, -1, n_features)
     n_kept = x.shape[1] + 1
@@ -968,7 +972,8 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
     if need_g:
         grad_g = torch.zeros(per_level.shape, dtype=grad_out.dtype, device=grad_out.device)
     xt, ggt = x.t().contiguous(), gg_x.t().to(grad_out.dtype)                       # (D, N)
-    for group, first, stop, lo, hi in mode.split(n_points):
+    min_levels = mode.thread_levels() if mode.cpu and mode.eager and need_table else 1
+    for group, first, stop, lo, hi in mode.split(n_points, min_levels):
         levels = slice(group.start + first, group.start + stop)
         g, gg = per_level[lo:hi, levels].transpose(0, 1), ggt[:, lo:hi]
         if nan is not None:     # NaN points add nothing (their g and gg may be NaN)
@@ -1122,10 +1127,12 @@ def _pass_span(group: _LevelGroup, first: int, stop: int, table: torch.Tensor):
 # backward sends the gradient down the same lerps. Every op is a plain elementwise or indexing
 # kernel over the whole pass, which is what a GPU, or inductor, runs well.
 
-def _corner_rows(xt, group: _LevelGroup, first: int, stop: int, offset: torch.Tensor):
+def _corner_rows(xt, group: _LevelGroup, first: int, stop: int, offset: Optional[torch.Tensor],
+                 index_dtype: Optional[torch.dtype] = None):
     """(corners (2**D, G, n) ("nearest": (1, G, n)) the table row of each cell corner, bit d of
-    the corner the upper vertex on axis d; fracs and weights of _axis_terms)."""
-    terms, fracs, weights = _axis_terms(xt, group, first, stop, offset)
+    the corner the upper vertex on axis d; fracs and weights). offset, index_dtype, fracs,
+    weights: see _axis_terms."""
+    terms, fracs, weights = _axis_terms(xt, group, first, stop, offset, index_dtype)
     n_corners = 1 << len(terms) if weights is not None else 1
     corners = torch.empty((n_corners,) + terms[0][0].shape, dtype=terms[0][0].dtype,
                           device=xt.device)
@@ -1217,13 +1224,25 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     same lerps as _device_forward / _device_backward (dual numbers). Both branches run this;
     the CPU branch with its tricks where mode.eager."""
     span, offset = _pass_span(group, first, stop, table)
-    corners, fracs, _ = _corner_rows(xt, group, first, stop, offset)
     tricks = mode.cpu and mode.eager
-    words = _pack(span, g.dtype) if tricks else None
+    words, grad_levels = _pack(span, g.dtype) if tricks else None, None
+    if words is not None and grad_table is not None and not isinstance(grad_table, _RowCollector):
+        grad_words = _pack(grad_table[group.rows_start:group.rows_stop], g.dtype)
+        if grad_words is not None:
+            # the table and its gradient as (G, W) views (_per_level): the gather and the
+            # scatter-add along dim 1 run the levels on all cores
+            grad_levels, offset = _per_level(grad_words, group, first, stop)
+            words = _per_level(_pack(table[group.rows_start:group.rows_stop], g.dtype), group,
+                               first, stop)[0]
+    corners, fracs, _ = _corner_rows(xt, group, first, stop, offset,
+                                     torch.int64 if grad_levels is not None else None)
     if words is not None:   # feature pairs as complex numbers (see _pack), gathers on every thread
-        index = corners.reshape(-1).long()
         g = _pack(g.contiguous(), g.dtype)
-        rows = _gather(words, index, True, torch.get_num_threads()).view(corners.shape)
+        if grad_levels is not None:
+            rows = words.expand(corners.shape[0], -1, -1).gather(2, corners)
+        else:
+            rows = _gather(words, corners.reshape(-1).long(), True,
+                           torch.get_num_threads()).view(corners.shape)
         values = (rows * g.conj()).real if g.is_complex() else rows * g     # (2**D, G, n)
     else:
         rows = _gather(span, corners, tricks).to(g.dtype)                    # (2**D, G, n, F)
@@ -1256,17 +1275,15 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     if grad_g is not None:
         grad_dw = (rows * per_row(dw)).sum(0)
         grad_g.add_(_unpack(grad_dw) if words is not None else grad_dw)
-    if grad_table is not None:
+    if grad_levels is not None:
+        values = g * dw
+        for corner in range(corners.shape[0]):
+            grad_levels.scatter_add_(1, corners[corner], values[corner])
+    elif grad_table is not None:
         grad_span = _pass_span(group, first, stop, grad_table)[0]
         values = g * per_row(dw)
-        grad_words = None
-        if words is not None and not isinstance(grad_span, _RowCollector):
-            grad_words = _pack(grad_span, values.real.dtype)      # (see _cpu_backward_pass)
-        if grad_words is not None:
-            grad_words.scatter_add_(0, index, values.reshape(-1))
-        else:
-            grad_span.index_add_(0, corners.reshape(-1), _unpack(values).reshape(
-                -1, grad_span.shape[1]) if words is not None else values.reshape(-1, g.shape[-1]))
+        grad_span.index_add_(0, corners.reshape(-1), _unpack(values).reshape(
+            -1, grad_span.shape[1]) if words is not None else values.reshape(-1, g.shape[-1]))
 
 
 # --- The CPU branch: eager mode on a CPU (its forward is torch.compile's too) ----------------
@@ -1309,52 +1326,69 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
     nan (n,) are skipped, None: no point is), to grad_table (R, F) and to grad_xt (D, n)."""
     n_dims, n_features = xt.shape[0], g_planes.shape[1]
     group_table = table[group.rows_start:group.rows_stop]
-    group_grad = words = grad_levels = None
+    group_grad = grad_words = table_words = grad_levels = table_levels = None
     if grad_table is not None:
         group_grad = grad_table[group.rows_start:group.rows_stop]
     if mode.eager and group_grad is not None and not isinstance(group_grad, _RowCollector):
-        words = _pack(group_grad, g_planes.dtype)
+        grad_words = _pack(group_grad, g_planes.dtype)                                # (R,)
+    if mode.eager and grad_xt is not None:
+        table_words = _pack(group_table, g_planes.dtype)                              # (R,)
+    # (G, W) views (_per_level) of the rows read and written, all indexed alike: scatter_add_
+    # and gather along their dim 1 run the levels on all cores
+    per_level = (mode.eager and (group_grad is None or grad_words is not None)
+                 and (grad_xt is None or table_words is not None))
     offset = group.offset[first:stop]
-    if words is not None:   # one copy of the gradient, straight into the packed form
+    if grad_words is not None or per_level:   # one copy of g, straight into the packed form
         g_rows = (torch.complex(g_planes[:, 0], g_planes[:, 1]) if n_features == 2
                   else g_planes[:, 0].clone())                                    # (G, n)
         if nan is not None:
             g_rows.masked_fill_(nan, 0.0)
         g = _unpack(g_rows)                                                       # (G, n, F)
-        if grad_xt is None:
-            # scatter_add_ along dim 1 of this (G, W) view runs the levels on all cores
-            grad_levels, offset = _per_level(words, group, first, stop)
     else:
         g = g_planes.transpose(1, 2)                                             # (G, n, F)
         if nan is not None:
             g = g.masked_fill(nan[:, None], 0.0)
+    if per_level and grad_words is not None:
+        grad_levels, offset = _per_level(grad_words, group, first, stop)
+    if per_level and table_words is not None:
+        table_levels, offset = _per_level(table_words, group, first, stop)
     terms, _, weights = _axis_terms(xt, group, first, stop, offset,
-                                    torch.int64 if grad_levels is not None else None)
+                                    torch.int64 if per_level else None)
     need_x = grad_xt is not None and weights is not None   # "nearest": d/dx = 0
-    grad_weight, factors = [None] * n_dims, [(1.0 - s, s) for s, _ in weights] if need_x else None
+    dots = [None] * (1 << n_dims)     # need_x: each corner's g . row (G, n)
     for corner, index, weight in _corners(terms, weights, group, first, stop, offset):
         if grad_levels is not None:
             values = g_rows if weight is None else g_rows * weight
             grad_levels.scatter_add_(1, index, values)   # (index: int64 rows of each level)
-        elif words is not None:
+        elif grad_words is not None:
             values = g_rows if weight is None else g_rows * weight
             # scatter_add_'s 1-D CPU loop is tighter than index_add_'s, even after the int64
             # copy it needs
-            words.scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
+            grad_words.scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
         elif group_grad is not None:
             values = (g if weight is None else g * weight.unsqueeze(-1)).reshape(-1, n_features)
             # (the 2-D index_add_ CPU kernel is several times slower with int32 indices)
             group_grad.index_add_(0, index.reshape(-1).long(), values.to(group_grad.dtype))
-        if need_x:
-            g_dot_feature = (g * _gather(group_table, index, mode.eager)).sum(-1)  # (G, n)
-            for d in range(n_dims):
-                # d weight / d s_d = +-prod_{e != d} (s_e or 1 - s_e)
-                term = g_dot_feature if (corner >> d) & 1 else -g_dot_feature
-                for e in range(n_dims):
-                    term = term if e == d else term * factors[e][(corner >> e) & 1]
-                grad_weight[d] = term if grad_weight[d] is None else grad_weight[d] + term
-    for d in range(n_dims if need_x else 0):
-        _add_grad_x(grad_xt, d, grad_weight[d], weights[d][1], group, first, stop)
+        if need_x and table_levels is not None:     # rows . g, pairs as complex numbers
+            rows = table_levels.gather(1, index)
+            dots[corner] = (rows * g_rows.conj()).real if rows.is_complex() else rows * g_rows
+        elif need_x:
+            dots[corner] = (g * _gather(group_table, index, mode.eager)).sum(-1)
+    if need_x:
+        # P = sum_c dots_c w_c, the weights products of lerp weights s_d: lerping the corners
+        # axis by axis gives each dP/ds_d as the difference of the two ends along d, lerped
+        # along the later axes (about 2**(D+1) ops, not 4 D 2**D corner by corner)
+        grad_weight = []      # per axis so far, its derivative at the corners of later axes
+        for d in range(n_dims):
+            weight = weights[d][0].to(dots[0].dtype)
+            lower, upper = dots[0::2], dots[1::2]
+            grad_weight = [[torch.lerp(a, b, weight) for a, b in zip(t[0::2], t[1::2])]
+                           for t in grad_weight]
+            grad_weight.append([b - a for a, b in zip(lower, upper)])
+            if d < n_dims - 1:
+                dots = [torch.lerp(a, b, weight) for a, b in zip(lower, upper)]
+        for d in range(n_dims):
+            _add_grad_x(grad_xt, d, grad_weight[d][0], weights[d][1], group, first, stop)
 
 
 # --- CPU speed tricks (the CPU branch where mode.eager) --------------------------------------
