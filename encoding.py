@@ -1316,6 +1316,7 @@ def _cpu_forward(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, firs
             out = feature * weight
         else:
             out.addcmul_(feature, weight)
+        index = weight = feature = None   # (freed before the next corner: malloc reuses them)
     return out if words is None else _unpack(out)
 
 
@@ -1374,6 +1375,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
             dots[corner] = (rows * g_rows.conj()).real if rows.is_complex() else rows * g_rows
         elif need_x:
             dots[corner] = (g * _gather(group_table, index, mode.eager)).sum(-1)
+        index = weight = values = rows = None   # (freed before the next corner's, see above)
     if need_x:
         # P = sum_c dots_c w_c, the weights products of lerp weights s_d: lerping the corners
         # axis by axis gives each dP/ds_d as the difference of the two ends along d, lerped
