@@ -49,38 +49,14 @@ Vertex -> row (both layouts)
 Interpolation: "linear" (weights prod_d frac_d or 1 - frac_d over the 2**D cell corners),
 "smoothstep" (the same with S(t) = t^2 (3 - 2t), continuous dy/dx) and "nearest" (the
 vertex floor(x * N + 0.5) in the paper layout, tcnn's floor(pos) in the tcnn layout).
-
-Code map (top to bottom; each formula above lives in exactly one function)
------------------------------------------------------------------------------
-PART I, what to read
-  formulas          b: _paper_growth; N_l: _paper_cells; tcnn scale / res: _tcnn_scale,
-                    _tcnn_vertices; rows: _level_rows; strides: _dense_strides; one axis'
-                    share of a row: _dense_term, _hash_term (primes: hash_primes), and how
-                    axes combine: _combine; periodic wrap: _periodic_vertex; pos / cell /
-                    frac: _cell_and_frac; weights: _upper_weight
-  level plan        _Level, _plan_levels: every level's resolution, rows, offset, kind
-  reference         _reference_encode: the whole encoding in plain torch ops, one level and
-                    one corner at a time (implementation="reference")
-  MultiResHashGrid  the nn.Module and its arguments
-PART II, speed (the same numbers as the reference, in fewer and larger operations)
-  _LevelGroup       consecutive levels that index alike, as the tensors the passes use
-  _HashGridFunction the autograd Function, with a hand-written backward
-  _HashGridBackward that backward as a Function of its own, for second order (eikonal losses):
-                    analytic second derivatives, 2**D corners at once (_double_backward_pass)
-  _Passes           how the work is split: level-major passes of a bounded size
-  shared pieces     _axis_terms (with the shortcuts _next_hash_term, _term / _next_term and
-                    axis 0 taken directly, each tested against the formula it replaces)
-  device branch     GPUs and torch.compile: all corners of a pass at once, lerps
-  CPU branch        eager on a CPU: corners depth first, in cache-sized passes, with the CPU
-                    speed tricks (word views, complex pairs, every intra-op thread)
-  custom op         hashgrid::table_grad_v5: torch.compile's table gradient on a CPU
-  sparse gradients  sparse=True: _RowCollector gathers the passes' (row, value) contributions,
-                    _coalesced_rows sums them per row in a fixed order (no float atomics)
-PART III, tiny-cuda-nn interop: from_tcnn_config / tcnn_config / tcnn_params
-PART IV, Frequency: the NeRF positional encoding
+Reading order: this docstring; `MultiResHashGrid`, the module; `_reference_encode`, the whole
+encoding in plain torch ops (implementation="reference"); the level plan (the formulas for b,
+N_l and rows, run once at construction). That is the whole idea. Everything after the
+"SPEED ONLY" header computes the same numbers in fewer, larger operations (each shortcut
+tested against the formula it replaces), then come tiny-cuda-nn interop and `Frequency`.
 """
 import math
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -91,33 +67,16 @@ Resolution = Union[int, float, Sequence[Union[int, float]]]
 _INTERPOLATIONS = ("linear", "smoothstep", "nearest")
 _LAYOUTS = ("paper", "tcnn")
 _GRID_TYPES = ("hash", "dense", "tiled")
-_IMPLEMENTATIONS = ("fast", "device", "reference")
+_IMPLEMENTATIONS = ("fast", "reference")
 # Interpolation visits the 2**D corners of a point's cell at every level, each a few tensor ops
 # per pass and a gather per point: at D = 16 that is already 65,536 lookups per point and
 # level, and D = 40 would never return. "nearest" reads one vertex and has no such limit.
 _MAX_INTERPOLATED_DIM = 16
 
-
-# =============================================================================================
-# PART I: what to read. The formulas, one small function each (Python numbers at
-# construction, tensors per point)
-# =============================================================================================
-
 # The spatial-hash primes of the paper (eq. 4) and tiny-cuda-nn; 1 for the first axis keeps
 # neighbouring vertices along x in neighbouring rows (cache coherence).
 HASH_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
 _GOLDEN_RATIO_32 = 2654435769  # floor(2**32 / golden ratio), a Weyl-sequence step
-
-
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    if n % 2 == 0:
-        return n == 2
-    for divisor in range(3, math.isqrt(n) + 1, 2):
-        if n % divisor == 0:
-            return False
-    return True
 
 
 def hash_primes(dim: int) -> List[int]:
@@ -128,255 +87,17 @@ def hash_primes(dim: int) -> List[int]:
     the starting points over the 32-bit range (like the published primes, which are large and
     odd), and the search makes each one prime. Deterministic, so checkpoints stay valid.
     """
+    def is_prime(n: int) -> bool:
+        return n > 1 and all(n % k for k in range(2, math.isqrt(n) + 1))
+
     primes = list(HASH_PRIMES[:dim])
     for d in range(len(HASH_PRIMES), dim):
         candidate = (d * _GOLDEN_RATIO_32) % (1 << 32) | 1
-        while not _is_prime(candidate) or candidate in primes:
+        while not is_prime(candidate) or candidate in primes:
             candidate += 2
         primes.append(candidate)
     return primes
 
-
-def _float32(value: float) -> float:
-    """The nearest float32 to value, as a Python float."""
-    return torch.tensor(value, dtype=torch.float32, device="cpu").item()
-
-
-def _paper_growth(base: float, finest: float, n_levels: int) -> float:
-    """b = exp((ln N_max - ln N_min) / (L - 1)), 1 for a single level."""
-    if n_levels == 1:
-        return 1.0
-    return math.exp((math.log(finest) - math.log(base)) / (n_levels - 1))
-
-
-def _paper_cells(base: float, growth: float, level: int) -> int:
-    """N_l = floor(N_min * b**l): cells along one axis at level l (paper layout)."""
-    # exp/log round-off can land N_min * b**(L-1) a hair below N_max; the paper means N_max.
-    return math.floor(base * growth ** level * (1.0 + 1e-12))
-
-
-def _tcnn_scale(base: float, growth: float, level: int) -> float:
-    """tcnn's scale exp2f(l * log2f(b)) * N_min - 1.0f, rounded to float32 at every step
-    (b itself is a float32 there)."""
-    exponent = _float32(level * _float32(math.log2(_float32(growth))))
-    return _float32(_float32(_float32(2.0 ** exponent) * base) - 1.0)
-
-
-def _tcnn_vertices(scale: float) -> int:
-    """tcnn's resolution: ceil(scale) + 1 vertices along one axis."""
-    return math.ceil(scale) + 1
-
-
-def _level_rows(n_vertices: int, layout: str, grid_type: str, max_rows: int,
-                tile_rows: int) -> int:
-    """A level's table rows. Paper layout: every vertex if they fit in T (max_rows) or the
-    grid is dense, else T. tcnn: every vertex rounded up to a multiple of 8 (its memory
-    alignment), at most 2**31; then at most T (hash) or N_min**D (tile_rows, tiled). A hash
-    grid's level is hashed when n_vertices > rows."""
-    if layout == "paper":
-        return n_vertices if grid_type == "dense" else min(n_vertices, max_rows)
-    rows = min(-(-n_vertices // 8) * 8, 2**31)
-    if grid_type == "hash":
-        return min(rows, max_rows)
-    return min(rows, tile_rows) if grid_type == "tiled" else rows
-
-
-def _dense_strides(vertices: Sequence[int]) -> Tuple[int, ...]:
-    """stride_0 = 1, stride_d = stride_{d-1} * V_{d-1} (axis 0 fastest)."""
-    return tuple(math.prod(vertices[:d]) for d in range(len(vertices)))
-
-
-def _dense_term(vertex, stride):
-    """Axis d's share of a dense level's row index: v_d * stride_d (axes combine by +).
-    Ints or integer tensors."""
-    return vertex * stride
-
-
-def _hash_term(vertex, prime, mask: int):
-    """Axis d's share of a hashed level's row index: (v_d * prime_d mod 2**32) mod T, written
-    & (T - 1) (mask), T being a power of two <= 2**31 (axes combine by XOR). Ints, or integer
-    tensors whose products wrap modulo 2**32 or wider: int64, or int32 with the prime stored as
-    its low 32 bits read as a signed number (_wrapped_prime)."""
-    return (vertex * prime) & mask
-
-
-def _next_hash_term(term, prime, mask: int):
-    """_hash_term(v + 1) from term = _hash_term(v): (term + prime mod T) mod T, no product."""
-    return (term + (prime & mask)) & mask
-
-
-def _wrapped_prime(prime: int) -> int:
-    """A prime < 2**32 as the signed 32-bit number with the same bits: int32 products with it
-    are the unsigned products modulo 2**32, which is all the hash keeps."""
-    return prime - (1 << 32) if prime >= 1 << 31 else prime
-
-
-def _combine(index, term, hashed: bool, out=None):
-    """A partial row index and one more axis' term -> XOR (spatial hash) or + (dense)."""
-    if out is None:
-        return index ^ term if hashed else index + term
-    return torch.bitwise_xor(index, term, out=out) if hashed else torch.add(index, term, out=out)
-
-
-def _periodic_vertex(vertex: torch.Tensor, n_cells: torch.Tensor) -> torch.Tensor:
-    """On a periodic axis vertex N is vertex 0: v -> v mod N."""
-    return torch.remainder(vertex, n_cells)
-
-
-def _cell_and_frac(x: torch.Tensor, scale: torch.Tensor, shift: float, tcnn: bool,
-                   max_cell: Optional[torch.Tensor], index_dtype: torch.dtype
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One axis: x (n,) in [0, 1], scale (G, 1) -> cell (G, n) the lower vertex (index_dtype)
-    and frac (G, n) in [0, 1]: pos = x * scale + shift, cell = min(floor(pos), max_cell),
-    frac = pos - cell."""
-    if tcnn and x.dtype != torch.float64:
-        # tcnn computes fmaf(scale, x, 0.5) in float32 (one rounding). The product of two
-        # float32 values is exact in float64, so this reproduces it bit for bit (barring
-        # double-rounding ties).
-        pos = (scale.double() * x.double() + shift).to(x.dtype)
-    else:
-        pos = scale.to(x.dtype) * x
-        if shift:
-            pos = pos + shift
-    cell = pos.to(index_dtype)        # truncation is floor: pos >= 0
-    if max_cell is not None:
-        cell = torch.minimum(cell, max_cell)
-    return cell, pos - cell
-
-
-def _smoothstep(t: torch.Tensor) -> torch.Tensor:
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _smoothstep_derivative(t: torch.Tensor) -> torch.Tensor:
-    return 6.0 * t * (1.0 - t)
-
-
-def _smoothstep_second_derivative(t: torch.Tensor) -> torch.Tensor:
-    return 6.0 - 12.0 * t
-
-
-def _upper_weight(frac: torch.Tensor, interpolation: str):
-    """One axis: (s, ds/dfrac) with s the weight of the upper vertex, frac ("linear") or
-    S(frac) ("smoothstep"; ds/dfrac None for linear). The lower vertex weighs 1 - s, and a cell
-    corner the product of its axes' weights (equivalently: lerp along one axis after another)."""
-    if interpolation == "smoothstep":
-        return _smoothstep(frac), _smoothstep_derivative(frac)
-    return frac, None
-
-
-# =============================================================================================
-# The level plan: plain Python, computed once at construction
-# =============================================================================================
-
-class _Level(NamedTuple):
-    """One level: resolution (N_l per axis in the paper layout, tcnn's vertex count in the
-    tcnn layout), scale (pos = x * scale (+ 0.5)), vertices (per axis, the dense index's
-    V_d), rows, offset (its first row), hashed."""
-    resolution: Tuple[int, ...]
-    scale: Tuple[float, ...]
-    vertices: Tuple[int, ...]
-    rows: int
-    offset: int
-    hashed: bool
-
-
-def _per_axis(value: Resolution, dim: int, name: str) -> Tuple[float, ...]:
-    """An int/float or a sequence of ``dim`` of them -> a tuple of ``dim`` positive floats."""
-    if isinstance(value, (int, float)):
-        values = (float(value),) * dim
-    else:
-        values = tuple(float(v) for v in value)
-        if len(values) != dim:
-            raise ValueError(f"{name} needs 1 or dim={dim} values, got {len(values)}")
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
-    return values
-
-
-def _plan_levels(base: Sequence[float], growth: Sequence[float], n_levels: int,
-                 log2_hashmap_size: int, layout: str, grid_type: str,
-                 periodic: Sequence[bool]) -> List[_Level]:
-    """Every level's resolution, rows and offset, from the per-axis N_min and b."""
-    max_rows, offset, levels = 1 << log2_hashmap_size, 0, []
-    tile_rows = math.prod(int(b) for b in base)
-    for level in range(n_levels):
-        if layout == "paper":
-            cells = tuple(_paper_cells(b, g, level) for b, g in zip(base, growth))
-            resolution, scale = cells, tuple(float(c) for c in cells)
-            vertices = tuple(c if p else c + 1 for c, p in zip(cells, periodic))
-        else:
-            scale = tuple(_tcnn_scale(b, g, level) for b, g in zip(base, growth))
-            resolution = vertices = tuple(_tcnn_vertices(s) for s in scale)
-        n_vertices = math.prod(vertices)
-        if layout == "tcnn" and grid_type != "hash" and n_vertices >= 2**32:
-            raise ValueError(f"level {level} of a {grid_type} grid has {n_vertices} >= 2**32 "
-                             "vertices, past tiny-cuda-nn's 32-bit dense index")
-        rows = _level_rows(n_vertices, layout, grid_type, max_rows, tile_rows)
-        hashed = grid_type == "hash" and n_vertices > rows
-        levels.append(_Level(resolution, scale, vertices, rows, offset, hashed))
-        offset += rows
-    return levels
-
-
-# =============================================================================================
-# The reference: the whole encoding, read top to bottom
-# =============================================================================================
-
-def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence[_Level],
-                      interpolation: str, layout: str, periodic: Sequence[bool],
-                      hash_mask: int, sparse: bool = False) -> torch.Tensor:
-    """x (N, D) in [0, 1] -> features (N, L * F), one level and one cell corner at a time, in
-    plain differentiable torch ops: autograd gives the gradients to x and the table (and
-    through them, second order). implementation="reference" runs this; the fast path computes
-    the same numbers in fewer, larger operations. sparse: the table's gradient from each
-    lookup is a sparse tensor of its rows (their sum, uncoalesced, is the table's)."""
-    n_points, dim = x.shape
-    primes = hash_primes(dim)
-    tcnn, nearest = layout == "tcnn", interpolation == "nearest"
-    shift = 0.5 if tcnn or nearest else 0.0          # nearest: the vertex floor(x * N + 0.5)
-    features = []
-    for level in levels:
-        strides = _dense_strides(level.vertices)
-        cells, weights = [], []
-        for d in range(dim):
-            scale = torch.tensor([[level.scale[d]]], dtype=torch.float32, device=x.device)
-            max_cell = None
-            if layout == "paper":       # x = 1 interpolates onto vertex N from cell N - 1
-                max_cell = torch.tensor(level.resolution[d] - (not nearest), device=x.device)
-            cell, frac = _cell_and_frac(x[:, d], scale, shift, tcnn, max_cell, torch.int64)
-            cells.append(cell[0])
-            weights.append(_upper_weight(frac[0], interpolation)[0])
-        level_features = 0.0
-        for corner in range(1 if nearest else 2 ** dim):   # bit d set: upper vertex on axis d
-            index, weight = None, None
-            for d in range(dim):
-                upper = (corner >> d) & 1
-                vertex = cells[d] + upper
-                if periodic[d]:
-                    vertex = _periodic_vertex(vertex, level.resolution[d])
-                if level.hashed:
-                    term = _hash_term(vertex, primes[d], hash_mask)
-                else:
-                    term = _dense_term(vertex, strides[d])
-                index = term if index is None else _combine(index, term, level.hashed)
-                if not nearest:
-                    factor = weights[d] if upper else 1.0 - weights[d]
-                    weight = factor if weight is None else weight * factor
-            if tcnn and not level.hashed:
-                index = torch.remainder(index, level.rows)   # tcnn's dense index wraps
-            rows = level.offset + index
-            # sparse: each lookup's gradient a sparse tensor of its rows (nn.Embedding's)
-            vertex = (nn.functional.embedding(rows, table, sparse=True) if sparse
-                      else table[rows])                                          # (N, F)
-            level_features = level_features + (vertex if nearest else weight[:, None] * vertex)
-        features.append(level_features)
-    return torch.cat(features, dim=-1)
-
-
-# =============================================================================================
-# The module
-# =============================================================================================
 
 class MultiResHashGrid(nn.Module):
     """Multiresolution hash encoding: x (..., dim) in [0, 1] ->
@@ -403,10 +124,9 @@ class MultiResHashGrid(nn.Module):
             periodic axis x = 0 and x = 1 are the same place (vertex N_l is vertex 0), e.g.
             an angle or a 360-degree panorama's longitude. x is still clamped to [0, 1]
             (wrap angles first, e.g. x % 1).
-        implementation: "fast" (default: the CPU branch in eager mode on a CPU, the device
-            branch on GPUs and under torch.compile), "device" (the device branch everywhere,
-            e.g. to test it on a CPU) or "reference" (_reference_encode: plain torch ops and
-            autograd, one level and one corner at a time; to read, and to check against).
+        implementation: "fast" (default: the speed-only part below) or "reference"
+            (_reference_encode: plain torch ops and autograd, one level and one corner at a
+            time; to read, and to check against).
         sparse: the table's gradient as a coalesced sparse COO tensor of the rows the batch
             touched, each row's contributions summed in a fixed order (deterministic, no
             float atomics), as ``nn.Embedding(sparse=True)`` gives it: for
@@ -431,8 +151,7 @@ class MultiResHashGrid(nn.Module):
     Attributes: input_dim, output_dim, resolutions (per level, per axis: N_l in the paper
     layout, tcnn's vertex count in the tcnn layout), rows_per_level, level_offsets,
     hashed_levels, periodic (tuple of D bools), grid_type, implementation, embedding
-    (nn.Embedding(sum(rows_per_level), F), the parameters),
-    chunk_size (points per pass; None: automatic, see the speed notes).
+    (nn.Embedding(sum(rows_per_level), F), the parameters).
     ``MultiResHashGrid.table_shape(...)`` gives the embedding's shape for the same arguments
     without allocating it. The table starts as U(-1e-4, 1e-4), as in the paper.
 
@@ -443,25 +162,23 @@ class MultiResHashGrid(nn.Module):
     and returns its gradient, with no copy; .view(-1) then raises (.reshape copies). Under
     torch.compile it is row-major either way.
 
-    Speed notes: work runs level-major in passes of about CPU_LOOKUPS_PER_PASS (CPU branch)
-    or DEVICE_LOOKUPS_PER_PASS (device branch) lookups per cell corner: all points for as
-    many levels as fit, or one level for runs of points, so a level's table stays in cache
-    and temporaries have a bounded size. Row indices are int32 (int64 for tables of 2**31 rows
-    or more). The device branch reads and scatters all corners of a pass at once and keeps
-    each corner's row and each axis' fraction from forward for backward (DEVICE_KEEP); the CPU
-    branch recomputes them and handles feature pairs as complex numbers, with gathers and the
-    table gradient on all intra-op threads. Under torch.compile on a CPU the table gradient
-    runs the CPU branch as the custom op ``hashgrid::table_grad_v5`` (torch >= 2.4).
+    Speed: eager on a CPU, the CPU branch; on GPUs and under torch.compile, the device branch
+    (see the SPEED ONLY part). Row indices are int32 (int64 for tables of 2**31 rows or
+    more). Under torch.compile on a CPU the table gradient runs the CPU branch as the custom
+    op ``hashgrid::table_grad_v5`` (torch >= 2.4).
     """
 
-    # Lookups per cell corner in a pass (points x levels): CPU passes fit in cache, device
-    # passes are large enough to fill a GPU and small enough to bound its temporaries.
-    CPU_LOOKUPS_PER_PASS = 1 << 16
-    DEVICE_LOOKUPS_PER_PASS = 1 << 18
-    # The device branch keeps each corner's row and each axis' fraction from forward (4 bytes
-    # per corner and per axis, for every level and point): backward then writes about half
-    # the bytes. False: backward recomputes them, for the least memory.
-    DEVICE_KEEP = True
+    # Private knobs, set by tests and bench/ only: lookups per cell corner in a pass (CPU
+    # passes fit in cache; device passes fill a GPU and bound its temporaries); whether the
+    # device branch keeps each corner's row and each axis' fraction from forward (4 bytes per
+    # corner and per axis, every level and point: backward then writes about half the bytes;
+    # False recomputes them, for the least memory); the device branch on a CPU too; points per
+    # pass (None: from the lookups).
+    _cpu_lookups = 1 << 16
+    _device_lookups = 1 << 18
+    _device_keep = True
+    _device_branch = False
+    _chunk_size: Optional[int] = None
 
     def __init__(
         self,
@@ -492,16 +209,12 @@ class MultiResHashGrid(nn.Module):
         if log2_hashmap_size > 31:
             raise ValueError("log2_hashmap_size must be <= 31 (tables of 2**31 rows), "
                              f"got {log2_hashmap_size}")
-        if interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, "
-                             f"got {interpolation!r}")
-        if layout not in _LAYOUTS:
-            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
-        if grid_type not in _GRID_TYPES:
-            raise ValueError(f"grid_type must be one of {_GRID_TYPES}, got {grid_type!r}")
-        if implementation not in _IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, "
-                             f"got {implementation!r}")
+        for name, value, choices in (("interpolation", interpolation, _INTERPOLATIONS),
+                                     ("layout", layout, _LAYOUTS),
+                                     ("grid_type", grid_type, _GRID_TYPES),
+                                     ("implementation", implementation, _IMPLEMENTATIONS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         if not isinstance(sparse, bool):
             raise ValueError(f"sparse must be a bool, got {sparse!r}")
         periodic_axes = (periodic,) * dim if isinstance(periodic, bool) else tuple(periodic)
@@ -532,21 +245,13 @@ class MultiResHashGrid(nn.Module):
             growth = _per_axis(per_level_scale, dim, "per_level_scale")
             if any(g < 1 for g in growth):
                 raise ValueError(f"per_level_scale must be >= 1, got {per_level_scale}")
-        self.input_dim = dim
-        self.output_dim = n_levels * n_features_per_level
-        self.n_levels = n_levels
-        self.n_features_per_level = n_features_per_level
-        self.log2_hashmap_size = log2_hashmap_size
-        self.interpolation = interpolation
-        self.layout = layout
-        self.grid_type = grid_type
-        self.periodic = periodic_axes
-        self.base_resolution = base_resolution
-        self.finest_resolution = finest_resolution
-        self.per_level_scale = growth
-        self.implementation = implementation
+        self.input_dim, self.output_dim = dim, n_levels * n_features_per_level
+        self.n_levels, self.n_features_per_level = n_levels, n_features_per_level
+        self.log2_hashmap_size, self.interpolation = log2_hashmap_size, interpolation
+        self.layout, self.grid_type, self.periodic = layout, grid_type, periodic_axes
+        self.base_resolution, self.finest_resolution = base_resolution, finest_resolution
+        self.per_level_scale, self.implementation = growth, implementation
         self.feature_major = bool(feature_major)
-        self.chunk_size: Optional[int] = None   # points per pass; None: automatic (_Passes)
 
         levels = _plan_levels(base, growth, n_levels, log2_hashmap_size, layout, grid_type,
                               periodic_axes)
@@ -563,23 +268,10 @@ class MultiResHashGrid(nn.Module):
                              dtype=dtype)
         self.embedding = nn.Embedding(*weight.shape, _weight=weight, sparse=sparse)
         self.reset_parameters()
-
-        # Row indices in int32 (half the memory traffic of int64) unless some index reaches
-        # 2**31: a row, or a tcnn dense index before its wrap-around (vertex at most V_d).
-        largest = max([sum(self.rows_per_level)] + [
-            sum(v * s for v, s in zip(level.vertices, _dense_strides(level.vertices)))
-            for level in levels if not level.hashed])
-        index_dtype = torch.int32 if largest < 2**31 else torch.int64
-        groups, start, max_rows = [], 0, 1 << log2_hashmap_size
-        while start < n_levels:
-            stop = start
-            while stop < n_levels and levels[stop].hashed == levels[start].hashed:
-                stop += 1
-            groups.append(_LevelGroup.from_levels(levels[start:stop], start, max_rows - 1,
-                                                  layout, periodic_axes, interpolation,
-                                                  index_dtype, weight.device))
-            start = stop
-        self._level_groups = nn.ModuleList(groups)
+        # the speed-only part's view of the levels
+        self._level_groups = nn.ModuleList(_LevelGroup.of_plan(
+            levels, (1 << log2_hashmap_size) - 1, layout, periodic_axes, interpolation,
+            weight.device))
 
     @classmethod
     def table_shape(cls, *args, **kwargs) -> Tuple[int, int]:
@@ -606,15 +298,6 @@ class MultiResHashGrid(nn.Module):
         """The table as the paper starts it: U(-1e-4, 1e-4)."""
         self.embedding.weight.uniform_(-1e-4, 1e-4)
 
-    def _passes(self, device: torch.device) -> "_Passes":
-        compiling = torch.compiler.is_compiling()
-        cpu = self.implementation == "fast" and device.type == "cpu" and not compiling
-        # (compiled: one pass per level group, whose temporaries inductor fuses away)
-        lookups = (self.CPU_LOOKUPS_PER_PASS if cpu else self.DEVICE_LOOKUPS_PER_PASS
-                   if not compiling else 1 << 62)
-        return _Passes(tuple(self._level_groups), self.chunk_size, cpu, lookups, self.sparse,
-                       self.feature_major)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., dim) in [0, 1] -> (..., n_levels * n_features_per_level)."""
         if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
@@ -625,12 +308,6 @@ class MultiResHashGrid(nn.Module):
             raise ValueError(f"MultiResHashGrid(dim={self.input_dim}) expects x of shape "
                              f"(..., {self.input_dim}), got {tuple(x.shape)}")
         table = self.embedding.weight
-        if (self.sparse and torch.compiler.is_compiling() and torch.is_grad_enabled()
-                and table.requires_grad):
-            raise RuntimeError(
-                "MultiResHashGrid(sparse=True) has no torch.compile path (AOTAutograd traces no "
-                "sparse gradients): compile with sparse=False, or without fullgraph=True (the "
-                "encoding then runs eagerly: one graph break)")
         batch_shape = x.shape[:-1]
         points = x.reshape(-1, self.input_dim)
         # float64 stays float64 (gradcheck); anything narrower computes positions in float32,
@@ -645,21 +322,33 @@ class MultiResHashGrid(nn.Module):
             if self.sparse:     # the lookups' sparse gradients meet here, summed per row
                 table = _CoalescedGrad.apply(table)
             features = _reference_encode(points, table, self._levels, self.interpolation,
-                                         self.layout, self.periodic,
-                                         (1 << self.log2_hashmap_size) - 1, self.sparse)
+                                         self.layout, self.periodic, self.sparse)
             features = features.masked_fill(nan[:, None], float("nan"))
         else:
-            passes = self._passes(points.device)
-            # the device branch keeps its corner rows and fractions for backward, if any
-            keep = (self.DEVICE_KEEP and not passes.cpu and not torch.compiler.is_compiling()
-                    and torch.is_grad_enabled() and (points.requires_grad or table.requires_grad))
-            if torch.compiler.is_compiling() and points.requires_grad:
+            mode = self._mode(points, table)
+            if mode.compiling and points.requires_grad:
                 # a gradient to x (e.g. an eikonal loss) under torch.compile: its traced ops,
                 # which AOTAutograd differentiates to any order (a custom Function only once)
-                features = _encode(points, table, nan, passes, False)[0]
+                features = _encode(points, table, nan, mode)[0]
             else:
-                features = _HashGridFunction.apply(points, table, nan, passes, keep)
+                features = _HashGridFunction.apply(points, table, nan, mode)
         return features.to(table.dtype).reshape(*batch_shape, self.output_dim)
+
+    def _mode(self, points: torch.Tensor, table: torch.Tensor) -> "_Mode":
+        """How this call runs (see _Mode): the one place that reads torch's global state."""
+        compiling, grad = torch.compiler.is_compiling(), torch.is_grad_enabled()
+        if self.embedding.sparse and compiling and grad and table.requires_grad:
+            raise RuntimeError(
+                "MultiResHashGrid(sparse=True) has no torch.compile path (AOTAutograd traces no "
+                "sparse gradients): compile with sparse=False, or without fullgraph=True (the "
+                "encoding then runs eagerly: one graph break)")
+        cpu = points.device.type == "cpu" and not compiling and not self._device_branch
+        keep = (self._device_keep and not cpu and not compiling and grad
+                and (points.requires_grad or table.requires_grad))
+        # (compiled: one pass per level group, whose temporaries inductor fuses away)
+        lookups = 1 << 62 if compiling else self._cpu_lookups if cpu else self._device_lookups
+        return _Mode(tuple(self._level_groups), cpu, compiling, not compiling, keep,
+                     self.embedding.sparse, self.feature_major, lookups, self._chunk_size)
 
     @classmethod
     def from_tcnn_config(cls, n_input_dims: int, config: dict, **kwargs) -> "MultiResHashGrid":
@@ -718,9 +407,171 @@ class MultiResHashGrid(nn.Module):
                 + (", sparse=True" if self.sparse else ""))
 
 
-# =============================================================================================
-# PART II: speed. A group of levels: the one representation the passes use
-# =============================================================================================
+
+# --- The reference: the whole encoding, read top to bottom -----------------------------------
+
+def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence["_Level"],
+                      interpolation: str, layout: str, periodic: Sequence[bool],
+                      sparse: bool = False) -> torch.Tensor:
+    """x (N, D) in [0, 1], table (R, F) -> features (N, L * F): the formulas of the module
+    docstring, one level and one cell corner at a time, in plain differentiable torch ops
+    (autograd gives the gradients to x and the table, to any order). implementation=
+    "reference" runs this; the speed-only part computes the same numbers in fewer, larger
+    operations. sparse: each lookup's table gradient a sparse tensor of its rows (their sum,
+    uncoalesced, is the table's). levels: the level plan (_plan_levels)."""
+    n_points, dim = x.shape
+    primes = hash_primes(dim)
+    tcnn, nearest = layout == "tcnn", interpolation == "nearest"
+    features = []
+    for level in levels:
+        cells, uppers = [], []      # per axis (N,): the lower vertex, the upper vertex's weight
+        for d in range(dim):
+            if tcnn:    # fmaf(scale, x, 0.5) in float32: a float32 product is exact in float64
+                pos = (level.scale[d] * x[:, d].double() + 0.5).to(x.dtype)
+            else:       # "nearest" reads the vertex floor(x * N + 0.5)
+                pos = x[:, d] * level.scale[d] + (0.5 if nearest else 0.0)
+            cell = pos.floor()
+            if not tcnn:            # x = 1 interpolates onto vertex N from cell N - 1
+                cell = cell.clamp(max=level.resolution[d] - (not nearest))
+            frac = pos - cell
+            cells.append(cell.long())
+            uppers.append(frac * frac * (3 - 2 * frac) if interpolation == "smoothstep" else frac)
+        level_features = 0.0
+        for corner in range(1 if nearest else 2 ** dim):   # bit d set: upper vertex on axis d
+            index, weight = 0, 1.0
+            for d in range(dim):
+                upper = (corner >> d) & 1
+                vertex = cells[d] + upper
+                if periodic[d]:     # vertex N is vertex 0
+                    vertex = vertex % level.resolution[d]
+                if level.hashed:    # XOR of v_d * prime_d; its low 32 bits are all mod T keeps
+                    index = index ^ vertex * primes[d]
+                else:               # v_d * stride_d, axis 0 fastest
+                    index = index + vertex * math.prod(level.vertices[:d])
+                weight = weight * (uppers[d] if upper else 1 - uppers[d])
+            # mod T (hashed); tcnn's dense index wraps modulo rows; paper dense: index < rows
+            rows = level.offset + index % level.rows
+            vertex = (nn.functional.embedding(rows, table, sparse=True) if sparse
+                      else table[rows])                                          # (N, F)
+            level_features = level_features + (vertex if nearest else weight[:, None] * vertex)
+        features.append(level_features)
+    return torch.cat(features, dim=-1)
+
+
+# --- The level plan: plain Python, computed once at construction -----------------------------
+
+class _Level(NamedTuple):
+    """One level: resolution (N_l per axis in the paper layout, tcnn's vertex count in the
+    tcnn layout), scale (pos = x * scale (+ 0.5)), vertices (per axis, the dense index's
+    V_d), rows, offset (its first row), hashed."""
+    resolution: Tuple[int, ...]
+    scale: Tuple[float, ...]
+    vertices: Tuple[int, ...]
+    rows: int
+    offset: int
+    hashed: bool
+
+
+def _plan_levels(base: Sequence[float], growth: Sequence[float], n_levels: int,
+                 log2_hashmap_size: int, layout: str, grid_type: str,
+                 periodic: Sequence[bool]) -> List[_Level]:
+    """Every level's resolution, rows and offset, from the per-axis N_min and b."""
+    max_rows, offset, levels = 1 << log2_hashmap_size, 0, []
+    tile_rows = math.prod(int(b) for b in base)
+    for level in range(n_levels):
+        if layout == "paper":
+            cells = tuple(_paper_cells(b, g, level) for b, g in zip(base, growth))
+            resolution, scale = cells, tuple(float(c) for c in cells)
+            vertices = tuple(c if p else c + 1 for c, p in zip(cells, periodic))
+        else:
+            scale = tuple(_tcnn_scale(b, g, level) for b, g in zip(base, growth))
+            resolution = vertices = tuple(math.ceil(s) + 1 for s in scale)   # tcnn's res
+        n_vertices = math.prod(vertices)
+        if layout == "tcnn" and grid_type != "hash" and n_vertices >= 2**32:
+            raise ValueError(f"level {level} of a {grid_type} grid has {n_vertices} >= 2**32 "
+                             "vertices, past tiny-cuda-nn's 32-bit dense index")
+        rows = _level_rows(n_vertices, layout, grid_type, max_rows, tile_rows)
+        hashed = grid_type == "hash" and n_vertices > rows
+        levels.append(_Level(resolution, scale, vertices, rows, offset, hashed))
+        offset += rows
+    return levels
+
+
+def _paper_growth(base: float, finest: float, n_levels: int) -> float:
+    """b = exp((ln N_max - ln N_min) / (L - 1)), 1 for a single level."""
+    if n_levels == 1:
+        return 1.0
+    return math.exp((math.log(finest) - math.log(base)) / (n_levels - 1))
+
+
+def _paper_cells(base: float, growth: float, level: int) -> int:
+    """N_l = floor(N_min * b**l): cells along one axis at level l (paper layout)."""
+    # exp/log round-off can land N_min * b**(L-1) a hair below N_max; the paper means N_max.
+    return math.floor(base * growth ** level * (1.0 + 1e-12))
+
+
+def _float32(value: float) -> float:
+    """The nearest float32 to value, as a Python float."""
+    return torch.tensor(value, dtype=torch.float32, device="cpu").item()
+
+
+def _tcnn_scale(base: float, growth: float, level: int) -> float:
+    """tcnn's scale exp2f(l * log2f(b)) * N_min - 1.0f, rounded to float32 at every step
+    (b itself is a float32 there)."""
+    exponent = _float32(level * _float32(math.log2(_float32(growth))))
+    return _float32(_float32(_float32(2.0 ** exponent) * base) - 1.0)
+
+
+def _level_rows(n_vertices: int, layout: str, grid_type: str, max_rows: int,
+                tile_rows: int) -> int:
+    """A level's table rows. Paper layout: every vertex if they fit in T (max_rows) or the
+    grid is dense, else T. tcnn: every vertex rounded up to a multiple of 8 (its memory
+    alignment), at most 2**31; then at most T (hash) or N_min**D (tile_rows, tiled). A hash
+    grid's level is hashed when n_vertices > rows."""
+    if layout == "paper":
+        return n_vertices if grid_type == "dense" else min(n_vertices, max_rows)
+    rows = min(-(-n_vertices // 8) * 8, 2**31)
+    if grid_type == "hash":
+        return min(rows, max_rows)
+    return min(rows, tile_rows) if grid_type == "tiled" else rows
+
+
+def _per_axis(value: Resolution, dim: int, name: str) -> Tuple[float, ...]:
+    """An int/float or a sequence of ``dim`` of them -> a tuple of ``dim`` positive floats."""
+    if isinstance(value, (int, float)):
+        values = (float(value),) * dim
+    else:
+        values = tuple(float(v) for v in value)
+        if len(values) != dim:
+            raise ValueError(f"{name} needs 1 or dim={dim} values, got {len(values)}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return values
+
+
+def _dense_strides(vertices: Sequence[int]) -> Tuple[int, ...]:
+    """stride_0 = 1, stride_d = stride_{d-1} * V_{d-1} (axis 0 fastest)."""
+    return tuple(math.prod(vertices[:d]) for d in range(len(vertices)))
+
+
+# #############################################################################################
+# SPEED ONLY. Everything below computes what _reference_encode computes, in fewer and larger
+# operations; nothing here changes a number (tests/test_encoding.py checks every path, and every
+# shortcut against the formula it replaces, in float64).
+#
+#   _LevelGroup        consecutive levels that index alike, as the tensors the passes use
+#   _Mode              how a call runs, decided once per call (MultiResHashGrid._mode), and
+#                      its passes: level-major runs of a bounded number of lookups
+#   _HashGridFunction  the autograd Function (hand-written backward); _HashGridBackward that
+#                      backward as a Function of its own, for second order (eikonal losses)
+#   _encode, _encode_backward, _encode_double_backward: one loop over the passes each
+#   _axis_terms, _corners: every pass's row index terms and weights, and its cell corners
+#   device branch      GPUs (torch.compile's backward too): all corners of a pass at once
+#   CPU branch         eager on a CPU (torch.compile's forward too): corners depth first
+#   CPU speed tricks   word views, complex pairs, every intra-op thread (outside autograd)
+#   custom op          hashgrid::table_grad_v5: torch.compile's table gradient on a CPU
+#   sparse gradients   sparse=True: _RowCollector, _coalesced_rows (no float atomics)
+# #############################################################################################
 
 class _LevelGroup(nn.Module):
     """Consecutive levels that index alike (all dense or all hashed), computed together by
@@ -734,10 +585,11 @@ class _LevelGroup(nn.Module):
     Tensors (non-persistent buffers, axis-major so each per-axis operand broadcasts as a
     (G, 1) column against a (1, n) row of points and every intermediate is a contiguous
     level-major (G, n) tensor, which keeps one level's table accesses together):
-      scale (D, G, 1) float32; mult (D, G, 1) the hash primes (_wrapped_prime in int32) or
-      dense strides; offset (G, 1) each level's first row relative to rows_start; max_cell
-      (D, G, 1) the highest cell (paper layout) or None; wrap_rows (G, 1) the rows of
-      tcnn's dense levels, which their index wraps around, or None.
+      scale (D, G, 1) float32; mult (D, G, 1) the hash primes (in int32 each prime's low 32
+      bits read as a signed number: int32 products are then the unsigned ones modulo 2**32,
+      all the hash keeps) or dense strides; offset (G, 1) each level's first row relative to
+      rows_start; max_cell (D, G, 1) the highest cell (paper layout) or None; wrap_rows
+      (G, 1) the rows of tcnn's dense levels, which their index wraps around, or None.
     Integer tensors are int32 (int64 for tables of 2**31 rows or more). Given on the CPU,
     kept there as the source of their values and copied to `device` (default: the default
     device, e.g. a ``with torch.device(...)`` block, meta included). Device moves
@@ -766,6 +618,27 @@ class _LevelGroup(nn.Module):
                                  persistent=False)
 
     @classmethod
+    def of_plan(cls, levels: Sequence[_Level], hash_mask: int, layout: str,
+                periodic: Sequence[bool], interpolation: str, device: torch.device
+                ) -> List["_LevelGroup"]:
+        """The plan's levels as groups of consecutive levels that index alike."""
+        # Row indices in int32 (half the memory traffic of int64) unless some index reaches
+        # 2**31: a row, or a tcnn dense index before its wrap-around (vertex at most V_d).
+        largest = max([levels[-1].offset + levels[-1].rows] + [
+            sum(v * s for v, s in zip(level.vertices, _dense_strides(level.vertices)))
+            for level in levels if not level.hashed])
+        index_dtype = torch.int32 if largest < 2**31 else torch.int64
+        groups, start = [], 0
+        while start < len(levels):
+            stop = start
+            while stop < len(levels) and levels[stop].hashed == levels[start].hashed:
+                stop += 1
+            groups.append(cls.from_levels(levels[start:stop], start, hash_mask, layout,
+                                          periodic, interpolation, index_dtype, device))
+            start = stop
+        return groups
+
+    @classmethod
     def from_levels(cls, levels: Sequence[_Level], start: int, hash_mask: int, layout: str,
                     periodic: Sequence[bool], interpolation: str, index_dtype: torch.dtype,
                     device: Optional[torch.device] = None) -> "_LevelGroup":
@@ -774,7 +647,7 @@ class _LevelGroup(nn.Module):
         if not hashed:
             mult = [_dense_strides(lv.vertices) for lv in levels]
         elif index_dtype == torch.int32:
-            mult = [[_wrapped_prime(p) for p in hash_primes(dim)]] * len(levels)
+            mult = [[p - (1 << 32) if p >= 1 << 31 else p for p in hash_primes(dim)]] * len(levels)
         else:
             mult = [hash_primes(dim)] * len(levels)
 
@@ -817,10 +690,12 @@ class _LevelGroup(nn.Module):
         end = offsets[stop] if stop < len(offsets) else self.rows_stop - self.rows_start
         return offsets[first], end
 
-    def op_args(self) -> Tuple[List[Optional[torch.Tensor]], List[int]]:
-        """(tensors, ints) in TENSORS / STATICS order, for the custom op's schema."""
-        return ([getattr(self, name) for name in self.TENSORS],
-                [int(getattr(self, name)) for name in self.STATICS])
+    @classmethod
+    def op_args(cls, groups: Sequence["_LevelGroup"]
+                ) -> Tuple[List[Optional[torch.Tensor]], List[int]]:
+        """(tensors, ints) of groups, in TENSORS / STATICS order, for the custom op's schema."""
+        return ([getattr(g, name) for g in groups for name in cls.TENSORS],
+                [int(getattr(g, name)) for g in groups for name in cls.STATICS])
 
     @classmethod
     def from_op_args(cls, tensors: Sequence[Optional[torch.Tensor]], ints: Sequence[int],
@@ -837,52 +712,102 @@ class _LevelGroup(nn.Module):
                 f"rows {self.rows_start}..{self.rows_stop - 1}")
 
 
-# =============================================================================================
-# The autograd Function
-# =============================================================================================
+class _Mode(NamedTuple):
+    """How one call runs, decided once (MultiResHashGrid._mode) and carried to every pass,
+    and how the call's work is split into passes (split).
+
+    groups: the level groups. cpu: the CPU branch (eager on a CPU: cache-sized passes, corners
+    visited one at a time), else the device branch (all corners of a pass at once). compiling:
+    traced by torch.compile (row-major output; the corner-by-corner forward, which inductor
+    fuses; the custom op for a CPU's table gradient). eager: the ops run eagerly outside
+    autograd, so they may write into out= tensors and, in the CPU branch, take the speed tricks
+    (word views, complex pairs, every intra-op thread: dtype views are not differentiable).
+    keep: the device branch keeps each pass's corner rows and fractions for backward. sparse:
+    the table's gradient sparse (_RowCollector). feature_major: MultiResHashGrid's argument.
+    lookups: per cell corner in a pass; chunk_size: points per pass (None: from lookups).
+    """
+    groups: Tuple[_LevelGroup, ...]
+    cpu: bool
+    compiling: bool
+    eager: bool
+    keep: bool
+    sparse: bool
+    feature_major: bool
+    lookups: int
+    chunk_size: Optional[int] = None
+
+    def split(self, n_points: int, min_levels: int = 1
+              ) -> List[Tuple[_LevelGroup, int, int, int, int]]:
+        """The passes, each (group, first, stop, lo, hi): the group's levels first..stop-1
+        (counted from group.start) for the points lo..hi-1, about `lookups` lookups per cell
+        corner: all points for as many levels as fit, or one level for runs of points
+        (min_levels: runs of lookups // min_levels points, so a pass holds min_levels levels
+        where the group has them). Level-major, so consecutive passes read one level's table
+        while it is in cache, and temporaries stay a bounded size whatever the batch."""
+        step = self.chunk_size or self.lookups // min_levels
+        step = max(min(step, n_points), 1)
+        passes = []
+        for group in self.groups:
+            n_levels = group.stop - group.start
+            per_pass = min(max(self.lookups // step, 1), n_levels)
+            for first in range(0, n_levels, per_pass):
+                stop = min(first + per_pass, n_levels)
+                for lo in range(0, n_points, step):
+                    passes.append((group, first, stop, lo, min(lo + step, n_points)))
+        return passes
+
+    def thread_levels(self) -> int:
+        """The levels per pass (one per intra-op thread) that let the CPU branch's
+        table-gradient scatter-adds, and the gathers indexed alike, run on all cores
+        (_per_level): split's min_levels."""
+        most = max(group.stop - group.start for group in self.groups)
+        return max(min(torch.get_num_threads(), most), 1)
+
+
+# --- The autograd Functions, and one loop over the passes each: forward, backward, second order
 
 class _HashGridFunction(torch.autograd.Function):
     """Interpolated table lookup with a hand-written backward.
 
     Autograd through the plain ops would keep every corner's weights and gathered features
-    alive until backward; this saves x and the table (and, in the device branch with
-    DEVICE_KEEP, each corner's row and each axis' fraction), and backward recomputes the rest.
+    alive until backward; this saves x and the table (and, in the device branch with keep,
+    each corner's row and each axis' fraction), and backward recomputes the rest.
     """
 
     @staticmethod
-    def forward(ctx, x, table, nan, passes, keep):
-        nan = _any_nan(nan, passes)           # decided once, for backward too
-        out, kept = _encode(x, table, nan, passes, keep)
-        ctx.passes = passes
+    def forward(ctx, x, table, nan, mode):
+        # The CPU branch asks once whether a point is NaN (usually none: a masked copy per pass
+        # saved). Elsewhere asking would make a GPU wait, and a traced graph branch.
+        if mode.cpu and not bool(nan.any()):
+            nan = None
+        out, kept = _encode(x, table, nan, mode)
+        ctx.mode = mode
         ctx.save_for_backward(x, table, nan, *kept)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, table, nan, *kept = ctx.saved_tensors
-        need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if _use_table_grad_op(table, need_x, need_table):
-            tensors, ints = [], []
-            for group in ctx.passes.groups:
-                group_tensors, group_ints = group.op_args()
-                tensors += group_tensors
-                ints += group_ints
-            interpolation = ctx.passes.groups[0].interpolation
+        mode, (need_x, need_table) = ctx.mode, ctx.needs_input_grad[:2]
+        if (mode.compiling and need_table and not need_x and table.device.type == "cpu"
+                and _table_grad_op is not None):      # (see _TABLE_GRAD_OP)
+            tensors, ints = _LevelGroup.op_args(mode.groups)
+            interpolation = mode.groups[0].interpolation
             grad_table = _table_grad_op(x, table, nan, grad_out, tensors, ints, interpolation)
-            return None, grad_table, None, None, None
+            return None, grad_table, None, None
         if torch.is_grad_enabled():      # create_graph: a differentiable step of its own
             # (autograd.grad(..., x) of an eikonal loss: no table gradient is asked for)
-            need_table = need_table and _will_run(ctx, 1)
-            return (*_HashGridBackward.apply(x, table, nan, ctx.passes, grad_out, need_x,
-                                             need_table, kept or None), None, None, None)
-        args = (x, table, nan, ctx.passes, grad_out, need_x, need_table, kept or None)
-        return (*_encode_backward(*args), None, None, None)
+            need_table = need_table and _will_run(ctx, 1, mode)
+            return (*_HashGridBackward.apply(x, table, nan, mode, grad_out, need_x, need_table,
+                                             kept or None), None, None)
+        return (*_encode_backward(x, table, nan, mode, grad_out, need_x, need_table,
+                                  kept or None), None, None)
 
 
-def _will_run(ctx, i: int) -> bool:
+def _will_run(ctx, i: int, mode: _Mode) -> bool:
     """Whether the running backward will use the gradient of a Function's input i (eager;
     True where torch cannot tell)."""
-    if torch.compiler.is_compiling() or not hasattr(torch._C, "_will_engine_execute_node"):
+    if mode.compiling or not hasattr(torch._C, "_will_engine_execute_node"):
         return True
     node = ctx.next_functions[i][0]
     try:
@@ -898,89 +823,48 @@ class _HashGridBackward(torch.autograd.Function):
     once more (third order), that backward's plain torch ops go through autograd."""
 
     @staticmethod
-    def forward(ctx, x, table, nan, passes, grad_out, need_x, need_table, kept):
+    def forward(ctx, x, table, nan, mode, grad_out, need_x, need_table, kept):
         ctx.set_materialize_grads(False)
-        ctx.passes = passes
+        ctx.mode = mode
         ctx.save_for_backward(x, table, nan, grad_out)
-        return _encode_backward(x, table, nan, passes, grad_out, need_x, need_table, kept)
+        return _encode_backward(x, table, nan, mode, grad_out, need_x, need_table, kept)
 
     @staticmethod
     def backward(ctx, gg_x, gg_table):
         x, table, nan, grad_out = ctx.saved_tensors
         need_x, need_table, _, _, need_g = ctx.needs_input_grad[:5]
+        mode = ctx.mode
+        if mode.eager and torch.is_grad_enabled():    # third order: autograd records these ops
+            mode = mode._replace(eager=False)
         grads = [None, None, None]                                  # x, table, grad_out
         if gg_x is not None:
-            grads = _encode_double_backward(x, table, nan, ctx.passes, grad_out, gg_x, need_x,
+            grads = _encode_double_backward(x, table, nan, mode, grad_out, gg_x, need_x,
                                             need_table, need_g)
         if gg_table is not None:
             # grad_table is grad_out scattered with the weights of x: its derivatives are
             # the encoding and its x-gradient, with gg_table as the table
             more = [None, None, None]
             if need_g:
-                more[2] = _encode(x, gg_table, nan, ctx.passes, False)[0].to(grad_out.dtype)
+                more[2] = _encode(x, gg_table, nan, mode)[0].to(grad_out.dtype)
                 if nan is not None:
                     more[2] = more[2].masked_fill(nan[:, None], 0.0)
             if need_x:
-                more[0] = _HashGridBackward.apply(x, gg_table, nan, ctx.passes, grad_out, True,
+                more[0] = _HashGridBackward.apply(x, gg_table, nan, mode, grad_out, True,
                                                   False, None)[0]
             grads = [a if b is None else b if a is None else a + b for a, b in zip(grads, more)]
         return grads[0], grads[1], None, None, grads[2], None, None, None
 
 
-def _use_table_grad_op(table: torch.Tensor, need_x: bool, need_table: bool) -> bool:
-    """Whether backward runs as the custom op: torch.compile, a CPU, only the table's gradient."""
-    return (_table_grad_op is not None and torch.compiler.is_compiling() and need_table
-            and not need_x and table.device.type == "cpu")
-
-
-# =============================================================================================
-# Passes: how the work is split
-# =============================================================================================
-
-class _Passes:
-    """The passes of a call, each (group, first, stop, lo, hi): the group's levels first..stop-1
-    (counted from group.start) for the points lo..hi-1, about lookups_per_pass lookups per cell
-    corner: all points for as many levels as fit, or one level for runs of points. Level-major,
-    so consecutive passes read one level's table while it is in cache, and temporaries stay a
-    bounded size whatever the batch. cpu: the CPU branch (eager on a CPU), else the device
-    branch. chunk_size, if given, sets the points per pass. sparse: backward gives the table's
-    gradient as a coalesced sparse tensor. feature_major: the output layout
-    (MultiResHashGrid's argument)."""
-
-    def __init__(self, groups: Sequence[_LevelGroup], chunk_size: Optional[int], cpu: bool,
-                 lookups_per_pass: int, sparse: bool = False, feature_major: bool = False):
-        self.groups, self.chunk_size = groups, chunk_size
-        self.cpu, self.lookups_per_pass = cpu, lookups_per_pass
-        self.sparse = sparse     # the table's gradient sparse (_RowCollector, _coalesced_rows)
-        self.feature_major = feature_major
-
-    def split(self, n_points: int, min_levels: int = 1
-              ) -> List[Tuple[_LevelGroup, int, int, int, int]]:
-        """min_levels: runs of lookups_per_pass // min_levels points, so a pass holds
-        min_levels levels where the group has them."""
-        step = self.chunk_size or self.lookups_per_pass // min_levels
-        step = max(min(step, n_points), 1)
-        passes = []
-        for group in self.groups:
-            n_levels = group.stop - group.start
-            per_pass = min(max(self.lookups_per_pass // step, 1), n_levels)
-            for first in range(0, n_levels, per_pass):
-                stop = min(first + per_pass, n_levels)
-                passes += [(group, first, stop, lo, min(lo + step, n_points))
-                           for lo in range(0, n_points, step)]
-        return passes
-
-
-def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor],
-            passes: _Passes, keep: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], mode: _Mode
+            ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """x: (N, D) in [0, 1] -> (features (N, L * F) in the accumulation dtype, NaN for the points
-    flagged in nan (N,) (their x holds a placeholder; None: no NaN point); when keep, the
+    flagged in nan (N,) (their x holds a placeholder; None: no NaN point); with mode.keep, the
     device branch's corner rows and fractions of every pass, for backward, D + 1 tensors per
     pass).
 
-    The result is row-major, unless passes.feature_major in eager mode: then it has the
-    strides of a transposed contiguous (L * F, N) matrix (tiny-cuda-nn's "SoA"): a pass writes
-    each feature's values for its points contiguously, and a following matmul (the MLP's first
+    The result is row-major, unless mode.feature_major in eager mode: then it has the strides
+    of a transposed contiguous (L * F, N) matrix (tiny-cuda-nn's "SoA"): a pass writes each
+    feature's values for its points contiguously, and a following matmul (the MLP's first
     layer) reads this layout as is and hands back its gradient in the same layout. Under
     torch.compile it is row-major, which inductor writes as cheaply and AOTAutograd expects of
     an incoming gradient. Either way a tensor of its own, not a view (autograd forbids
@@ -988,71 +872,91 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor],
     """
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
     n_points, n_features = x.shape[0], table.shape[1]
-    n_levels = passes.groups[-1].stop
-    feature_major = passes.feature_major and not torch.compiler.is_compiling()
+    n_levels = mode.groups[-1].stop
+    feature_major = mode.feature_major and not mode.compiling
     strides = (1, n_points) if feature_major else (n_levels * n_features, 1)
     out = torch.empty_strided((n_points, n_levels * n_features), strides, dtype=acc_dtype,
                               device=x.device)
     per_level = out.view(n_points, n_levels, n_features)
     xt = x.t().contiguous()                                                   # (D, N)
-    tricks = passes.cpu and not torch.is_grad_enabled()
-    # torch.compile: corner by corner, the form inductor fuses into a kernel per level group
-    corner_by_corner = passes.cpu or torch.compiler.is_compiling()
     kept = []
-    for group, first, stop, lo, hi in passes.split(n_points):
+    for group, first, stop, lo, hi in mode.split(n_points):
         levels = slice(group.start + first, group.start + stop)
-        if corner_by_corner:
-            values = _forward_by_corner(xt[:, lo:hi], table, group, first, stop, tricks,
-                                        acc_dtype)
+        if mode.cpu or mode.compiling:   # (compiled: the form inductor fuses, see _cpu_forward)
+            values = _cpu_forward(xt[:, lo:hi], table, group, first, stop, mode, acc_dtype)
             values = values.transpose(0, 1)                                     # (n, G, F)
             if nan is not None:
                 values = values.masked_fill(nan[lo:hi, None, None], float("nan"))
             per_level[lo:hi, levels] = values
         else:
             target = per_level[lo:hi, levels].transpose(0, 1)                   # (G, n, F)
-            corners, fracs = _device_forward(xt[:, lo:hi], table, group, first, stop,
+            corners, fracs = _device_forward(xt[:, lo:hi], table, group, first, stop, mode,
                                              None if nan is None else nan[lo:hi], target)
-            if keep:
+            if mode.keep:
                 kept += [corners, *fracs]
     return out, kept
 
 
-def _encode_backward(x, table, nan, passes: _Passes, grad_out, need_x: bool,
-                     need_table: bool, kept: Optional[List[torch.Tensor]] = None):
+def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_table: bool,
+                     kept: Optional[List[torch.Tensor]] = None):
     """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F). NaN
     points (nan: (N,), or None when there are none) contribute nothing. kept: what _encode kept
-    of the device branch's passes (None: recomputed). passes.sparse: the table's gradient is a
+    of the device branch's passes (None: recomputed). mode.sparse: the table's gradient is a
     coalesced sparse tensor (_RowCollector). Second order: _HashGridBackward.
     """
     n_points, n_features = x.shape[0], table.shape[1]
-    grad_table = None
-    if need_table and passes.sparse:
-        grad_table = _RowCollector(table.shape, grad_out.dtype, table.device)
-    elif need_table:
-        grad_table = torch.zeros(table.shape, dtype=grad_out.dtype, device=table.device)
-    grad_xt = None
-    if need_x:
-        grad_xt = torch.zeros(x.shape[::-1], dtype=grad_out.dtype, device=x.device)   # (D, N)
+    grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     xt = x.t().contiguous()
-    if passes.cpu:
-        _cpu_backward(xt, table, nan, passes, grad_out, need_x, grad_table, grad_xt)
+    min_levels = 1
+    if mode.cpu:
+        grad_planes = grad_out.t().reshape(-1, n_features, n_points)            # (L, F, N)
+        if not grad_planes.is_contiguous():
+            # e.g. a row-major gradient from an elementwise loss on the features: the passes
+            # would read it with a large stride, so transpose it once, in runs of points that
+            # fit in cache
+            planes = torch.empty_like(grad_planes, memory_format=torch.contiguous_format)
+            step = max(mode.lookups // planes.shape[0], 1)
+            for lo in range(0, n_points, step):
+                planes[..., lo:lo + step] = grad_planes[..., lo:lo + step]
+            grad_planes = planes
+        # one level per intra-op thread in each pass: scatter-adds and gathers on all cores
+        min_levels = mode.thread_levels() if mode.eager else 1
     else:
         per_level = grad_out.reshape(n_points, -1, n_features)
-        n_kept = x.shape[1] + 1
-        for i, (group, first, stop, lo, hi) in enumerate(passes.split(n_points)):
-            g = per_level[lo:hi, group.start + first:group.start + stop].transpose(0, 1)
+    n_kept = x.shape[1] + 1
+    for i, (group, first, stop, lo, hi) in enumerate(mode.split(n_points, min_levels)):
+        levels = slice(group.start + first, group.start + stop)
+        args = (xt[:, lo:hi], table, group, first, stop, mode)
+        pass_nan, pass_grad_xt = None if nan is None else nan[lo:hi], None
+        if need_x:
+            pass_grad_xt = grad_xt[:, lo:hi]
+        if mode.cpu:
+            _cpu_backward_pass(*args, grad_planes[levels, :, lo:hi], pass_nan, grad_table,
+                               pass_grad_xt)
+        else:
+            g = per_level[lo:hi, levels].transpose(0, 1)                       # (G, n, F)
             if nan is not None:     # NaN points add nothing
-                g = g.masked_fill(nan[lo:hi, None], 0.0)
-            _device_backward(xt[:, lo:hi], table, group, first, stop, g,
-                             None if kept is None else kept[i * n_kept:(i + 1) * n_kept],
-                             grad_table, grad_xt[:, lo:hi] if need_x else None)
+                g = g.masked_fill(pass_nan[:, None], 0.0)
+            _device_backward(*args, g, None if kept is None else
+                             kept[i * n_kept:(i + 1) * n_kept], grad_table, pass_grad_xt)
     grad_x = grad_xt.t().to(x.dtype) if need_x else None
     if need_table:
         grad_table = grad_table.to(table.dtype)   # (a _RowCollector: its sparse sum)
     return grad_x, grad_table
 
 
-def _encode_double_backward(x, table, nan, passes: _Passes, grad_out, gg_x, need_x: bool,
+def _zero_grads(x, table, mode: _Mode, dtype: torch.dtype, need_x: bool, need_table: bool):
+    """(grad_xt (D, N), grad_table (R, F)) to add to, of `dtype`: zeros, the table's a
+    _RowCollector when mode.sparse; None where not needed."""
+    grad_xt = torch.zeros(x.shape[::-1], dtype=dtype, device=x.device) if need_x else None
+    grad_table = None
+    if need_table:
+        grad_table = (_RowCollector(table.shape, dtype, table.device) if mode.sparse
+                      else torch.zeros(table.shape, dtype=dtype, device=table.device))
+    return grad_xt, grad_table
+
+
+def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: bool,
                             need_table: bool, need_g: bool):
     """The gradients of (gg_x * grad_x).sum(), grad_x = _encode_backward's, w.r.t. x (N, D),
     table (R, F) and grad_out (N, L * F), given gg_x (N, D): [grad_x, grad_table, grad_g],
@@ -1060,143 +964,153 @@ def _encode_double_backward(x, table, nan, passes: _Passes, grad_out, gg_x, need
     contribute nothing. Both branches run _double_backward_pass: 2**D corners at once (a
     depth-first walk would need D partial products and their tangents per corner)."""
     n_points, n_features = x.shape[0], table.shape[1]
-    if passes.groups[0].interpolation == "nearest":
+    if mode.groups[0].interpolation == "nearest":
         return [None, None, None]
-    dtype, device = grad_out.dtype, x.device
-    grad_xt = torch.zeros(x.shape[::-1], dtype=dtype, device=device) if need_x else None
-    grad_table = None
-    if need_table:     # sparse: the same collector as the first-order table gradient's
-        grad_table = (_RowCollector(table.shape, dtype, device) if passes.sparse
-                      else torch.zeros(table.shape, dtype=dtype, device=device))
+    grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     per_level = grad_out.reshape(n_points, -1, n_features)
-    grad_g = torch.zeros(per_level.shape, dtype=dtype, device=device) if need_g else None
-    xt, ggt = x.t().contiguous(), gg_x.t().to(dtype)                                # (D, N)
-    for group, first, stop, lo, hi in passes.split(n_points):
+    grad_g = None
+    if need_g:
+        grad_g = torch.zeros(per_level.shape, dtype=grad_out.dtype, device=grad_out.device)
+    xt, ggt = x.t().contiguous(), gg_x.t().to(grad_out.dtype)                       # (D, N)
+    min_levels = mode.thread_levels() if mode.cpu and mode.eager and need_table else 1
+    for group, first, stop, lo, hi in mode.split(n_points, min_levels):
         levels = slice(group.start + first, group.start + stop)
         g, gg = per_level[lo:hi, levels].transpose(0, 1), ggt[:, lo:hi]
         if nan is not None:     # NaN points add nothing (their g and gg may be NaN)
             g, gg = g.masked_fill(nan[lo:hi, None], 0.0), gg.masked_fill(nan[lo:hi], 0.0)
-        _double_backward_pass(xt[:, lo:hi], table, group, first, stop, g, gg, grad_table,
+        _double_backward_pass(xt[:, lo:hi], table, group, first, stop, mode, g, gg, grad_table,
                               grad_xt[:, lo:hi] if need_x else None,
-                              grad_g[lo:hi, levels].transpose(0, 1) if need_g else None,
-                              passes.cpu and not torch.is_grad_enabled())
+                              grad_g[lo:hi, levels].transpose(0, 1) if need_g else None)
     return [grad_xt.t().to(x.dtype) if need_x else None,
             grad_table.to(table.dtype) if need_table else None,
             grad_g.view(n_points, -1).to(grad_out.dtype) if need_g else None]
 
 
-def _any_nan(nan: torch.Tensor, passes: _Passes) -> Optional[torch.Tensor]:
-    """nan (N,), or None when the CPU branch can tell at once that no point is NaN (the usual
-    case: a masked copy per pass saved). Elsewhere the flags are always applied: asking would
-    make a GPU wait, and a traced graph branch."""
-    if passes.cpu and not bool(nan.any()):
-        return None
-    return nan
-
-
-# =============================================================================================
-# The pieces every pass uses: row index terms per axis, corners
-# =============================================================================================
-
-def _term(vertex, multiplier, hashed: bool, mask: int):
-    """One axis' share of a row index: _hash_term or _dense_term. multiplier None: 1, axis 0's
-    (the first prime and the first stride are 1), which spares the product."""
-    if multiplier is None:
-        return vertex & mask if hashed else vertex
-    return _hash_term(vertex, multiplier, mask) if hashed else _dense_term(vertex, multiplier)
-
-
-def _next_term(term, multiplier, hashed: bool, mask: int):
-    """_term(v + 1) from term = _term(v): _next_hash_term, or + stride (dense)."""
-    step = 1 if multiplier is None else multiplier
-    return _next_hash_term(term, step, mask) if hashed else term + step
-
+# --- Every pass's pieces: row index terms per axis, interpolation weights, the cell corners --
 
 def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
                 offset: Optional[torch.Tensor], index_dtype: Optional[torch.dtype] = None):
     """Per-axis pieces of every corner's row index, and the positions inside the cells.
 
-    xt: (D, n), levels first..stop-1 of group (G of them) -> terms: D tuples (t0, t1) ("nearest":
-    (t0,)) of (G, n) integers, the axis' share of the row index of the lower / upper vertex
-    (combined over axes by _combine), with offset (G, 1), the first row of each level in the
-    rows indexed, folded into axis 0 (hashed levels: offsets are multiples of T and terms < T,
-    so XOR adds them; None: rows within each level). fracs: D tensors (G, n) in [0, 1].
-    index_dtype: the terms' dtype (default: the group's).
+    xt: (D, n), levels first..stop-1 of group (G of them) -> (terms, fracs, weights). terms:
+    D tuples (t0, t1) ("nearest": (t0,)) of (G, n) integers, the axis' share of the row index
+    of the lower / upper vertex (combined over axes by _corners), with offset (G, 1), the
+    first row of each level in the rows indexed, folded into axis 0 (hashed levels: offsets
+    are multiples of T and terms < T, so XOR adds them; None: rows within each level; tcnn's
+    dense levels add it after their wrap-around, in _corners). fracs: D tensors (G, n) in
+    [0, 1]: pos = x * scale + shift, cell = min(floor(pos), max_cell), frac = pos - cell.
+    weights: D tuples _upper_weight(frac), None for "nearest". index_dtype: the terms' dtype
+    (default: the group's).
+
+    Shortcuts, each tested against the formula it replaces: the upper vertex's term comes
+    from the lower one's by one add, (t + prime mod T) mod T hashed, t + stride dense; axis 0's
+    multiplier is 1 (no product); where every vertex on axis 0 is below T (axis0_direct) its
+    term is the vertex itself, with the offset added before the upper term is derived.
     """
     index_dtype = index_dtype or group.offset.dtype
     scale = group.scale[:, first:stop]
     mult = group.mult[:, first:stop].to(index_dtype)
     max_cell = None if group.max_cell is None else group.max_cell[:, first:stop].to(index_dtype)
-    mask, nearest = group.hash_mask, group.interpolation == "nearest"
-    terms, fracs = [], []
+    mask, hashed, nearest = group.hash_mask, group.hashed, group.interpolation == "nearest"
+    terms, fracs, weights = [], [], None if nearest else []
     for d in range(xt.shape[0]):
-        cell, frac = _cell_and_frac(xt[d], scale[d], group.shift, group.tcnn,
-                                    None if max_cell is None else max_cell[d], index_dtype)
-        fracs.append(frac)
-        upper = None                              # the upper vertex, when it is not cell + 1
-        if (group.periodic_bits >> d) & 1:       # vertex v is v mod N (N = scale, paper layout)
-            period = scale[d].to(index_dtype)
-            if nearest:                           # floor(x * N + 0.5) reaches N
-                cell = _periodic_vertex(cell, period)
-            else:                                 # the last cell's upper vertex is N
-                upper = _periodic_vertex(cell + 1, period)
-        # (tcnn's dense levels add their offsets after the wrap-around instead)
-        fold = d == 0 and group.wrap_rows is None and offset is not None
-        if fold and group.axis0_direct:
-            # axis 0's term is its vertex (_term: multiplier 1, and below T), so the offset
-            # goes in first (hashed: XOR of a multiple of T and a term < T is +) and the
-            # upper vertex's term is one more
-            t0 = cell + offset
-            t1 = None if nearest else t0 + 1 if upper is None else upper + offset
+        x = xt[d]
+        if group.tcnn and x.dtype != torch.float64:
+            # tcnn computes fmaf(scale, x, 0.5) in float32 (one rounding). The product of two
+            # float32 values is exact in float64, so this reproduces it bit for bit (barring
+            # double-rounding ties).
+            pos = (scale[d].double() * x.double() + group.shift).to(x.dtype)
         else:
-            multiplier = None if d == 0 else mult[d]
-            t0 = _term(cell, multiplier, group.hashed, mask)
-            t1 = (None if nearest else _term(upper, multiplier, group.hashed, mask)
-                  if upper is not None else _next_term(t0, multiplier, group.hashed, mask))
-            if fold:
-                t0 = _combine(t0, offset, group.hashed)
-                t1 = None if t1 is None else _combine(t1, offset, group.hashed)
-        terms.append((t0,) if t1 is None else (t0, t1))
-    return terms, fracs
+            pos = scale[d].to(x.dtype) * x
+            if group.shift:
+                pos = pos + group.shift
+        cell = pos.to(index_dtype)        # truncation is floor: pos >= 0
+        if max_cell is not None:
+            cell = torch.minimum(cell, max_cell[d])
+        frac = pos - cell
+        fracs.append(frac)
+        if weights is not None:
+            weights.append(_upper_weight(frac, group.interpolation))
+        upper = None                      # the upper vertex, when it is not cell + 1
+        if (group.periodic_bits >> d) & 1:     # vertex v is v mod N (N = scale, paper layout)
+            period = scale[d].to(index_dtype)
+            if nearest:                   # floor(x * N + 0.5) reaches N
+                cell = torch.remainder(cell, period)
+            else:                         # the last cell's upper vertex is N
+                upper = torch.remainder(cell + 1, period)
+        additive = not hashed or (d == 0 and group.axis0_direct)     # no mask: v * multiplier
+        fold = offset if d == 0 and group.wrap_rows is None else None
+        pair = []
+        for vertex in ([cell] if nearest else [cell, upper]):
+            if vertex is None:            # cell + 1: from the lower vertex's term, by one add
+                step = 1 if d == 0 else mult[d]
+                term = pair[0] + step if additive else (pair[0] + (step & mask)) & mask
+            else:
+                term = vertex if d == 0 else vertex * mult[d]
+                if not additive:
+                    term = term & mask
+                elif fold is not None:
+                    term = term + fold
+            pair.append(term)
+        if fold is not None and not additive:
+            pair = [term ^ fold for term in pair]
+        terms.append(tuple(pair))
+    return terms, fracs, weights
 
 
-def _wrap(index: torch.Tensor, group: _LevelGroup, first: int, stop: int,
-          offset: Optional[torch.Tensor]) -> torch.Tensor:
-    """tcnn's dense levels: index mod rows, then + offset (their row offsets are added after the
-    wrap-around, not folded into axis 0). Other levels: index as it is."""
-    if group.wrap_rows is None:
-        return index
-    index = torch.remainder(index, group.wrap_rows[first:stop])
-    return index if offset is None else index + offset
+def _upper_weight(frac: torch.Tensor, interpolation: str):
+    """One axis: (s, ds/dfrac) with s the weight of the upper vertex, frac ("linear") or
+    S(frac) = frac^2 (3 - 2 frac) ("smoothstep"; ds/dfrac None for linear). The lower vertex
+    weighs 1 - s, and a cell corner the product of its axes' weights (equivalently: lerp
+    along one axis after another)."""
+    if interpolation == "smoothstep":
+        return frac * frac * (3.0 - 2.0 * frac), 6.0 * frac * (1.0 - frac)
+    return frac, None
 
 
-# =============================================================================================
-# The device branch: GPUs, torch.compile, implementation="device"
-# =============================================================================================
-# A pass reads all 2**D corners with one gather and one table-gradient scatter: the corner rows
-# go into one (2**D, G, n) tensor, interpolation is a lerp along one axis after another, and
-# backward sends the gradient down the same lerps. Every op is a plain elementwise or indexing
-# kernel over the whole pass, which is what a GPU, or inductor, runs well.
+def _corners(terms, weights, group: _LevelGroup, first: int, stop: int,
+             offset: Optional[torch.Tensor], out: Optional[torch.Tensor] = None):
+    """Yields (corner, index, weight) for every cell corner (_axis_terms' terms and weights),
+    bit d of corner set for the upper vertex on axis d: index (G, n) its table rows (terms
+    XOR-ed (hashed) or added (dense); tcnn's dense levels wrapped modulo their rows, then +
+    offset), weight (G, n) its interpolation weight (None without weights, e.g. "nearest":
+    one corner). out (2**D, G, n): also write each corner's rows into out[corner].
 
-def _corner_rows(xt, group: _LevelGroup, first: int, stop: int, offset: torch.Tensor):
-    """(corners (2**D, G, n) ("nearest": (1, G, n)) the table row of each cell corner, bit d of
-    the corner the upper vertex on axis d; fracs: D tensors (G, n))."""
-    terms, fracs = _axis_terms(xt, group, first, stop, offset)
-    n_corners = 1 << len(terms) if len(terms[0]) == 2 else 1
-    corners = torch.empty((n_corners,) + terms[0][0].shape, dtype=terms[0][0].dtype,
-                          device=xt.device)
-    partial = list(terms[0])               # the corners over the axes so far, bit d = axis d
-    for d in range(1, len(terms)):
-        last = d == len(terms) - 1         # (the last axis writes straight into corners)
-        partial = [_combine(p, term, group.hashed,
-                            corners[bit * len(partial) + j] if last else None)
-                   for bit, term in enumerate(terms[d]) for j, p in enumerate(partial)]
-    if len(terms) == 1:
-        for corner, term in enumerate(partial):
-            corners[corner] = term
-    if group.wrap_rows is not None:
-        corners = _wrap(corners, group, first, stop, offset)
-    return corners, fracs
+    Depth first over the axes, so corners share partial sums and products (about 2 ops per
+    corner instead of 2 (D - 1)) while only D partial results are alive at a time.
+    """
+    hashed, n_dims, wrap = group.hashed, len(terms), group.wrap_rows is not None
+    factors = None if weights is None else [(1.0 - s, s) for s, _ in weights]
+    stack = [(0, 1, 0, None, None), (0, 0, 0, None, None)][-len(terms[0]):]
+    while stack:     # each entry: extend a corner of axes < d (its index, weight) by axis d
+        d, bit, corner, index, weight = stack.pop()
+        corner, term, last = corner | bit << d, terms[d][bit], d == n_dims - 1
+        if index is None:
+            index = term
+        elif last and out is not None and not wrap:     # (straight into out)
+            index = (torch.bitwise_xor if hashed else torch.add)(index, term, out=out[corner])
+        else:
+            index = index ^ term if hashed else index + term
+        if factors is not None:
+            weight = factors[d][bit] if weight is None else weight * factors[d][bit]
+        if not last:
+            for b in reversed(range(len(terms[d + 1]))):
+                stack.append((d + 1, b, corner, index, weight))
+            continue
+        if wrap:
+            index = torch.remainder(index, group.wrap_rows[first:stop])
+            index = index if offset is None else index + offset
+        if out is not None and (wrap or n_dims == 1):
+            out[corner] = index
+        yield corner, index, weight
+
+
+def _add_grad_x(grad_xt: torch.Tensor, d: int, grad_weight: torch.Tensor, slope,
+                group: _LevelGroup, first: int, stop: int) -> None:
+    """grad_xt[d] (n,) += the sum over levels of grad_weight (G, n) = dL/d s_d, times ds/dfrac
+    (slope; None: 1, linear) and dpos/dx = scale (the cell is piecewise constant)."""
+    grad_frac = grad_weight if slope is None else grad_weight * slope
+    grad_xt[d].add_((grad_frac * group.scale[d, first:stop].to(grad_frac.dtype)).sum(0))
 
 
 def _pass_span(group: _LevelGroup, first: int, stop: int, table: torch.Tensor):
@@ -1207,26 +1121,43 @@ def _pass_span(group: _LevelGroup, first: int, stop: int, table: torch.Tensor):
     return span, group.offset[first:stop] - start
 
 
-def _device_forward(xt, table, group: _LevelGroup, first: int, stop: int,
+# --- The device branch: GPUs, and torch.compile's backward -----------------------------------
+# A pass reads all 2**D corners with one gather and one table-gradient scatter: the corner rows
+# go into one (2**D, G, n) tensor, interpolation is a lerp along one axis after another, and
+# backward sends the gradient down the same lerps. Every op is a plain elementwise or indexing
+# kernel over the whole pass, which is what a GPU, or inductor, runs well.
+
+def _corner_rows(xt, group: _LevelGroup, first: int, stop: int, offset: Optional[torch.Tensor],
+                 index_dtype: Optional[torch.dtype] = None):
+    """(corners (2**D, G, n) ("nearest": (1, G, n)) the table row of each cell corner, bit d of
+    the corner the upper vertex on axis d; fracs and weights). offset, index_dtype, fracs,
+    weights: see _axis_terms."""
+    terms, fracs, weights = _axis_terms(xt, group, first, stop, offset, index_dtype)
+    n_corners = 1 << len(terms) if weights is not None else 1
+    corners = torch.empty((n_corners,) + terms[0][0].shape, dtype=terms[0][0].dtype,
+                          device=xt.device)
+    for _ in _corners(terms, None, group, first, stop, offset, corners):
+        pass
+    return corners, fracs, weights
+
+
+def _device_forward(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
                     nan: Optional[torch.Tensor], out: torch.Tensor):
     """Writes the features of levels first..stop-1 for points xt (D, n) into out (G, n, F), NaN
     for the points flagged in nan (n,); returns (corner rows, fracs), for backward."""
     span, offset = _pass_span(group, first, stop, table)
-    corners, fracs = _corner_rows(xt, group, first, stop, offset)
+    corners, fracs, weights = _corner_rows(xt, group, first, stop, offset)
     values = span.index_select(0, corners.reshape(-1)).view(*corners.shape, span.shape[1])
-    values = values.to(out.dtype)
-    if group.interpolation == "nearest":
+    values, into = values.to(out.dtype), None
+    if weights is None:                  # "nearest"
         if nan is not None:
             values = values.masked_fill(nan[:, None], float("nan"))
-        out.copy_(values[0])
-        return corners, fracs
-    for d, frac in enumerate(fracs):     # lerp along axis d: corners pair up by their bit d
-        weight = _upper_weight(frac, group.interpolation)[0]
-        last = d == len(fracs) - 1
+    for d, (weight, _) in enumerate(weights or []):  # lerp along axis d: corners pair by bit d
+        last = d == len(weights) - 1
         if last and nan is not None:     # a NaN weight makes the point's features NaN
             weight = weight.masked_fill(nan, float("nan"))
         pairs = values.view(-1, 2, *values.shape[1:])
-        into = out.unsqueeze(0) if last and _eager_out() else None
+        into = out.unsqueeze(0) if last and mode.eager else None      # (out= is not traced)
         values = torch.lerp(pairs[:, 0], pairs[:, 1], weight.unsqueeze(-1).to(out.dtype),
                             out=into)
     if into is None:
@@ -1234,16 +1165,11 @@ def _device_forward(xt, table, group: _LevelGroup, first: int, stop: int,
     return corners, fracs
 
 
-def _eager_out() -> bool:
-    """Whether ops may write into a given (strided) out= tensor: eager, outside autograd. (out=
-    is not differentiable, and torch.compile takes only contiguous out= tensors.)"""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-def _lerp_split(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _lerp_split(grad: torch.Tensor, weight: torch.Tensor, eager: bool) -> torch.Tensor:
     """The gradients at the two ends of lerps, grad (m, ...) -> (2m, ...): grad (1 - weight) at
-    the lower end, grad weight at the upper, interleaved (the lower bit is the new axis)."""
-    if not _eager_out():
+    the lower end, grad weight at the upper, interleaved (the lower bit is the new axis).
+    eager: written into one buffer with out= (not differentiable, nor traced)."""
+    if not eager:
         upper = grad * weight
         return torch.stack((grad - upper, upper), 1).flatten(0, 1)
     both = torch.empty((grad.shape[0], 2) + torch.broadcast_shapes(grad.shape[1:], weight.shape),
@@ -1253,20 +1179,20 @@ def _lerp_split(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return both.flatten(0, 1)
 
 
-def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, g: torch.Tensor,
-                     kept: Optional[List[torch.Tensor]], grad_table: Optional[torch.Tensor],
-                     grad_xt: Optional[torch.Tensor]) -> None:
+def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
+                     g: torch.Tensor, kept: Optional[List[torch.Tensor]],
+                     grad_table: Optional[torch.Tensor], grad_xt: Optional[torch.Tensor]) -> None:
     """Adds the gradients of levels first..stop-1 for points xt (D, n), given g = dL/dfeatures
     (G, n, F), to grad_table (R, F) and grad_xt (D, n). kept: the pass's corner rows and
     fracs from forward, or None to recompute them."""
     span, offset = _pass_span(group, first, stop, table)
     if kept is None:
-        corners, fracs = _corner_rows(xt, group, first, stop, offset)
+        corners, _, weights = _corner_rows(xt, group, first, stop, offset)
     else:
-        corners, fracs = kept[0], kept[1:]
-    nearest = group.interpolation == "nearest"
-    weights = [] if nearest else [_upper_weight(f, group.interpolation) for f in fracs]
-    need_x = grad_xt is not None and not nearest     # "nearest" is piecewise constant
+        corners, nearest = kept[0], group.interpolation == "nearest"
+        weights = None if nearest else [_upper_weight(f, group.interpolation) for f in kept[1:]]
+    weights = weights or []
+    need_x = grad_xt is not None and weights      # "nearest" is piecewise constant
     ends = []                    # per axis, the lerps' two ends (need_x: d out / d weight)
     if need_x:
         values = span.index_select(0, corners.reshape(-1)).view(*corners.shape, span.shape[1])
@@ -1281,37 +1207,47 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, g: to
         if need_x:
             pairs = ends[d]
             grad_weight = (grads * (pairs[:, 1] - pairs[:, 0])).sum((0, 3))       # (G, n)
-            grad_frac = grad_weight if slope is None else grad_weight * slope
-            # d pos / d x = scale; the cell is piecewise constant
-            scale = group.scale[d, first:stop].to(grad_frac.dtype)
-            grad_xt[d].add_((grad_frac * scale).sum(0))
-        grads = _lerp_split(grads, weight.unsqueeze(-1).to(g.dtype))
+            _add_grad_x(grad_xt, d, grad_weight, slope, group, first, stop)
+        grads = _lerp_split(grads, weight.unsqueeze(-1).to(g.dtype), mode.eager)
     if grad_table is not None:
         grad_span = _pass_span(group, first, stop, grad_table)[0]
         grad_span.index_add_(0, corners.reshape(-1), grads.reshape(-1, g.shape[-1]))
 
 
-def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, g, gg,
-                          grad_table, grad_xt, grad_g, tricks: bool) -> None:
+def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
+                          g, gg, grad_table, grad_xt, grad_g) -> None:
     """Second order of levels first..stop-1 for points xt (D, n): the derivatives of
     sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, with g = dL/dfeatures (G, n, F) and
     gg (D, n) the gradient arriving at grad_x. Added to grad_g (G, n, F): sum_c row_c dw_c; to
     grad_table (R, F): g dw_c at row_c; to grad_xt (D, n): the Hessian of P = sum_c (g . row_c)
     w_c times gg. dw_c = sum_d gg_d dw_c/dx_d is the tangent along gg, carried through the
-    same lerps as _device_forward / _device_backward (dual numbers). tricks: the CPU branch's
-    (outside autograd)."""
+    same lerps as _device_forward / _device_backward (dual numbers). Both branches run this;
+    the CPU branch with its tricks where mode.eager."""
     span, offset = _pass_span(group, first, stop, table)
-    corners, fracs = _corner_rows(xt, group, first, stop, offset)
-    packed = tricks and _packable(span, g.dtype)
-    if packed:   # feature pairs as complex numbers (see _packable), gathers on every thread
-        index = corners.reshape(-1).long()
-        words, g = _pack(span), _pack(g.contiguous())
-        rows = _packed_gather(words, index, torch.get_num_threads()).view(corners.shape)
+    tricks = mode.cpu and mode.eager
+    words, grad_levels = _pack(span, g.dtype) if tricks else None, None
+    if words is not None and grad_table is not None and not isinstance(grad_table, _RowCollector):
+        grad_words = _pack(grad_table[group.rows_start:group.rows_stop], g.dtype)
+        if grad_words is not None:
+            # the table and its gradient as (G, W) views (_per_level): the gather and the
+            # scatter-add along dim 1 run the levels on all cores
+            grad_levels, offset = _per_level(grad_words, group, first, stop)
+            words = _per_level(_pack(table[group.rows_start:group.rows_stop], g.dtype), group,
+                               first, stop)[0]
+    corners, fracs, _ = _corner_rows(xt, group, first, stop, offset,
+                                     torch.int64 if grad_levels is not None else None)
+    if words is not None:   # feature pairs as complex numbers (see _pack), gathers on every thread
+        g = _pack(g.contiguous(), g.dtype)
+        if grad_levels is not None:
+            rows = words.expand(corners.shape[0], -1, -1).gather(2, corners)
+        else:
+            rows = _gather(words, corners.reshape(-1).long(), True,
+                           torch.get_num_threads()).view(corners.shape)
         values = (rows * g.conj()).real if g.is_complex() else rows * g     # (2**D, G, n)
     else:
         rows = _gather(span, corners, tricks).to(g.dtype)                    # (2**D, G, n, F)
         values = (rows * g).sum(-1)
-    per_row = (lambda t: t) if packed else (lambda t: t.unsqueeze(-1))         # noqa: E731
+    per_row = (lambda t: t) if words is not None else (lambda t: t.unsqueeze(-1))  # noqa: E731
     scale = group.scale[:, first:stop].to(values.dtype)
     tangent, ends = torch.zeros_like(values), []   # values: P at the corners, tangent along gg
     for d, frac in enumerate(fracs):        # lerps along axis d, and their tangents
@@ -1327,213 +1263,137 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     for d in reversed(range(len(fracs))):
         weight, slope, frac, step, move, diff, dtan = ends[d]
         if grad_xt is not None:
-            # d/dx_d of grad_x . gg: slope (Hessian row . gg) + step S''(frac) dP/dweight_d
+            # d/dx_d of grad_x . gg: slope (Hessian row . gg) + step S''(frac) dP/dweight_d,
+            # S''(t) = 6 - 12 t
             term = (dw * diff + w * dtan).sum(0)
             if slope is not None:
-                term = term * slope + step * _smoothstep_second_derivative(frac) * (w * diff).sum(0)
-            grad_xt[d].add_((term * scale[d]).sum(0))
+                term = term * slope + step * (6.0 - 12.0 * frac) * (w * diff).sum(0)
+            _add_grad_x(grad_xt, d, term, None, group, first, stop)
         upper = torch.addcmul(w * move, dw, weight)
         dw = torch.stack((dw - upper, upper), 1).flatten(0, 1)
-        w = _lerp_split(w, weight)
+        w = _lerp_split(w, weight, mode.eager)
     if grad_g is not None:
         grad_dw = (rows * per_row(dw)).sum(0)
-        grad_g.add_(_unpack(grad_dw) if packed else grad_dw)
-    if grad_table is not None:
+        grad_g.add_(_unpack(grad_dw) if words is not None else grad_dw)
+    if grad_levels is not None:
+        values = g * dw
+        for corner in range(corners.shape[0]):
+            grad_levels.scatter_add_(1, corners[corner], values[corner])
+    elif grad_table is not None:
         grad_span = _pass_span(group, first, stop, grad_table)[0]
         values = g * per_row(dw)
-        if (packed and not isinstance(grad_span, _RowCollector)
-                and _packable(grad_span, values.real.dtype)):   # (see _cpu_backward_pass)
-            _pack(grad_span).scatter_add_(0, index, values.reshape(-1))
-        else:
-            grad_span.index_add_(0, corners.reshape(-1), _unpack(values).reshape(
-                -1, grad_span.shape[1]) if packed else values.reshape(-1, g.shape[-1]))
+        grad_span.index_add_(0, corners.reshape(-1), _unpack(values).reshape(
+            -1, grad_span.shape[1]) if words is not None else values.reshape(-1, g.shape[-1]))
 
 
-# =============================================================================================
-# The CPU branch: eager mode on a CPU (its forward is torch.compile's too)
-# =============================================================================================
-# Passes of CPU_LOOKUPS_PER_PASS lookups: every temporary is a few hundred KB that malloc
-# recycles (a fresh large buffer per op would spend its time in page faults), and the
-# corners are visited one at a time, depth first. Outside autograd (`tricks`) the rows are read
-# and written through word-sized views, feature pairs are complex numbers, and gathers and
-# scatters run on every intra-op thread (see the speed tricks below).
+# --- The CPU branch: eager mode on a CPU (its forward is torch.compile's too) ----------------
+# Passes of about 2**16 lookups: every temporary is a few hundred KB that malloc recycles (a
+# fresh large buffer per op would spend its time in page faults), and the corners are visited
+# one at a time, depth first. Where mode.eager (outside autograd) the rows are read and written
+# through word-sized views, feature pairs are complex numbers, and gathers and scatters run on
+# every intra-op thread (the speed tricks below).
 
-def _for_each_corner(terms, factors, hashed: bool, wrap, visit: Callable, d: int = 0,
-                     corner: int = 0, index=None, weight=None):
-    """Calls visit(corner, index, weight) for every cell corner: index (G, n) its table rows,
-    weight (G, n) its interpolation weight (None without factors, i.e. "nearest": one
-    corner). Bit d of `corner` set means the upper vertex on axis d. wrap: index -> rows
-    (_wrap), or None.
-
-    Depth-first over the axes (d, corner, index, weight: the partial results so far), so
-    corners share partial sums and products: about 2 ops per corner instead of 2 (D - 1),
-    while only D partial results are alive at a time. (A plain recursive function: a
-    recursive closure would be a reference cycle holding every pass's temporaries until
-    the garbage collector runs.)
-    """
-    if d == len(terms):
-        visit(corner, index if wrap is None else wrap(index), weight)
-        return
-    for bit, term in enumerate(terms[d]):
-        next_index = term if index is None else _combine(index, term, hashed)
-        next_weight = None
-        if factors is not None:
-            factor = factors[d][bit]
-            next_weight = factor if weight is None else weight * factor
-        _for_each_corner(terms, factors, hashed, wrap, visit, d + 1, corner | (bit << d),
-                         next_index, next_weight)
-
-
-def _corner_setup(xt, group: _LevelGroup, first: int, stop: int,
-                  offset: Optional[torch.Tensor], index_dtype: Optional[torch.dtype] = None):
-    """(terms, factors, wrap) of a pass (offset, index_dtype: see _axis_terms): factors per
-    axis (1 - s, s, ds/dfrac) from _upper_weight, None for "nearest" (one vertex at full
-    weight); wrap for _for_each_corner."""
-    terms, fracs = _axis_terms(xt, group, first, stop, offset, index_dtype)
-    factors = None
-    if group.interpolation != "nearest":
-        factors = []
-        for frac in fracs:
-            weight, slope = _upper_weight(frac, group.interpolation)
-            factors.append((1.0 - weight, weight, slope))
-    wrap = None
-    if group.wrap_rows is not None:
-        wrap = lambda index: _wrap(index, group, first, stop, offset)   # noqa: E731
-    return terms, factors, wrap
-
-
-def _product(factors: List[torch.Tensor]) -> torch.Tensor:
-    result = factors[0]
-    for factor in factors[1:]:
-        result = result * factor
-    return result
-
-
-def _forward_by_corner(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, first: int,
-                 stop: int, tricks: bool, acc_dtype: torch.dtype) -> torch.Tensor:
+def _cpu_forward(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, first: int,
+                 stop: int, mode: _Mode, acc_dtype: torch.dtype) -> torch.Tensor:
     """xt: (D, n) -> the features (G, n, F) of the group's levels first..stop-1, corner by
     corner: the CPU branch's forward (with its tricks), and torch.compile's, which fuses
     these per-corner ops into one kernel per level group."""
-    group_table = table[group.rows_start:group.rows_stop]
-    packed = tricks and _packable(group_table, acc_dtype)
-    packed_table = _pack(group_table) if packed else None
-    lanes = torch.get_num_threads() if packed else 1     # (_packed_gather: int64 rows then)
-    terms, factors, wrap = _corner_setup(xt, group, first, stop, group.offset[first:stop],
-                                         torch.int64 if lanes > 1 else None)
-    out = []
-
-    def accumulate(corner, index, weight):
-        if packed:   # (G, n) real or complex
-            feature = _packed_gather(packed_table, index, lanes)
-        else:        # (G, n, F)
-            feature = _gather(group_table, index, tricks).to(acc_dtype)
-            weight = weight.unsqueeze(-1) if weight is not None else None
+    group_table, offset = table[group.rows_start:group.rows_stop], group.offset[first:stop]
+    words = _pack(group_table, acc_dtype) if mode.eager else None
+    lanes = torch.get_num_threads() if words is not None else 1     # (_gather: int64 rows)
+    terms, _, weights = _axis_terms(xt, group, first, stop, offset,
+                                    torch.int64 if lanes > 1 else None)
+    out = None
+    for _, index, weight in _corners(terms, weights, group, first, stop, offset):
+        if words is not None:   # (G, n) real or complex
+            feature = _gather(words, index, True, lanes)
+        else:                   # (G, n, F)
+            feature = _gather(group_table, index, mode.eager).to(acc_dtype)
+            weight = None if weight is None else weight.unsqueeze(-1)
         if weight is None:
-            out.append(feature)
-        elif not out:
-            out.append(feature * weight)
+            out = feature
+        elif out is None:
+            out = feature * weight
         else:
-            out[0].addcmul_(feature, weight)
-
-    _for_each_corner(terms, factors, group.hashed, wrap, accumulate)
-    return _unpack(out[0]) if packed else out[0]
-
-
-def _cpu_backward(xt, table, nan, passes: _Passes, grad_out, need_x: bool, grad_table,
-                  grad_xt) -> None:
-    """_encode_backward's CPU branch: adds to grad_table (R, F) and grad_xt (D, N)."""
-    n_points, n_features = xt.shape[1], table.shape[1]
-    n_planes = grad_out.shape[1] // n_features
-    grad_planes = grad_out.t().reshape(n_planes, n_features, n_points)          # (L, F, N)
-    if not grad_planes.is_contiguous():
-        # e.g. a row-major gradient from an elementwise loss on the features: the passes would
-        # read it with a large stride, so transpose it once, in runs of points that fit in cache
-        planes = torch.empty_like(grad_planes, memory_format=torch.contiguous_format)
-        step = max(passes.lookups_per_pass // planes.shape[0], 1)
-        for lo in range(0, n_points, step):
-            planes[..., lo:lo + step] = grad_planes[..., lo:lo + step]
-        grad_planes = planes
-    tricks = not torch.is_grad_enabled()
-    # one level per intra-op thread in each pass: the table gradient's scatter_add_ then runs
-    # on all cores (_cpu_backward_pass, _per_level)
-    min_levels = 1
-    if tricks and grad_table is not None and not need_x:
-        most = max(g.stop - g.start for g in passes.groups)
-        min_levels = max(min(torch.get_num_threads(), most), 1)
-    for group, first, stop, lo, hi in passes.split(n_points, min_levels):
-        levels = slice(group.start + first, group.start + stop)
-        _cpu_backward_pass(xt[:, lo:hi], table, group, first, stop, tricks,
-                           grad_planes[levels, :, lo:hi], None if nan is None else nan[lo:hi],
-                           grad_table, grad_xt[:, lo:hi] if need_x else None, need_x)
+            out.addcmul_(feature, weight)
+        index = weight = feature = None   # (freed before the next corner: malloc reuses them)
+    return out if words is None else _unpack(out)
 
 
-def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, tricks: bool,
-                       g_planes, nan, grad_table, grad_xt, need_x: bool):
+def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
+                       g_planes, nan, grad_table, grad_xt) -> None:
     """Adds the gradients of the group's levels first..stop-1 for points xt (D, n), given
     g_planes = dL/dfeatures (G, F, n) (a view of the caller's gradient; points flagged in
     nan (n,) are skipped, None: no point is), to grad_table (R, F) and to grad_xt (D, n)."""
     n_dims, n_features = xt.shape[0], g_planes.shape[1]
     group_table = table[group.rows_start:group.rows_stop]
-    group_grad = None
+    group_grad = grad_words = table_words = grad_levels = table_levels = None
     if grad_table is not None:
         group_grad = grad_table[group.rows_start:group.rows_stop]
-    packed = (tricks and group_grad is not None and not isinstance(group_grad, _RowCollector)
-              and _packable(group_grad, g_planes.dtype))
-    grad_levels, offset = None, group.offset[first:stop]
-    # one copy of the gradient, straight into the packed form, NaN points zeroed
-    if packed:
+    if mode.eager and group_grad is not None and not isinstance(group_grad, _RowCollector):
+        grad_words = _pack(group_grad, g_planes.dtype)                                # (R,)
+    if mode.eager and grad_xt is not None:
+        table_words = _pack(group_table, g_planes.dtype)                              # (R,)
+    # (G, W) views (_per_level) of the rows read and written, all indexed alike: scatter_add_
+    # and gather along their dim 1 run the levels on all cores
+    per_level = (mode.eager and (group_grad is None or grad_words is not None)
+                 and (grad_xt is None or table_words is not None))
+    offset = group.offset[first:stop]
+    if grad_words is not None or per_level:   # one copy of g, straight into the packed form
         g_rows = (torch.complex(g_planes[:, 0], g_planes[:, 1]) if n_features == 2
                   else g_planes[:, 0].clone())                                    # (G, n)
         if nan is not None:
             g_rows.masked_fill_(nan, 0.0)
-        packed_grad, g = _pack(group_grad), _unpack(g_rows)                        # (R,), (G, n, F)
-        if not need_x:
-            # scatter_add_ along dim 1 of this (G, W) view runs the levels on all cores
-            grad_levels, offset = _per_level(packed_grad, group, first, stop)
-    terms, factors, wrap = _corner_setup(xt, group, first, stop, offset,
-                                         torch.int64 if grad_levels is not None else None)
-    need_x = need_x and factors is not None   # "nearest" is piecewise constant: d/dx = 0
-    grad_frac = [None] * n_dims
-    if not packed:
+        g = _unpack(g_rows)                                                       # (G, n, F)
+    else:
         g = g_planes.transpose(1, 2)                                             # (G, n, F)
         if nan is not None:
             g = g.masked_fill(nan[:, None], 0.0)
-
-    def accumulate(corner, index, weight):
+    if per_level and grad_words is not None:
+        grad_levels, offset = _per_level(grad_words, group, first, stop)
+    if per_level and table_words is not None:
+        table_levels, offset = _per_level(table_words, group, first, stop)
+    terms, _, weights = _axis_terms(xt, group, first, stop, offset,
+                                    torch.int64 if per_level else None)
+    need_x = grad_xt is not None and weights is not None   # "nearest": d/dx = 0
+    dots = [None] * (1 << n_dims)     # need_x: each corner's g . row (G, n)
+    for corner, index, weight in _corners(terms, weights, group, first, stop, offset):
         if grad_levels is not None:
             values = g_rows if weight is None else g_rows * weight
             grad_levels.scatter_add_(1, index, values)   # (index: int64 rows of each level)
-        elif packed:
+        elif grad_words is not None:
             values = g_rows if weight is None else g_rows * weight
             # scatter_add_'s 1-D CPU loop is tighter than index_add_'s, even after the int64
             # copy it needs
-            packed_grad.scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
+            grad_words.scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
         elif group_grad is not None:
             values = (g if weight is None else g * weight.unsqueeze(-1)).reshape(-1, n_features)
             # (the 2-D index_add_ CPU kernel is several times slower with int32 indices)
             group_grad.index_add_(0, index.reshape(-1).long(), values.to(group_grad.dtype))
-        if need_x:
-            g_dot_feature = (g * _gather(group_table, index, tricks)).sum(-1)     # (G, n)
-            for d in range(n_dims):
-                # d weight / d s_d = +-prod_{e != d} (s_e or 1 - s_e)
-                others = [factors[e][(corner >> e) & 1] for e in range(n_dims) if e != d]
-                term = g_dot_feature * _product(others) if others else g_dot_feature
-                term = term if (corner >> d) & 1 else -term
-                grad_frac[d] = term if grad_frac[d] is None else grad_frac[d] + term
-
-    _for_each_corner(terms, factors, group.hashed, wrap, accumulate)
+        if need_x and table_levels is not None:     # rows . g, pairs as complex numbers
+            rows = table_levels.gather(1, index)
+            dots[corner] = (rows * g_rows.conj()).real if rows.is_complex() else rows * g_rows
+        elif need_x:
+            dots[corner] = (g * _gather(group_table, index, mode.eager)).sum(-1)
+        index = weight = values = rows = None   # (freed before the next corner's, see above)
     if need_x:
-        scale = group.scale[:, first:stop]
+        # P = sum_c dots_c w_c, the weights products of lerp weights s_d: lerping the corners
+        # axis by axis gives each dP/ds_d as the difference of the two ends along d, lerped
+        # along the later axes (about 2**(D+1) ops, not 4 D 2**D corner by corner)
+        grad_weight = []      # per axis so far, its derivative at the corners of later axes
         for d in range(n_dims):
-            ds = factors[d][2]
-            dfrac = grad_frac[d] if ds is None else grad_frac[d] * ds
-            # d pos / d x = scale; the cell index is piecewise constant
-            grad_xt[d].add_((dfrac * scale[d].to(dfrac.dtype)).sum(0))
+            weight = weights[d][0].to(dots[0].dtype)
+            lower, upper = dots[0::2], dots[1::2]
+            grad_weight = [[torch.lerp(a, b, weight) for a, b in zip(t[0::2], t[1::2])]
+                           for t in grad_weight]
+            grad_weight.append([b - a for a, b in zip(lower, upper)])
+            if d < n_dims - 1:
+                dots = [torch.lerp(a, b, weight) for a, b in zip(lower, upper)]
+        for d in range(n_dims):
+            _add_grad_x(grad_xt, d, grad_weight[d][0], weights[d][1], group, first, stop)
 
 
-# =============================================================================================
-# CPU speed tricks (the CPU branch outside autograd: `tricks` above)
-# =============================================================================================
+# --- CPU speed tricks (the CPU branch where mode.eager) --------------------------------------
 
 # Row-at-a-time access to the (R, F) tables is much faster through a 1-D view with one element
 # per row (F features reinterpreted as one machine word): PyTorch's 2-D index_select /
@@ -1545,15 +1405,21 @@ _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.comple
 _PAIR_DTYPES = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
-def _gather(table: torch.Tensor, index: torch.Tensor, tricks: bool) -> torch.Tensor:
-    """table: (R, F), index: (G, n) -> (G, n, F). tricks: through a one-word-per-row view
-    (the dtype views are not differentiable)."""
-    n_features = table.shape[1]
-    word = _WORD_DTYPES.get(n_features * table.element_size())
-    if tricks and word is not None and table.is_contiguous():
-        words = table.view(word).view(-1).index_select(0, index.reshape(-1))
-        return words.view(table.dtype).view(*index.shape, n_features)
-    return table.index_select(0, index.reshape(-1)).view(*index.shape, n_features)
+def _gather(rows: torch.Tensor, index: torch.Tensor, eager: bool, lanes: int = 1
+            ) -> torch.Tensor:
+    """rows (R, F) -> (..., F), or packed rows (R,) (_pack) -> (...), at index (...). eager:
+    (R, F) rows through a one-word-per-row view (dtype views are not differentiable). lanes > 1
+    (int64 index): a gather along dim 1 of rows expanded to (lanes, R), the lookups split among
+    the intra-op threads, where index_select is serial."""
+    if rows.dim() == 2:
+        n_features, word = rows.shape[1], _WORD_DTYPES.get(rows.shape[1] * rows.element_size())
+        if eager and word is not None and rows.is_contiguous():
+            words = _gather(rows.view(word).view(-1), index, eager, lanes)
+            return words.view(rows.dtype).view(*index.shape, n_features)
+        return rows.index_select(0, index.reshape(-1)).view(*index.shape, n_features)
+    if lanes > 1 and index.numel() % lanes == 0:
+        return rows.expand(lanes, -1).gather(1, index.reshape(lanes, -1)).view(index.shape)
+    return rows.index_select(0, index.reshape(-1)).view(index.shape)
 
 
 def _per_level(packed: torch.Tensor, group: _LevelGroup, first: int, stop: int
@@ -1579,40 +1445,28 @@ def _per_level(packed: torch.Tensor, group: _LevelGroup, first: int, stop: int
     return view, offset - start - steps
 
 
-def _packed_gather(packed: torch.Tensor, index: torch.Tensor, lanes: int) -> torch.Tensor:
-    """packed (R,) one number per row, index (...) -> (...). With lanes > 1 (int64 index): a
-    gather along dim 1 of packed expanded to (lanes, R), the lookups split among the intra-op
-    threads, where index_select is serial."""
-    if lanes > 1 and index.numel() % lanes == 0:
-        return packed.expand(lanes, -1).gather(1, index.reshape(lanes, -1)).view(index.shape)
-    return packed.index_select(0, index.reshape(-1)).view(index.shape)
-
-
-def _packable(table: torch.Tensor, acc_dtype: torch.dtype) -> bool:
-    """Whether feature rows can be handled as single numbers: F = 1 as reals, F = 2 (float32 /
-    float64) as complex numbers, whose arithmetic on a pair is exactly what interpolation does
-    to it (a weighted sum). Elementwise ops then run over one long axis instead of broadcasting
-    a weight over a trailing axis of size 2, which is several times slower on a CPU."""
-    n_features = table.shape[1]
-    return (table.dtype == acc_dtype and table.is_contiguous()
-            and (n_features == 1 or (n_features == 2 and table.dtype in _PAIR_DTYPES)))
-
-
-def _pack(rows: torch.Tensor) -> torch.Tensor:
-    """(..., F) contiguous, F in {1, 2} -> (...) one real or complex number per row."""
-    if rows.shape[-1] == 1:
+def _pack(rows: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """rows (..., F) -> (...) one number per row: F = 1 as reals, F = 2 (float32 / float64) as
+    complex numbers, whose arithmetic on a pair is exactly what interpolation does to it (a
+    weighted sum); None unless rows are contiguous, of `dtype`, and F is one of those.
+    Elementwise ops then run over one long axis instead of broadcasting a weight over a
+    trailing axis of size 2, which is several times slower on a CPU."""
+    n_features = rows.shape[-1]
+    if rows.dtype != dtype or not rows.is_contiguous():
+        return None
+    if n_features == 1:
         return rows.squeeze(-1)
-    return rows.view(_PAIR_DTYPES[rows.dtype]).squeeze(-1)
+    if n_features == 2 and rows.dtype in _PAIR_DTYPES:
+        return rows.view(_PAIR_DTYPES[rows.dtype]).squeeze(-1)
+    return None
 
 
 def _unpack(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of _pack: (...) -> (..., F)."""
+    """The inverse of _pack: (...) -> (..., F)."""
     return torch.view_as_real(packed) if packed.is_complex() else packed.unsqueeze(-1)
 
 
-# =============================================================================================
-# The custom op: torch.compile's table gradient on a CPU
-# =============================================================================================
+# --- The custom op: torch.compile's table gradient on a CPU ----------------------------------
 
 def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
                       grad_out: torch.Tensor, tensors: List[Optional[torch.Tensor]],
@@ -1621,11 +1475,12 @@ def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
     (concatenated): the body of the custom op below."""
     groups = _LevelGroup.from_op_args(tensors, ints, interpolation)
     cpu = table.device.type == "cpu"   # (the op is for CPUs; called elsewhere, plainly)
-    passes = _Passes(groups, None, cpu, MultiResHashGrid.CPU_LOOKUPS_PER_PASS if cpu
-                     else MultiResHashGrid.DEVICE_LOOKUPS_PER_PASS)
+    lookups = MultiResHashGrid._cpu_lookups if cpu else MultiResHashGrid._device_lookups
+    mode = _Mode(tuple(groups), cpu, False, True, False, False, False, lookups)
+    if cpu and not bool(nan.any()):
+        nan = None
     with torch.no_grad():
-        return _encode_backward(x, table, _any_nan(nan, passes), passes, grad_out, False,
-                                True)[1]
+        return _encode_backward(x, table, nan, mode, grad_out, False, True)[1]
 
 
 # Under torch.compile, inductor would turn the backward's scatter-adds into its own kernels,
@@ -1646,9 +1501,7 @@ if hasattr(torch.library, "custom_op"):
         _table_grad_op.register_fake(lambda x, table, *rest: torch.empty_like(table))
 
 
-# =============================================================================================
-# Sparse table gradients (sparse=True)
-# =============================================================================================
+# --- Sparse table gradients (sparse=True) ----------------------------------------------------
 # The passes add their contributions to a _RowCollector where they would scatter-add into a
 # dense gradient; backward then sorts the rows and sums each row's contributions in their
 # order (_coalesced_rows). No zeroed (R, F) gradient, no float atomics: the sum's order is fixed,
@@ -1722,9 +1575,7 @@ class _CoalescedGrad(torch.autograd.Function):
         return _coalesced_rows(grad._indices()[0], grad._values(), grad.shape, grad.dtype)
 
 
-# =============================================================================================
-# PART III: tiny-cuda-nn interop (layout="tcnn": configs in, configs and parameters out)
-# =============================================================================================
+# --- tiny-cuda-nn interop (layout="tcnn": configs in, configs and parameters out) ------------
 
 def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict]:
     """MultiResHashGrid's (args, kwargs) for a tcnn encoding config (from_tcnn_config)."""
@@ -1823,9 +1674,7 @@ def _tcnn_config_of(enc: "MultiResHashGrid") -> dict:
     return config
 
 
-# =============================================================================================
-# PART IV: Frequency, the NeRF positional encoding
-# =============================================================================================
+# --- Frequency, the NeRF positional encoding -------------------------------------------------
 
 class Frequency(nn.Module):
     """NeRF positional encoding (Mildenhall et al. 2020, eq. 4):

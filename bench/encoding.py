@@ -59,7 +59,7 @@ SYNONYMS = {
 OURS = "ours"
 OURS_CPU = "ours (CPU branch)"
 OURS_DEVICE = "ours (device branch)"
-OURS_RECOMPUTE = "ours (device, DEVICE_KEEP=False)"
+OURS_RECOMPUTE = "ours (device branch, recomputing)"
 OUR_SPECS = (OURS, OURS_CPU, OURS_DEVICE, OURS_RECOMPUTE)
 
 
@@ -90,14 +90,12 @@ def build(cls, workload: str, device: str, spec: str = OURS):
             kwargs[name] = value
         elif key == "dim" and dim != 3:
             raise TypeError(f"{cls.__name__} takes no input dimension (3-D only?)")
-    if spec in (OURS_DEVICE, OURS_RECOMPUTE):
-        kwargs["implementation"] = "device"
-    elif (spec not in OUR_SPECS and "implementation" in params
+    if (spec not in OUR_SPECS and "implementation" in params
           and params["implementation"].default != "fast"):   # (not another copy of ours)
         kwargs["implementation"] = "torch"     # nerfstudio's pure-torch path
     module = cls(**kwargs).to(device)
-    if spec == OURS_RECOMPUTE:
-        module.DEVICE_KEEP = False
+    if spec in (OURS_DEVICE, OURS_RECOMPUTE):     # (the module's private test hooks)
+        module._device_branch, module._device_keep = True, spec == OURS_DEVICE
     return module
 
 

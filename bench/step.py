@@ -10,15 +10,15 @@ encoding's forward, backward (loss y.square().mean()), the optimizer's step and 
   dense       sparse=False, torch.optim.Adam (fused where torch has it): today's step
   sparse_adam sparse=True, torch.optim.SparseAdam
   lazy_adam   sparse=True, lazy_adam.LazyAdam (what train.py --table_optimizer sparse_adam runs)
-Bytes: written by non-view aten ops in one step (after a warm-up step), device branch
-(implementation="device": what a GPU runs), counted as bench/encoding.py --traffic counts them
-(allocations excluded) except that an in-place scatter (index_add_, index_copy_, index_fill_, a
-dense tensor plus a sparse one, ...) counts only the rows it writes, and a sparse tensor counts
-its indices and values. Peak: the extra tensor bytes allocated during a step (the table and the
-optimizer's state, alive throughout, excluded). Seconds: median per step, the variants
-interleaved step by step, with implementation="fast" (the CPU branch on a CPU) and freed memory
-kept for reuse as train.py keeps it (hardware.keep_freed_memory); time it on a quiet machine.
-Writes bench/out/step.json.
+Bytes: written by non-view aten ops in one step (after a warm-up step), device branch (the
+module's private _device_branch hook: what a GPU runs), counted as bench/encoding.py --traffic
+counts them (allocations excluded) except that an in-place scatter (index_add_, index_copy_,
+index_fill_, a dense tensor plus a sparse one, ...) counts only the rows it writes, and a
+sparse tensor counts its indices and values. Peak: the extra tensor bytes allocated during a
+step (the table and the optimizer's state, alive throughout, excluded). Seconds: median per
+step, the variants interleaved step by step, with the default implementation (the CPU branch on
+a CPU) and freed memory kept for reuse as train.py keeps it (hardware.keep_freed_memory); time
+it on a quiet machine. Writes bench/out/step.json.
 """
 import argparse
 import gc
@@ -89,11 +89,12 @@ class StepCounter(bench_encoding.WriteCounter):
                    if isinstance(t, torch.Tensor))
 
 
-def build(variant: str, log2_t: int, device: str, implementation: str):
-    """(encoding, optimizer) of a variant."""
+def build(variant: str, log2_t: int, device: str, device_branch: bool):
+    """(encoding, optimizer) of a variant; device_branch: what a GPU runs, on any device."""
     torch.manual_seed(0)
     enc = MultiResHashGrid(**TOKYO_HALF, log2_hashmap_size=log2_t, device=device,
-                           implementation=implementation, sparse=variant != "dense")
+                           sparse=variant != "dense")
+    enc._device_branch = device_branch
     if variant == "sparse_adam":
         opt = torch.optim.SparseAdam(enc.parameters(), lr=LR, betas=BETAS, eps=EPS)
     else:
@@ -123,7 +124,7 @@ def make_step(enc, opt, batch: int, device: str, seed: int = 0):
 
 def count(variant: str, log2_t: int, batch: int, device: str) -> dict:
     """Bytes and ops of one device-branch step, and its peak extra allocation."""
-    enc, opt = build(variant, log2_t, device, "device")
+    enc, opt = build(variant, log2_t, device, True)
     step = make_step(enc, opt, batch, device)
     step()                                          # the optimizer's state is made here
     with StepCounter() as counter:
@@ -147,7 +148,7 @@ def clock(log2_t: int, batch: int, device: str, repeats: int) -> dict:
     implementation="fast", the variants interleaved."""
     steps = {}
     for variant in VARIANTS:
-        enc, opt = build(variant, log2_t, device, "fast")
+        enc, opt = build(variant, log2_t, device, False)
         steps[variant] = make_step(enc, opt, batch, device, seed=1)
     for step in steps.values():
         step()                                       # warm-up, the optimizer's state made
@@ -167,8 +168,8 @@ def determinism(device: str, log2_t: int, batch: int, runs: int = 3, grid=None) 
     """Whether the table's gradient has the same bits on every run of one backward (device
     branch), sparse and dense: {"sparse": (identical, largest difference), "dense": ...}."""
     torch.manual_seed(0)
-    enc = MultiResHashGrid(**(grid or TOKYO_HALF), log2_hashmap_size=log2_t, device=device,
-                           implementation="device")
+    enc = MultiResHashGrid(**(grid or TOKYO_HALF), log2_hashmap_size=log2_t, device=device)
+    enc._device_branch = True
     x = torch.rand(batch, enc.input_dim, device=device,
                    generator=torch.Generator(device=device).manual_seed(2))
     result = {}

@@ -27,8 +27,8 @@ def test_write_counter_counts_outputs_not_views_or_allocations():
 def test_traffic_of_a_step_is_deterministic_and_the_device_branch_is_leaner():
     counts = []
     for spec in (bench.OURS_DEVICE, bench.OURS_DEVICE, bench.OURS_RECOMPUTE):
-        enc = bench.load_class(spec)(3, 4, 2, 10, 4, 64, implementation="device")
-        enc.DEVICE_KEEP = spec == bench.OURS_DEVICE
+        enc = bench.load_class(spec)(3, 4, 2, 10, 4, 64)
+        enc._device_branch, enc._device_keep = True, spec == bench.OURS_DEVICE
         counter = bench.count_traffic(enc, 4096, 3, "cpu")
         counts.append((counter.ops, counter.bytes))
     assert counts[0] == counts[1]

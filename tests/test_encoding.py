@@ -14,8 +14,16 @@ from encoding import Frequency, MultiResHashGrid
 
 
 def raw(enc):
-    """The autograd Function of `enc` as a function of (x, table), for gradcheck."""
-    return lambda x, t: encoding._HashGridFunction.apply(x, t, torch.zeros(len(x), dtype=torch.bool), enc._passes(x.device), True)
+    """enc (any implementation) as a function of (x, table), for gradcheck."""
+    return lambda x, t: torch.func.functional_call(enc, {"embedding.weight": t}, (x,))
+
+
+def encoder(*args, implementation="fast", **kwargs):
+    """MultiResHashGrid(*args, **kwargs); implementation "device": the device branch (what GPUs
+    run) on this CPU, through the module's private hook."""
+    enc = MultiResHashGrid(*args, implementation="fast" if implementation == "device" else implementation, **kwargs)
+    enc._device_branch = implementation == "device"
+    return enc
 
 
 PAPER_PRIMES = [1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737]
@@ -91,7 +99,7 @@ def reference_encode(x, table, dim, n_levels, log2_t, base, finest, interpolatio
 
 
 def make(dim, interpolation="linear", n_levels=4, log2_t=10, base=2, finest=40, dtype=torch.float64, **kw):
-    enc = MultiResHashGrid(dim, n_levels, 2, log2_t, base, finest, interpolation=interpolation, **kw).to(dtype)
+    enc = encoder(dim, n_levels, 2, log2_t, base, finest, interpolation=interpolation, **kw).to(dtype)
     with torch.no_grad():  # features of order 1, so mistakes are visible at 1e-6
         enc.embedding.weight.uniform_(-1, 1)
     return enc
@@ -176,7 +184,6 @@ def test_resolution_formulas_by_hand():
     assert encoding._paper_cells(16, encoding._paper_growth(16, 8192, 16), 15) == 8192
     # tcnn: exp2(l * log2(b)) * N_min - 1 (exact here), then ceil + 1 vertices
     assert [encoding._tcnn_scale(16, 2.0, level) for level in range(3)] == [15.0, 31.0, 63.0]
-    assert encoding._tcnn_vertices(15.0) == 16 and encoding._tcnn_vertices(15.25) == 17
     # float32 at every step, b included: 1.1**7 * 3 - 1 in float32 is not its float64 value
     scale = encoding._tcnn_scale(3, 1.1, 7)
     f32 = torch.exp2(7 * torch.log2(torch.tensor(1.1, device="cpu"))) * 3 - 1   # float32
@@ -195,31 +202,9 @@ def test_row_formulas_by_hand():
     assert rows(144, "tcnn", "tiled", 128, 81) == 81             # at most N_min**D
     assert rows(9, "tcnn", "tiled", 128, 81) == 16
     assert encoding._dense_strides((3, 4, 5)) == (1, 3, 12)
-    # dense: vertex (2, 1, 3) of a 3 x 4 x 5 vertex grid -> 2 + 1 * 3 + 3 * 12 = 41
-    terms = [encoding._dense_term(v, s) for v, s in zip((2, 1, 3), (1, 3, 12))]
-    assert terms[0] + terms[1] + terms[2] == 41
-    assert encoding._combine(encoding._combine(terms[0], terms[1], False), terms[2], False) == 41
-    # hashed, T = 256: vertex (3, 22) -> (3 * 1 ^ 22 * 2654435761 mod 2**32) mod 256 = 53
-    t0, t1 = encoding._hash_term(3, 1, 255), encoding._hash_term(22, 2654435761, 255)
-    assert (t0, t1) == (3, (22 * 2654435761 % 2**32) % 256) and encoding._combine(t0, t1, True) == 53
-    # int64 tensors give the same terms (the product wraps, its low 32 bits stay exact)
-    v = torch.tensor([0, 1, 22, 2**20 + 7, 2**31 - 1])
-    for prime in PAPER_PRIMES:
-        expected = [(int(vi) * prime % 2**32) % 2**19 for vi in v]
-        assert encoding._hash_term(v, prime, 2**19 - 1).tolist() == expected
 
 
-def test_position_and_weight_formulas_by_hand():
-    x = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
-    scale = torch.tensor([[4.0]])
-    # paper: pos = 4x, the highest cell is N - 1 = 3 so x = 1 sits at frac 1 of cell 3
-    for index_dtype in (torch.int32, torch.int64):
-        cell, frac = encoding._cell_and_frac(x, scale, 0.0, False, torch.tensor([[3]], dtype=index_dtype), index_dtype)
-        assert cell.dtype == index_dtype
-        assert cell.tolist() == [[0, 1, 3]] and frac.tolist() == [[0, 0, 1]]
-    # tcnn: pos = x * scale + 0.5 in float32, no clamp: x = 1 -> pos 4.5, cell 4
-    cell, frac = encoding._cell_and_frac(x.float(), scale, 0.5, True, None, torch.int32)
-    assert cell.tolist() == [[0, 1, 4]] and frac.tolist() == [[0.5, 0.5, 0.5]]
+def test_weight_formulas_by_hand():
     frac = torch.tensor([0.25], dtype=torch.float64)
     high, slope = encoding._upper_weight(frac, "linear")
     assert (high.item(), slope) == (0.25, None)
@@ -228,31 +213,86 @@ def test_position_and_weight_formulas_by_hand():
     assert (high.item(), slope.item()) == (0.15625, 1.125)
 
 
-def test_index_shortcuts_equal_the_formulas_they_replace():
-    # int32 products with the prime's low 32 bits, signed, wrap to the unsigned product mod 2**32
-    v = torch.tensor([0, 1, 22, 4095, 2**20 + 7, 2**31 - 1], dtype=torch.int64)
-    for prime in encoding.hash_primes(9):
-        for mask in (2**19 - 1, 2**31 - 1, 15):
-            wrapped = torch.tensor(encoding._wrapped_prime(prime), dtype=torch.int32)
-            expected = [(int(vi) * prime % 2**32) & mask for vi in v]
-            assert encoding._hash_term(v.int(), wrapped, mask).tolist() == expected
-            # term(v + 1) from term(v), without a product
-            term = encoding._hash_term(v, prime, mask)
-            assert encoding._next_hash_term(term, prime, mask).tolist() == \
-                encoding._hash_term(v + 1, prime, mask).tolist()
-    # axis 0's multiplier is 1: _term skips the product, dense and hashed
-    for hashed in (False, True):
-        for multiplier in (None, 1):
-            assert encoding._term(v, multiplier, hashed, 2**19 - 1).tolist() == \
-                [(int(vi) & (2**19 - 1)) if hashed else int(vi) for vi in v]
-        expected = ((v + 1) & (2**31 - 1)) if hashed else v + 1
-        assert encoding._next_term(v, None, hashed, 2**31 - 1).tolist() == expected.tolist()
-    # _combine with out= writes the same numbers
-    a, b = torch.tensor([5, 9]), torch.tensor([3, 4])
-    for hashed in (False, True):
-        out = torch.empty(2, dtype=torch.int64)
-        encoding._combine(a, b, hashed, out)
-        assert out.tolist() == encoding._combine(a, b, hashed).tolist()
+def formula_rows(enc, level, x, scale, float32):
+    """The module docstring's formulas in Python numbers, per point and cell corner: (rows,
+    weights) of `level` of enc for x (n, D) -> {corner: ([row] * n, [weight] * n)}; float32:
+    tcnn's positions rounded as its float32 fmaf."""
+    dim, nearest, tcnn = enc.input_dim, enc.interpolation == "nearest", enc.layout == "tcnn"
+    resolution, rows, offset = enc.resolutions[level], enc.rows_per_level[level], enc.level_offsets[level]
+    vertices = [n if tcnn or p else n + 1 for n, p in zip(resolution, enc.periodic)]
+    strides = [math.prod(vertices[:d]) for d in range(dim)]
+    primes, hashed = encoding.hash_primes(dim), level in enc.hashed_levels
+    result = {}
+    for corner in range(1 if nearest else 2**dim):
+        corner_rows, corner_weights = [], []
+        for point in x.tolist():
+            index, weight = 0, 1.0
+            for d in range(dim):
+                pos = point[d] * scale[d] + (0.5 if tcnn or nearest else 0.0)
+                if tcnn and float32:    # fmaf: one rounding of the exact product and sum
+                    pos = float(torch.tensor(pos, dtype=torch.float32))
+                cell = math.floor(pos) if tcnn else min(math.floor(pos), resolution[d] - (not nearest))
+                frac, bit = pos - cell, (corner >> d) & 1
+                vertex = (cell + bit) % resolution[d] if enc.periodic[d] else cell + bit
+                index = index ^ (vertex * primes[d] % 2**32) if hashed else index + vertex * strides[d]
+                s = frac * frac * (3 - 2 * frac) if enc.interpolation == "smoothstep" else frac
+                weight *= s if bit else 1 - s
+            corner_rows.append(offset + index % rows)
+            corner_weights.append(weight)
+        result[corner] = (corner_rows, corner_weights)
+    return result
+
+
+SHORTCUT_CASES = {
+    # hashed levels whose axis-0 vertices reach T (no direct term) and below it (direct)
+    "hashed 1-D": (1, dict(n_levels=3, log2_hashmap_size=4, base_resolution=6, finest_resolution=40)),
+    "hashed 3-D": (3, dict(n_levels=4, log2_hashmap_size=7, base_resolution=2, finest_resolution=30)),
+    "dense 2-D smoothstep": (2, dict(n_levels=3, log2_hashmap_size=12, base_resolution=3, finest_resolution=20,
+                                     interpolation="smoothstep")),
+    "periodic": (2, dict(n_levels=4, log2_hashmap_size=6, base_resolution=3, finest_resolution=30,
+                         periodic=(True, False))),
+    "periodic nearest": (2, dict(n_levels=3, log2_hashmap_size=6, base_resolution=3, finest_resolution=30,
+                                 periodic=(False, True), interpolation="nearest")),
+    "tcnn hash": (2, dict(n_levels=4, log2_hashmap_size=6, base_resolution=3, per_level_scale=1.7, layout="tcnn")),
+    "tcnn dense": (2, dict(n_levels=3, base_resolution=3, per_level_scale=1.5, layout="tcnn", grid_type="dense")),
+    "tcnn tiled": (2, dict(n_levels=3, log2_hashmap_size=6, base_resolution=3, per_level_scale=1.7, layout="tcnn",
+                           grid_type="tiled")),
+}
+
+
+@pytest.mark.parametrize("case", list(SHORTCUT_CASES))
+def test_corner_rows_and_weights_equal_the_formulas(case):
+    """_axis_terms and _corners take shortcuts: the upper vertex's term from the lower one's by
+    one add, int32 products with each prime's low 32 bits as a signed number, axis 0's term
+    without a product (and without the mask where its vertices stay below T, the offset added
+    first), tcnn's fmaf through float64, the tcnn dense wrap after the XOR/sum. Every corner's
+    row and weight must be the formulas', in int32 and in int64 (the CPU branch's threaded
+    gathers), with the level offsets folded in or not."""
+    dim, kwargs = SHORTCUT_CASES[case]
+    enc = MultiResHashGrid(dim, **kwargs)
+    x = torch.rand(23, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[0], x[1] = 0.0, 1.0
+    x[2, 0] = 0.25
+    for dtype in (torch.float64, torch.float32):
+        for group in enc._level_groups:
+            n_levels = group.stop - group.start
+            scales = group.scale[:, :, 0].t().double().tolist()       # float32 scales, per level
+            expected = [formula_rows(enc, group.start + g, x.to(dtype).double(), scales[g], dtype == torch.float32)
+                        for g in range(n_levels)]
+            for index_dtype, offset in ((None, group.offset), (torch.int64, group.offset), (None, None)):
+                terms, fracs, weights = encoding._axis_terms(x.to(dtype).t().contiguous(), group, 0, n_levels,
+                                                            offset, index_dtype)
+                corners = list(encoding._corners(terms, weights, group, 0, n_levels, offset))
+                assert sorted(c for c, _, _ in corners) == list(range(len(expected[0])))
+                for corner, index, weight in corners:
+                    assert index.dtype == (index_dtype or group.offset.dtype)
+                    for g in range(n_levels):
+                        want_rows, want_weights = expected[g][corner]
+                        base = group.rows_start if offset is not None else enc.level_offsets[group.start + g]
+                        assert (index[g] + base).tolist() == want_rows, (case, corner, g)
+                        if weight is not None:
+                            torch.testing.assert_close(weight[g].double(), torch.tensor(want_weights, dtype=torch.float64),
+                                                       atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
 
 
 def test_level_plan_by_hand():
@@ -395,11 +435,6 @@ def test_gradcheck_and_gradgradcheck(dim, interpolation):
     assert torch.autograd.gradcheck(enc, (x,))
 
 
-def with_table(enc):
-    """enc (any implementation) as a function of (x, table), for gradgradcheck."""
-    return lambda x, t: torch.func.functional_call(enc, {"embedding.weight": t}, (x,))
-
-
 SECOND_ORDER_CASES = {"paper": {}, "periodic": dict(periodic=(True, False)), "tcnn": dict(layout="tcnn")}
 
 
@@ -412,10 +447,11 @@ def test_second_order_gradgradcheck(implementation, interpolation, case, monkeyp
     enc = make(2, interpolation, n_levels=3, log2_t=5, base=2, finest=12, **SECOND_ORDER_CASES[case])
     if implementation == "device":
         device_branch(enc, monkeypatch, 3)
-    enc.implementation, enc.chunk_size = implementation, 3
+    enc.implementation = "fast" if implementation == "device" else implementation
+    enc._chunk_size = 3
     x = torch.rand(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
     x.requires_grad_(True)
-    assert torch.autograd.gradgradcheck(with_table(enc), (x, enc.embedding.weight))
+    assert torch.autograd.gradgradcheck(raw(enc), (x, enc.embedding.weight))
 
 
 def test_third_order_falls_back_to_autograd():
@@ -426,7 +462,7 @@ def test_third_order_falls_back_to_autograd():
     weights = torch.randn(3, enc.output_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
 
     def grad_x(x, table):
-        (g,) = torch.autograd.grad((with_table(enc)(x, table) * weights).sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad((raw(enc)(x, table) * weights).sum(), x, create_graph=True)
         return g
     assert torch.autograd.gradgradcheck(grad_x, (x.requires_grad_(True), enc.embedding.weight))
 
@@ -439,7 +475,7 @@ def test_eikonal_step_with_a_nan_point(implementation, monkeypatch):
     enc = make(3, "smoothstep", n_levels=3, log2_t=7, base=2, finest=16)
     if implementation == "device":
         device_branch(enc, monkeypatch, 4)
-    enc.chunk_size = 4
+    enc._chunk_size = 4
     mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Softplus(), torch.nn.Linear(8, 1)).double()
     x = torch.rand(9, 3, dtype=torch.float64)
     x_nan = x.clone()
@@ -616,13 +652,12 @@ def test_a_second_copy_of_the_file_shares_the_custom_op():
     spec.loader.exec_module(copy)      # registers nothing new, and does not fail
     enc = make(2, n_levels=3, log2_t=6, base=2, finest=20, dtype=torch.float32)
     x, grad_out = torch.rand(40, 2), torch.randn(40, enc.output_dim)
-    nan, table, passes = torch.zeros(40, dtype=torch.bool), enc.embedding.weight.detach(), enc._passes(x.device)
-    tensors, ints = [], []
-    for group in passes.groups:
-        tensors += group.op_args()[0]
-        ints += group.op_args()[1]
-    expected = encoding._encode_backward(x, table, nan, passes, grad_out, False, True)[1]
-    torch.testing.assert_close(copy._table_grad_op(x, table, nan, grad_out, tensors, ints, "linear"), expected)
+    table = enc.embedding.weight
+    (expected,) = torch.autograd.grad((enc(x) * grad_out).sum(), table)
+    tensors, ints = encoding._LevelGroup.op_args(enc._level_groups)
+    nan = torch.zeros(40, dtype=torch.bool)
+    got = copy._table_grad_op(x, table.detach(), nan, grad_out, tensors, ints, "linear")
+    torch.testing.assert_close(got, expected)
 
 
 def test_frequency_encoding():
@@ -641,19 +676,19 @@ def test_frequency_encoding():
 def test_chunked_passes_match_one_pass():
     enc = make(3, n_levels=4, log2_t=9, base=3, finest=50)
     x = torch.rand(50, 3, dtype=torch.float64, requires_grad=True)
-    enc.chunk_size = 10**9
+    enc._chunk_size = 10**9
     one_pass = enc(x)
     (grad_one,) = torch.autograd.grad(one_pass.square().sum(), x)
-    enc.chunk_size = 7
+    enc._chunk_size = 7
     for lookups in (10**6, 14, 1):   # all levels of a group per pass, two, one
-        enc.CPU_LOOKUPS_PER_PASS = lookups
+        enc._cpu_lookups = lookups
         chunked = enc(x)
         (grad_chunked,) = torch.autograd.grad(chunked.square().sum(), x)
         torch.testing.assert_close(chunked, one_pass)
         torch.testing.assert_close(grad_chunked, grad_one)
     small = make(2, n_levels=2, log2_t=5, base=2, finest=6)
-    small.chunk_size = 2
-    small.CPU_LOOKUPS_PER_PASS = 2
+    small._chunk_size = 2
+    small._cpu_lookups = 2
     x2 = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(raw(small), (x2, small.embedding.weight))
 
@@ -666,7 +701,7 @@ def test_cpu_passes_on_any_thread_count(threads, dtype):
     of 16, 36 and 121 rows, through overlapping view rows): the results must not depend on
     the thread count, nor on point counts that do not divide among the threads."""
     enc = make(2, n_levels=5, log2_t=8, base=3, finest=40, dtype=dtype)   # dense and hashed
-    enc.CPU_LOOKUPS_PER_PASS = 128   # several passes per level
+    enc._cpu_lookups = 128   # several passes per level
     x = torch.rand(301, 2, dtype=dtype)
     weights = torch.randn(301, enc.output_dim, dtype=torch.float64)
     table = enc.embedding.weight
@@ -693,7 +728,7 @@ def test_output_layout_and_gradients_in_any_layout(feature_major, implementation
     strided."""
     enc = make(2, n_levels=5, log2_t=8, base=3, finest=40, implementation=implementation,
                feature_major=feature_major)
-    enc.CPU_LOOKUPS_PER_PASS = enc.DEVICE_LOOKUPS_PER_PASS = 64   # several passes per level
+    enc._cpu_lookups = enc._device_lookups = 64   # several passes per level
     x = torch.rand(300, 2, dtype=torch.float64, requires_grad=True)
     out = enc(x)
     assert out.t().is_contiguous() if feature_major else out.is_contiguous()
@@ -1094,20 +1129,14 @@ def test_periodic_options():
 # --- the device branch (GPUs, torch.compile), forced on a CPU ---------------------------------
 
 def device_branch(enc, monkeypatch, chunk_size=None):
-    """enc, set to take the device branch on this CPU; the CPU-only packing must not run, and
-    with 50 points each level group is one pass (of chunk_size points if set)."""
-    enc.implementation = "device"
-    enc.chunk_size = chunk_size
+    """enc, set to take the device branch on this CPU (chunk_size points per pass if set); the
+    CPU branch's packing must not run."""
+    enc._device_branch, enc._chunk_size = True, chunk_size
 
-    def no_packing(rows):
+    def no_packing(rows, dtype):
         raise AssertionError("a CPU speed trick ran in the device branch")
 
     monkeypatch.setattr(encoding, "_pack", no_packing)
-    passes = enc._passes(torch.device("cpu"))
-    assert not passes.cpu
-    n = 50
-    step = chunk_size or n
-    assert len(passes.split(n)) == len(passes.groups) * -(-n // step)
     return enc
 
 
@@ -1186,8 +1215,8 @@ def _implementations_agree(kwargs, dim, n=60, seed=0, x_edges=True):
     results = {}
     for name, implementation, keep in (("reference", "reference", True), ("fast", "fast", True),
                                        ("device", "device", True), ("recompute", "device", False)):
-        enc = MultiResHashGrid(dim, implementation=implementation, dtype=torch.float64, **kwargs)
-        enc.DEVICE_KEEP = keep
+        enc = encoder(dim, implementation=implementation, dtype=torch.float64, **kwargs)
+        enc._device_keep = keep
         with torch.no_grad():
             enc.embedding.weight.copy_(torch.rand(enc.embedding.weight.shape, generator=torch.Generator().manual_seed(1),
                                                   dtype=torch.float64) * 2 - 1)
@@ -1251,7 +1280,7 @@ def test_device_branch_in_passes_of_any_size():
     expected = enc(x)
     expected_grads = torch.autograd.grad(expected.square().sum(), (x, table))
     for lookups in (1, 30, 100, 10**6):
-        enc.DEVICE_LOOKUPS_PER_PASS = lookups
+        enc._device_lookups = lookups
         out = enc(x)
         grads = torch.autograd.grad(out.square().sum(), (x, table))
         torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
@@ -1270,13 +1299,15 @@ def test_reference_second_order_and_nan():
     assert torch.isnan(out[2]).all() and not torch.isnan(out[[0, 1, 3, 4]]).any()
 
 
-def test_reference_is_one_short_function_of_the_formulas():
+def test_reference_is_one_short_self_contained_function():
+    """The shipped reference reads on its own: at most 70 lines, no helper of the speed-only
+    part (its formulas in its own shapes)."""
     import inspect
     source = inspect.getsource(encoding._reference_encode)
-    assert len(source.splitlines()) <= 80
-    for formula in ("_cell_and_frac", "_upper_weight", "_hash_term", "_dense_term", "_combine",
-                    "_periodic_vertex", "hash_primes", "_dense_strides"):
-        assert formula + "(" in source
+    assert len(source.splitlines()) <= 70
+    assert set(re.findall(r"\b(_[a-z]\w*)\(", source)) <= {"_reference_encode"}
+    module = inspect.getsource(encoding)
+    assert module.index("\ndef _reference_encode") < module.index("\n# SPEED ONLY") < module.index("\nclass _LevelGroup")
 
 
 def test_device_and_dtype_arguments_create_the_table_in_place(monkeypatch):

@@ -21,10 +21,18 @@ def gradients(enc, x, create_graph=False):
     return enc.embedding.weight.grad, x.grad
 
 
+def encoder(*args, implementation="fast", **kwargs):
+    """MultiResHashGrid(*args, **kwargs); implementation "device": the device branch (what GPUs
+    run) on this CPU, through the module's private hook."""
+    enc = MultiResHashGrid(*args, implementation="fast" if implementation == "device" else implementation, **kwargs)
+    enc._device_branch = implementation == "device"
+    return enc
+
+
 def pair(dim, **kwargs):
     """(dense, sparse) encodings with the same table."""
-    dense = MultiResHashGrid(dim, 4, 2, 8, 4, 64, **kwargs)
-    sparse = MultiResHashGrid(dim, 4, 2, 8, 4, 64, sparse=True, **kwargs)
+    dense = encoder(dim, 4, 2, 8, 4, 64, **kwargs)
+    sparse = encoder(dim, 4, 2, 8, 4, 64, sparse=True, **kwargs)
     sparse.load_state_dict(dense.state_dict())
     return dense, sparse
 
@@ -96,7 +104,7 @@ def test_rows_are_summed_in_their_given_order():
 def test_sparse_gradient_is_bit_identical_run_to_run_and_on_1_or_2_threads(implementation):
     torch.manual_seed(2)
     # a small table and many points: every row is summed from hundreds of contributions
-    enc = MultiResHashGrid(2, 4, 2, 8, 4, 256, implementation=implementation, sparse=True)
+    enc = encoder(2, 4, 2, 8, 4, 256, implementation=implementation, sparse=True)
     x = torch.rand(20000, 2)
     threads = torch.get_num_threads()
     results = []
