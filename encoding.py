@@ -1002,8 +1002,8 @@ def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
     weights: D tuples _upper_weight(frac), None for "nearest". index_dtype: the terms' dtype
     (default: the group's).
 
-    Shortcuts, each tested against the formula it replaces: the upper vertex's term comes
-    from the lower one's by one add, (t + prime mod T) mod T hashed, t + stride dense; axis 0's
+    Shortcuts, each tested against the formula it replaces: the upper vertex's term is the
+    lower one's plus one add, (t + prime mod T) mod T hashed, t + stride dense; axis 0's
     multiplier is 1 (no product); where every vertex on axis 0 is below T (axis0_direct) its
     term is the vertex itself, with the offset added before the upper term is derived.
     """
