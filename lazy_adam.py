@@ -87,30 +87,30 @@ class LazyAdam(torch.optim.Adam):
             state["step"] = state["step"].cpu()
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        step = float(state["step"])
+        t = int(state["step"])
         if group["weight_decay"]:
             g = g.add(p.index_select(0, rows), alpha=group["weight_decay"])
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        if int(state.get("lazy_step", -1)) != int(step) - 1:
+        if int(state.get("lazy_step", -1)) != t - 1:
             # the last step was not lazy (Adam's, or a dense gradient's): every row has moved
-            state["row_step"] = torch.full(p.shape[:1], int(step) - 1, dtype=torch.int32,
+            state["row_step"] = torch.full(p.shape[:1], t - 1, dtype=torch.int32,
                                            device=p.device)
-        state["lazy_step"] = torch.tensor(float(step))
-        # the steps each row sat out since it last moved: dense Adam moved it on each of them
-        # by its decaying momentum; that movement and decay are caught up here
-        skipped = (int(step) - 1 - state["row_step"].index_select(0, rows)).to(g.dtype)
-        skipped = skipped.view(-1, *([1] * (g.dim() - 1)))
+        state["lazy_step"] = torch.tensor(float(t))
+        # the steps since each row last moved (this one included): dense Adam moved it on each
+        # skipped one by its decaying momentum; that movement and decay are caught up here
+        since = (t - state["row_step"].index_select(0, rows)).to(g.dtype)
+        since = since.view(-1, *([1] * (g.dim() - 1)))
         m, v = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
-        bias2_sqrt = math.sqrt(1 - beta2 ** step)
+        bias2_sqrt = math.sqrt(1 - beta2 ** t)
         eps = group["eps"] * bias2_sqrt
         r = beta1 / math.sqrt(beta2)                    # a skipped step's move, relative
-        caught_up = m / (v.sqrt() + eps) * ((1 - r ** skipped) * (r / (1 - r)))
-        m.mul_(beta1 ** (skipped + 1)).add_(g, alpha=1 - beta1)
-        v.mul_(beta2 ** (skipped + 1)).addcmul_(g, g, value=1 - beta2)
+        caught_up = m / (v.sqrt() + eps) * ((1 - r ** (since - 1)) * (r / (1 - r)))
+        m.mul_(beta1 ** since).add_(g, alpha=1 - beta1)
+        v.mul_(beta2 ** since).addcmul_(g, g, value=1 - beta2)
         exp_avg.index_copy_(0, rows, m)
         exp_avg_sq.index_copy_(0, rows, v)
-        state["row_step"].index_fill_(0, rows, int(step))
-        step_size = group["lr"] * bias2_sqrt / (1 - beta1 ** step)
+        state["row_step"].index_fill_(0, rows, t)
+        step_size = group["lr"] * bias2_sqrt / (1 - beta1 ** t)
         update = m.div_(v.sqrt_().add_(eps)).add_(caught_up)
         p.index_add_(0, rows, update, alpha=-step_size)               # (rows unique)
 
