@@ -70,6 +70,43 @@ class LazyAdam(torch.optim.Adam):
             for key, value in kept.get(i, {}).items():
                 self.state[p][key] = value.to(p.device) if key == "row_step" else value.cpu()
 
+    @torch.no_grad()
+    def catch_up(self, p: torch.Tensor, rows: torch.Tensor) -> None:
+        """Moves rows (R,) of p (a parameter stepped with sparse gradients) where Adam would
+        have them now: the moves of the steps they sat out, as the next step would catch them
+        up. Called before a forward that reads them (MultiResHashGrid.rows(x)), that forward
+        reads the rows where Adam's would, not a few steps' momentum behind."""
+        state = self.state.get(p, {})
+        if "lazy_step" not in state or int(state["lazy_step"]) != int(state["step"]):
+            return                                      # the last step was not lazy: none due
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        rows, t = rows.long(), int(state["step"]) + 1
+        m, v, moves = self._skipped(group, state, rows, t)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        state["row_step"].index_fill_(0, rows, t - 1)
+        p.index_add_(0, rows, moves, alpha=-self._step_size(group, t))
+
+    @staticmethod
+    def _step_size(group: dict, t: int) -> float:
+        beta1, beta2 = group["betas"]
+        return group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+
+    @staticmethod
+    def _skipped(group: dict, state: dict, rows: torch.Tensor, t: int):
+        """(m, v, moves) of rows before step t: their moments decayed by the k steps since
+        each last moved (before t), and the sum of Adam's moves on those steps, a geometric
+        series in units of step t's step size (its bias correction for all k)."""
+        beta1, beta2 = group["betas"]
+        m = state["exp_avg"].index_select(0, rows)
+        v = state["exp_avg_sq"].index_select(0, rows)
+        k = (t - 1 - state["row_step"].index_select(0, rows)).to(m.dtype)
+        k = k.view(-1, *([1] * (m.dim() - 1)))
+        eps = group["eps"] * math.sqrt(1 - beta2 ** t)
+        r = beta1 / math.sqrt(beta2)                    # a skipped step's move, relative
+        moves = m / (v.sqrt() + eps) * ((1 - r ** k) * (r / (1 - r)))
+        return m.mul_(beta1 ** k), v.mul_(beta2 ** k), moves
+
     def _lazy_step(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Adam's update of the rows of p (R, ...) in grad (sparse, rows as its sparse dim)."""
         if group["amsgrad"]:
@@ -90,29 +127,22 @@ class LazyAdam(torch.optim.Adam):
         t = int(state["step"])
         if group["weight_decay"]:
             g = g.add(p.index_select(0, rows), alpha=group["weight_decay"])
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if int(state.get("lazy_step", -1)) != t - 1:
             # the last step was not lazy (Adam's, or a dense gradient's): every row has moved
             state["row_step"] = torch.full(p.shape[:1], t - 1, dtype=torch.int32,
                                            device=p.device)
         state["lazy_step"] = torch.tensor(float(t))
-        # the steps since each row last moved (this one included): dense Adam moved it on each
-        # skipped one by its decaying momentum; that movement and decay are caught up here
-        since = (t - state["row_step"].index_select(0, rows)).to(g.dtype)
-        since = since.view(-1, *([1] * (g.dim() - 1)))
-        m, v = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
-        bias2_sqrt = math.sqrt(1 - beta2 ** t)
-        eps = group["eps"] * bias2_sqrt
-        r = beta1 / math.sqrt(beta2)                    # a skipped step's move, relative
-        caught_up = m / (v.sqrt() + eps) * ((1 - r ** (since - 1)) * (r / (1 - r)))
-        m.mul_(beta1 ** since).add_(g, alpha=1 - beta1)
-        v.mul_(beta2 ** since).addcmul_(g, g, value=1 - beta2)
-        exp_avg.index_copy_(0, rows, m)
-        exp_avg_sq.index_copy_(0, rows, v)
+        # dense Adam moved each row on the steps it sat out, by its decaying momentum: caught up
+        # here with this step's (none for rows catch_up moved before the forward)
+        m, v, moves = self._skipped(group, state, rows, t)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
         state["row_step"].index_fill_(0, rows, t)
-        step_size = group["lr"] * bias2_sqrt / (1 - beta1 ** t)
-        update = m.div_(v.sqrt_().add_(eps)).add_(caught_up)
-        p.index_add_(0, rows, update, alpha=-step_size)               # (rows unique)
+        eps = group["eps"] * math.sqrt(1 - beta2 ** t)
+        update = m.div_(v.sqrt_().add_(eps)).add_(moves)
+        p.index_add_(0, rows, update, alpha=-self._step_size(group, t))   # (rows unique)
 
 
 def _coalesced(grad: torch.Tensor) -> torch.Tensor:
