@@ -15,7 +15,7 @@ betas 0.9/0.99). Skipping those steps, as ``torch.optim.SparseAdam`` and the pap
 al. 2022, §4: "we skip the Adam update of hash table entries whose gradient is zero") do,
 moves a rarely touched row about ten times less per touch than Adam moves it. Here each row
 keeps the step it last moved at, and the steps it sat out are caught up in closed form (its
-moments decayed, and their moves summed as a geometric series, see _skipped): by
+moments decayed, and their moves summed as a geometric series, see _skipped_moves): by
 ``catch_up(p, rows)`` for the rows the next forward reads,
 
     opt.catch_up(enc.embedding.weight, enc.rows(x))  # x's rows where Adam would have them
@@ -87,36 +87,13 @@ class LazyAdam(torch.optim.Adam):
             return                                      # the last step was not lazy: none due
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         rows, t = rows.long(), int(state["step"]) + 1
-        m, v, moves = self._skipped(group, state, rows, t)
+        m = state["exp_avg"].index_select(0, rows)
+        v = state["exp_avg_sq"].index_select(0, rows)
+        moves = _skipped_moves(group, m, v, state["row_step"].index_select(0, rows), t)
         state["exp_avg"].index_copy_(0, rows, m)
         state["exp_avg_sq"].index_copy_(0, rows, v)
         state["row_step"].index_fill_(0, rows, t - 1)
         p.index_add_(0, rows, moves, alpha=-1)
-
-    @staticmethod
-    def _skipped(group: dict, state: dict, rows: torch.Tensor, t: int):
-        """(m, v, moves) of rows before step t: their moments decayed by the k steps each sat
-        out since it last moved, and the sum of Adam's moves on those steps.
-
-        Step j moves a row that sat out i steps by lr sqrt(1 - b2^j) / (1 - b1^j) r^i u, with
-        r = b1 / sqrt(b2) and u = m / sqrt(v) at its last move (eps aside): the sum over i is
-        a geometric series, and the bias correction, smooth in j, is taken at the series'
-        centroid (weights r^i) rather than at step t: early in a run it grows 2x within 200
-        steps. lr is the group's, the coming step's."""
-        beta1, beta2 = group["betas"]
-        m = state["exp_avg"].index_select(0, rows)
-        v = state["exp_avg_sq"].index_select(0, rows)
-        k = t - 1 - state["row_step"].index_select(0, rows)     # in float32 at least: exact
-        k = k.to(torch.promote_types(m.dtype, torch.float32)).view(-1, *([1] * (m.dim() - 1)))
-        r = beta1 / math.sqrt(beta2)
-        r_k = r ** k
-        series = (1 - r_k) * (r / (1 - r))                      # sum of r^i, i = 1..k
-        centroid = (1 - (k + 1) * r_k + k * r_k * r) / ((1 - r) * (1 - r_k)).clamp_min(1e-30)
-        j = (t - 1 - k + centroid).clamp_min(1)
-        size = group["lr"] * (1 - beta2 ** j).sqrt() / (1 - beta1 ** j)
-        eps = group["eps"] * math.sqrt(1 - beta2 ** t)
-        moves = (m / (v.sqrt() + eps) * (series * size)).to(m.dtype)
-        return m.mul_(beta1 ** k), v.mul_(beta2 ** k), moves
 
     def _lazy_step(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Adam's update of the rows of p (R, ...) in grad (sparse, rows as its sparse dim)."""
@@ -143,9 +120,14 @@ class LazyAdam(torch.optim.Adam):
             state["row_step"] = torch.full(p.shape[:1], t - 1, dtype=torch.int32,
                                            device=p.device)
         state["lazy_step"] = torch.tensor(float(t))
-        # dense Adam moved each row on the steps it sat out, by its decaying momentum: caught up
-        # here (none are due for rows catch_up moved before the forward)
-        m, v, moves = self._skipped(group, state, rows, t)
+        m = state["exp_avg"].index_select(0, rows)
+        v = state["exp_avg_sq"].index_select(0, rows)
+        last = state["row_step"].index_select(0, rows)
+        moves = None
+        # rows that sat out steps (none where catch_up ran before the forward; a GPU syncs here):
+        # dense Adam moved them on those steps, by their decaying momentum
+        if bool((last != t - 1).any()):
+            moves = _skipped_moves(group, m, v, last, t)
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         state["exp_avg"].index_copy_(0, rows, m)
@@ -153,8 +135,55 @@ class LazyAdam(torch.optim.Adam):
         state["row_step"].index_fill_(0, rows, t)
         bias2_sqrt = math.sqrt(1 - beta2 ** t)
         step_size = group["lr"] * bias2_sqrt / (1 - beta1 ** t)
-        update = m.div_(v.sqrt_().add_(group["eps"] * bias2_sqrt)).mul_(step_size).add_(moves)
-        p.index_add_(0, rows, update, alpha=-1)                        # (rows unique)
+        update = m.div_(v.sqrt_().add_(group["eps"] * bias2_sqrt)).mul_(step_size)
+        p.index_add_(0, rows, update if moves is None else update.add_(moves), alpha=-1)
+
+
+SERIES_STEPS = 4096     # from k steps on, r^k and beta1^k are 0 in float32, beta2^k < 2e-18
+
+
+def _skipped_moves(group: dict, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
+                   t: int) -> torch.Tensor:
+    """The sum of the moves dense Adam made on rows (m, v: (R, ...) their moments; last (R,)
+    the step each last moved at) on the k = t - 1 - last steps each sat out before step t;
+    decays m and v by those steps, in place.
+
+    Step last + i moves a row by lr sqrt(1 - b2^j) / (1 - b1^j) r^i u, j = last + i, with
+    r = b1 / sqrt(b2) and u = m / sqrt(v) at its last move (eps aside): the sum over i is a
+    geometric series, and the bias correction, smooth in j, is taken at the series' centroid
+    (weights r^i) rather than at step t (early in a run it grows 2x within 200 steps). lr is
+    the group's, the coming step's."""
+    beta1, beta2 = group["betas"]
+    dtype = torch.promote_types(m.dtype, torch.float32)
+    k = (t - 1 - last).clamp_(max=SERIES_STEPS)
+    decay1, decay2, series, centroid = _series(beta1, beta2, dtype, m.device)[k].unbind(1)
+    j = (last + centroid).clamp_min_(1)
+    size = (1 - beta2 ** j).sqrt_().div_(1 - beta1 ** j).mul_(series * group["lr"])
+    shape = (-1,) + (1,) * (m.dim() - 1)
+    eps = group["eps"] * math.sqrt(1 - beta2 ** t)
+    moves = (m / (v.sqrt() + eps) * size.view(shape)).to(m.dtype)
+    m.mul_(decay1.view(shape))
+    v.mul_(decay2.view(shape))
+    return moves
+
+
+_SERIES = {}
+
+
+def _series(beta1: float, beta2: float, dtype: torch.dtype, device: torch.device):
+    """(SERIES_STEPS + 1, 4): for k = 0.. steps sat out, beta1^k, beta2^k, the sum of r^i for
+    i = 1..k (r = beta1 / sqrt(beta2)) and the centroid of i under those weights (0 for k = 0),
+    computed once in float64."""
+    key = (beta1, beta2, dtype, device)
+    if key not in _SERIES:
+        k = torch.arange(SERIES_STEPS + 1, dtype=torch.float64)
+        r = beta1 / math.sqrt(beta2)
+        r_k = r ** k
+        series = (1 - r_k) * (r / (1 - r))
+        centroid = (1 - (k + 1) * r_k + k * r_k * r) / ((1 - r) * (1 - r_k)).clamp_min(1e-300)
+        _SERIES[key] = torch.stack([beta1 ** k, beta2 ** k, series, centroid], 1).to(
+            dtype=dtype, device=device)
+    return _SERIES[key]
 
 
 def _coalesced(grad: torch.Tensor) -> torch.Tensor:
