@@ -69,7 +69,7 @@ ASYNC_LOSS_CHECK_EVERY = 20            # steps between NaN checks on a GPU (each
 LR_DECAY_START, LR_DECAY_FINAL = 0.5, 0.05   # --lr_schedule decay: from half-way, down to 1/20
 ACCELERATORS = ["auto", "cpu", "gpu", "mps"]
 TABLE_OPTIMIZERS = ["adam", "sparse_adam"]
-SPARSE_PARAMS_PER_LOOKUP = 8   # GPU: above it lazy Adam writes fewer bytes (bench/step.py)
+SPARSE_PARAMS_PER_LOOKUP = 12  # GPU: above it lazy Adam writes fewer bytes (bench/step.py)
 
 
 class _Steps(IterableDataset):
