@@ -303,7 +303,7 @@ def test_catch_up_before_the_forward_tracks_adam_on_a_fit():
     adam = fit("adam")
     distance = {kind: float((fit(kind) - adam).norm() / adam.norm())
                 for kind in ("at_step", "catch_up")}
-    assert distance["catch_up"] < 0.6 * distance["at_step"], distance     # 0.013, 0.028
+    assert distance["catch_up"] < 0.25 * distance["at_step"], distance    # 0.0029, 0.023
 
 
 def test_lazy_adam_steps_only_touched_rows_and_is_adam_for_rows_touched_every_step():
