@@ -74,6 +74,25 @@ def test_sparse_on_tcnn_and_dense_grids(layout, grid_type):
         torch.testing.assert_close(gradients(sparse, x)[0].to_dense(), gradients(dense, x)[0])
 
 
+@pytest.mark.parametrize("kwargs", [dict(dim=2), dict(dim=3), dict(dim=2, layout="tcnn"),
+                                    dict(dim=2, interpolation="nearest"),
+                                    dict(dim=2, periodic=[True, False]),
+                                    dict(dim=3, grid_type="dense", layout="tcnn")])
+def test_rows_are_the_rows_of_the_reference_sparse_gradient(kwargs):
+    torch.manual_seed(7)
+    dim = kwargs.pop("dim")
+    enc = encoder(dim, 4, 2, 8, 4, 64, sparse=True, implementation="reference", **kwargs)
+    x = torch.rand(300, dim)
+    x[0] = 1.0                                  # the upper edge
+    enc(x).sum().backward()                     # the formula's lookups, one row each
+    rows = enc.rows(x)
+    assert rows.dim() == 1 and bool((rows[1:] > rows[:-1]).all())
+    assert torch.equal(rows.long(), rows_of(enc.embedding.weight.grad.coalesce()))
+    nan = x[:5].clone()
+    nan[:, 0] = float("nan")                    # read at the forward's placeholder, 0
+    assert torch.equal(enc.rows(nan), enc.rows(nan.nan_to_num(0.0)))
+
+
 def test_the_function_returns_a_coalesced_tensor_and_only_touched_rows():
     enc = MultiResHashGrid(2, 2, 2, 12, 4, 8, sparse=True)    # 2 dense levels: 25 + 81 rows
     seen = []
