@@ -294,6 +294,18 @@ class MultiResHashGrid(nn.Module):
         self.embedding.sparse = value
 
     @torch.no_grad()
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., dim) in [0, 1] -> (R,) the table rows self(x) reads, sorted, each once (the
+        rows of its sparse gradient), e.g. for LazyAdam.catch_up before the forward reads them."""
+        points = x.reshape(-1, self.input_dim)
+        points = points.to(torch.float64 if points.dtype == torch.float64 else torch.float32)
+        xt = points.nan_to_num(0.0).clamp(0.0, 1.0).t()
+        rows = [group.rows_start + _corner_rows(xt, group, 0, group.stop - group.start,
+                                                group.offset)[0].view(-1)
+                for group in self._level_groups]
+        return torch.unique(torch.cat(rows))
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         """The table as the paper starts it: U(-1e-4, 1e-4)."""
         self.embedding.weight.uniform_(-1e-4, 1e-4)

@@ -14,11 +14,17 @@ row by them (momentum: about ten more steps' worth of movement after its last gr
 betas 0.9/0.99). Skipping those steps, as ``torch.optim.SparseAdam`` and the paper (Müller et
 al. 2022, §4: "we skip the Adam update of hash table entries whose gradient is zero") do,
 moves a rarely touched row about ten times less per touch than Adam moves it. Here each row
-keeps the step it last moved at; when a batch touches it again, the steps it sat out are
-caught up in closed form (its moments decayed, and their moves summed as a geometric series
-with this step's learning rate and bias correction), then it takes its Adam step. A row
-touched every step steps exactly as Adam's; a row the batches leave keeps its last few
-steps' moves pending until it is touched again.
+keeps the step it last moved at, and the steps it sat out are caught up in closed form (its
+moments decayed, and their moves summed as a geometric series, see _skipped_moves): by
+``catch_up(p, rows)`` for the rows the next forward reads,
+
+    opt.catch_up(enc.embedding.weight, enc.rows(x))  # x's rows where Adam would have them
+    loss = loss_fn(mlp(enc(x)), target)               # ... then backward and opt.step()
+
+or else when a batch's gradient next touches the row, before its Adam step. A row touched
+every step steps exactly as Adam's; with ``catch_up`` before each forward, every row is read
+where Adam's run would have it (up to the closed form's bias correction and learning rate),
+so the gradients are Adam's too.
 
 State dict: Adam's (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter), plus for the sparse
 ones ``row_step`` (int32 per row: the step it last moved at) and ``lazy_step`` (the last lazy
@@ -70,6 +76,25 @@ class LazyAdam(torch.optim.Adam):
             for key, value in kept.get(i, {}).items():
                 self.state[p][key] = value.to(p.device) if key == "row_step" else value.cpu()
 
+    @torch.no_grad()
+    def catch_up(self, p: torch.Tensor, rows: torch.Tensor) -> None:
+        """Moves rows (R,) of p (a parameter stepped with sparse gradients) where Adam would
+        have them now: the moves of the steps they sat out, as the next step would catch them
+        up. Called before a forward that reads them (MultiResHashGrid.rows(x)), that forward
+        reads the rows where Adam's would, not a few steps' momentum behind."""
+        state = self.state.get(p, {})
+        if "lazy_step" not in state or int(state["lazy_step"]) != int(state["step"]):
+            return                                      # the last step was not lazy: none due
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        rows, t = rows.long(), int(state["step"]) + 1
+        m = state["exp_avg"].index_select(0, rows)
+        v = state["exp_avg_sq"].index_select(0, rows)
+        moves = _skipped_moves(group, m, v, state["row_step"].index_select(0, rows), t)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        state["row_step"].index_fill_(0, rows, t - 1)
+        p.index_copy_(0, rows, p.index_select(0, rows).sub_(moves))    # (CPU: 4x index_add_)
+
     def _lazy_step(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Adam's update of the rows of p (R, ...) in grad (sparse, rows as its sparse dim)."""
         if group["amsgrad"]:
@@ -90,29 +115,76 @@ class LazyAdam(torch.optim.Adam):
         t = int(state["step"])
         if group["weight_decay"]:
             g = g.add(p.index_select(0, rows), alpha=group["weight_decay"])
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if int(state.get("lazy_step", -1)) != t - 1:
             # the last step was not lazy (Adam's, or a dense gradient's): every row has moved
             state["row_step"] = torch.full(p.shape[:1], t - 1, dtype=torch.int32,
                                            device=p.device)
         state["lazy_step"] = torch.tensor(float(t))
-        # the steps since each row last moved (this one included): dense Adam moved it on each
-        # skipped one by its decaying momentum; that movement and decay are caught up here
-        since = (t - state["row_step"].index_select(0, rows)).to(g.dtype)
-        since = since.view(-1, *([1] * (g.dim() - 1)))
-        m, v = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
-        bias2_sqrt = math.sqrt(1 - beta2 ** t)
-        eps = group["eps"] * bias2_sqrt
-        r = beta1 / math.sqrt(beta2)                    # a skipped step's move, relative
-        caught_up = m / (v.sqrt() + eps) * ((1 - r ** (since - 1)) * (r / (1 - r)))
-        m.mul_(beta1 ** since).add_(g, alpha=1 - beta1)
-        v.mul_(beta2 ** since).addcmul_(g, g, value=1 - beta2)
-        exp_avg.index_copy_(0, rows, m)
-        exp_avg_sq.index_copy_(0, rows, v)
+        m = state["exp_avg"].index_select(0, rows)
+        v = state["exp_avg_sq"].index_select(0, rows)
+        last = state["row_step"].index_select(0, rows)
+        moves = None
+        # rows that sat out steps (none where catch_up ran before the forward; a GPU syncs here):
+        # dense Adam moved them on those steps, by their decaying momentum
+        if bool((last != t - 1).any()):
+            moves = _skipped_moves(group, m, v, last, t)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
         state["row_step"].index_fill_(0, rows, t)
+        bias2_sqrt = math.sqrt(1 - beta2 ** t)
         step_size = group["lr"] * bias2_sqrt / (1 - beta1 ** t)
-        update = m.div_(v.sqrt_().add_(eps)).add_(caught_up)
-        p.index_add_(0, rows, update, alpha=-step_size)               # (rows unique)
+        update = m.div_(v.sqrt_().add_(group["eps"] * bias2_sqrt)).mul_(step_size)
+        update = update if moves is None else update.add_(moves)
+        p.index_copy_(0, rows, p.index_select(0, rows).sub_(update))     # (rows unique)
+
+
+SERIES_STEPS = 4096     # from k steps on, r^k and beta1^k are 0 in float32, beta2^k < 2e-18
+
+
+def _skipped_moves(group: dict, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
+                   t: int) -> torch.Tensor:
+    """The sum of the moves dense Adam made on rows (m, v: (R, ...) their moments; last (R,)
+    the step each last moved at) on the k = t - 1 - last steps each sat out before step t;
+    decays m and v by those steps, in place.
+
+    Step last + i moves a row by lr sqrt(1 - b2^j) / (1 - b1^j) r^i u, j = last + i, with
+    r = b1 / sqrt(b2) and u = m / sqrt(v) at its last move (eps aside): the sum over i is a
+    geometric series, and the bias correction, smooth in j, is taken at the series' centroid
+    (weights r^i) rather than at step t (early in a run it grows 2x within 200 steps). lr is
+    the group's, the coming step's."""
+    beta1, beta2 = group["betas"]
+    dtype = torch.promote_types(m.dtype, torch.float32)
+    k = (t - 1 - last).clamp_(max=SERIES_STEPS)
+    decay1, decay2, series, centroid = _series(beta1, beta2, dtype, m.device)[k].unbind(1)
+    j = (last + centroid).clamp_min_(1)
+    size = (1 - beta2 ** j).sqrt_().div_(1 - beta1 ** j).mul_(series * group["lr"])
+    shape = (-1,) + (1,) * (m.dim() - 1)
+    eps = group["eps"] * math.sqrt(1 - beta2 ** t)
+    moves = (m / (v.sqrt() + eps) * size.view(shape)).to(m.dtype)
+    m.mul_(decay1.view(shape))
+    v.mul_(decay2.view(shape))
+    return moves
+
+
+_SERIES = {}
+
+
+def _series(beta1: float, beta2: float, dtype: torch.dtype, device: torch.device):
+    """(SERIES_STEPS + 1, 4): for k = 0.. steps sat out, beta1^k, beta2^k, the sum of r^i for
+    i = 1..k (r = beta1 / sqrt(beta2)) and the centroid of i under those weights (0 for k = 0),
+    computed once in float64."""
+    key = (beta1, beta2, dtype, device)
+    if key not in _SERIES:
+        k = torch.arange(SERIES_STEPS + 1, dtype=torch.float64)
+        r = beta1 / math.sqrt(beta2)
+        r_k = r ** k
+        series = (1 - r_k) * (r / (1 - r))
+        centroid = (1 - (k + 1) * r_k + k * r_k * r) / ((1 - r) * (1 - r_k)).clamp_min(1e-300)
+        _SERIES[key] = torch.stack([beta1 ** k, beta2 ** k, series, centroid], 1).to(
+            dtype=dtype, device=device)
+    return _SERIES[key]
 
 
 def _coalesced(grad: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ ASYNC_LOSS_CHECK_EVERY = 20            # steps between NaN checks on a GPU (each
 LR_DECAY_START, LR_DECAY_FINAL = 0.5, 0.05   # --lr_schedule decay: from half-way, down to 1/20
 ACCELERATORS = ["auto", "cpu", "gpu", "mps"]
 TABLE_OPTIMIZERS = ["adam", "sparse_adam"]
-SPARSE_PARAMS_PER_LOOKUP = 8   # GPU: above it lazy Adam writes fewer bytes (bench/step.py)
+SPARSE_PARAMS_PER_LOOKUP = 12  # GPU: above it lazy Adam writes fewer bytes (bench/step.py)
 
 
 class _Steps(IterableDataset):
@@ -175,6 +175,7 @@ class ImageFit(pl.LightningModule):
         self.last_val_step = None
         self.first_step_seconds = None  # this run's first step (compiling, with --compile)
         self.curve = []                 # [(step, train_seconds, psnr)] of every score
+        self.catch_up = False           # LazyAdam.catch_up before each forward (setup)
 
     def attach(self, image: PixelSource, probe: PsnrProbe) -> None:
         """Training data (kept out of the module's state, hence out of checkpoints)."""
@@ -204,6 +205,9 @@ class ImageFit(pl.LightningModule):
         if self.trainer is not None and hasattr(self.field.encoder, "sparse"):
             nccl = self.trainer.world_size > 1 and self.trainer.strategy.root_device.type == "cuda"
             self.field.encoder.sparse = self.hparams.table_optimizer == "sparse_adam" and not nccl
+            # (under DDP each rank reads its own batch's rows: catching those up on one rank
+            # only would part the replicas, so there the rows catch up at the step)
+            self.catch_up = self.field.encoder.sparse and self.trainer.world_size == 1
 
     def configure_optimizers(self):
         # sparse_adam: LazyAdam, Adam whose sparse-gradient parameters (the tables) step only
@@ -260,6 +264,9 @@ class ImageFit(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         xy, target = self.draw_batch(self.hparams.batch_size)
+        if self.catch_up:   # lazy Adam: the rows this forward reads, where Adam would have them
+            table = self.field.encoder.embedding.weight
+            self.optimizers().optimizer.catch_up(table, self.field.encoder.rows(xy))
         loss = image_loss(self.train_forward(xy), target, self.hparams.loss)  # float32 colour
         self.log("train/loss", loss, prog_bar=True, batch_size=len(xy))
         return loss

@@ -10,9 +10,10 @@ same image, seed and batches, then the PSNR curves side by side.
 ROOT/LABEL_adam and ROOT/LABEL_sparse_adam (--root, default bench/out/optimizers); a run that
 was stopped (a signal saves it) continues from its last checkpoint when run again. `plot` reads
 every version's metrics.csv of those folders (a resumed run's curve continues in the next
-version) and draws one panel per label, with the final PSNRs and their difference; a folder
-ROOT/LABEL_skip, if there is one, adds the curve of a run whose lazy Adam skipped the steps
-without a gradient (LazyAdam before it caught them up, the paper's and SparseAdam's rule).
+version) and draws one panel per label, with the final PSNRs and their difference; folders
+ROOT/LABEL_skip and ROOT/LABEL_touch, if there are, add the curves of earlier lazy Adams: one
+that skipped the steps without a gradient (the paper's and SparseAdam's rule), one that caught
+them up at a row's next gradient rather than before the forward.
 """
 import argparse
 import csv
@@ -23,11 +24,14 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZERS = ("adam", "sparse_adam")
-# (the runs of LABEL_skip, if any: lazy Adam as SparseAdam and the paper step it, skipping a row's
-# steps without a gradient; LazyAdam did so before it caught them up)
-SKIP = "skip"
-NAMES = {"adam": "Adam (every row)", "sparse_adam": "LazyAdam (touched rows, caught up)",
-         SKIP: "lazy Adam, skipped steps (SparseAdam, paper)"}
+# (earlier lazy Adams, drawn where their runs are there: LABEL_skip skipped a row's steps without
+# a gradient, as SparseAdam and the paper do; LABEL_touch caught them up at the row's next
+# gradient, not before the forward)
+SKIP, TOUCH = "skip", "touch"
+EARLIER = (SKIP, TOUCH)
+NAMES = {"adam": "Adam (every row)", "sparse_adam": "LazyAdam (rows caught up before the forward)",
+         SKIP: "lazy Adam, skipped steps (SparseAdam, paper)",
+         TOUCH: "lazy Adam, caught up at the next gradient"}
 
 
 def curve(root: str, trace: str) -> list:
@@ -54,7 +58,7 @@ def run(label: str, root: str, flags: list) -> None:
 
 def finals_points(root: str, label: str) -> list:
     """The non-empty curves of LABEL's runs."""
-    return [points for points in (curve(root, f"{label}_{o}") for o in OPTIMIZERS + (SKIP,))
+    return [points for points in (curve(root, f"{label}_{o}") for o in OPTIMIZERS + EARLIER)
             if points]
 
 
@@ -65,8 +69,8 @@ def plot(labels: list, root: str, out: str) -> None:
     fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4), squeeze=False)
     for ax, label in zip(axes[0], labels):
         finals = {}
-        for optimizer, style, colour in zip(OPTIMIZERS + (SKIP,), ("-o", "--s", ":^"),
-                                            ("C0", "C1", "C2")):
+        for optimizer, style, colour in zip(OPTIMIZERS + EARLIER, ("-o", "--s", ":^", "-.v"),
+                                            ("C0", "C1", "C2", "C3")):
             points = curve(root, f"{label}_{optimizer}")
             if not points:
                 continue
@@ -95,7 +99,7 @@ def plot(labels: list, root: str, out: str) -> None:
     fig.savefig(partial, dpi=110)
     os.replace(partial, out)
     for label in labels:
-        for optimizer in OPTIMIZERS + (SKIP,):
+        for optimizer in OPTIMIZERS + EARLIER:
             points = curve(root, f"{label}_{optimizer}")
             print(f"{label} {optimizer}: " + ", ".join(f"{s}: {p:.2f}" for s, p in points))
     print(f"wrote {out}")

@@ -9,7 +9,8 @@ The grid train.py builds for Tokyo at half size (2-D, L = 16, F = 2, N_min 16, N
 encoding's forward, backward (loss y.square().mean()), the optimizer's step and zero_grad:
   dense       sparse=False, torch.optim.Adam (fused where torch has it): today's step
   sparse_adam sparse=True, torch.optim.SparseAdam
-  lazy_adam   sparse=True, lazy_adam.LazyAdam (what train.py --table_optimizer sparse_adam runs)
+  lazy_adam   sparse=True, lazy_adam.LazyAdam (what train.py --table_optimizer sparse_adam runs:
+              the rows x reads caught up before the forward, LazyAdam.catch_up)
 Bytes: written by non-view aten ops in one step (after a warm-up step), device branch (the
 module's private _device_branch hook: what a GPU runs), counted as bench/encoding.py --traffic
 counts them (allocations excluded) except that an in-place scatter (index_add_, index_copy_,
@@ -105,13 +106,16 @@ def build(variant: str, log2_t: int, device: str, device_branch: bool):
 
 
 def make_step(enc, opt, batch: int, device: str, seed: int = 0):
-    """A step on a fixed random batch; returns (fwd+bwd seconds, optimizer seconds)."""
+    """A step on a fixed random batch; returns (fwd+bwd seconds (LazyAdam: with its catch_up
+    before the forward), optimizer seconds)."""
     x = torch.rand(batch, 2, device=device,
                    generator=torch.Generator(device=device).manual_seed(seed))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step():
         start = time.perf_counter()
+        if isinstance(opt, LazyAdam):   # as train.py: the rows x reads, caught up first
+            opt.catch_up(enc.embedding.weight, enc.rows(x))
         enc(x).square().mean().backward()
         sync()
         middle = time.perf_counter()
