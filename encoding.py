@@ -1346,7 +1346,8 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
                   else g_planes[:, 0].clone())                                    # (G, n)
         if nan is not None:
             g_rows.masked_fill_(nan, 0.0)
-        g, g_conj = _unpack(g_rows), g_rows.conj().resolve_conj()   # (G, n, F); (G, n) not lazy
+        g = _unpack(g_rows)                                                       # (G, n, F)
+        g_conj = g_rows.conj().resolve_conj() if grad_xt is not None else None   # (not lazy)
     else:
         g = g_planes.transpose(1, 2)                                             # (G, n, F)
         if nan is not None:
