@@ -982,7 +982,7 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
     per_level = grad_out.reshape(n_points, -1, n_features)
     grad_g = None
     if need_g:
-        grad_g = torch.zeros(per_level.shape, dtype=grad_out.dtype, device=grad_out.device)
+        grad_g = torch.empty(per_level.shape, dtype=grad_out.dtype, device=grad_out.device)
     xt, ggt = x.t().contiguous(), gg_x.t().to(grad_out.dtype)                       # (D, N)
     min_levels = mode.thread_levels() if mode.cpu and mode.eager and need_table else 1
     for group, first, stop, lo, hi in mode.split(n_points, min_levels):
@@ -1250,43 +1250,45 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
                                      torch.int64 if grad_levels is not None else None)
     if words is not None:   # feature pairs as complex numbers (see _pack), gathers on every thread
         g = _pack(g.contiguous(), g.dtype)
+        g_conj = g.conj().resolve_conj()     # (a lazy conj makes each product with it slower)
         if grad_levels is not None:
             rows = words.expand(corners.shape[0], -1, -1).gather(2, corners)
         else:
             rows = _gather(words, corners.reshape(-1).long(), True,
                            torch.get_num_threads()).view(corners.shape)
-        values = (rows * g.conj()).real if g.is_complex() else rows * g     # (2**D, G, n)
+        values = (rows * g_conj).real if g.is_complex() else rows * g        # (2**D, G, n)
     else:
         rows = _gather(span, corners, tricks).to(g.dtype)                    # (2**D, G, n, F)
         values = (rows * g).sum(-1)
     per_row = (lambda t: t) if words is not None else (lambda t: t.unsqueeze(-1))  # noqa: E731
     scale = group.scale[:, first:stop].to(values.dtype)
-    tangent, ends = torch.zeros_like(values), []   # values: P at the corners, tangent along gg
+    tangent, ends = None, []   # values: P at the corners, tangent along gg (None: 0)
     for d, frac in enumerate(fracs):        # lerps along axis d, and their tangents
         weight, slope = _upper_weight(frac.to(values.dtype), group.interpolation)
         step = gg[d] * scale[d]                                   # d frac_d along gg (G, n)
         move = step if slope is None else step * slope            # d weight_d along gg
-        pairs, tangents = (t.view(-1, 2, *t.shape[1:]) for t in (values, tangent))
-        diff, dtan = pairs[:, 1] - pairs[:, 0], tangents[:, 1] - tangents[:, 0]
+        diff = values[1::2] - values[0::2]     # (corners pair by bit d: the lower bit)
+        dtan = None if tangent is None else tangent[1::2] - tangent[0::2]
         ends.append((weight, slope, frac, step, move, diff, dtan))
-        values = torch.lerp(pairs[:, 0], pairs[:, 1], weight)
-        tangent = torch.lerp(tangents[:, 0], tangents[:, 1], weight) + diff * move
+        values = torch.lerp(values[0::2], values[1::2], weight)
+        tangent = diff * move if dtan is None else torch.lerp(
+            tangent[0::2], tangent[1::2], weight) + diff * move
     w, dw = torch.ones_like(values), torch.zeros_like(values)   # the weights split so far
     for d in reversed(range(len(fracs))):
         weight, slope, frac, step, move, diff, dtan = ends[d]
         if grad_xt is not None:
             # d/dx_d of grad_x . gg: slope (Hessian row . gg) + step S''(frac) dP/dweight_d,
             # S''(t) = 6 - 12 t
-            term = (dw * diff + w * dtan).sum(0)
+            term = (dw * diff if dtan is None else dw * diff + w * dtan).sum(0)
             if slope is not None:
                 term = term * slope + step * (6.0 - 12.0 * frac) * (w * diff).sum(0)
             _add_grad_x(grad_xt, d, term, None, group, first, stop)
         upper = torch.addcmul(w * move, dw, weight)
         dw = torch.stack((dw - upper, upper), 1).flatten(0, 1)
-        w = _lerp_split(w, weight, mode.eager)
+        w = _lerp_split(w, weight, mode.eager) if d else None      # (only dw is used after)
     if grad_g is not None:
         grad_dw = (rows * per_row(dw)).sum(0)
-        grad_g.add_(_unpack(grad_dw) if words is not None else grad_dw)
+        grad_g.copy_(_unpack(grad_dw) if words is not None else grad_dw)   # (its only pass)
     if grad_levels is not None:
         values = g * dw
         for corner in range(corners.shape[0]):
@@ -1357,6 +1359,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
         if nan is not None:
             g_rows.masked_fill_(nan, 0.0)
         g = _unpack(g_rows)                                                       # (G, n, F)
+        g_conj = g_rows.conj().resolve_conj() if grad_xt is not None else None   # (not lazy)
     else:
         g = g_planes.transpose(1, 2)                                             # (G, n, F)
         if nan is not None:
@@ -1384,7 +1387,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
             group_grad.index_add_(0, index.reshape(-1).long(), values.to(group_grad.dtype))
         if need_x and table_levels is not None:     # rows . g, pairs as complex numbers
             rows = table_levels.gather(1, index)
-            dots[corner] = (rows * g_rows.conj()).real if rows.is_complex() else rows * g_rows
+            dots[corner] = (rows * g_conj).real if rows.is_complex() else rows * g_rows
         elif need_x:
             dots[corner] = (g * _gather(group_table, index, mode.eager)).sum(-1)
         index = weight = values = rows = None   # (freed before the next corner's, see above)
