@@ -1,7 +1,7 @@
 """Multiresolution hash encoding (Instant-NGP, Müller et al. 2022) in pure PyTorch.
 
 Standalone: copy this one file into your project; it imports only ``torch``, ``math`` and
-``typing``. It holds two encodings with the same call shape::
+``typing``. Two encodings with the same call shape::
 
     enc = MultiResHashGrid(dim=3)                   # x: (..., 3) in [0, 1]
     features = enc(x)                               # (..., enc.output_dim)
@@ -49,11 +49,10 @@ Vertex -> row (both layouts)
 Interpolation: "linear" (weights prod_d frac_d or 1 - frac_d over the 2**D cell corners),
 "smoothstep" (the same with S(t) = t^2 (3 - 2t), continuous dy/dx) and "nearest" (the
 vertex floor(x * N + 0.5) in the paper layout, tcnn's floor(pos) in the tcnn layout).
-Reading order: this docstring; `MultiResHashGrid`, the module; `_reference_encode`, the whole
-encoding in plain torch ops (implementation="reference"); the level plan (the formulas for b,
-N_l and rows, run once at construction). That is the whole idea. Everything after the
-"SPEED ONLY" header computes the same numbers in fewer, larger operations (each shortcut
-tested against the formula it replaces), then come tiny-cuda-nn interop and `Frequency`.
+
+Reading order: this docstring, `MultiResHashGrid`, `_reference_encode` (the whole encoding in
+plain torch ops) and the level plan: the whole idea. After "SPEED ONLY", the same numbers in
+fewer, larger operations, then tiny-cuda-nn interop and `Frequency`.
 """
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -68,25 +67,17 @@ _INTERPOLATIONS = ("linear", "smoothstep", "nearest")
 _LAYOUTS = ("paper", "tcnn")
 _GRID_TYPES = ("hash", "dense", "tiled")
 _IMPLEMENTATIONS = ("fast", "reference")
-# Interpolation visits the 2**D corners of a point's cell at every level, each a few tensor ops
-# per pass and a gather per point: at D = 16 that is already 65,536 lookups per point and
-# level, and D = 40 would never return. "nearest" reads one vertex and has no such limit.
-_MAX_INTERPOLATED_DIM = 16
+_MAX_INTERPOLATED_DIM = 16      # 2**16 corner lookups per point and level; "nearest" reads 1
 
-# The spatial-hash primes of the paper (eq. 4) and tiny-cuda-nn; 1 for the first axis keeps
-# neighbouring vertices along x in neighbouring rows (cache coherence).
+# The paper's (eq. 4) and tiny-cuda-nn's hash primes; 1 on axis 0 keeps x-neighbours adjacent.
 HASH_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
 _GOLDEN_RATIO_32 = 2654435769  # floor(2**32 / golden ratio), a Weyl-sequence step
 
 
 def hash_primes(dim: int) -> List[int]:
-    """The multiplier of each axis in the spatial hash, for ``dim`` axes.
-
-    Axes 0-6 use the primes of the paper / tiny-cuda-nn (``HASH_PRIMES``). Axis d >= 7 uses
-    the smallest prime >= (d * 2654435769 mod 2**32) | 1: a golden-ratio Weyl sequence spreads
-    the starting points over the 32-bit range (like the published primes, which are large and
-    odd), and the search makes each one prime. Deterministic, so checkpoints stay valid.
-    """
+    """The hash multiplier of each of ``dim`` axes: ``HASH_PRIMES`` for axes 0-6; axis d >= 7
+    the smallest unused prime >= (d * 2654435769 mod 2**32) | 1 (a golden-ratio Weyl sequence
+    spreads them over 32 bits, as the published primes are). Deterministic."""
     def is_prime(n: int) -> bool:
         return n > 1 and all(n % k for k in range(2, math.isqrt(n) + 1))
 
@@ -110,75 +101,52 @@ class MultiResHashGrid(nn.Module):
         n_features_per_level: features F stored per vertex.
         log2_hashmap_size: log2 of T, the most rows a level may have (paper: 14-24).
         base_resolution: coarsest resolution N_min (>= 1); an int or one value per axis.
-        finest_resolution: finest resolution N_max; an int or one value per axis (e.g. a
-            56,718 x 21,450 panorama wants (28359, 10725)). Ignored if per_level_scale is given.
+        finest_resolution: finest resolution N_max; an int or one value per axis. Ignored if
+            per_level_scale is given.
         per_level_scale: growth factor b between levels (int or one per axis), tcnn style.
         interpolation: "linear", "smoothstep" or "nearest".
         layout: "paper" (the paper's resolutions, every vertex addressable, collision-free
-            dense coarse levels) or "tcnn" (tiny-cuda-nn's conventions bit for bit; see the
-            module docstring, `from_tcnn_config`, `tcnn_params` and `load_tcnn_params`).
-        grid_type: "hash" (levels too large for T rows are hashed), "dense" (every level
-            stores every vertex) or "tiled" (tcnn layout: at most N_min**D rows per level,
-            wrapping); tiny-cuda-nn's HashGrid, DenseGrid and TiledGrid.
-        periodic: paper layout: True/False for all axes or one bool per axis; along a
-            periodic axis x = 0 and x = 1 are the same place (vertex N_l is vertex 0), e.g.
-            an angle or a 360-degree panorama's longitude. x is still clamped to [0, 1]
-            (wrap angles first, e.g. x % 1).
-        implementation: "fast" (default: the speed-only part below) or "reference"
-            (_reference_encode: plain torch ops and autograd, one level and one corner at a
-            time; to read, and to check against).
+            dense coarse levels) or "tcnn" (tiny-cuda-nn's conventions bit for bit).
+        grid_type: "hash" (levels too large for T rows are hashed), "dense" (every vertex
+            stored) or "tiled" (tcnn layout: at most N_min**D rows per level, wrapping).
+        periodic: paper layout, one bool or one per axis: along a periodic axis x = 0 and
+            x = 1 are the same place (vertex N_l is vertex 0), e.g. a panorama's longitude.
+            x is still clamped to [0, 1] (wrap angles first, e.g. x % 1).
+        implementation: "fast" (default: the speed-only part) or "reference"
+            (_reference_encode, to read and to check against).
         sparse: the table's gradient as a coalesced sparse COO tensor of the rows the batch
-            touched, each row's contributions summed in a fixed order (deterministic, no
-            float atomics), as ``nn.Embedding(sparse=True)`` gives it: for
-            ``torch.optim.SparseAdam`` or another lazy optimizer, so a step costs the batch,
-            not the table. Same numbers as the dense gradient; settable later (``.sparse``).
-            Eager only: torch.compile(fullgraph=True) raises (when the table needs a gradient)
-            saying so; without fullgraph the encoding runs eagerly (one graph break).
-        feature_major: False (default): the output is row-major (contiguous), like any torch
-            module's. True: in eager mode it is stored feature-major (see Output layout).
+            touched, summed per row in a fixed order, as ``nn.Embedding(sparse=True)`` gives
+            it (for ``torch.optim.SparseAdam`` or another lazy optimizer); settable later
+            (``.sparse``). Eager only: torch.compile(fullgraph=True) raises saying so.
+        feature_major: False (default): the output is row-major. True: in eager mode it has
+            the strides of a transposed contiguous (output_dim, points) matrix (tcnn's "SoA"),
+            which a following nn.Linear reads, and returns the gradient of, with no copy
+            (.view(-1) then raises; .reshape copies). Row-major under torch.compile.
         device, dtype: where the table is created and its dtype (torch's factory conventions:
             a 2**24-row table is made in place on a GPU, never on the CPU first).
 
-    Input: x of shape (..., dim), any floating dtype. Values are clamped to [0, 1]; a point
-    with a NaN coordinate gets NaN features (that point only). Output: (..., output_dim) in
-    the tables' dtype. Gradients flow to the tables, to x, and again through d/dx
-    (second order, e.g. an eikonal loss: the backward is itself a fast differentiable step
-    with analytic second derivatives; third order goes through autograd of its ops). Under
-    torch.compile, when x requires grad the encoding is traced as plain ops, which AOTAutograd
-    differentiates to any order (compile the whole step, with
-    ``torch._dynamo.config.trace_autograd_ops = True`` for its torch.autograd.grad).
+    Input: x of shape (..., dim), any floating dtype, clamped to [0, 1]; a point with a NaN
+    coordinate gets NaN features. Output: (..., output_dim) in the table's dtype. Gradients
+    flow to the table, to x, and through d/dx again (second order, e.g. an eikonal loss; the
+    backward is itself a differentiable step). Under torch.compile, when x requires grad the
+    encoding is traced as plain ops that AOTAutograd differentiates to any order (with
+    ``torch._dynamo.config.trace_autograd_ops = True`` for torch.autograd.grad).
 
     Attributes: input_dim, output_dim, resolutions (per level, per axis: N_l in the paper
     layout, tcnn's vertex count in the tcnn layout), rows_per_level, level_offsets,
     hashed_levels, periodic (tuple of D bools), grid_type, implementation, embedding
-    (nn.Embedding(sum(rows_per_level), F), the parameters).
-    ``MultiResHashGrid.table_shape(...)`` gives the embedding's shape for the same arguments
-    without allocating it. The table starts as U(-1e-4, 1e-4), as in the paper.
-
-    Output layout: row-major (contiguous) by default, so .view works on it as on any module's
-    output. With feature_major=True, in eager mode the (points, output_dim) result is stored
-    with the strides of a transposed contiguous (output_dim, points) matrix (tiny-cuda-nn's
-    "SoA" layout): each pass writes contiguous memory, and a following nn.Linear reads it,
-    and returns its gradient, with no copy; .view(-1) then raises (.reshape copies). Under
-    torch.compile it is row-major either way.
-
-    Speed: eager on a CPU, the CPU branch; on GPUs and under torch.compile, the device branch
-    (see the SPEED ONLY part). Row indices are int32 (int64 for tables of 2**31 rows or
-    more). Under torch.compile on a CPU the table gradient runs the CPU branch as the custom
-    op ``hashgrid::table_grad_v5`` (torch >= 2.4).
+    (nn.Embedding(sum(rows_per_level), F), the parameters, initialised U(-1e-4, 1e-4)).
     """
 
-    # Private knobs, set by tests and bench/ only: lookups per cell corner in a pass (CPU
-    # passes fit in cache; device passes fill a GPU and bound its temporaries); whether the
-    # device branch keeps each corner's row and each axis' fraction from forward (4 bytes per
-    # corner and per axis, every level and point: backward then writes about half the bytes;
-    # False recomputes them, for the least memory); the device branch on a CPU too; points per
-    # pass (None: from the lookups).
+    # Private knobs for tests and bench/: lookups per cell corner in a pass; whether the device
+    # branch keeps corner rows and fractions for backward (False: recomputed, least memory);
+    # the device branch on a CPU too; points per pass (None: from the lookups).
     _cpu_lookups = 1 << 16
     _device_lookups = 1 << 18
     _device_keep = True
     _device_branch = False
     _chunk_size: Optional[int] = None
+
 
     def __init__(
         self,
@@ -215,18 +183,15 @@ class MultiResHashGrid(nn.Module):
                                      ("implementation", implementation, _IMPLEMENTATIONS)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        if not isinstance(sparse, bool):
-            raise ValueError(f"sparse must be a bool, got {sparse!r}")
         periodic_axes = (periodic,) * dim if isinstance(periodic, bool) else tuple(periodic)
         if len(periodic_axes) != dim or not all(isinstance(p, bool) for p in periodic_axes):
             raise ValueError(f"periodic must be a bool or {dim} bools, got {periodic!r}")
         if any(periodic_axes) and layout != "paper":
             raise ValueError("periodic axes need layout='paper' (tiny-cuda-nn has none)")
         if interpolation != "nearest" and dim > _MAX_INTERPOLATED_DIM:
-            raise ValueError(
-                f"dim={dim} with {interpolation!r} interpolation would visit 2**{dim} cell "
-                f"corners per point and level; at most dim={_MAX_INTERPOLATED_DIM} is "
-                "supported (interpolation='nearest' reads one vertex and allows any dim)")
+            raise ValueError(f"dim={dim} with {interpolation!r} interpolation would visit "
+                             f"2**{dim} cell corners per point and level; at most dim="
+                             f"{_MAX_INTERPOLATED_DIM} (interpolation='nearest' allows any dim)")
         base = _per_axis(base_resolution, dim, "base_resolution")
         if any(b < 1 for b in base):
             raise ValueError("base_resolution must be >= 1 on every axis (the coarsest level "
@@ -261,14 +226,13 @@ class MultiResHashGrid(nn.Module):
         self.hashed_levels = tuple(i for i, level in enumerate(levels) if level.hashed)
         self._levels = tuple(levels)
 
-        # One embedding for all levels: one gather serves every level at once, and its
-        # flattened weight has exactly tiny-cuda-nn's parameter layout. Initialised once by
-        # reset_parameters (nn.Embedding's own normal_ init would be a second pass over it).
+        # One embedding for all levels (its flattened weight is tcnn's parameter vector),
+        # initialised once, by reset_parameters.
         weight = torch.empty(sum(self.rows_per_level), n_features_per_level, device=device,
                              dtype=dtype)
-        self.embedding = nn.Embedding(*weight.shape, _weight=weight, sparse=sparse)
+        self.embedding = nn.Embedding(*weight.shape, _weight=weight)
+        self.sparse = sparse
         self.reset_parameters()
-        # the speed-only part's view of the levels
         self._level_groups = nn.ModuleList(_LevelGroup.of_plan(
             levels, (1 << log2_hashmap_size) - 1, layout, periodic_axes, interpolation,
             weight.device))
@@ -276,8 +240,7 @@ class MultiResHashGrid(nn.Module):
     @classmethod
     def table_shape(cls, *args, **kwargs) -> Tuple[int, int]:
         """(rows, features) of the embedding of MultiResHashGrid(*args, **kwargs), without
-        allocating it (built on the meta device), e.g. to check a checkpoint's weight against
-        its config first. An invalid config raises the constructor's ValueError."""
+        allocating it (built on the meta device); an invalid config raises its ValueError."""
         with torch.device("meta"):
             return tuple(cls(*args, **kwargs).embedding.weight.shape)
 
@@ -310,11 +273,9 @@ class MultiResHashGrid(nn.Module):
         table = self.embedding.weight
         batch_shape = x.shape[:-1]
         points = x.reshape(-1, self.input_dim)
-        # float64 stays float64 (gradcheck); anything narrower computes positions in float32,
-        # since N_l * x needs ~24 bits at the finest levels.
+        # positions in float32 at least (N_l * x needs ~24 bits), float64 kept (gradcheck)
         points = points.to(torch.float64 if points.dtype == torch.float64 else torch.float32)
-        # NaN coordinates get a placeholder position and NaN features, inside the chunked
-        # passes (cheap there, in cache) rather than as extra passes over the whole output.
+        # NaN points: a placeholder position here, NaN features inside the passes
         nan = torch.isnan(points)
         points = points.masked_fill(nan, 0.0).clamp(0.0, 1.0)
         nan = nan.any(-1)
@@ -327,8 +288,7 @@ class MultiResHashGrid(nn.Module):
         else:
             mode = self._mode(points, table)
             if mode.compiling and points.requires_grad:
-                # a gradient to x (e.g. an eikonal loss) under torch.compile: its traced ops,
-                # which AOTAutograd differentiates to any order (a custom Function only once)
+                # traced ops, which AOTAutograd differentiates to any order (a Function once)
                 features = _encode(points, table, nan, mode)[0]
             else:
                 features = _HashGridFunction.apply(points, table, nan, mode)
@@ -345,34 +305,28 @@ class MultiResHashGrid(nn.Module):
         cpu = points.device.type == "cpu" and not compiling and not self._device_branch
         keep = (self._device_keep and not cpu and not compiling and grad
                 and (points.requires_grad or table.requires_grad))
-        # (compiled: one pass per level group, whose temporaries inductor fuses away)
+        # compiled: one pass per level group (inductor fuses its temporaries away)
         lookups = 1 << 62 if compiling else self._cpu_lookups if cpu else self._device_lookups
         return _Mode(tuple(self._level_groups), cpu, compiling, not compiling, keep,
                      self.embedding.sparse, self.feature_major, lookups, self._chunk_size)
 
     @classmethod
     def from_tcnn_config(cls, n_input_dims: int, config: dict, **kwargs) -> "MultiResHashGrid":
-        """The layout="tcnn" encoding of a tiny-cuda-nn encoding config (its JSON as a dict,
-        or a whole tcnn config, whose "encoding" it takes): otype "HashGrid", "DenseGrid",
-        "TiledGrid" or "Grid" (with "type" "Hash", "Dense" or "Tiled"), and tcnn's keys with
-        tcnn's defaults: n_levels 16 (or n_features / n_grid_features = n_levels *
-        n_features_per_level), n_features_per_level 2, log2_hashmap_size 19,
-        base_resolution 16, per_level_scale 2.0 (DenseGrid: exp(ln(256 / base_resolution) /
-        (n_levels - 1)), in float32), interpolation "Linear" ("Nearest", "Smoothstep"), hash
-        "CoherentPrime". n_dims_to_encode n (default n_input_dims; 1..n_input_dims): as a
-        nested encoding of tcnn's Composite, the grid encodes the first n of the input
-        dimensions: the module has dim=n and takes x[..., :n] (shape (..., n)); the other
-        dimensions are the next nested encoding's. Names of types are case-insensitive, keys
-        are not (as in tcnn). Another otype (OneBlob, Frequency, Composite, ...) raises
-        "not a grid encoding", anything else unsupported a ValueError naming it. Load the
-        trained parameters with `load_tcnn_params`."""
+        """The layout="tcnn" encoding of a tiny-cuda-nn encoding config (a dict; of a whole
+        tcnn config, its "encoding"): otype "HashGrid", "DenseGrid", "TiledGrid" or "Grid"
+        (with "type" "Hash", "Dense" or "Tiled"), tcnn's keys and defaults: n_levels 16 (or
+        n_features / n_grid_features = n_levels * n_features_per_level), n_features_per_level
+        2, log2_hashmap_size 19, base_resolution 16, per_level_scale 2.0 (DenseGrid:
+        exp(ln(256 / base_resolution) / (n_levels - 1)) in float32), interpolation "Linear"
+        ("Nearest", "Smoothstep"), hash "CoherentPrime"; n_dims_to_encode n (in tcnn's
+        Composite): the module has dim=n, for x[..., :n]. Type names are case-insensitive;
+        another otype raises "not a grid encoding", anything unsupported a ValueError."""
         args, tcnn_kwargs = _args_from_tcnn_config(n_input_dims, config)
         return cls(*args, **tcnn_kwargs, **kwargs)
 
     def tcnn_config(self) -> dict:
-        """This encoding as a tiny-cuda-nn encoding config (the dict form of its JSON, in
-        the form of tcnn's own hyperparams()), for layout="tcnn" with one integer
-        base_resolution and one per_level_scale for all axes."""
+        """This encoding as a tiny-cuda-nn encoding config (a dict, as tcnn's hyperparams()),
+        for layout="tcnn" with one integer base_resolution and per_level_scale for all axes."""
         return _tcnn_config_of(self)
 
     def tcnn_params(self) -> torch.Tensor:
@@ -407,18 +361,15 @@ class MultiResHashGrid(nn.Module):
                 + (", sparse=True" if self.sparse else ""))
 
 
-
 # --- The reference: the whole encoding, read top to bottom -----------------------------------
 
 def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence["_Level"],
                       interpolation: str, layout: str, periodic: Sequence[bool],
                       sparse: bool = False) -> torch.Tensor:
-    """x (N, D) in [0, 1], table (R, F) -> features (N, L * F): the formulas of the module
-    docstring, one level and one cell corner at a time, in plain differentiable torch ops
-    (autograd gives the gradients to x and the table, to any order). implementation=
-    "reference" runs this; the speed-only part computes the same numbers in fewer, larger
-    operations. sparse: each lookup's table gradient a sparse tensor of its rows (their sum,
-    uncoalesced, is the table's). levels: the level plan (_plan_levels)."""
+    """x (N, D) in [0, 1], table (R, F) -> features (N, L * F): the module docstring's
+    formulas, one level (of the plan, _plan_levels) and one cell corner at a time, in plain
+    torch ops that autograd differentiates to any order. sparse: each lookup's table gradient
+    a sparse tensor of its rows (their uncoalesced sum is the table's)."""
     n_points, dim = x.shape
     primes = hash_primes(dim)
     tcnn, nearest = layout == "tcnn", interpolation == "nearest"
@@ -555,46 +506,30 @@ def _dense_strides(vertices: Sequence[int]) -> Tuple[int, ...]:
 
 
 # #############################################################################################
-# SPEED ONLY. Everything below computes what _reference_encode computes, in fewer and larger
-# operations; nothing here changes a number (tests/test_encoding.py checks every path, and every
-# shortcut against the formula it replaces, in float64).
-#
-#   _LevelGroup        consecutive levels that index alike, as the tensors the passes use
-#   _Mode              how a call runs, decided once per call (MultiResHashGrid._mode), and
-#                      its passes: level-major runs of a bounded number of lookups
-#   _HashGridFunction  the autograd Function (hand-written backward); _HashGridBackward that
-#                      backward as a Function of its own, for second order (eikonal losses)
+# SPEED ONLY: the numbers of _reference_encode in fewer, larger operations (tests/test_encoding.py
+# checks every path, and every shortcut against the formula it replaces, in float64).
+#   _LevelGroup, _Mode     consecutive levels that index alike; how a call runs, and its passes
+#   _HashGridFunction      the autograd Function; _HashGridBackward its backward (second order)
 #   _encode, _encode_backward, _encode_double_backward: one loop over the passes each
-#   _axis_terms, _corners: every pass's row index terms and weights, and its cell corners
-#   device branch      GPUs (torch.compile's backward too): all corners of a pass at once
-#   CPU branch         eager on a CPU (torch.compile's forward too): corners depth first
-#   CPU speed tricks   word views, complex pairs, every intra-op thread (outside autograd)
-#   custom op          hashgrid::table_grad_v5: torch.compile's table gradient on a CPU
-#   sparse gradients   sparse=True: _RowCollector, _coalesced_rows (no float atomics)
+#   _axis_terms, _corners  each pass's row index terms and weights; its cell corners
+#   device branch          GPUs (and torch.compile's backward): all corners of a pass at once
+#   CPU branch             eager on a CPU (and torch.compile's forward): corners depth first
+#   CPU speed tricks       word views, complex pairs, every intra-op thread (outside autograd)
+#   custom op, sparse      torch.compile's table gradient on a CPU; sparse=True's gradients
 # #############################################################################################
 
 class _LevelGroup(nn.Module):
-    """Consecutive levels that index alike (all dense or all hashed), computed together by
-    the same vectorised ops.
+    """Consecutive levels that index alike (all dense or all hashed), run by the same ops.
 
-    Static: start, stop (levels start..stop-1), hashed, rows_start, rows_stop (the group's
-    slice of the table), hash_mask (T - 1), tcnn (tcnn's positions and dense wrap-around),
-    periodic_bits (bit d set: axis d is periodic), axis0_direct (every vertex on axis 0 is
-    below T, so its term is the vertex itself: always when dense), interpolation, shift
-    (pos = x * scale + shift).
-    Tensors (non-persistent buffers, axis-major so each per-axis operand broadcasts as a
-    (G, 1) column against a (1, n) row of points and every intermediate is a contiguous
-    level-major (G, n) tensor, which keeps one level's table accesses together):
-      scale (D, G, 1) float32; mult (D, G, 1) the hash primes (in int32 each prime's low 32
-      bits read as a signed number: int32 products are then the unsigned ones modulo 2**32,
-      all the hash keeps) or dense strides; offset (G, 1) each level's first row relative to
-      rows_start; max_cell (D, G, 1) the highest cell (paper layout) or None; wrap_rows
-      (G, 1) the rows of tcnn's dense levels, which their index wraps around, or None.
-    Integer tensors are int32 (int64 for tables of 2**31 rows or more). Given on the CPU,
-    kept there as the source of their values and copied to `device` (default: the default
-    device, e.g. a ``with torch.device(...)`` block, meta included). Device moves
-    (.to(device), .to_empty()) copy them again; dtype casts (.half(), .double()) leave
-    them alone.
+    Statics: start, stop (levels start..stop-1), hashed, rows_start, rows_stop (the group's
+    table rows), hash_mask (T - 1), tcnn, periodic_bits (bit d: axis d is periodic),
+    axis0_direct (every axis-0 vertex < T: its term is the vertex), interpolation, shift
+    (pos = x * scale + shift). Tensors, axis-major so that every intermediate is a level-major
+    (G, n) tensor: scale (D, G, 1) float32; mult (D, G, 1) the hash primes (in int32 as signed
+    numbers: products mod 2**32 are the same) or dense strides; offset (G, 1) each level's
+    first row from rows_start; max_cell (D, G, 1) (paper layout) or None; wrap_rows (G, 1) the
+    rows that tcnn's dense levels wrap modulo, or None. Integers are int32 (int64 for tables
+    of 2**31 rows or more). Non-persistent buffers that follow device moves, not dtype casts.
     """
     TENSORS = ("scale", "mult", "offset", "max_cell", "wrap_rows")
     STATICS = ("start", "stop", "hashed", "rows_start", "rows_stop", "hash_mask", "tcnn",
@@ -622,62 +557,44 @@ class _LevelGroup(nn.Module):
                 periodic: Sequence[bool], interpolation: str, device: torch.device
                 ) -> List["_LevelGroup"]:
         """The plan's levels as groups of consecutive levels that index alike."""
-        # Row indices in int32 (half the memory traffic of int64) unless some index reaches
-        # 2**31: a row, or a tcnn dense index before its wrap-around (vertex at most V_d).
+        # int32 row indices (half the traffic of int64) unless a row, or a tcnn dense index
+        # before its wrap-around, reaches 2**31
         largest = max([levels[-1].offset + levels[-1].rows] + [
             sum(v * s for v, s in zip(level.vertices, _dense_strides(level.vertices)))
             for level in levels if not level.hashed])
         index_dtype = torch.int32 if largest < 2**31 else torch.int64
+        primes = hash_primes(len(periodic))
+        if index_dtype == torch.int32:      # each prime's low 32 bits as a signed number
+            primes = [p - (1 << 32) if p >= 1 << 31 else p for p in primes]
+        last = 0 if interpolation == "nearest" else 1   # x = 1: onto vertex N from cell N - 1
+
+        def column(values, dtype=index_dtype):   # G values -> (G, 1); G lists of D -> (D, G, 1)
+            values = torch.tensor(values, dtype=dtype, device="cpu")
+            return values.t().contiguous().unsqueeze(-1)
+
         groups, start = [], 0
         while start < len(levels):
-            stop = start
-            while stop < len(levels) and levels[stop].hashed == levels[start].hashed:
+            stop, hashed = start, levels[start].hashed
+            while stop < len(levels) and levels[stop].hashed == hashed:
                 stop += 1
-            groups.append(cls.from_levels(levels[start:stop], start, hash_mask, layout,
-                                          periodic, interpolation, index_dtype, device))
+            group, rows_start = levels[start:stop], levels[start].offset
+            cells = [[n - last for n in level.resolution] for level in group]
+            wrap = layout == "tcnn" and not hashed      # tcnn's dense levels wrap modulo rows
+            groups.append(cls(
+                start, stop, hashed, rows_start, group[-1].offset + group[-1].rows, hash_mask,
+                layout == "tcnn", sum(1 << d for d, p in enumerate(periodic) if p),
+                not hashed or max(level.resolution[0] for level in group) <= hash_mask,
+                interpolation, device,
+                scale=column([level.scale for level in group], torch.float32),
+                mult=column([primes if hashed else _dense_strides(lv.vertices) for lv in group]),
+                offset=column([level.offset - rows_start for level in group]),
+                max_cell=column(cells) if layout == "paper" else None,
+                wrap_rows=column([level.rows for level in group]) if wrap else None))
             start = stop
         return groups
 
-    @classmethod
-    def from_levels(cls, levels: Sequence[_Level], start: int, hash_mask: int, layout: str,
-                    periodic: Sequence[bool], interpolation: str, index_dtype: torch.dtype,
-                    device: Optional[torch.device] = None) -> "_LevelGroup":
-        """levels: the plan's levels start..start+G-1, all dense or all hashed."""
-        hashed, dim = levels[0].hashed, len(levels[0].scale)
-        if not hashed:
-            mult = [_dense_strides(lv.vertices) for lv in levels]
-        elif index_dtype == torch.int32:
-            mult = [[p - (1 << 32) if p >= 1 << 31 else p for p in hash_primes(dim)]] * len(levels)
-        else:
-            mult = [hash_primes(dim)] * len(levels)
-
-        def axis_major(per_level, dtype):     # G lists of D values -> (D, G, 1)
-            values = [[[v] for v in axis] for axis in zip(*per_level)]
-            return torch.tensor(values, dtype=dtype, device="cpu")
-
-        max_cell = wrap_rows = None
-        if layout == "paper":   # the highest cell is N - 1, so x = 1 interpolates onto vertex N
-            last = 0 if interpolation == "nearest" else 1
-            max_cell = axis_major([[n - last for n in lv.resolution] for lv in levels], index_dtype)
-        elif not hashed:
-            wrap_rows = torch.tensor([[lv.rows] for lv in levels], dtype=index_dtype,
-                                     device="cpu")
-        rows_start = levels[0].offset
-        return cls(start, start + len(levels), hashed, rows_start,
-                   levels[-1].offset + levels[-1].rows, hash_mask, layout == "tcnn",
-                   sum(1 << d for d, p in enumerate(periodic) if p),
-                   not hashed or max(lv.resolution[0] for lv in levels) <= hash_mask,
-                   interpolation, device,
-                   scale=axis_major([level.scale for level in levels], torch.float32),
-                   mult=axis_major(mult, index_dtype),
-                   offset=torch.tensor([[lv.offset - rows_start] for lv in levels],
-                                       dtype=index_dtype, device="cpu"),
-                   max_cell=max_cell, wrap_rows=wrap_rows)
-
     def _apply(self, fn, recurse=True):
-        # Follow device moves only: a dtype cast would round the float32 scales (.half())
-        # or slow the index arithmetic. fn applied to an empty probe tells the device; the
-        # values come from the CPU copies (a meta tensor has none, for .to_empty()).
+        # device moves only (no dtype cast), from the CPU values (meta tensors have none)
         for name, tensor in self._buffers.items():
             if tensor is not None:
                 device = fn(torch.empty(0, device=tensor.device)).device
