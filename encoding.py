@@ -193,9 +193,6 @@ class MultiResHashGrid(nn.Module):
                              f"2**{dim} cell corners per point and level; at most dim="
                              f"{_MAX_INTERPOLATED_DIM} (interpolation='nearest' allows any dim)")
         base = _per_axis(base_resolution, dim, "base_resolution")
-        if any(b < 1 for b in base):
-            raise ValueError("base_resolution must be >= 1 on every axis (the coarsest level "
-                             f"needs at least 1 cell), got {base_resolution}")
         if grid_type == "tiled" and (layout != "tcnn" or any(b != int(b) for b in base)):
             raise ValueError("grid_type='tiled' needs layout='tcnn' and an integer "
                              f"base_resolution (tiles of N_min**D rows), got layout={layout!r}, "
@@ -208,8 +205,6 @@ class MultiResHashGrid(nn.Module):
             growth = tuple(_paper_growth(b, f, n_levels) for b, f in zip(base, finest))
         else:
             growth = _per_axis(per_level_scale, dim, "per_level_scale")
-            if any(g < 1 for g in growth):
-                raise ValueError(f"per_level_scale must be >= 1, got {per_level_scale}")
         self.input_dim, self.output_dim = dim, n_levels * n_features_per_level
         self.n_levels, self.n_features_per_level = n_levels, n_features_per_level
         self.log2_hashmap_size, self.interpolation = log2_hashmap_size, interpolation
@@ -308,7 +303,8 @@ class MultiResHashGrid(nn.Module):
         # compiled: one pass per level group (inductor fuses its temporaries away)
         lookups = 1 << 62 if compiling else self._cpu_lookups if cpu else self._device_lookups
         return _Mode(tuple(self._level_groups), cpu, compiling, not compiling, keep,
-                     self.embedding.sparse, self.feature_major, lookups, self._chunk_size)
+                     self.embedding.sparse, self.feature_major and not compiling, lookups,
+                     self._chunk_size)
 
     @classmethod
     def from_tcnn_config(cls, n_input_dims: int, config: dict, **kwargs) -> "MultiResHashGrid":
@@ -327,7 +323,19 @@ class MultiResHashGrid(nn.Module):
     def tcnn_config(self) -> dict:
         """This encoding as a tiny-cuda-nn encoding config (a dict, as tcnn's hyperparams()),
         for layout="tcnn" with one integer base_resolution and per_level_scale for all axes."""
-        return _tcnn_config_of(self)
+        self._require_tcnn()
+        base = _per_axis(self.base_resolution, self.input_dim, "base_resolution")
+        if len(set(base)) != 1 or base[0] != int(base[0]) or len(set(self.per_level_scale)) != 1:
+            raise ValueError("a tcnn config has one integer base_resolution and one "
+                             f"per_level_scale for all axes, got {self.base_resolution} and "
+                             f"{self.per_level_scale}")
+        config = {"otype": "Grid", "type": self.grid_type.capitalize(),
+                  "n_levels": self.n_levels, "n_features_per_level": self.n_features_per_level,
+                  "base_resolution": int(base[0]), "per_level_scale": self.per_level_scale[0],
+                  "interpolation": self.interpolation.capitalize(), "hash": "CoherentPrime"}
+        if self.grid_type == "hash":
+            config["log2_hashmap_size"] = self.log2_hashmap_size
+        return config
 
     def tcnn_params(self) -> torch.Tensor:
         """The parameters as tiny-cuda-nn's flat vector: (sum(rows_per_level) * F,),
@@ -488,15 +496,15 @@ def _level_rows(n_vertices: int, layout: str, grid_type: str, max_rows: int,
 
 
 def _per_axis(value: Resolution, dim: int, name: str) -> Tuple[float, ...]:
-    """An int/float or a sequence of ``dim`` of them -> a tuple of ``dim`` positive floats."""
+    """An int/float or a sequence of ``dim`` of them -> a tuple of ``dim`` finite floats >= 1."""
     if isinstance(value, (int, float)):
         values = (float(value),) * dim
     else:
         values = tuple(float(v) for v in value)
         if len(values) != dim:
             raise ValueError(f"{name} needs 1 or dim={dim} values, got {len(values)}")
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
+    if not all(math.isfinite(v) and v >= 1 for v in values):
+        raise ValueError(f"{name} must be finite and >= 1 on every axis, got {value}")
     return values
 
 
@@ -545,7 +553,8 @@ class _LevelGroup(nn.Module):
         self.periodic_bits, self.axis0_direct = periodic_bits, bool(axis0_direct)
         self.shift = 0.5 if (self.tcnn or interpolation == "nearest") else 0.0
         self._host = tensors
-        self._offsets = tuple(tensors["offset"].view(-1).tolist())   # Python ints, for slicing
+        # each level's first row, then the group's end, from rows_start (Python ints, to slice)
+        self.bounds = (*tensors["offset"].view(-1).tolist(), rows_stop - rows_start)
         device = torch.empty(0, device=device).device
         for name in self.TENSORS:
             tensor = tensors[name]
@@ -601,12 +610,6 @@ class _LevelGroup(nn.Module):
                 self._buffers[name] = self._host[name].to(device)
         return self
 
-    def row_span(self, first: int, stop: int) -> Tuple[int, int]:
-        """(first row, end row) of levels first..stop-1, counted from rows_start."""
-        offsets = self._offsets
-        end = offsets[stop] if stop < len(offsets) else self.rows_stop - self.rows_start
-        return offsets[first], end
-
     @classmethod
     def op_args(cls, groups: Sequence["_LevelGroup"]
                 ) -> Tuple[List[Optional[torch.Tensor]], List[int]]:
@@ -630,18 +633,15 @@ class _LevelGroup(nn.Module):
 
 
 class _Mode(NamedTuple):
-    """How one call runs, decided once (MultiResHashGrid._mode) and carried to every pass,
-    and how the call's work is split into passes (split).
+    """How one call runs, decided once (MultiResHashGrid._mode) and carried to every pass.
 
     groups: the level groups. cpu: the CPU branch (eager on a CPU: cache-sized passes, corners
-    visited one at a time), else the device branch (all corners of a pass at once). compiling:
-    traced by torch.compile (row-major output; the corner-by-corner forward, which inductor
-    fuses; the custom op for a CPU's table gradient). eager: the ops run eagerly outside
-    autograd, so they may write into out= tensors and, in the CPU branch, take the speed tricks
-    (word views, complex pairs, every intra-op thread: dtype views are not differentiable).
-    keep: the device branch keeps each pass's corner rows and fractions for backward. sparse:
-    the table's gradient sparse (_RowCollector). feature_major: MultiResHashGrid's argument.
-    lookups: per cell corner in a pass; chunk_size: points per pass (None: from lookups).
+    one at a time), else the device branch (all corners of a pass at once). compiling: traced
+    by torch.compile. eager: the ops run outside autograd, so they may write into out= tensors
+    and (CPU branch) take the speed tricks. keep: the device branch keeps corner rows and
+    fractions for backward. sparse: the table's gradient is sparse (_RowCollector).
+    feature_major: the module's, eager only. lookups: per cell corner in a pass; chunk_size:
+    points per pass (None: from lookups).
     """
     groups: Tuple[_LevelGroup, ...]
     cpu: bool
@@ -655,12 +655,9 @@ class _Mode(NamedTuple):
 
     def split(self, n_points: int, min_levels: int = 1
               ) -> List[Tuple[_LevelGroup, int, int, int, int]]:
-        """The passes, each (group, first, stop, lo, hi): the group's levels first..stop-1
-        (counted from group.start) for the points lo..hi-1, about `lookups` lookups per cell
-        corner: all points for as many levels as fit, or one level for runs of points
-        (min_levels: runs of lookups // min_levels points, so a pass holds min_levels levels
-        where the group has them). Level-major, so consecutive passes read one level's table
-        while it is in cache, and temporaries stay a bounded size whatever the batch."""
+        """The passes, level-major (a level's table stays in cache), each (group, first, stop,
+        lo, hi): the group's levels first..stop-1 for the points lo..hi-1, about `lookups`
+        lookups per cell corner, at least min_levels levels where the group has them."""
         step = self.chunk_size or self.lookups // min_levels
         step = max(min(step, n_points), 1)
         passes = []
@@ -674,9 +671,7 @@ class _Mode(NamedTuple):
         return passes
 
     def thread_levels(self) -> int:
-        """The levels per pass (one per intra-op thread) that let the CPU branch's
-        table-gradient scatter-adds, and the gathers indexed alike, run on all cores
-        (_per_level): split's min_levels."""
+        """split's min_levels for one level per intra-op thread (_per_level)."""
         most = max(group.stop - group.start for group in self.groups)
         return max(min(torch.get_num_threads(), most), 1)
 
@@ -684,17 +679,12 @@ class _Mode(NamedTuple):
 # --- The autograd Functions, and one loop over the passes each: forward, backward, second order
 
 class _HashGridFunction(torch.autograd.Function):
-    """Interpolated table lookup with a hand-written backward.
-
-    Autograd through the plain ops would keep every corner's weights and gathered features
-    alive until backward; this saves x and the table (and, in the device branch with keep,
-    each corner's row and each axis' fraction), and backward recomputes the rest.
-    """
+    """The encoding with a hand-written backward: saves x and the table (with keep, also the
+    device branch's corner rows and fractions), not every corner's weights and features."""
 
     @staticmethod
     def forward(ctx, x, table, nan, mode):
-        # The CPU branch asks once whether a point is NaN (usually none: a masked copy per pass
-        # saved). Elsewhere asking would make a GPU wait, and a traced graph branch.
+        # asked on a CPU only (a masked copy per pass saved); a GPU would have to wait
         if mode.cpu and not bool(nan.any()):
             nan = None
         out, kept = _encode(x, table, nan, mode)
@@ -713,8 +703,7 @@ class _HashGridFunction(torch.autograd.Function):
             grad_table = _table_grad_op(x, table, nan, grad_out, tensors, ints, interpolation)
             return None, grad_table, None, None
         if torch.is_grad_enabled():      # create_graph: a differentiable step of its own
-            # (autograd.grad(..., x) of an eikonal loss: no table gradient is asked for)
-            need_table = need_table and _will_run(ctx, 1, mode)
+            need_table = need_table and _will_run(ctx, 1, mode)   # (an eikonal loss: x only)
             return (*_HashGridBackward.apply(x, table, nan, mode, grad_out, need_x, need_table,
                                              kept or None), None, None)
         return (*_encode_backward(x, table, nan, mode, grad_out, need_x, need_table,
@@ -775,23 +764,15 @@ class _HashGridBackward(torch.autograd.Function):
 def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], mode: _Mode
             ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """x: (N, D) in [0, 1] -> (features (N, L * F) in the accumulation dtype, NaN for the points
-    flagged in nan (N,) (their x holds a placeholder; None: no NaN point); with mode.keep, the
-    device branch's corner rows and fractions of every pass, for backward, D + 1 tensors per
-    pass).
-
-    The result is row-major, unless mode.feature_major in eager mode: then it has the strides
-    of a transposed contiguous (L * F, N) matrix (tiny-cuda-nn's "SoA"): a pass writes each
-    feature's values for its points contiguously, and a following matmul (the MLP's first
-    layer) reads this layout as is and hands back its gradient in the same layout. Under
-    torch.compile it is row-major, which inductor writes as cheaply and AOTAutograd expects of
-    an incoming gradient. Either way a tensor of its own, not a view (autograd forbids
-    modifying a view made inside a custom Function in place).
-    """
+    flagged in nan (N,) (None: no NaN point); with mode.keep, the device branch's corner rows
+    and fractions for backward, D + 1 tensors per pass). Row-major, or with feature_major in
+    eager mode the strides of a transposed contiguous (L * F, N) matrix (a pass writes
+    contiguous memory; a following matmul reads it as is). Not a view (autograd forbids
+    modifying in place a view made inside a custom Function)."""
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
     n_points, n_features = x.shape[0], table.shape[1]
     n_levels = mode.groups[-1].stop
-    feature_major = mode.feature_major and not mode.compiling
-    strides = (1, n_points) if feature_major else (n_levels * n_features, 1)
+    strides = (1, n_points) if mode.feature_major else (n_levels * n_features, 1)
     out = torch.empty_strided((n_points, n_levels * n_features), strides, dtype=acc_dtype,
                               device=x.device)
     per_level = out.view(n_points, n_levels, n_features)
@@ -907,23 +888,15 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
 
 def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
                 offset: Optional[torch.Tensor], index_dtype: Optional[torch.dtype] = None):
-    """Per-axis pieces of every corner's row index, and the positions inside the cells.
-
-    xt: (D, n), levels first..stop-1 of group (G of them) -> (terms, fracs, weights). terms:
-    D tuples (t0, t1) ("nearest": (t0,)) of (G, n) integers, the axis' share of the row index
-    of the lower / upper vertex (combined over axes by _corners), with offset (G, 1), the
-    first row of each level in the rows indexed, folded into axis 0 (hashed levels: offsets
-    are multiples of T and terms < T, so XOR adds them; None: rows within each level; tcnn's
-    dense levels add it after their wrap-around, in _corners). fracs: D tensors (G, n) in
-    [0, 1]: pos = x * scale + shift, cell = min(floor(pos), max_cell), frac = pos - cell.
-    weights: D tuples _upper_weight(frac), None for "nearest". index_dtype: the terms' dtype
-    (default: the group's).
-
-    Shortcuts, each tested against the formula it replaces: the upper vertex's term is the
-    lower one's plus one add, (t + prime mod T) mod T hashed, t + stride dense; axis 0's
-    multiplier is 1 (no product); where every vertex on axis 0 is below T (axis0_direct) its
-    term is the vertex itself, with the offset added before the upper term is derived.
-    """
+    """xt (D, n), levels first..stop-1 of group (G of them) -> per axis (terms, fracs, weights):
+    terms (t0, t1) ("nearest": (t0,)) of (G, n) integers, the lower / upper vertex's share of
+    the row index (_corners combines them), with offset (G, 1) (each level's first row in the
+    rows indexed; None: 0) folded into axis 0 (XOR adds it to hashed terms < T; tcnn's dense
+    levels add it after wrapping, in _corners); fracs (G, n) = pos - cell, pos = x * scale +
+    shift, cell = min(floor(pos), max_cell); weights _upper_weight(frac) (None: "nearest").
+    index_dtype: the terms' (default: the group's). Shortcuts, each tested against its formula:
+    the upper term is the lower one's plus one add ((t + prime) & mask when hashed); axis 0's
+    multiplier is 1; with axis0_direct, axis 0's term is the vertex itself, offset included."""
     index_dtype = index_dtype or group.offset.dtype
     scale = group.scale[:, first:stop]
     mult = group.mult[:, first:stop].to(index_dtype)
@@ -933,9 +906,7 @@ def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
     for d in range(xt.shape[0]):
         x = xt[d]
         if group.tcnn and x.dtype != torch.float64:
-            # tcnn computes fmaf(scale, x, 0.5) in float32 (one rounding). The product of two
-            # float32 values is exact in float64, so this reproduces it bit for bit (barring
-            # double-rounding ties).
+            # tcnn's float32 fmaf(scale, x, 0.5): the product of two float32s is exact in float64
             pos = (scale[d].double() * x.double() + group.shift).to(x.dtype)
         else:
             pos = scale[d].to(x.dtype) * x
@@ -976,10 +947,9 @@ def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
 
 
 def _upper_weight(frac: torch.Tensor, interpolation: str):
-    """One axis: (s, ds/dfrac) with s the weight of the upper vertex, frac ("linear") or
-    S(frac) = frac^2 (3 - 2 frac) ("smoothstep"; ds/dfrac None for linear). The lower vertex
-    weighs 1 - s, and a cell corner the product of its axes' weights (equivalently: lerp
-    along one axis after another)."""
+    """One axis: (s, ds/dfrac), s the upper vertex's weight: frac ("linear", ds/dfrac None) or
+    S(frac) = frac^2 (3 - 2 frac) ("smoothstep"). The lower vertex weighs 1 - s, a cell corner
+    the product of its axes' weights (equivalently: lerp along one axis after another)."""
     if interpolation == "smoothstep":
         return frac * frac * (3.0 - 2.0 * frac), 6.0 * frac * (1.0 - frac)
     return frac, None
@@ -987,15 +957,11 @@ def _upper_weight(frac: torch.Tensor, interpolation: str):
 
 def _corners(terms, weights, group: _LevelGroup, first: int, stop: int,
              offset: Optional[torch.Tensor], out: Optional[torch.Tensor] = None):
-    """Yields (corner, index, weight) for every cell corner (_axis_terms' terms and weights),
-    bit d of corner set for the upper vertex on axis d: index (G, n) its table rows (terms
-    XOR-ed (hashed) or added (dense); tcnn's dense levels wrapped modulo their rows, then +
-    offset), weight (G, n) its interpolation weight (None without weights, e.g. "nearest":
-    one corner). out (2**D, G, n): also write each corner's rows into out[corner].
-
-    Depth first over the axes, so corners share partial sums and products (about 2 ops per
-    corner instead of 2 (D - 1)) while only D partial results are alive at a time.
-    """
+    """Yields (corner, index, weight) per cell corner (bit d set: the upper vertex on axis d)
+    from _axis_terms' terms and weights: index (G, n) its table rows (terms XOR-ed or added;
+    tcnn's dense levels wrapped modulo their rows, then + offset), weight (G, n) (None without
+    weights). out (2**D, G, n): each corner's rows also written to out[corner]. Depth first
+    over the axes: corners share partial sums and products, D partial results alive at once."""
     hashed, n_dims, wrap = group.hashed, len(terms), group.wrap_rows is not None
     factors = None if weights is None else [(1.0 - s, s) for s, _ in weights]
     stack = [(0, 1, 0, None, None), (0, 0, 0, None, None)][-len(terms[0]):]
@@ -1033,22 +999,19 @@ def _add_grad_x(grad_xt: torch.Tensor, d: int, grad_weight: torch.Tensor, slope,
 def _pass_span(group: _LevelGroup, first: int, stop: int, table: torch.Tensor):
     """(the rows of levels first..stop-1 as a view of table (or of its gradient), their
     offsets (G, 1) within it)."""
-    start, end = group.row_span(first, stop)
+    start, end = group.bounds[first], group.bounds[stop]
     span = table[group.rows_start + start:group.rows_start + end]
     return span, group.offset[first:stop] - start
 
 
 # --- The device branch: GPUs, and torch.compile's backward -----------------------------------
-# A pass reads all 2**D corners with one gather and one table-gradient scatter: the corner rows
-# go into one (2**D, G, n) tensor, interpolation is a lerp along one axis after another, and
-# backward sends the gradient down the same lerps. Every op is a plain elementwise or indexing
-# kernel over the whole pass, which is what a GPU, or inductor, runs well.
+# All 2**D corners of a pass at once: one gather, a lerp along one axis after another, and one
+# scatter-add of the gradient sent back down the lerps; every op a kernel over the whole pass.
 
 def _corner_rows(xt, group: _LevelGroup, first: int, stop: int, offset: Optional[torch.Tensor],
                  index_dtype: Optional[torch.dtype] = None):
-    """(corners (2**D, G, n) ("nearest": (1, G, n)) the table row of each cell corner, bit d of
-    the corner the upper vertex on axis d; fracs and weights). offset, index_dtype, fracs,
-    weights: see _axis_terms."""
+    """(corners (2**D, G, n) ("nearest": (1, G, n)), the table row of each cell corner (see
+    _corners), fracs, weights); offset, index_dtype, fracs, weights: see _axis_terms."""
     terms, fracs, weights = _axis_terms(xt, group, first, stop, offset, index_dtype)
     n_corners = 1 << len(terms) if weights is not None else 1
     corners = torch.empty((n_corners,) + terms[0][0].shape, dtype=terms[0][0].dtype,
@@ -1066,9 +1029,8 @@ def _device_forward(xt, table, group: _LevelGroup, first: int, stop: int, mode: 
     corners, fracs, weights = _corner_rows(xt, group, first, stop, offset)
     values = span.index_select(0, corners.reshape(-1)).view(*corners.shape, span.shape[1])
     values, into = values.to(out.dtype), None
-    if weights is None:                  # "nearest"
-        if nan is not None:
-            values = values.masked_fill(nan[:, None], float("nan"))
+    if weights is None and nan is not None:                   # "nearest"
+        values = values.masked_fill(nan[:, None], float("nan"))
     for d, (weight, _) in enumerate(weights or []):  # lerp along axis d: corners pair by bit d
         last = d == len(weights) - 1
         if last and nan is not None:     # a NaN weight makes the point's features NaN
@@ -1204,17 +1166,13 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
 
 
 # --- The CPU branch: eager mode on a CPU (its forward is torch.compile's too) ----------------
-# Passes of about 2**16 lookups: every temporary is a few hundred KB that malloc recycles (a
-# fresh large buffer per op would spend its time in page faults), and the corners are visited
-# one at a time, depth first. Where mode.eager (outside autograd) the rows are read and written
-# through word-sized views, feature pairs are complex numbers, and gathers and scatters run on
-# every intra-op thread (the speed tricks below).
+# Passes of about 2**16 lookups (temporaries malloc recycles, no page faults), corners one at a
+# time, depth first; where mode.eager, with the speed tricks below.
 
 def _cpu_forward(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, first: int,
                  stop: int, mode: _Mode, acc_dtype: torch.dtype) -> torch.Tensor:
     """xt: (D, n) -> the features (G, n, F) of the group's levels first..stop-1, corner by
-    corner: the CPU branch's forward (with its tricks), and torch.compile's, which fuses
-    these per-corner ops into one kernel per level group."""
+    corner: the CPU branch's forward, and torch.compile's (inductor fuses the corners)."""
     group_table, offset = table[group.rows_start:group.rows_stop], group.offset[first:stop]
     words = _pack(group_table, acc_dtype) if mode.eager else None
     lanes = torch.get_num_threads() if words is not None else 1     # (_gather: int64 rows)
@@ -1312,22 +1270,17 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
 
 # --- CPU speed tricks (the CPU branch where mode.eager) --------------------------------------
 
-# Row-at-a-time access to the (R, F) tables is much faster through a 1-D view with one element
-# per row (F features reinterpreted as one machine word): PyTorch's 2-D index_select /
-# index_add_ CPU kernels loop over the features of every row. Word dtypes for the gather, by
-# row size:
+# A row as one machine word, by row bytes (2-D index_select loops over every row's features)
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
-# ... and for the scatter-add, where the arithmetic must stay right: a pair of floats adds
-# exactly like a complex number.
+# A feature pair as a complex number, for arithmetic (it adds and scales as the pair does)
 _PAIR_DTYPES = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def _gather(rows: torch.Tensor, index: torch.Tensor, eager: bool, lanes: int = 1
             ) -> torch.Tensor:
     """rows (R, F) -> (..., F), or packed rows (R,) (_pack) -> (...), at index (...). eager:
-    (R, F) rows through a one-word-per-row view (dtype views are not differentiable). lanes > 1
-    (int64 index): a gather along dim 1 of rows expanded to (lanes, R), the lookups split among
-    the intra-op threads, where index_select is serial."""
+    (R, F) rows through a word view (not differentiable). lanes > 1 (int64 index): a gather
+    along dim 1 of rows expanded to (lanes, R), split among the threads (index_select is not)."""
     if rows.dim() == 2:
         n_features, word = rows.shape[1], _WORD_DTYPES.get(rows.shape[1] * rows.element_size())
         if eager and word is not None and rows.is_contiguous():
@@ -1342,19 +1295,14 @@ def _gather(rows: torch.Tensor, index: torch.Tensor, eager: bool, lanes: int = 1
 def _per_level(packed: torch.Tensor, group: _LevelGroup, first: int, stop: int
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(view, shift): a group's packed table or gradient (R,) as a (G, W) view whose row g
-    holds level first + g, and shift (G, 1), added to a level's own row numbers to index its
-    view row (None: no shift). Gathers / scatter-adds along dim 1 of the view run one level per
-    intra-op thread, where 1-D ones are serial.
-
-    Row g starts s * g rows after the first level's first row: levels of T rows each (hashed)
-    take s = T, so each view row is exactly its level (no shift). Levels of any sizes (dense)
-    take s = 1: the view rows then overlap in memory, but level g's rows, at shift_g = (its
-    offset - the first level's) - g in its view row, are its own, so the threads' writes never
-    meet, and the levels stay summed serially each (deterministic)."""
+    holds level first + g, and shift (G, 1) added to a level's row numbers to index its view
+    row (None: 0), so gathers / scatter-adds along dim 1 run one level per thread. Hashed
+    levels (T rows each) are the rows of a (G, T) view; otherwise view rows start one row
+    apart and overlap, but each level touches only its own rows (the sums stay serial)."""
     n_levels, n_rows = stop - first, group.hash_mask + 1
     if group.hashed and packed.shape[0] == (group.stop - group.start) * n_rows:
         return packed.view(-1, n_rows)[first:stop], None
-    start, end = group.row_span(first, stop)
+    start, end = group.bounds[first], group.bounds[stop]
     view = packed.as_strided((n_levels, end - start - (n_levels - 1)), (1, 1),
                              packed.storage_offset() + start)
     offset = group.offset[first:stop]
@@ -1363,19 +1311,15 @@ def _per_level(packed: torch.Tensor, group: _LevelGroup, first: int, stop: int
 
 
 def _pack(rows: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """rows (..., F) -> (...) one number per row: F = 1 as reals, F = 2 (float32 / float64) as
-    complex numbers, whose arithmetic on a pair is exactly what interpolation does to it (a
-    weighted sum); None unless rows are contiguous, of `dtype`, and F is one of those.
-    Elementwise ops then run over one long axis instead of broadcasting a weight over a
-    trailing axis of size 2, which is several times slower on a CPU."""
-    n_features = rows.shape[-1]
-    if rows.dtype != dtype or not rows.is_contiguous():
+    """rows (..., F) -> (...), one number per row (elementwise ops then run over one long
+    axis): F = 1 as reals, F = 2 (float32 / float64) as complex numbers, whose arithmetic is a
+    weighted sum's; None unless contiguous, of `dtype`, with such an F."""
+    if rows.dtype != dtype or not rows.is_contiguous() or rows.shape[-1] > 2:
         return None
-    if n_features == 1:
+    if rows.shape[-1] == 1:
         return rows.squeeze(-1)
-    if n_features == 2 and rows.dtype in _PAIR_DTYPES:
-        return rows.view(_PAIR_DTYPES[rows.dtype]).squeeze(-1)
-    return None
+    pair = _PAIR_DTYPES.get(rows.dtype)
+    return None if pair is None else rows.view(pair).squeeze(-1)
 
 
 def _unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -1400,12 +1344,9 @@ def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
         return _encode_backward(x, table, nan, mode, grad_out, False, True)[1]
 
 
-# Under torch.compile, inductor would turn the backward's scatter-adds into its own kernels,
-# which on CPU are several times slower than the eager CPU branch (int32 indices, complex
-# pairs, cache-sized passes), so a CPU runs that branch as this opaque op (torch >= 2.4). Its
-# name carries a version, bumped whenever its inputs change: a
-# second copy of this file in the same process reuses the op of an equal version, and a copy
-# of another version registers its own instead of silently replacing this one.
+# Inductor's scatter-adds are slower on a CPU than the eager CPU branch, which torch.compile
+# therefore runs as this opaque op (torch >= 2.4). Bump the version when its inputs change
+# (copies of this file in one process share the op of their version).
 _TABLE_GRAD_OP = "hashgrid::table_grad_v5"
 _table_grad_op = None
 if hasattr(torch.library, "custom_op"):
@@ -1419,18 +1360,13 @@ if hasattr(torch.library, "custom_op"):
 
 
 # --- Sparse table gradients (sparse=True) ----------------------------------------------------
-# The passes add their contributions to a _RowCollector where they would scatter-add into a
-# dense gradient; backward then sorts the rows and sums each row's contributions in their
-# order (_coalesced_rows). No zeroed (R, F) gradient, no float atomics: the sum's order is fixed,
-# so its bits do not depend on the run, the thread count or the device's scheduling.
+# The passes add to a _RowCollector where they would scatter-add into a dense gradient; each
+# row's contributions are then summed in a fixed order (no float atomics: the same bits).
 
 class _RowCollector:
-    """A sparse table gradient in the making, in the place of a dense (R, F) one: the backward
-    passes call its index_add_ (and take row slices of it) as they would the dense gradient's,
-    and .to(dtype) returns the sum, a coalesced sparse COO tensor (_coalesced_rows).
-
-    shape (R, F), dtype: the contributions' (summed in it), device; a slice [a:b] shares the
-    contributions, its rows counted from a (as a tensor slice's)."""
+    """A sparse (R, F) table gradient in the making, in the place of a dense one: the passes
+    call its index_add_ and take row slices [a:b] of it (rows counted from a, contributions
+    shared) as of a tensor; .to(dtype) sums them (_coalesced_rows). dtype: the contributions'."""
 
     def __init__(self, shape, dtype: torch.dtype, device: torch.device, base: int = 0,
                  parts: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None):
@@ -1465,9 +1401,8 @@ def _coalesced_rows(rows: torch.Tensor, values: torch.Tensor, shape, dtype: torc
                     ) -> torch.Tensor:
     """rows (m,) integers, values (m, F) -> the coalesced sparse COO tensor of `shape` (R, F)
     and `dtype` whose row r is the sum of values[i] over rows[i] == r, for the rows that occur
-    (sorted; nn.Embedding(sparse=True)'s format). A stable sort keeps each row's contributions
-    in their given order and segment_reduce sums them one row at a time, in that order: the
-    same bits on every run and for any number of threads."""
+    (nn.Embedding(sparse=True)'s format): a stable sort, then segment_reduce sums each row's
+    contributions in their given order (the same bits for any number of threads)."""
     sorted_rows, order = torch.sort(rows, stable=True)
     unique, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     sums = values.index_select(0, order)
@@ -1517,19 +1452,16 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
                          f"supported: {list(known)}")
     grid_types = {"hash": "hash", "dense": "dense", "tiled": "tiled", "tile": "tiled"}
     grid_type = grid_types.get(str(config.get("type", otypes[str(otype).lower()])).lower())
-    if grid_type is None:
-        raise ValueError(f"unsupported tcnn grid type {config['type']!r}: expected Hash, "
-                         "Dense or Tiled")
-    if str(config.get("hash", "CoherentPrime")).lower() != "coherentprime":
-        raise ValueError(f"unsupported tcnn hash {config['hash']!r}: only CoherentPrime "
-                         "(the paper's primes, 1 for the first axis)")
-    for flag in ("stochastic_interpolation", "fixed_point_pos"):
-        if config.get(flag, False):
-            raise ValueError(f"unsupported tcnn option {flag}={config[flag]!r}")
     interpolation = str(config.get("interpolation", "Linear")).lower()
-    if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"unsupported tcnn interpolation {config['interpolation']!r}: "
-                         "expected Nearest, Linear or Smoothstep")
+    for key, supported, expected in (
+            ("type", grid_type is not None, "Hash, Dense or Tiled"),
+            ("hash", str(config.get("hash", "CoherentPrime")).lower() == "coherentprime",
+             "CoherentPrime (the paper's primes)"),
+            ("interpolation", interpolation in _INTERPOLATIONS, "Nearest, Linear or Smoothstep"),
+            ("stochastic_interpolation", not config.get("stochastic_interpolation"), "false"),
+            ("fixed_point_pos", not config.get("fixed_point_pos"), "false")):
+        if not supported:
+            raise ValueError(f"unsupported tcnn {key} {config[key]!r}: expected {expected}")
 
     def integer(key, default):
         value = config.get(key, default)
@@ -1572,23 +1504,6 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
     return ((n_dims, n_levels, n_features_per_level, integer("log2_hashmap_size", 19),
              base), dict(per_level_scale=per_level_scale, interpolation=interpolation,
                          layout="tcnn", grid_type=grid_type))
-
-
-def _tcnn_config_of(enc: "MultiResHashGrid") -> dict:
-    """enc as a tcnn encoding config (MultiResHashGrid.tcnn_config)."""
-    enc._require_tcnn()
-    base = _per_axis(enc.base_resolution, enc.input_dim, "base_resolution")
-    if len(set(base)) != 1 or base[0] != int(base[0]) or len(set(enc.per_level_scale)) != 1:
-        raise ValueError("a tcnn config has one integer base_resolution and one "
-                         f"per_level_scale for all axes, got {enc.base_resolution} and "
-                         f"{enc.per_level_scale}")
-    config = {"otype": "Grid", "type": enc.grid_type.capitalize(),
-              "n_levels": enc.n_levels, "n_features_per_level": enc.n_features_per_level,
-              "base_resolution": int(base[0]), "per_level_scale": enc.per_level_scale[0],
-              "interpolation": enc.interpolation.capitalize(), "hash": "CoherentPrime"}
-    if enc.grid_type == "hash":
-        config["log2_hashmap_size"] = enc.log2_hashmap_size
-    return config
 
 
 # --- Frequency, the NeRF positional encoding -------------------------------------------------
