@@ -18,11 +18,9 @@ layout="paper" (default; the paper's §3, eq. 2-3)
     N_l,d  = floor(N_min_d * b_d**l)                     grid cells along axis d
     pos    = x_d * N_l,d                                 vertices 0 .. N_l,d (N_l,d + 1 of them)
     cell   = min(floor(pos), N_l,d - 1), frac = pos - cell  (x = 1 lands on the last vertex)
-    V_l,d  = N_l,d + 1 vertices to store; on a periodic axis vertex N_l,d is vertex 0
-             (vertex v is v mod N_l,d), so V_l,d = N_l,d and features are continuous
-             across x_d = 0 / 1 at every level (with smoothstep, their derivatives too)
-    rows   = prod_d V_l,d if that is <= T or grid_type="dense" (a dense level),
-             else T (a hashed level)
+    V_l,d  = N_l,d + 1 vertices to store; N_l,d on a periodic axis (vertex v is v mod N_l,d:
+             features continuous across x_d = 0 / 1, with smoothstep their derivatives too)
+    rows   = prod_d V_l,d if that is <= T or grid_type="dense" (a dense level), else T (hashed)
 
 layout="tcnn" (tiny-cuda-nn's Grid encodings, bit for bit, so tcnn-trained parameters load)
     b      = per_level_scale (default exp(ln(N_max / N_min) / (L - 1)))
@@ -32,17 +30,14 @@ layout="tcnn" (tiny-cuda-nn's Grid encodings, bit for bit, so tcnn-trained param
     rows   = min(next multiple of 8 of res**D, 2**31), then by grid_type:
              "hash"  (HashGrid):  at most T; hashed when res**D > rows
              "dense" (DenseGrid): as is, not capped by T
-             "tiled" (TiledGrid): at most N_min**D, the dense index below wrapping modulo
-                                  rows (so the level tiles space with copies of its table)
+             "tiled" (TiledGrid): at most N_min**D, the dense index below wrapping modulo rows
              dense and tiled levels need res**D < 2**32 (tcnn's 32-bit index)
 
 Vertex -> row (both layouts)
     dense  : index = sum_d v_d * stride_d, stride_0 = 1, stride_d = stride_{d-1} * V_{d-1}
-             (axis 0 fastest: for an image, x runs along a row; collision-free).
-             tcnn takes the result modulo rows (tiled levels wrap by it), as we do.
-    hashed : index = (XOR_d v_d * prime_d mod 2**32) mod T, primes
-             1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737;
-             axes beyond the 7th use `hash_primes` (documented there).
+             (axis 0 fastest; collision-free), modulo rows in the tcnn layout (tiled levels)
+    hashed : index = (XOR_d v_d * prime_d mod 2**32) mod T, primes `HASH_PRIMES` (the paper's)
+             and, beyond the 7th axis, `hash_primes`
     All levels share one ``nn.Embedding`` of sum_l rows_l rows; level l starts at row
     offset_l = sum_{k<l} rows_k. Flattened, its weight is tcnn's parameter vector.
 
@@ -95,42 +90,35 @@ class MultiResHashGrid(nn.Module):
     (..., n_levels * n_features_per_level).
 
     Args:
-        dim: input dimensions D: 1..16 when interpolating (2**D cell corners per point and
-            level), any D >= 1 with "nearest".
+        dim: input dimensions D: 1..16 when interpolating (2**D cell corners), any with "nearest".
         n_levels: number of levels L.
         n_features_per_level: features F stored per vertex.
         log2_hashmap_size: log2 of T, the most rows a level may have (paper: 14-24).
         base_resolution: coarsest resolution N_min (>= 1); an int or one value per axis.
-        finest_resolution: finest resolution N_max; an int or one value per axis. Ignored if
-            per_level_scale is given.
-        per_level_scale: growth factor b between levels (int or one per axis), tcnn style.
+        finest_resolution: finest resolution N_max (an int or one per axis), unless:
+        per_level_scale: the growth factor b between levels (an int or one per axis).
         interpolation: "linear", "smoothstep" or "nearest".
         layout: "paper" (the paper's resolutions, every vertex addressable, collision-free
             dense coarse levels) or "tcnn" (tiny-cuda-nn's conventions bit for bit).
         grid_type: "hash" (levels too large for T rows are hashed), "dense" (every vertex
             stored) or "tiled" (tcnn layout: at most N_min**D rows per level, wrapping).
-        periodic: paper layout, one bool or one per axis: along a periodic axis x = 0 and
-            x = 1 are the same place (vertex N_l is vertex 0), e.g. a panorama's longitude.
-            x is still clamped to [0, 1] (wrap angles first, e.g. x % 1).
-        implementation: "fast" (default: the speed-only part) or "reference"
-            (_reference_encode, to read and to check against).
+        periodic: paper layout, a bool or one per axis: x = 0 and x = 1 are one place (vertex
+            N_l is vertex 0), e.g. a panorama's longitude; x is still clamped (wrap: x % 1).
+        implementation: "fast" (default) or "reference" (_reference_encode, to read and check).
         sparse: the table's gradient as a coalesced sparse COO tensor of the rows the batch
-            touched, summed per row in a fixed order, as ``nn.Embedding(sparse=True)`` gives
-            it (for ``torch.optim.SparseAdam`` or another lazy optimizer); settable later
-            (``.sparse``). Eager only: torch.compile(fullgraph=True) raises saying so.
-        feature_major: False (default): the output is row-major. True: in eager mode it has
-            the strides of a transposed contiguous (output_dim, points) matrix (tcnn's "SoA"),
-            which a following nn.Linear reads, and returns the gradient of, with no copy
-            (.view(-1) then raises; .reshape copies). Row-major under torch.compile.
+            touched (summed per row in a fixed order), as ``nn.Embedding(sparse=True)``'s, for
+            lazy optimizers; settable (``.sparse``). torch.compile(fullgraph=True) raises.
+        feature_major: True: in eager mode the output has the strides of a transposed
+            contiguous (output_dim, points) matrix (tcnn's "SoA"), which nn.Linear reads, and
+            returns the gradient of, with no copy (.view(-1) raises). Default: row-major.
         device, dtype: where the table is created and its dtype (torch's factory conventions:
             a 2**24-row table is made in place on a GPU, never on the CPU first).
 
     Input: x of shape (..., dim), any floating dtype, clamped to [0, 1]; a point with a NaN
     coordinate gets NaN features. Output: (..., output_dim) in the table's dtype. Gradients
-    flow to the table, to x, and through d/dx again (second order, e.g. an eikonal loss; the
-    backward is itself a differentiable step). Under torch.compile, when x requires grad the
-    encoding is traced as plain ops that AOTAutograd differentiates to any order (with
-    ``torch._dynamo.config.trace_autograd_ops = True`` for torch.autograd.grad).
+    flow to the table, to x, and through d/dx again (second order, e.g. an eikonal loss).
+    Under torch.compile, when x requires grad, plain ops that AOTAutograd differentiates to
+    any order (``torch._dynamo.config.trace_autograd_ops = True`` for torch.autograd.grad).
 
     Attributes: input_dim, output_dim, resolutions (per level, per axis: N_l in the paper
     layout, tcnn's vertex count in the tcnn layout), rows_per_level, level_offsets,
@@ -147,27 +135,15 @@ class MultiResHashGrid(nn.Module):
     _device_branch = False
     _chunk_size: Optional[int] = None
 
-
-    def __init__(
-        self,
-        dim: int,
-        n_levels: int = 16,
-        n_features_per_level: int = 2,
-        log2_hashmap_size: int = 15,
-        base_resolution: Resolution = 16,
-        finest_resolution: Resolution = 512,
-        *,
-        per_level_scale: Optional[Resolution] = None,
-        interpolation: str = "linear",
-        layout: str = "paper",
-        grid_type: str = "hash",
-        periodic: Union[bool, Sequence[bool]] = False,
-        implementation: str = "fast",
-        sparse: bool = False,
-        feature_major: bool = False,
-        device: Optional[Union[torch.device, str]] = None,
-        dtype: Optional[torch.dtype] = None,
-    ):
+    def __init__(self, dim: int, n_levels: int = 16, n_features_per_level: int = 2,
+                 log2_hashmap_size: int = 15, base_resolution: Resolution = 16,
+                 finest_resolution: Resolution = 512, *,
+                 per_level_scale: Optional[Resolution] = None, interpolation: str = "linear",
+                 layout: str = "paper", grid_type: str = "hash",
+                 periodic: Union[bool, Sequence[bool]] = False, implementation: str = "fast",
+                 sparse: bool = False, feature_major: bool = False,
+                 device: Optional[Union[torch.device, str]] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         for name, value in (("dim", dim), ("n_levels", n_levels),
                             ("n_features_per_level", n_features_per_level),
@@ -202,7 +178,9 @@ class MultiResHashGrid(nn.Module):
             if any(f < b for f, b in zip(finest, base)):
                 raise ValueError(f"finest_resolution {finest_resolution} must be >= "
                                  f"base_resolution {base_resolution}")
-            growth = tuple(_paper_growth(b, f, n_levels) for b, f in zip(base, finest))
+            # b = exp((ln N_max - ln N_min) / (L - 1)), 1 for a single level
+            growth = tuple(math.exp((math.log(f) - math.log(b)) / (n_levels - 1))
+                           if n_levels > 1 else 1.0 for b, f in zip(base, finest))
         else:
             growth = _per_axis(per_level_scale, dim, "per_level_scale")
         self.input_dim, self.output_dim = dim, n_levels * n_features_per_level
@@ -434,39 +412,31 @@ class _Level(NamedTuple):
 def _plan_levels(base: Sequence[float], growth: Sequence[float], n_levels: int,
                  log2_hashmap_size: int, layout: str, grid_type: str,
                  periodic: Sequence[bool]) -> List[_Level]:
-    """Every level's resolution, rows and offset, from the per-axis N_min and b."""
+    """Every level's resolution, rows and offset, from the per-axis N_min and b (the module
+    docstring's formulas)."""
     max_rows, offset, levels = 1 << log2_hashmap_size, 0, []
     tile_rows = math.prod(int(b) for b in base)
     for level in range(n_levels):
-        if layout == "paper":
-            cells = tuple(_paper_cells(b, g, level) for b, g in zip(base, growth))
+        if layout == "paper":   # (1 + 1e-12: exp/log round-off must not land a hair below N_max)
+            cells = tuple(math.floor(b * g ** level * (1.0 + 1e-12)) for b, g in zip(base, growth))
             resolution, scale = cells, tuple(float(c) for c in cells)
             vertices = tuple(c if p else c + 1 for c, p in zip(cells, periodic))
         else:
             scale = tuple(_tcnn_scale(b, g, level) for b, g in zip(base, growth))
             resolution = vertices = tuple(math.ceil(s) + 1 for s in scale)   # tcnn's res
         n_vertices = math.prod(vertices)
-        if layout == "tcnn" and grid_type != "hash" and n_vertices >= 2**32:
+        if layout == "paper":
+            rows = n_vertices if grid_type == "dense" else min(n_vertices, max_rows)
+        elif grid_type != "hash" and n_vertices >= 2**32:
             raise ValueError(f"level {level} of a {grid_type} grid has {n_vertices} >= 2**32 "
                              "vertices, past tiny-cuda-nn's 32-bit dense index")
-        rows = _level_rows(n_vertices, layout, grid_type, max_rows, tile_rows)
+        else:   # a multiple of 8 (tcnn's alignment), at most 2**31, T or N_min**D (tiled)
+            cap = {"hash": max_rows, "tiled": tile_rows}.get(grid_type, 2**31)
+            rows = min(-(-n_vertices // 8) * 8, 2**31, cap)
         hashed = grid_type == "hash" and n_vertices > rows
         levels.append(_Level(resolution, scale, vertices, rows, offset, hashed))
         offset += rows
     return levels
-
-
-def _paper_growth(base: float, finest: float, n_levels: int) -> float:
-    """b = exp((ln N_max - ln N_min) / (L - 1)), 1 for a single level."""
-    if n_levels == 1:
-        return 1.0
-    return math.exp((math.log(finest) - math.log(base)) / (n_levels - 1))
-
-
-def _paper_cells(base: float, growth: float, level: int) -> int:
-    """N_l = floor(N_min * b**l): cells along one axis at level l (paper layout)."""
-    # exp/log round-off can land N_min * b**(L-1) a hair below N_max; the paper means N_max.
-    return math.floor(base * growth ** level * (1.0 + 1e-12))
 
 
 def _float32(value: float) -> float:
@@ -479,20 +449,6 @@ def _tcnn_scale(base: float, growth: float, level: int) -> float:
     (b itself is a float32 there)."""
     exponent = _float32(level * _float32(math.log2(_float32(growth))))
     return _float32(_float32(_float32(2.0 ** exponent) * base) - 1.0)
-
-
-def _level_rows(n_vertices: int, layout: str, grid_type: str, max_rows: int,
-                tile_rows: int) -> int:
-    """A level's table rows. Paper layout: every vertex if they fit in T (max_rows) or the
-    grid is dense, else T. tcnn: every vertex rounded up to a multiple of 8 (its memory
-    alignment), at most 2**31; then at most T (hash) or N_min**D (tile_rows, tiled). A hash
-    grid's level is hashed when n_vertices > rows."""
-    if layout == "paper":
-        return n_vertices if grid_type == "dense" else min(n_vertices, max_rows)
-    rows = min(-(-n_vertices // 8) * 8, 2**31)
-    if grid_type == "hash":
-        return min(rows, max_rows)
-    return min(rows, tile_rows) if grid_type == "tiled" else rows
 
 
 def _per_axis(value: Resolution, dim: int, name: str) -> Tuple[float, ...]:
@@ -724,9 +680,8 @@ def _will_run(ctx, i: int, mode: _Mode) -> bool:
 
 class _HashGridBackward(torch.autograd.Function):
     """_encode_backward (x, table, grad_out) -> (grad_x, grad_table) as a differentiable step
-    (second order, e.g. an eikonal loss on |df/dx|): forward runs the fast branches outside
-    autograd, backward the analytic second derivatives (_encode_double_backward). Differentiated
-    once more (third order), that backward's plain torch ops go through autograd."""
+    (second order, e.g. an eikonal loss): backward is _encode_double_backward's analytic second
+    derivatives, whose ops autograd differentiates once more (third order)."""
 
     @staticmethod
     def forward(ctx, x, table, nan, mode, grad_out, need_x, need_table, kept):
@@ -797,11 +752,9 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], m
 
 def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_table: bool,
                      kept: Optional[List[torch.Tensor]] = None):
-    """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F). NaN
-    points (nan: (N,), or None when there are none) contribute nothing. kept: what _encode kept
-    of the device branch's passes (None: recomputed). mode.sparse: the table's gradient is a
-    coalesced sparse tensor (_RowCollector). Second order: _HashGridBackward.
-    """
+    """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F); NaN
+    points (nan (N,) or None) contribute nothing. kept: _encode's kept tensors (None:
+    recomputed). mode.sparse: the table's gradient is a sparse tensor (_RowCollector)."""
     n_points, n_features = x.shape[0], table.shape[1]
     grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     xt = x.t().contiguous()
@@ -858,9 +811,7 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
                             need_table: bool, need_g: bool):
     """The gradients of (gg_x * grad_x).sum(), grad_x = _encode_backward's, w.r.t. x (N, D),
     table (R, F) and grad_out (N, L * F), given gg_x (N, D): [grad_x, grad_table, grad_g],
-    None where not needed or zero ("nearest": grad_x does not depend on anything). NaN points
-    contribute nothing. Both branches run _double_backward_pass: 2**D corners at once (a
-    depth-first walk would need D partial products and their tangents per corner)."""
+    None where not needed or zero ("nearest"); NaN points contribute nothing."""
     n_points, n_features = x.shape[0], table.shape[1]
     if mode.groups[0].interpolation == "nearest":
         return [None, None, None]
@@ -1095,13 +1046,11 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, mode:
 
 def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
                           g, gg, grad_table, grad_xt, grad_g) -> None:
-    """Second order of levels first..stop-1 for points xt (D, n): the derivatives of
-    sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, with g = dL/dfeatures (G, n, F) and
-    gg (D, n) the gradient arriving at grad_x. Added to grad_g (G, n, F): sum_c row_c dw_c; to
-    grad_table (R, F): g dw_c at row_c; to grad_xt (D, n): the Hessian of P = sum_c (g . row_c)
-    w_c times gg. dw_c = sum_d gg_d dw_c/dx_d is the tangent along gg, carried through the
-    same lerps as _device_forward / _device_backward (dual numbers). Both branches run this;
-    the CPU branch with its tricks where mode.eager."""
+    """Second order of levels first..stop-1 for points xt (D, n), all corners at once: the
+    derivatives of sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, g = dL/dfeatures
+    (G, n, F), gg (D, n). Added to grad_g (G, n, F): sum_c row_c dw_c; to grad_table (R, F):
+    g dw_c at row_c; to grad_xt (D, n): the Hessian of sum_c (g . row_c) w_c times gg, with
+    dw_c = sum_d gg_d dw_c/dx_d carried through the lerps as a tangent (dual numbers)."""
     span, offset = _pass_span(group, first, stop, table)
     tricks = mode.cpu and mode.eager
     words, grad_levels = _pack(span, g.dtype) if tricks else None, None
@@ -1436,22 +1385,19 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
     if "otype" not in config and isinstance(config.get("encoding"), dict):
         config = config["encoding"]         # a whole tcnn config: its encoding
     otypes = {"grid": "hash", "hashgrid": "hash", "densegrid": "dense", "tiledgrid": "tiled"}
-    otype = config.get("otype")
-    if str(otype).lower() not in otypes:
-        hint = ("; pass one of its nested grid configs (its n_dims_to_encode is kept)"
-                if str(otype).lower() == "composite" else "")
-        raise ValueError(f"not a grid encoding: otype {otype!r} (MultiResHashGrid is tcnn's "
-                         f"Grid, HashGrid, DenseGrid or TiledGrid){hint}")
-    known = ("otype", "type", "n_levels", "n_features", "n_grid_features",
-             "n_features_per_level", "log2_hashmap_size", "base_resolution",
-             "per_level_scale", "interpolation", "hash", "stochastic_interpolation",
-             "fixed_point_pos", "n_dims_to_encode")
+    otype = str(config.get("otype")).lower()
+    if otype not in otypes:
+        hint = "; pass one of its nested grid configs" if otype == "composite" else ""
+        raise ValueError(f"not a grid encoding: otype {config.get('otype')!r} (MultiResHashGrid "
+                         f"is tcnn's Grid, HashGrid, DenseGrid or TiledGrid){hint}")
+    known = ("otype", "type", "n_levels", "n_features", "n_grid_features", "n_features_per_level",
+             "log2_hashmap_size", "base_resolution", "per_level_scale", "interpolation", "hash",
+             "stochastic_interpolation", "fixed_point_pos", "n_dims_to_encode")
     unknown = [key for key in config if key not in known]
     if unknown:
-        raise ValueError(f"unsupported tcnn grid config key(s) {unknown}; "
-                         f"supported: {list(known)}")
+        raise ValueError(f"unsupported tcnn grid config key(s) {unknown}; supported: {known}")
     grid_types = {"hash": "hash", "dense": "dense", "tiled": "tiled", "tile": "tiled"}
-    grid_type = grid_types.get(str(config.get("type", otypes[str(otype).lower()])).lower())
+    grid_type = grid_types.get(str(config.get("type", otypes[otype])).lower())
     interpolation = str(config.get("interpolation", "Linear")).lower()
     for key, supported, expected in (
             ("type", grid_type is not None, "Hash, Dense or Tiled"),
@@ -1476,16 +1422,14 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
                          f"({n_input_dims})")
     n_features_per_level = integer("n_features_per_level", 2)
     n_levels = integer("n_levels", 16)
-    for key in ("n_features", "n_grid_features"):
-        if key in config:
-            if "n_levels" in config:
-                raise ValueError(f"tcnn config may not give both {key} and n_levels")
-            n_features = integer(key, None)
-            if n_features_per_level < 1 or n_features % n_features_per_level:
-                raise ValueError(f"tcnn config {key}={n_features} is not a multiple of "
-                                 f"n_features_per_level={n_features_per_level}")
-            n_levels = n_features // n_features_per_level
-            break
+    for key in [key for key in ("n_features", "n_grid_features") if key in config][:1]:
+        n_features = integer(key, None)
+        if "n_levels" in config:
+            raise ValueError(f"tcnn config may not give both {key} and n_levels")
+        if n_features_per_level < 1 or n_features % n_features_per_level:
+            raise ValueError(f"tcnn config {key}={n_features} is not a multiple of "
+                             f"n_features_per_level={n_features_per_level}")
+        n_levels = n_features // n_features_per_level
     base = integer("base_resolution", 16)
     if "per_level_scale" in config:
         per_level_scale = config["per_level_scale"]
