@@ -9,9 +9,8 @@ Standalone: copy this one file into your project; it imports only ``torch``, ``m
 
 The math, stated once
 ---------------------
-Notation: D input dimensions, L levels, F features per level, T = 2**log2_hashmap_size,
-N_min / N_max the coarsest / finest resolution (an int, or one value per axis),
-b the per-level growth factor. Level l, axis d:
+Notation: D input dimensions, L levels, F features per level, T = 2**log2_hashmap_size, N_min /
+N_max the coarsest / finest resolution, b the per-level growth factor; level l, axis d:
 
 layout="paper" (default; the paper's §3, eq. 2-3)
     b_d    = exp((ln N_max_d - ln N_min_d) / (L - 1))  (1 when L = 1; or `per_level_scale`)
@@ -45,9 +44,8 @@ Interpolation: "linear" (weights prod_d frac_d or 1 - frac_d over the 2**D cell 
 "smoothstep" (the same with S(t) = t^2 (3 - 2t), continuous dy/dx) and "nearest" (the
 vertex floor(x * N + 0.5) in the paper layout, tcnn's floor(pos) in the tcnn layout).
 
-Reading order: this docstring, `MultiResHashGrid`, `_reference_encode` (the whole encoding in
-plain torch ops) and the level plan: the whole idea. After "SPEED ONLY", the same numbers in
-fewer, larger operations, then tiny-cuda-nn interop and `Frequency`.
+Reading order: this docstring, `MultiResHashGrid`, `_reference_encode` and the level plan: the
+whole idea. After "SPEED ONLY", the same numbers faster, then tcnn interop and `Frequency`.
 """
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -151,8 +149,7 @@ class MultiResHashGrid(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if log2_hashmap_size > 31:
-            raise ValueError("log2_hashmap_size must be <= 31 (tables of 2**31 rows), "
-                             f"got {log2_hashmap_size}")
+            raise ValueError(f"log2_hashmap_size must be <= 31, got {log2_hashmap_size}")
         for name, value, choices in (("interpolation", interpolation, _INTERPOLATIONS),
                                      ("layout", layout, _LAYOUTS),
                                      ("grid_type", grid_type, _GRID_TYPES),
@@ -199,8 +196,7 @@ class MultiResHashGrid(nn.Module):
         self.hashed_levels = tuple(i for i, level in enumerate(levels) if level.hashed)
         self._levels = tuple(levels)
 
-        # One embedding for all levels (its flattened weight is tcnn's parameter vector),
-        # initialised once, by reset_parameters.
+        # one embedding for all levels (flattened: tcnn's parameters), initialised once
         weight = torch.empty(sum(self.rows_per_level), n_features_per_level, device=device,
                              dtype=dtype)
         self.embedding = nn.Embedding(*weight.shape, _weight=weight)
@@ -219,8 +215,7 @@ class MultiResHashGrid(nn.Module):
 
     @property
     def sparse(self) -> bool:
-        """Whether the table's gradient is sparse: the embedding's own flag, which DDP reads
-        to allreduce it as a sparse tensor (gloo; NCCL has no sparse allreduce)."""
+        """Whether the table's gradient is sparse (the embedding's flag, which DDP reads)."""
         return self.embedding.sparse
 
     @sparse.setter
@@ -271,10 +266,8 @@ class MultiResHashGrid(nn.Module):
         """How this call runs (see _Mode): the one place that reads torch's global state."""
         compiling, grad = torch.compiler.is_compiling(), torch.is_grad_enabled()
         if self.embedding.sparse and compiling and grad and table.requires_grad:
-            raise RuntimeError(
-                "MultiResHashGrid(sparse=True) has no torch.compile path (AOTAutograd traces no "
-                "sparse gradients): compile with sparse=False, or without fullgraph=True (the "
-                "encoding then runs eagerly: one graph break)")
+            raise RuntimeError("MultiResHashGrid(sparse=True) has no torch.compile path: use "
+                               "sparse=False, or no fullgraph=True (then one graph break)")
         cpu = points.device.type == "cpu" and not compiling and not self._device_branch
         keep = (self._device_keep and not cpu and not compiling and grad
                 and (points.requires_grad or table.requires_grad))
@@ -286,15 +279,13 @@ class MultiResHashGrid(nn.Module):
 
     @classmethod
     def from_tcnn_config(cls, n_input_dims: int, config: dict, **kwargs) -> "MultiResHashGrid":
-        """The layout="tcnn" encoding of a tiny-cuda-nn encoding config (a dict; of a whole
-        tcnn config, its "encoding"): otype "HashGrid", "DenseGrid", "TiledGrid" or "Grid"
-        (with "type" "Hash", "Dense" or "Tiled"), tcnn's keys and defaults: n_levels 16 (or
-        n_features / n_grid_features = n_levels * n_features_per_level), n_features_per_level
-        2, log2_hashmap_size 19, base_resolution 16, per_level_scale 2.0 (DenseGrid:
-        exp(ln(256 / base_resolution) / (n_levels - 1)) in float32), interpolation "Linear"
-        ("Nearest", "Smoothstep"), hash "CoherentPrime"; n_dims_to_encode n (in tcnn's
-        Composite): the module has dim=n, for x[..., :n]. Type names are case-insensitive;
-        another otype raises "not a grid encoding", anything unsupported a ValueError."""
+        """The layout="tcnn" encoding of a tiny-cuda-nn encoding config (a dict, or a whole
+        tcnn config's "encoding"): otype "HashGrid", "DenseGrid", "TiledGrid" or "Grid" ("type"
+        "Hash", "Dense" or "Tiled"), tcnn's keys and defaults: n_levels 16 (or n_features =
+        n_levels * n_features_per_level), n_features_per_level 2, log2_hashmap_size 19,
+        base_resolution 16, per_level_scale 2.0 (DenseGrid: exp(ln(256 / base_resolution) /
+        (n_levels - 1))), interpolation "Linear", hash "CoherentPrime"; n_dims_to_encode n
+        (tcnn's Composite): dim=n, for x[..., :n]. Anything unsupported raises a ValueError."""
         args, tcnn_kwargs = _args_from_tcnn_config(n_input_dims, config)
         return cls(*args, **tcnn_kwargs, **kwargs)
 
@@ -316,8 +307,7 @@ class MultiResHashGrid(nn.Module):
         return config
 
     def tcnn_params(self) -> torch.Tensor:
-        """The parameters as tiny-cuda-nn's flat vector: (sum(rows_per_level) * F,),
-        layout="tcnn" only."""
+        """The parameters as tiny-cuda-nn's flat vector (sum(rows_per_level) * F,); tcnn layout."""
         self._require_tcnn()
         return self.embedding.weight.detach().reshape(-1).clone()
 
@@ -398,9 +388,8 @@ def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence["_L
 # --- The level plan: plain Python, computed once at construction -----------------------------
 
 class _Level(NamedTuple):
-    """One level: resolution (N_l per axis in the paper layout, tcnn's vertex count in the
-    tcnn layout), scale (pos = x * scale (+ 0.5)), vertices (per axis, the dense index's
-    V_d), rows, offset (its first row), hashed."""
+    """One level: resolution (per axis: N_l, paper layout; tcnn's vertex count, tcnn layout),
+    scale (pos = x * scale (+ 0.5)), vertices (V_d per axis), rows, offset (first row), hashed."""
     resolution: Tuple[int, ...]
     scale: Tuple[float, ...]
     vertices: Tuple[int, ...]
@@ -412,8 +401,7 @@ class _Level(NamedTuple):
 def _plan_levels(base: Sequence[float], growth: Sequence[float], n_levels: int,
                  log2_hashmap_size: int, layout: str, grid_type: str,
                  periodic: Sequence[bool]) -> List[_Level]:
-    """Every level's resolution, rows and offset, from the per-axis N_min and b (the module
-    docstring's formulas)."""
+    """Every level's resolution, rows and offset (the formulas above), from N_min and b."""
     max_rows, offset, levels = 1 << log2_hashmap_size, 0, []
     tile_rows = math.prod(int(b) for b in base)
     for level in range(n_levels):
@@ -445,8 +433,7 @@ def _float32(value: float) -> float:
 
 
 def _tcnn_scale(base: float, growth: float, level: int) -> float:
-    """tcnn's scale exp2f(l * log2f(b)) * N_min - 1.0f, rounded to float32 at every step
-    (b itself is a float32 there)."""
+    """tcnn's scale exp2f(l * log2f(b)) * N_min - 1.0f, in float32 at every step (b too)."""
     exponent = _float32(level * _float32(math.log2(_float32(growth))))
     return _float32(_float32(_float32(2.0 ** exponent) * base) - 1.0)
 
@@ -471,30 +458,24 @@ def _dense_strides(vertices: Sequence[int]) -> Tuple[int, ...]:
 
 # #############################################################################################
 # SPEED ONLY: the numbers of _reference_encode in fewer, larger operations (tests/test_encoding.py
-# checks every path, and every shortcut against the formula it replaces, in float64).
-#   _LevelGroup, _Mode     consecutive levels that index alike; how a call runs, and its passes
-#   _HashGridFunction      the autograd Function; _HashGridBackward its backward (second order)
-#   _encode, _encode_backward, _encode_double_backward: one loop over the passes each
-#   _axis_terms, _corners  each pass's row index terms and weights; its cell corners
-#   device branch          GPUs (and torch.compile's backward): all corners of a pass at once
-#   CPU branch             eager on a CPU (and torch.compile's forward): corners depth first
-#   CPU speed tricks       word views, complex pairs, every intra-op thread (outside autograd)
-#   custom op, sparse      torch.compile's table gradient on a CPU; sparse=True's gradients
+# checks every path, and every shortcut against the formula it replaces, in float64):
+# _LevelGroup and _Mode (the levels as tensors; how a call runs), the autograd Functions and
+# one loop over the passes each (_encode...), every pass's pieces (_axis_terms, _corners), the
+# device branch (GPUs; torch.compile's backward), the CPU branch (eager on a CPU; torch.compile's
+# forward) and its speed tricks, the custom op, sparse gradients.
 # #############################################################################################
 
 class _LevelGroup(nn.Module):
     """Consecutive levels that index alike (all dense or all hashed), run by the same ops.
 
-    Statics: start, stop (levels start..stop-1), hashed, rows_start, rows_stop (the group's
-    table rows), hash_mask (T - 1), tcnn, periodic_bits (bit d: axis d is periodic),
-    axis0_direct (every axis-0 vertex < T: its term is the vertex), interpolation, shift
-    (pos = x * scale + shift). Tensors, axis-major so that every intermediate is a level-major
-    (G, n) tensor: scale (D, G, 1) float32; mult (D, G, 1) the hash primes (in int32 as signed
-    numbers: products mod 2**32 are the same) or dense strides; offset (G, 1) each level's
-    first row from rows_start; max_cell (D, G, 1) (paper layout) or None; wrap_rows (G, 1) the
-    rows that tcnn's dense levels wrap modulo, or None. Integers are int32 (int64 for tables
-    of 2**31 rows or more). Non-persistent buffers that follow device moves, not dtype casts.
-    """
+    Statics: start, stop (levels start..stop-1), hashed, rows_start, rows_stop (its table
+    rows), hash_mask (T - 1), tcnn, periodic_bits (bit d: axis d), axis0_direct (axis-0
+    vertices < T: the term is the vertex), interpolation, shift (pos = x * scale + shift).
+    Buffers (following device moves, not dtype casts), axis-major for level-major (G, n)
+    intermediates: scale (D, G, 1) float32; mult (D, G, 1) the hash primes (in int32, signed:
+    the same products mod 2**32) or dense strides; offset (G, 1) each level's first row from
+    rows_start; max_cell (D, G, 1) (paper layout) or None; wrap_rows (G, 1) tcnn's dense
+    levels' rows, or None. Integers are int32 (int64 for tables of 2**31 rows or more)."""
     TENSORS = ("scale", "mult", "offset", "max_cell", "wrap_rows")
     STATICS = ("start", "stop", "hashed", "rows_start", "rows_stop", "hash_mask", "tcnn",
                "periodic_bits", "axis0_direct")
@@ -512,9 +493,8 @@ class _LevelGroup(nn.Module):
         # each level's first row, then the group's end, from rows_start (Python ints, to slice)
         self.bounds = (*tensors["offset"].view(-1).tolist(), rows_stop - rows_start)
         device = torch.empty(0, device=device).device
-        for name in self.TENSORS:
-            tensor = tensors[name]
-            self.register_buffer(name, None if tensor is None else tensor.to(device),
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor if tensor is None else tensor.to(device),
                                  persistent=False)
 
     @classmethod
@@ -578,8 +558,7 @@ class _LevelGroup(nn.Module):
                      interpolation: str) -> List["_LevelGroup"]:
         """The inverse of op_args, for a run of groups: concatenated tensors and ints."""
         n_tensors, n_ints = len(cls.TENSORS), len(cls.STATICS)
-        return [cls(*ints[i * n_ints:(i + 1) * n_ints], interpolation=interpolation,
-                    device=tensors[0].device,
+        return [cls(*ints[i * n_ints:(i + 1) * n_ints], interpolation, tensors[0].device,
                     **dict(zip(cls.TENSORS, tensors[i * n_tensors:(i + 1) * n_tensors])))
                 for i in range(len(ints) // n_ints)]
 
@@ -591,14 +570,12 @@ class _LevelGroup(nn.Module):
 class _Mode(NamedTuple):
     """How one call runs, decided once (MultiResHashGrid._mode) and carried to every pass.
 
-    groups: the level groups. cpu: the CPU branch (eager on a CPU: cache-sized passes, corners
-    one at a time), else the device branch (all corners of a pass at once). compiling: traced
-    by torch.compile. eager: the ops run outside autograd, so they may write into out= tensors
-    and (CPU branch) take the speed tricks. keep: the device branch keeps corner rows and
-    fractions for backward. sparse: the table's gradient is sparse (_RowCollector).
-    feature_major: the module's, eager only. lookups: per cell corner in a pass; chunk_size:
-    points per pass (None: from lookups).
-    """
+    groups: the level groups. cpu: the CPU branch (cache-sized passes, corners one at a time),
+    else the device branch (all corners of a pass at once). compiling: traced by torch.compile.
+    eager: ops run outside autograd (out= tensors; the CPU speed tricks). keep: the device
+    branch keeps corner rows and fractions for backward. sparse: a sparse table gradient.
+    feature_major: the module's (eager only). lookups: per cell corner in a pass; chunk_size:
+    points per pass (None: from lookups)."""
     groups: Tuple[_LevelGroup, ...]
     cpu: bool
     compiling: bool
@@ -655,9 +632,8 @@ class _HashGridFunction(torch.autograd.Function):
         if (mode.compiling and need_table and not need_x and table.device.type == "cpu"
                 and _table_grad_op is not None):      # (see _TABLE_GRAD_OP)
             tensors, ints = _LevelGroup.op_args(mode.groups)
-            interpolation = mode.groups[0].interpolation
-            grad_table = _table_grad_op(x, table, nan, grad_out, tensors, ints, interpolation)
-            return None, grad_table, None, None
+            return None, _table_grad_op(x, table, nan, grad_out, tensors, ints,
+                                        mode.groups[0].interpolation), None, None
         if torch.is_grad_enabled():      # create_graph: a differentiable step of its own
             need_table = need_table and _will_run(ctx, 1, mode)   # (an eikonal loss: x only)
             return (*_HashGridBackward.apply(x, table, nan, mode, grad_out, need_x, need_table,
@@ -702,8 +678,7 @@ class _HashGridBackward(torch.autograd.Function):
             grads = _encode_double_backward(x, table, nan, mode, grad_out, gg_x, need_x,
                                             need_table, need_g)
         if gg_table is not None:
-            # grad_table is grad_out scattered with the weights of x: its derivatives are
-            # the encoding and its x-gradient, with gg_table as the table
+            # grad_table's derivatives: the encoding and its x-gradient, gg_table as the table
             more = [None, None, None]
             if need_g:
                 more[2] = _encode(x, gg_table, nan, mode)[0].to(grad_out.dtype)
@@ -719,10 +694,9 @@ class _HashGridBackward(torch.autograd.Function):
 def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], mode: _Mode
             ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """x: (N, D) in [0, 1] -> (features (N, L * F) in the accumulation dtype, NaN for the points
-    flagged in nan (N,) (None: no NaN point); with mode.keep, the device branch's corner rows
-    and fractions for backward, D + 1 tensors per pass). Row-major, or with feature_major in
-    eager mode the strides of a transposed contiguous (L * F, N) matrix (a pass writes
-    contiguous memory; a following matmul reads it as is). Not a view (autograd forbids
+    flagged in nan (N,) (None: none); with mode.keep, the device branch's corner rows and
+    fractions for backward, D + 1 tensors per pass). Row-major, or with feature_major the
+    strides of a transposed contiguous (L * F, N) matrix; not a view (autograd forbids
     modifying in place a view made inside a custom Function)."""
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
     n_points, n_features = x.shape[0], table.shape[1]
@@ -762,9 +736,7 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
     if mode.cpu:
         grad_planes = grad_out.t().reshape(-1, n_features, n_points)            # (L, F, N)
         if not grad_planes.is_contiguous():
-            # e.g. a row-major gradient from an elementwise loss on the features: the passes
-            # would read it with a large stride, so transpose it once, in runs of points that
-            # fit in cache
+            # (e.g. row-major from an elementwise loss) transposed once, in cache-sized runs
             planes = torch.empty_like(grad_planes, memory_format=torch.contiguous_format)
             step = max(mode.lookups // planes.shape[0], 1)
             for lo in range(0, n_points, step):
@@ -1057,8 +1029,7 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     if words is not None and grad_table is not None and not isinstance(grad_table, _RowCollector):
         grad_words = _pack(grad_table[group.rows_start:group.rows_stop], g.dtype)
         if grad_words is not None:
-            # the table and its gradient as (G, W) views (_per_level): the gather and the
-            # scatter-add along dim 1 run the levels on all cores
+            # (G, W) views (_per_level): gather and scatter-add run the levels on all cores
             grad_levels, offset = _per_level(grad_words, group, first, stop)
             words = _per_level(_pack(table[group.rows_start:group.rows_stop], g.dtype), group,
                                first, stop)[0]
@@ -1091,8 +1062,7 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     for d in reversed(range(len(fracs))):
         weight, slope, frac, step, move, diff, dtan = ends[d]
         if grad_xt is not None:
-            # d/dx_d of grad_x . gg: slope (Hessian row . gg) + step S''(frac) dP/dweight_d,
-            # S''(t) = 6 - 12 t
+            # d/dx_d of grad_x . gg: slope (Hessian row . gg) + step S''(frac) dP/dweight_d
             term = (dw * diff + w * dtan).sum(0)
             if slope is not None:
                 term = term * slope + step * (6.0 - 12.0 * frac) * (w * diff).sum(0)
@@ -1158,8 +1128,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
         grad_words = _pack(group_grad, g_planes.dtype)                                # (R,)
     if mode.eager and grad_xt is not None:
         table_words = _pack(group_table, g_planes.dtype)                              # (R,)
-    # (G, W) views (_per_level) of the rows read and written, all indexed alike: scatter_add_
-    # and gather along their dim 1 run the levels on all cores
+    # (G, W) views (_per_level), all indexed alike: scatter_add_ and gather on all cores
     per_level = (mode.eager and (group_grad is None or grad_words is not None)
                  and (grad_xt is None or table_words is not None))
     offset = group.offset[first:stop]
@@ -1187,8 +1156,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
             grad_levels.scatter_add_(1, index, values)   # (index: int64 rows of each level)
         elif grad_words is not None:
             values = g_rows if weight is None else g_rows * weight
-            # scatter_add_'s 1-D CPU loop is tighter than index_add_'s, even after the int64
-            # copy it needs
+            # scatter_add_'s 1-D CPU loop beats index_add_'s, even with its int64 copy
             grad_words.scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
         elif group_grad is not None:
             values = (g if weight is None else g * weight.unsqueeze(-1)).reshape(-1, n_features)
@@ -1201,8 +1169,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
             dots[corner] = (g * _gather(group_table, index, mode.eager)).sum(-1)
         index = weight = values = rows = None   # (freed before the next corner's, see above)
     if need_x:
-        # P = sum_c dots_c w_c, the weights products of lerp weights s_d: lerping the corners
-        # axis by axis gives each dP/ds_d as the difference of the two ends along d, lerped
+        # P = sum_c dots_c w_c: dP/ds_d is the difference of the lerps' ends along d, lerped
         # along the later axes (about 2**(D+1) ops, not 4 D 2**D corner by corner)
         grad_weight = []      # per axis so far, its derivative at the corners of later axes
         for d in range(n_dims):
@@ -1284,10 +1251,9 @@ def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
     """The table gradient by the eager CPU path, the groups given by _LevelGroup.op_args
     (concatenated): the body of the custom op below."""
     groups = _LevelGroup.from_op_args(tensors, ints, interpolation)
-    cpu = table.device.type == "cpu"   # (the op is for CPUs; called elsewhere, plainly)
-    lookups = MultiResHashGrid._cpu_lookups if cpu else MultiResHashGrid._device_lookups
-    mode = _Mode(tuple(groups), cpu, False, True, False, False, False, lookups)
-    if cpu and not bool(nan.any()):
+    mode = _Mode(tuple(groups), True, False, True, False, False, False,
+                 MultiResHashGrid._cpu_lookups)
+    if not bool(nan.any()):
         nan = None
     with torch.no_grad():
         return _encode_backward(x, table, nan, mode, grad_out, False, True)[1]
@@ -1320,8 +1286,7 @@ class _RowCollector:
     def __init__(self, shape, dtype: torch.dtype, device: torch.device, base: int = 0,
                  parts: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None):
         self.shape, self.dtype, self.device = torch.Size(shape), dtype, device
-        self._base = base
-        self._parts = [] if parts is None else parts      # [(rows (m,), values (m, F))]
+        self._base, self._parts = base, [] if parts is None else parts   # [(rows, values)]
 
     def __getitem__(self, rows: slice) -> "_RowCollector":
         start, stop, _ = rows.indices(self.shape[0])
@@ -1463,9 +1428,7 @@ class Frequency(nn.Module):
         if not isinstance(dim, int) or dim < 1 or not isinstance(n_levels, int) or n_levels < 1:
             raise ValueError(f"Frequency needs dim >= 1 and n_levels >= 1, got dim={dim!r}, "
                              f"n_levels={n_levels!r}")
-        self.input_dim = dim
-        self.n_levels = n_levels
-        self.output_dim = dim * n_levels * 2
+        self.input_dim, self.n_levels, self.output_dim = dim, n_levels, dim * n_levels * 2
         self.register_buffer("freqs", 2.0 ** torch.arange(n_levels, dtype=torch.float32),
                              persistent=False)
 
