@@ -26,11 +26,10 @@ layout="tcnn" (tiny-cuda-nn's Grid encodings, bit for bit, so tcnn-trained param
     scale  = exp2(l * log2(b)) * N_min - 1              (float32, as tcnn computes it)
     res    = ceil(scale) + 1                             vertices per axis
     pos    = x_d * scale + 0.5 (one fused rounding), cell = floor(pos), frac = pos - cell
-    rows   = min(next multiple of 8 of res**D, 2**31), then by grid_type:
-             "hash"  (HashGrid):  at most T; hashed when res**D > rows
-             "dense" (DenseGrid): as is, not capped by T
-             "tiled" (TiledGrid): at most N_min**D, the dense index below wrapping modulo rows
-             dense and tiled levels need res**D < 2**32 (tcnn's 32-bit index)
+    rows   = min(next multiple of 8 of res**D, 2**31), then at most T for "hash" (HashGrid;
+             hashed when res**D > rows), N_min**D for "tiled" (TiledGrid; the dense index
+             below wraps modulo rows), as is for "dense" (DenseGrid); dense and tiled levels
+             need res**D < 2**32 (tcnn's 32-bit index)
 
 Vertex -> row (both layouts)
     dense  : index = sum_d v_d * stride_d, stride_0 = 1, stride_d = stride_{d-1} * V_{d-1}
@@ -71,21 +70,18 @@ def hash_primes(dim: int) -> List[int]:
     """The hash multiplier of each of ``dim`` axes: ``HASH_PRIMES`` for axes 0-6; axis d >= 7
     the smallest unused prime >= (d * 2654435769 mod 2**32) | 1 (a golden-ratio Weyl sequence
     spreads them over 32 bits, as the published primes are). Deterministic."""
-    def is_prime(n: int) -> bool:
-        return n > 1 and all(n % k for k in range(2, math.isqrt(n) + 1))
-
     primes = list(HASH_PRIMES[:dim])
     for d in range(len(HASH_PRIMES), dim):
         candidate = (d * _GOLDEN_RATIO_32) % (1 << 32) | 1
-        while not is_prime(candidate) or candidate in primes:
+        while candidate in primes or any(candidate % k == 0
+                                         for k in range(2, math.isqrt(candidate) + 1)):
             candidate += 2
         primes.append(candidate)
     return primes
 
 
 class MultiResHashGrid(nn.Module):
-    """Multiresolution hash encoding: x (..., dim) in [0, 1] ->
-    (..., n_levels * n_features_per_level).
+    """Multiresolution hash encoding: x (..., dim) in [0, 1] -> (..., output_dim = L * F).
 
     Args:
         dim: input dimensions D: 1..16 when interpolating (2**D cell corners), any with "nearest".
@@ -96,8 +92,8 @@ class MultiResHashGrid(nn.Module):
         finest_resolution: finest resolution N_max (an int or one per axis), unless:
         per_level_scale: the growth factor b between levels (an int or one per axis).
         interpolation: "linear", "smoothstep" or "nearest".
-        layout: "paper" (the paper's resolutions, every vertex addressable, collision-free
-            dense coarse levels) or "tcnn" (tiny-cuda-nn's conventions bit for bit).
+        layout: "paper" (the paper's resolutions; collision-free dense coarse levels) or "tcnn"
+            (tiny-cuda-nn's conventions bit for bit).
         grid_type: "hash" (levels too large for T rows are hashed), "dense" (every vertex
             stored) or "tiled" (tcnn layout: at most N_min**D rows per level, wrapping).
         periodic: paper layout, a bool or one per axis: x = 0 and x = 1 are one place (vertex
@@ -109,19 +105,17 @@ class MultiResHashGrid(nn.Module):
         feature_major: True: in eager mode the output has the strides of a transposed
             contiguous (output_dim, points) matrix (tcnn's "SoA"), which nn.Linear reads, and
             returns the gradient of, with no copy (.view(-1) raises). Default: row-major.
-        device, dtype: where the table is created and its dtype (torch's factory conventions:
-            a 2**24-row table is made in place on a GPU, never on the CPU first).
+        device, dtype: the table's, made in place (torch's factory arguments; no CPU copy).
 
-    Input: x of shape (..., dim), any floating dtype, clamped to [0, 1]; a point with a NaN
-    coordinate gets NaN features. Output: (..., output_dim) in the table's dtype. Gradients
-    flow to the table, to x, and through d/dx again (second order, e.g. an eikonal loss).
-    Under torch.compile, when x requires grad, plain ops that AOTAutograd differentiates to
-    any order (``torch._dynamo.config.trace_autograd_ops = True`` for torch.autograd.grad).
+    Input: x (..., dim), any floating dtype, clamped to [0, 1]; a point with a NaN coordinate
+    gets NaN features. Output: (..., output_dim) in the table's dtype. Gradients flow to the
+    table, to x, and through d/dx again (second order, e.g. an eikonal loss); under
+    torch.compile with x requiring grad, as plain ops that AOTAutograd differentiates to any
+    order (``torch._dynamo.config.trace_autograd_ops = True`` for torch.autograd.grad).
 
-    Attributes: input_dim, output_dim, resolutions (per level, per axis: N_l in the paper
-    layout, tcnn's vertex count in the tcnn layout), rows_per_level, level_offsets,
-    hashed_levels, periodic (tuple of D bools), grid_type, implementation, embedding
-    (nn.Embedding(sum(rows_per_level), F), the parameters, initialised U(-1e-4, 1e-4)).
+    Attributes: input_dim, output_dim, resolutions (per level and axis: N_l, or tcnn's vertex
+    count), rows_per_level, level_offsets, hashed_levels, periodic (D bools), grid_type,
+    implementation, embedding (nn.Embedding(sum(rows_per_level), F), initialised U(±1e-4)).
     """
 
     # Private knobs for tests and bench/: lookups per cell corner in a pass; whether the device
@@ -208,8 +202,7 @@ class MultiResHashGrid(nn.Module):
 
     @classmethod
     def table_shape(cls, *args, **kwargs) -> Tuple[int, int]:
-        """(rows, features) of the embedding of MultiResHashGrid(*args, **kwargs), without
-        allocating it (built on the meta device); an invalid config raises its ValueError."""
+        """(rows, features) of MultiResHashGrid(*args, **kwargs)'s table, allocating nothing."""
         with torch.device("meta"):
             return tuple(cls(*args, **kwargs).embedding.weight.shape)
 
@@ -239,10 +232,8 @@ class MultiResHashGrid(nn.Module):
             raise ValueError(f"MultiResHashGrid(dim={self.input_dim}) expects x of shape "
                              f"(..., {self.input_dim}), got {tuple(x.shape)}")
         table = self.embedding.weight
-        batch_shape = x.shape[:-1]
-        points = x.reshape(-1, self.input_dim)
         # positions in float32 at least (N_l * x needs ~24 bits), float64 kept (gradcheck)
-        points = points.to(torch.float64 if points.dtype == torch.float64 else torch.float32)
+        points = x.reshape(-1, self.input_dim).to(torch.promote_types(x.dtype, torch.float32))
         # NaN points: a placeholder position here, NaN features inside the passes
         nan = torch.isnan(points)
         points = points.masked_fill(nan, 0.0).clamp(0.0, 1.0)
@@ -260,7 +251,7 @@ class MultiResHashGrid(nn.Module):
                 features = _encode(points, table, nan, mode)[0]
             else:
                 features = _HashGridFunction.apply(points, table, nan, mode)
-        return features.to(table.dtype).reshape(*batch_shape, self.output_dim)
+        return features.to(table.dtype).reshape(*x.shape[:-1], self.output_dim)
 
     def _mode(self, points: torch.Tensor, table: torch.Tensor) -> "_Mode":
         """How this call runs (see _Mode): the one place that reads torch's global state."""
@@ -440,12 +431,9 @@ def _tcnn_scale(base: float, growth: float, level: int) -> float:
 
 def _per_axis(value: Resolution, dim: int, name: str) -> Tuple[float, ...]:
     """An int/float or a sequence of ``dim`` of them -> a tuple of ``dim`` finite floats >= 1."""
-    if isinstance(value, (int, float)):
-        values = (float(value),) * dim
-    else:
-        values = tuple(float(v) for v in value)
-        if len(values) != dim:
-            raise ValueError(f"{name} needs 1 or dim={dim} values, got {len(values)}")
+    values = (float(value),) * dim if isinstance(value, (int, float)) else tuple(map(float, value))
+    if len(values) != dim:
+        raise ValueError(f"{name} needs 1 or dim={dim} values, got {len(values)}")
     if not all(math.isfinite(v) and v >= 1 for v in values):
         raise ValueError(f"{name} must be finite and >= 1 on every axis, got {value}")
     return values
@@ -591,8 +579,7 @@ class _Mode(NamedTuple):
         """The passes, level-major (a level's table stays in cache), each (group, first, stop,
         lo, hi): the group's levels first..stop-1 for the points lo..hi-1, about `lookups`
         lookups per cell corner, at least min_levels levels where the group has them."""
-        step = self.chunk_size or self.lookups // min_levels
-        step = max(min(step, n_points), 1)
+        step = max(min(self.chunk_size or self.lookups // min_levels, n_points), 1)
         passes = []
         for group in self.groups:
             n_levels = group.stop - group.start
@@ -635,23 +622,17 @@ class _HashGridFunction(torch.autograd.Function):
             return None, _table_grad_op(x, table, nan, grad_out, tensors, ints,
                                         mode.groups[0].interpolation), None, None
         if torch.is_grad_enabled():      # create_graph: a differentiable step of its own
-            need_table = need_table and _will_run(ctx, 1, mode)   # (an eikonal loss: x only)
+            if need_table and not mode.compiling and hasattr(torch._C, "_will_engine_execute_node"):
+                try:    # is the table's gradient used? (an eikonal loss asks for x only)
+                    node = ctx.next_functions[1][0]
+                    need_table = node is not None and torch._C._will_engine_execute_node(node)
+                except RuntimeError:     # (a leaf that autograd.grad was asked for)
+                    pass
             return (*_HashGridBackward.apply(x, table, nan, mode, grad_out, need_x, need_table,
                                              kept or None), None, None)
         return (*_encode_backward(x, table, nan, mode, grad_out, need_x, need_table,
                                   kept or None), None, None)
 
-
-def _will_run(ctx, i: int, mode: _Mode) -> bool:
-    """Whether the running backward will use the gradient of a Function's input i (eager;
-    True where torch cannot tell)."""
-    if mode.compiling or not hasattr(torch._C, "_will_engine_execute_node"):
-        return True
-    node = ctx.next_functions[i][0]
-    try:
-        return node is not None and torch._C._will_engine_execute_node(node)
-    except RuntimeError:     # (a leaf that autograd.grad was asked for)
-        return True
 
 
 class _HashGridBackward(torch.autograd.Function):
@@ -870,9 +851,8 @@ def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
 
 
 def _upper_weight(frac: torch.Tensor, interpolation: str):
-    """One axis: (s, ds/dfrac), s the upper vertex's weight: frac ("linear", ds/dfrac None) or
-    S(frac) = frac^2 (3 - 2 frac) ("smoothstep"). The lower vertex weighs 1 - s, a cell corner
-    the product of its axes' weights (equivalently: lerp along one axis after another)."""
+    """One axis: (s, ds/dfrac), s the upper vertex's weight (the lower's 1 - s): frac ("linear",
+    ds/dfrac None) or S(frac) = frac^2 (3 - 2 frac) ("smoothstep")."""
     if interpolation == "smoothstep":
         return frac * frac * (3.0 - 2.0 * frac), 6.0 * frac * (1.0 - frac)
     return frac, None
@@ -928,17 +908,15 @@ def _pass_span(group: _LevelGroup, first: int, stop: int, table: torch.Tensor):
 
 
 # --- The device branch: GPUs, and torch.compile's backward -----------------------------------
-# All 2**D corners of a pass at once: one gather, a lerp along one axis after another, and one
-# scatter-add of the gradient sent back down the lerps; every op a kernel over the whole pass.
+# All 2**D corners of a pass at once: one gather, lerps axis by axis, one scatter-add back.
 
 def _corner_rows(xt, group: _LevelGroup, first: int, stop: int, offset: Optional[torch.Tensor],
                  index_dtype: Optional[torch.dtype] = None):
     """(corners (2**D, G, n) ("nearest": (1, G, n)), the table row of each cell corner (see
     _corners), fracs, weights); offset, index_dtype, fracs, weights: see _axis_terms."""
     terms, fracs, weights = _axis_terms(xt, group, first, stop, offset, index_dtype)
-    n_corners = 1 << len(terms) if weights is not None else 1
-    corners = torch.empty((n_corners,) + terms[0][0].shape, dtype=terms[0][0].dtype,
-                          device=xt.device)
+    corners = torch.empty((1 << len(terms) if weights is not None else 1, *terms[0][0].shape),
+                          dtype=terms[0][0].dtype, device=xt.device)
     for _ in _corners(terms, None, group, first, stop, offset, corners):
         pass
     return corners, fracs, weights
@@ -950,8 +928,7 @@ def _device_forward(xt, table, group: _LevelGroup, first: int, stop: int, mode: 
     for the points flagged in nan (n,); returns (corner rows, fracs), for backward."""
     span, offset = _pass_span(group, first, stop, table)
     corners, fracs, weights = _corner_rows(xt, group, first, stop, offset)
-    values = span.index_select(0, corners.reshape(-1)).view(*corners.shape, span.shape[1])
-    values, into = values.to(out.dtype), None
+    values, into = _gather(span, corners, False).to(out.dtype), None
     if weights is None and nan is not None:                   # "nearest"
         values = values.masked_fill(nan[:, None], float("nan"))
     for d, (weight, _) in enumerate(weights or []):  # lerp along axis d: corners pair by bit d
@@ -997,8 +974,7 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, mode:
     need_x = grad_xt is not None and weights      # "nearest" is piecewise constant
     ends = []                    # per axis, the lerps' two ends (need_x: d out / d weight)
     if need_x:
-        values = span.index_select(0, corners.reshape(-1)).view(*corners.shape, span.shape[1])
-        values = values.to(g.dtype)
+        values = _gather(span, corners, False).to(g.dtype)
         for weight, _ in weights:
             pairs = values.view(-1, 2, *values.shape[1:])
             ends.append(pairs)
@@ -1085,8 +1061,7 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
 
 
 # --- The CPU branch: eager mode on a CPU (its forward is torch.compile's too) ----------------
-# Passes of about 2**16 lookups (temporaries malloc recycles, no page faults), corners one at a
-# time, depth first; where mode.eager, with the speed tricks below.
+# Cache-sized passes (temporaries malloc recycles), corners one at a time, depth first.
 
 def _cpu_forward(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, first: int,
                  stop: int, mode: _Mode, acc_dtype: torch.dtype) -> torch.Tensor:
@@ -1197,15 +1172,13 @@ def _gather(rows: torch.Tensor, index: torch.Tensor, eager: bool, lanes: int = 1
     """rows (R, F) -> (..., F), or packed rows (R,) (_pack) -> (...), at index (...). eager:
     (R, F) rows through a word view (not differentiable). lanes > 1 (int64 index): a gather
     along dim 1 of rows expanded to (lanes, R), split among the threads (index_select is not)."""
-    if rows.dim() == 2:
-        n_features, word = rows.shape[1], _WORD_DTYPES.get(rows.shape[1] * rows.element_size())
-        if eager and word is not None and rows.is_contiguous():
-            words = _gather(rows.view(word).view(-1), index, eager, lanes)
-            return words.view(rows.dtype).view(*index.shape, n_features)
-        return rows.index_select(0, index.reshape(-1)).view(*index.shape, n_features)
-    if lanes > 1 and index.numel() % lanes == 0:
+    word = _WORD_DTYPES.get(rows.shape[-1] * rows.element_size()) if rows.dim() == 2 else None
+    if eager and word is not None and rows.is_contiguous():
+        words = _gather(rows.view(word).view(-1), index, eager, lanes)
+        return words.view(rows.dtype).view(*index.shape, rows.shape[1])
+    if lanes > 1 and rows.dim() == 1 and index.numel() % lanes == 0:
         return rows.expand(lanes, -1).gather(1, index.reshape(lanes, -1)).view(index.shape)
-    return rows.index_select(0, index.reshape(-1)).view(index.shape)
+    return rows.index_select(0, index.reshape(-1)).view(*index.shape, *rows.shape[1:])
 
 
 def _per_level(packed: torch.Tensor, group: _LevelGroup, first: int, stop: int
@@ -1335,10 +1308,9 @@ class _CoalescedGrad(torch.autograd.Function):
         return table.view_as(table)
 
     @staticmethod
-    def backward(ctx, grad):
-        if not grad.is_sparse:     # some contribution was dense (e.g. through double backward)
-            return grad
-        return _coalesced_rows(grad._indices()[0], grad._values(), grad.shape, grad.dtype)
+    def backward(ctx, grad):       # (dense if some contribution was, e.g. double backward)
+        return _coalesced_rows(grad._indices()[0], grad._values(), grad.shape,
+                               grad.dtype) if grad.is_sparse else grad
 
 
 # --- tiny-cuda-nn interop (layout="tcnn": configs in, configs and parameters out) ------------
@@ -1418,10 +1390,8 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
 # --- Frequency, the NeRF positional encoding -------------------------------------------------
 
 class Frequency(nn.Module):
-    """NeRF positional encoding (Mildenhall et al. 2020, eq. 4):
-    x (..., dim) -> (..., dim * n_levels * 2), per input axis
-    [sin(2^0 pi x), ..., sin(2^(L-1) pi x), cos(2^0 pi x), ..., cos(2^(L-1) pi x)].
-    """
+    """NeRF positional encoding (Mildenhall et al. 2020, eq. 4): x (..., dim) -> (..., dim *
+    n_levels * 2), per axis [sin(2^0 pi x), ..., sin(2^(L-1) pi x), cos(2^0 pi x), ...]."""
 
     def __init__(self, dim: int, n_levels: int = 10):
         super().__init__()
