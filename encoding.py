@@ -67,9 +67,8 @@ _GOLDEN_RATIO_32 = 2654435769  # floor(2**32 / golden ratio), a Weyl-sequence st
 
 
 def hash_primes(dim: int) -> List[int]:
-    """The hash multiplier of each of ``dim`` axes: ``HASH_PRIMES`` for axes 0-6; axis d >= 7
-    the smallest unused prime >= (d * 2654435769 mod 2**32) | 1 (a golden-ratio Weyl sequence
-    spreads them over 32 bits, as the published primes are). Deterministic."""
+    """The hash multiplier of each of ``dim`` axes: ``HASH_PRIMES``, then for axis d >= 7 the
+    smallest unused prime >= (d * 2654435769 mod 2**32) | 1 (a Weyl sequence over 32 bits)."""
     primes = list(HASH_PRIMES[:dim])
     for d in range(len(HASH_PRIMES), dim):
         candidate = (d * _GOLDEN_RATIO_32) % (1 << 32) | 1
@@ -118,9 +117,8 @@ class MultiResHashGrid(nn.Module):
     implementation, embedding (nn.Embedding(sum(rows_per_level), F), initialised U(±1e-4)).
     """
 
-    # Private knobs for tests and bench/: lookups per cell corner in a pass; whether the device
-    # branch keeps corner rows and fractions for backward (False: recomputed, least memory);
-    # the device branch on a CPU too; points per pass (None: from the lookups).
+    # Private knobs for tests and bench/: lookups per corner in a pass; the device branch keeps
+    # rows and fractions for backward (False: least memory), runs on a CPU too; points per pass.
     _cpu_lookups = 1 << 16
     _device_lookups = 1 << 18
     _device_keep = True
@@ -333,10 +331,9 @@ class MultiResHashGrid(nn.Module):
 def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence["_Level"],
                       interpolation: str, layout: str, periodic: Sequence[bool],
                       sparse: bool = False) -> torch.Tensor:
-    """x (N, D) in [0, 1], table (R, F) -> features (N, L * F): the module docstring's
-    formulas, one level (of the plan, _plan_levels) and one cell corner at a time, in plain
-    torch ops that autograd differentiates to any order. sparse: each lookup's table gradient
-    a sparse tensor of its rows (their uncoalesced sum is the table's)."""
+    """x (N, D) in [0, 1], table (R, F) -> features (N, L * F): the module docstring's formulas,
+    one level (of _plan_levels) and one cell corner at a time, in plain torch ops (autograd
+    differentiates them). sparse: each lookup's table gradient a sparse tensor of its rows."""
     n_points, dim = x.shape
     primes = hash_primes(dim)
     tcnn, nearest = layout == "tcnn", interpolation == "nearest"
@@ -445,11 +442,10 @@ def _dense_strides(vertices: Sequence[int]) -> Tuple[int, ...]:
 
 
 # #############################################################################################
-# SPEED ONLY: the numbers of _reference_encode in fewer, larger operations (tests/test_encoding.py
-# checks every path, and every shortcut against the formula it replaces, in float64):
-# _LevelGroup and _Mode (the levels as tensors; how a call runs), the autograd Functions and
-# one loop over the passes each (_encode...), every pass's pieces (_axis_terms, _corners), the
-# device branch (GPUs; torch.compile's backward), the CPU branch (eager on a CPU; torch.compile's
+# SPEED ONLY: _reference_encode's numbers in fewer, larger operations (tests/test_encoding.py
+# checks every path, and every shortcut against its formula, in float64): _LevelGroup, _Mode,
+# the autograd Functions and their loops over the passes (_encode...), every pass's pieces,
+# the device branch (GPUs; compiled backward), the CPU branch (eager on a CPU; compiled
 # forward) and its speed tricks, the custom op, sparse gradients.
 # #############################################################################################
 
@@ -459,11 +455,10 @@ class _LevelGroup(nn.Module):
     Statics: start, stop (levels start..stop-1), hashed, rows_start, rows_stop (its table
     rows), hash_mask (T - 1), tcnn, periodic_bits (bit d: axis d), axis0_direct (axis-0
     vertices < T: the term is the vertex), interpolation, shift (pos = x * scale + shift).
-    Buffers (following device moves, not dtype casts), axis-major for level-major (G, n)
-    intermediates: scale (D, G, 1) float32; mult (D, G, 1) the hash primes (in int32, signed:
-    the same products mod 2**32) or dense strides; offset (G, 1) each level's first row from
-    rows_start; max_cell (D, G, 1) (paper layout) or None; wrap_rows (G, 1) tcnn's dense
-    levels' rows, or None. Integers are int32 (int64 for tables of 2**31 rows or more)."""
+    Buffers (following device moves, not dtype casts), axis-major: scale (D, G, 1) float32;
+    mult (D, G, 1) the hash primes (int32: signed, the same products mod 2**32) or strides;
+    offset (G, 1) each level's first row from rows_start; max_cell (D, G, 1) (paper) or None;
+    wrap_rows (G, 1) tcnn's dense levels' rows or None. Integers int32 (int64 past 2**31)."""
     TENSORS = ("scale", "mult", "offset", "max_cell", "wrap_rows")
     STATICS = ("start", "stop", "hashed", "rows_start", "rows_stop", "hash_mask", "tcnn",
                "periodic_bits", "axis0_direct")
@@ -559,11 +554,10 @@ class _Mode(NamedTuple):
     """How one call runs, decided once (MultiResHashGrid._mode) and carried to every pass.
 
     groups: the level groups. cpu: the CPU branch (cache-sized passes, corners one at a time),
-    else the device branch (all corners of a pass at once). compiling: traced by torch.compile.
-    eager: ops run outside autograd (out= tensors; the CPU speed tricks). keep: the device
-    branch keeps corner rows and fractions for backward. sparse: a sparse table gradient.
-    feature_major: the module's (eager only). lookups: per cell corner in a pass; chunk_size:
-    points per pass (None: from lookups)."""
+    else the device branch (all corners at once). compiling: traced by torch.compile. eager:
+    outside autograd (out= tensors; CPU speed tricks). keep: the device branch keeps corner
+    rows and fractions for backward. sparse, feature_major (eager only): the module's.
+    lookups: per cell corner in a pass; chunk_size: points per pass (None: from lookups)."""
     groups: Tuple[_LevelGroup, ...]
     cpu: bool
     compiling: bool
@@ -576,9 +570,8 @@ class _Mode(NamedTuple):
 
     def split(self, n_points: int, min_levels: int = 1
               ) -> List[Tuple[_LevelGroup, int, int, int, int]]:
-        """The passes, level-major (a level's table stays in cache), each (group, first, stop,
-        lo, hi): the group's levels first..stop-1 for the points lo..hi-1, about `lookups`
-        lookups per cell corner, at least min_levels levels where the group has them."""
+        """The passes, level-major, (group, first, stop, lo, hi): levels first..stop-1 for points
+        lo..hi-1, `lookups` per corner, at least min_levels levels where the group has them."""
         step = max(min(self.chunk_size or self.lookups // min_levels, n_points), 1)
         passes = []
         for group in self.groups:
@@ -677,8 +670,7 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], m
     """x: (N, D) in [0, 1] -> (features (N, L * F) in the accumulation dtype, NaN for the points
     flagged in nan (N,) (None: none); with mode.keep, the device branch's corner rows and
     fractions for backward, D + 1 tensors per pass). Row-major, or with feature_major the
-    strides of a transposed contiguous (L * F, N) matrix; not a view (autograd forbids
-    modifying in place a view made inside a custom Function)."""
+    strides of a transposed contiguous (L * F, N) matrix; not a view (of a custom Function)."""
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
     n_points, n_features = x.shape[0], table.shape[1]
     n_levels = mode.groups[-1].stop
@@ -707,9 +699,8 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], m
 
 def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_table: bool,
                      kept: Optional[List[torch.Tensor]] = None):
-    """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F); NaN
-    points (nan (N,) or None) contribute nothing. kept: _encode's kept tensors (None:
-    recomputed). mode.sparse: the table's gradient is a sparse tensor (_RowCollector)."""
+    """Gradients of _encode w.r.t. x (N, D) and table (R, F) (sparse: a _RowCollector's), given
+    grad_out (N, L * F); NaN points add nothing. kept: _encode's (None: recomputed)."""
     n_points, n_features = x.shape[0], table.shape[1]
     grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     xt = x.t().contiguous()
@@ -762,9 +753,8 @@ def _zero_grads(x, table, mode: _Mode, dtype: torch.dtype, need_x: bool, need_ta
 
 def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: bool,
                             need_table: bool, need_g: bool):
-    """The gradients of (gg_x * grad_x).sum(), grad_x = _encode_backward's, w.r.t. x (N, D),
-    table (R, F) and grad_out (N, L * F), given gg_x (N, D): [grad_x, grad_table, grad_g],
-    None where not needed or zero ("nearest"); NaN points contribute nothing."""
+    """[grad_x, grad_table, grad_g]: the gradients of (gg_x * grad_x).sum() w.r.t. x (N, D),
+    table (R, F), grad_out (N, L * F), given gg_x (N, D); None if unneeded or zero ("nearest")."""
     n_points, n_features = x.shape[0], table.shape[1]
     if mode.groups[0].interpolation == "nearest":
         return [None, None, None]
@@ -798,9 +788,9 @@ def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
     rows indexed; None: 0) folded into axis 0 (XOR adds it to hashed terms < T; tcnn's dense
     levels add it after wrapping, in _corners); fracs (G, n) = pos - cell, pos = x * scale +
     shift, cell = min(floor(pos), max_cell); weights _upper_weight(frac) (None: "nearest").
-    index_dtype: the terms' (default: the group's). Shortcuts, each tested against its formula:
-    the upper term is the lower one's plus one add ((t + prime) & mask when hashed); axis 0's
-    multiplier is 1; with axis0_direct, axis 0's term is the vertex itself, offset included."""
+    index_dtype: the terms' (default: the group's). Shortcuts, tested against their formulas:
+    the upper term is the lower one's plus one add ((t + prime) & mask hashed), axis 0's
+    multiplier 1, and with axis0_direct axis 0's term the vertex itself, offset included."""
     index_dtype = index_dtype or group.offset.dtype
     scale = group.scale[:, first:stop]
     mult = group.mult[:, first:stop].to(index_dtype)
@@ -862,9 +852,9 @@ def _corners(terms, weights, group: _LevelGroup, first: int, stop: int,
              offset: Optional[torch.Tensor], out: Optional[torch.Tensor] = None):
     """Yields (corner, index, weight) per cell corner (bit d set: the upper vertex on axis d)
     from _axis_terms' terms and weights: index (G, n) its table rows (terms XOR-ed or added;
-    tcnn's dense levels wrapped modulo their rows, then + offset), weight (G, n) (None without
-    weights). out (2**D, G, n): each corner's rows also written to out[corner]. Depth first
-    over the axes: corners share partial sums and products, D partial results alive at once."""
+    tcnn's dense levels wrapped modulo their rows, then + offset), weight (G, n) (or None);
+    out (2**D, G, n): each corner's rows also written there. Depth first: corners share
+    partial sums and products."""
     hashed, n_dims, wrap = group.hashed, len(terms), group.wrap_rows is not None
     factors = None if weights is None else [(1.0 - s, s) for s, _ in weights]
     stack = [(0, 1, 0, None, None), (0, 0, 0, None, None)][-len(terms[0]):]
@@ -945,9 +935,8 @@ def _device_forward(xt, table, group: _LevelGroup, first: int, stop: int, mode: 
 
 
 def _lerp_split(grad: torch.Tensor, weight: torch.Tensor, eager: bool) -> torch.Tensor:
-    """The gradients at the two ends of lerps, grad (m, ...) -> (2m, ...): grad (1 - weight) at
-    the lower end, grad weight at the upper, interleaved (the lower bit is the new axis).
-    eager: written into one buffer with out= (not differentiable, nor traced)."""
+    """grad (m, ...) -> (2m, ...), the lerps' lower / upper ends interleaved: grad (1 - weight),
+    grad weight. eager: into one buffer with out= (not differentiable, nor traced)."""
     if not eager:
         upper = grad * weight
         return torch.stack((grad - upper, upper), 1).flatten(0, 1)
@@ -962,8 +951,7 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, mode:
                      g: torch.Tensor, kept: Optional[List[torch.Tensor]],
                      grad_table: Optional[torch.Tensor], grad_xt: Optional[torch.Tensor]) -> None:
     """Adds the gradients of levels first..stop-1 for points xt (D, n), given g = dL/dfeatures
-    (G, n, F), to grad_table (R, F) and grad_xt (D, n). kept: the pass's corner rows and
-    fracs from forward, or None to recompute them."""
+    (G, n, F), to grad_table (R, F) and grad_xt (D, n); kept: forward's rows and fracs, or None."""
     span, offset = _pass_span(group, first, stop, table)
     if kept is None:
         corners, _, weights = _corner_rows(xt, group, first, stop, offset)
@@ -994,11 +982,10 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, mode:
 
 def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
                           g, gg, grad_table, grad_xt, grad_g) -> None:
-    """Second order of levels first..stop-1 for points xt (D, n), all corners at once: the
-    derivatives of sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, g = dL/dfeatures
-    (G, n, F), gg (D, n). Added to grad_g (G, n, F): sum_c row_c dw_c; to grad_table (R, F):
-    g dw_c at row_c; to grad_xt (D, n): the Hessian of sum_c (g . row_c) w_c times gg, with
-    dw_c = sum_d gg_d dw_c/dx_d carried through the lerps as a tangent (dual numbers)."""
+    """Second order of levels first..stop-1, points xt (D, n), all corners at once: derivatives
+    of sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, g (G, n, F), gg (D, n), added to
+    grad_g (G, n, F): sum_c row_c dw_c; grad_table (R, F): g dw_c at row_c; grad_xt (D, n):
+    the Hessian of sum_c (g . row_c) w_c times gg (dw_c, along gg, carried as dual numbers)."""
     span, offset = _pass_span(group, first, stop, table)
     tricks = mode.cpu and mode.eager
     words, grad_levels = _pack(span, g.dtype) if tricks else None, None
@@ -1091,9 +1078,8 @@ def _cpu_forward(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, firs
 
 def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
                        g_planes, nan, grad_table, grad_xt) -> None:
-    """Adds the gradients of the group's levels first..stop-1 for points xt (D, n), given
-    g_planes = dL/dfeatures (G, F, n) (a view of the caller's gradient; points flagged in
-    nan (n,) are skipped, None: no point is), to grad_table (R, F) and to grad_xt (D, n)."""
+    """Adds the gradients of levels first..stop-1 for points xt (D, n), given g_planes =
+    dL/dfeatures (G, F, n), nan (n,) points skipped, to grad_table (R, F) and grad_xt (D, n)."""
     n_dims, n_features = xt.shape[0], g_planes.shape[1]
     group_table = table[group.rows_start:group.rows_stop]
     group_grad = grad_words = table_words = grad_levels = table_levels = None
@@ -1184,10 +1170,9 @@ def _gather(rows: torch.Tensor, index: torch.Tensor, eager: bool, lanes: int = 1
 def _per_level(packed: torch.Tensor, group: _LevelGroup, first: int, stop: int
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(view, shift): a group's packed table or gradient (R,) as a (G, W) view whose row g
-    holds level first + g, and shift (G, 1) added to a level's row numbers to index its view
-    row (None: 0), so gathers / scatter-adds along dim 1 run one level per thread. Hashed
-    levels (T rows each) are the rows of a (G, T) view; otherwise view rows start one row
-    apart and overlap, but each level touches only its own rows (the sums stay serial)."""
+    holds level first + g, shift (G, 1) added to a level's rows (None: 0), so gathers and
+    scatter-adds along dim 1 run one level per thread. Dense levels' view rows overlap, one
+    row apart, but each level touches only its own rows."""
     n_levels, n_rows = stop - first, group.hash_mask + 1
     if group.hashed and packed.shape[0] == (group.stop - group.start) * n_rows:
         return packed.view(-1, n_rows)[first:stop], None
@@ -1252,9 +1237,8 @@ if hasattr(torch.library, "custom_op"):
 # row's contributions are then summed in a fixed order (no float atomics: the same bits).
 
 class _RowCollector:
-    """A sparse (R, F) table gradient in the making, in the place of a dense one: the passes
-    call its index_add_ and take row slices [a:b] of it (rows counted from a, contributions
-    shared) as of a tensor; .to(dtype) sums them (_coalesced_rows). dtype: the contributions'."""
+    """A sparse (R, F) table gradient in the making, used as a dense one (index_add_, row slices
+    sharing its contributions); .to(dtype) sums them (_coalesced_rows). dtype: the parts'."""
 
     def __init__(self, shape, dtype: torch.dtype, device: torch.device, base: int = 0,
                  parts: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None):
@@ -1286,10 +1270,9 @@ class _RowCollector:
 
 def _coalesced_rows(rows: torch.Tensor, values: torch.Tensor, shape, dtype: torch.dtype
                     ) -> torch.Tensor:
-    """rows (m,) integers, values (m, F) -> the coalesced sparse COO tensor of `shape` (R, F)
-    and `dtype` whose row r is the sum of values[i] over rows[i] == r, for the rows that occur
-    (nn.Embedding(sparse=True)'s format): a stable sort, then segment_reduce sums each row's
-    contributions in their given order (the same bits for any number of threads)."""
+    """rows (m,), values (m, F) -> the coalesced sparse COO tensor (`shape` (R, F), `dtype`)
+    whose row r sums values[i] over rows[i] == r, in their given order (a stable sort, then
+    segment_reduce: the same bits for any number of threads)."""
     sorted_rows, order = torch.sort(rows, stable=True)
     unique, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     sums = values.index_select(0, order)
