@@ -627,7 +627,6 @@ class _HashGridFunction(torch.autograd.Function):
                                   kept or None), None, None)
 
 
-
 class _HashGridBackward(torch.autograd.Function):
     """_encode_backward (x, table, grad_out) -> (grad_x, grad_table) as a differentiable step
     (second order, e.g. an eikonal loss): backward is _encode_double_backward's analytic second
