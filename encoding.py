@@ -1,7 +1,7 @@
 """Multiresolution hash encoding (Instant-NGP, Müller et al. 2022) in pure PyTorch.
 
 Standalone: copy this one file into your project; it imports only ``torch``, ``math`` and
-``typing``. It holds two encodings with the same call shape::
+``typing``. Two encodings with the same call shape::
 
     enc = MultiResHashGrid(dim=3)                   # x: (..., 3) in [0, 1]
     features = enc(x)                               # (..., enc.output_dim)
@@ -9,51 +9,42 @@ Standalone: copy this one file into your project; it imports only ``torch``, ``m
 
 The math, stated once
 ---------------------
-Notation: D input dimensions, L levels, F features per level, T = 2**log2_hashmap_size,
-N_min / N_max the coarsest / finest resolution (an int, or one value per axis),
-b the per-level growth factor. Level l, axis d:
+Notation: D input dimensions, L levels, F features per level, T = 2**log2_hashmap_size, N_min /
+N_max the coarsest / finest resolution, b the per-level growth factor; level l, axis d:
 
 layout="paper" (default; the paper's §3, eq. 2-3)
     b_d    = exp((ln N_max_d - ln N_min_d) / (L - 1))  (1 when L = 1; or `per_level_scale`)
     N_l,d  = floor(N_min_d * b_d**l)                     grid cells along axis d
     pos    = x_d * N_l,d                                 vertices 0 .. N_l,d (N_l,d + 1 of them)
     cell   = min(floor(pos), N_l,d - 1), frac = pos - cell  (x = 1 lands on the last vertex)
-    V_l,d  = N_l,d + 1 vertices to store; on a periodic axis vertex N_l,d is vertex 0
-             (vertex v is v mod N_l,d), so V_l,d = N_l,d and features are continuous
-             across x_d = 0 / 1 at every level (with smoothstep, their derivatives too)
-    rows   = prod_d V_l,d if that is <= T or grid_type="dense" (a dense level),
-             else T (a hashed level)
+    V_l,d  = N_l,d + 1 vertices to store; N_l,d on a periodic axis (vertex v is v mod N_l,d:
+             features continuous across x_d = 0 / 1, with smoothstep their derivatives too)
+    rows   = prod_d V_l,d if that is <= T or grid_type="dense" (a dense level), else T (hashed)
 
 layout="tcnn" (tiny-cuda-nn's Grid encodings, bit for bit, so tcnn-trained parameters load)
     b      = per_level_scale (default exp(ln(N_max / N_min) / (L - 1)))
     scale  = exp2(l * log2(b)) * N_min - 1              (float32, as tcnn computes it)
     res    = ceil(scale) + 1                             vertices per axis
     pos    = x_d * scale + 0.5 (one fused rounding), cell = floor(pos), frac = pos - cell
-    rows   = min(next multiple of 8 of res**D, 2**31), then by grid_type:
-             "hash"  (HashGrid):  at most T; hashed when res**D > rows
-             "dense" (DenseGrid): as is, not capped by T
-             "tiled" (TiledGrid): at most N_min**D, the dense index below wrapping modulo
-                                  rows (so the level tiles space with copies of its table)
-             dense and tiled levels need res**D < 2**32 (tcnn's 32-bit index)
+    rows   = min(next multiple of 8 of res**D, 2**31), then at most T for "hash" (HashGrid;
+             hashed when res**D > rows), N_min**D for "tiled" (TiledGrid; the dense index
+             below wraps modulo rows), as is for "dense" (DenseGrid); dense and tiled levels
+             need res**D < 2**32 (tcnn's 32-bit index)
 
 Vertex -> row (both layouts)
     dense  : index = sum_d v_d * stride_d, stride_0 = 1, stride_d = stride_{d-1} * V_{d-1}
-             (axis 0 fastest: for an image, x runs along a row; collision-free).
-             tcnn takes the result modulo rows (tiled levels wrap by it), as we do.
-    hashed : index = (XOR_d v_d * prime_d mod 2**32) mod T, primes
-             1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737;
-             axes beyond the 7th use `hash_primes` (documented there).
+             (axis 0 fastest; collision-free), modulo rows in the tcnn layout (tiled levels)
+    hashed : index = (XOR_d v_d * prime_d mod 2**32) mod T, primes `HASH_PRIMES` (the paper's)
+             and, beyond the 7th axis, `hash_primes`
     All levels share one ``nn.Embedding`` of sum_l rows_l rows; level l starts at row
     offset_l = sum_{k<l} rows_k. Flattened, its weight is tcnn's parameter vector.
 
 Interpolation: "linear" (weights prod_d frac_d or 1 - frac_d over the 2**D cell corners),
 "smoothstep" (the same with S(t) = t^2 (3 - 2t), continuous dy/dx) and "nearest" (the
 vertex floor(x * N + 0.5) in the paper layout, tcnn's floor(pos) in the tcnn layout).
-Reading order: this docstring; `MultiResHashGrid`, the module; `_reference_encode`, the whole
-encoding in plain torch ops (implementation="reference"); the level plan (the formulas for b,
-N_l and rows, run once at construction). That is the whole idea. Everything after the
-"SPEED ONLY" header computes the same numbers in fewer, larger operations (each shortcut
-tested against the formula it replaces), then come tiny-cuda-nn interop and `Frequency`.
+
+Reading order: this docstring, `MultiResHashGrid`, `_reference_encode` and the level plan: the
+whole idea. After "SPEED ONLY", the same numbers faster, then tcnn interop and `Frequency`.
 """
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -68,138 +59,81 @@ _INTERPOLATIONS = ("linear", "smoothstep", "nearest")
 _LAYOUTS = ("paper", "tcnn")
 _GRID_TYPES = ("hash", "dense", "tiled")
 _IMPLEMENTATIONS = ("fast", "reference")
-# Interpolation visits the 2**D corners of a point's cell at every level, each a few tensor ops
-# per pass and a gather per point: at D = 16 that is already 65,536 lookups per point and
-# level, and D = 40 would never return. "nearest" reads one vertex and has no such limit.
-_MAX_INTERPOLATED_DIM = 16
+_MAX_INTERPOLATED_DIM = 16      # 2**16 corner lookups per point and level; "nearest" reads 1
 
-# The spatial-hash primes of the paper (eq. 4) and tiny-cuda-nn; 1 for the first axis keeps
-# neighbouring vertices along x in neighbouring rows (cache coherence).
+# The paper's (eq. 4) and tiny-cuda-nn's hash primes; 1 on axis 0 keeps x-neighbours adjacent.
 HASH_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
 _GOLDEN_RATIO_32 = 2654435769  # floor(2**32 / golden ratio), a Weyl-sequence step
 
 
 def hash_primes(dim: int) -> List[int]:
-    """The multiplier of each axis in the spatial hash, for ``dim`` axes.
-
-    Axes 0-6 use the primes of the paper / tiny-cuda-nn (``HASH_PRIMES``). Axis d >= 7 uses
-    the smallest prime >= (d * 2654435769 mod 2**32) | 1: a golden-ratio Weyl sequence spreads
-    the starting points over the 32-bit range (like the published primes, which are large and
-    odd), and the search makes each one prime. Deterministic, so checkpoints stay valid.
-    """
-    def is_prime(n: int) -> bool:
-        return n > 1 and all(n % k for k in range(2, math.isqrt(n) + 1))
-
+    """The hash multiplier of each of ``dim`` axes: ``HASH_PRIMES``, then for axis d >= 7 the
+    smallest unused prime >= (d * 2654435769 mod 2**32) | 1 (a Weyl sequence over 32 bits)."""
     primes = list(HASH_PRIMES[:dim])
     for d in range(len(HASH_PRIMES), dim):
         candidate = (d * _GOLDEN_RATIO_32) % (1 << 32) | 1
-        while not is_prime(candidate) or candidate in primes:
+        while candidate in primes or any(candidate % k == 0
+                                         for k in range(2, math.isqrt(candidate) + 1)):
             candidate += 2
         primes.append(candidate)
     return primes
 
 
 class MultiResHashGrid(nn.Module):
-    """Multiresolution hash encoding: x (..., dim) in [0, 1] ->
-    (..., n_levels * n_features_per_level).
+    """Multiresolution hash encoding: x (..., dim) in [0, 1] -> (..., output_dim = L * F).
 
     Args:
-        dim: input dimensions D: 1..16 when interpolating (2**D cell corners per point and
-            level), any D >= 1 with "nearest".
+        dim: input dimensions D: 1..16 when interpolating (2**D cell corners), any with "nearest".
         n_levels: number of levels L.
         n_features_per_level: features F stored per vertex.
         log2_hashmap_size: log2 of T, the most rows a level may have (paper: 14-24).
         base_resolution: coarsest resolution N_min (>= 1); an int or one value per axis.
-        finest_resolution: finest resolution N_max; an int or one value per axis (e.g. a
-            56,718 x 21,450 panorama wants (28359, 10725)). Ignored if per_level_scale is given.
-        per_level_scale: growth factor b between levels (int or one per axis), tcnn style.
+        finest_resolution: finest resolution N_max (an int or one per axis), unless:
+        per_level_scale: the growth factor b between levels (an int or one per axis).
         interpolation: "linear", "smoothstep" or "nearest".
-        layout: "paper" (the paper's resolutions, every vertex addressable, collision-free
-            dense coarse levels) or "tcnn" (tiny-cuda-nn's conventions bit for bit; see the
-            module docstring, `from_tcnn_config`, `tcnn_params` and `load_tcnn_params`).
-        grid_type: "hash" (levels too large for T rows are hashed), "dense" (every level
-            stores every vertex) or "tiled" (tcnn layout: at most N_min**D rows per level,
-            wrapping); tiny-cuda-nn's HashGrid, DenseGrid and TiledGrid.
-        periodic: paper layout: True/False for all axes or one bool per axis; along a
-            periodic axis x = 0 and x = 1 are the same place (vertex N_l is vertex 0), e.g.
-            an angle or a 360-degree panorama's longitude. x is still clamped to [0, 1]
-            (wrap angles first, e.g. x % 1).
-        implementation: "fast" (default: the speed-only part below) or "reference"
-            (_reference_encode: plain torch ops and autograd, one level and one corner at a
-            time; to read, and to check against).
+        layout: "paper" (the paper's resolutions; collision-free dense coarse levels) or "tcnn"
+            (tiny-cuda-nn's conventions bit for bit).
+        grid_type: "hash" (levels too large for T rows are hashed), "dense" (every vertex
+            stored) or "tiled" (tcnn layout: at most N_min**D rows per level, wrapping).
+        periodic: paper layout, a bool or one per axis: x = 0 and x = 1 are one place (vertex
+            N_l is vertex 0), e.g. a panorama's longitude; x is still clamped (wrap: x % 1).
+        implementation: "fast" (default) or "reference" (_reference_encode, to read and check).
         sparse: the table's gradient as a coalesced sparse COO tensor of the rows the batch
-            touched, each row's contributions summed in a fixed order (deterministic, no
-            float atomics), as ``nn.Embedding(sparse=True)`` gives it: for
-            ``torch.optim.SparseAdam`` or another lazy optimizer, so a step costs the batch,
-            not the table. Same numbers as the dense gradient; settable later (``.sparse``).
-            Eager only: torch.compile(fullgraph=True) raises (when the table needs a gradient)
-            saying so; without fullgraph the encoding runs eagerly (one graph break).
-        feature_major: False (default): the output is row-major (contiguous), like any torch
-            module's. True: in eager mode it is stored feature-major (see Output layout).
-        device, dtype: where the table is created and its dtype (torch's factory conventions:
-            a 2**24-row table is made in place on a GPU, never on the CPU first).
+            touched (summed per row in a fixed order), as ``nn.Embedding(sparse=True)``'s, for
+            lazy optimizers; settable (``.sparse``). torch.compile(fullgraph=True) raises.
+        feature_major: True: in eager mode the output has the strides of a transposed
+            contiguous (output_dim, points) matrix (tcnn's "SoA"), which nn.Linear reads, and
+            returns the gradient of, with no copy (.view(-1) raises). Default: row-major.
+        device, dtype: the table's, made in place (torch's factory arguments; no CPU copy).
 
-    Input: x of shape (..., dim), any floating dtype. Values are clamped to [0, 1]; a point
-    with a NaN coordinate gets NaN features (that point only). Output: (..., output_dim) in
-    the tables' dtype. Gradients flow to the tables, to x, and again through d/dx
-    (second order, e.g. an eikonal loss: the backward is itself a fast differentiable step
-    with analytic second derivatives; third order goes through autograd of its ops). Under
-    torch.compile, when x requires grad the encoding is traced as plain ops, which AOTAutograd
-    differentiates to any order (compile the whole step, with
-    ``torch._dynamo.config.trace_autograd_ops = True`` for its torch.autograd.grad).
+    Input: x (..., dim), any floating dtype, clamped to [0, 1]; a point with a NaN coordinate
+    gets NaN features. Output: (..., output_dim) in the table's dtype. Gradients flow to the
+    table, to x, and through d/dx again (second order, e.g. an eikonal loss); under
+    torch.compile with x requiring grad, as plain ops that AOTAutograd differentiates to any
+    order (``torch._dynamo.config.trace_autograd_ops = True`` for torch.autograd.grad).
 
-    Attributes: input_dim, output_dim, resolutions (per level, per axis: N_l in the paper
-    layout, tcnn's vertex count in the tcnn layout), rows_per_level, level_offsets,
-    hashed_levels, periodic (tuple of D bools), grid_type, implementation, embedding
-    (nn.Embedding(sum(rows_per_level), F), the parameters).
-    ``MultiResHashGrid.table_shape(...)`` gives the embedding's shape for the same arguments
-    without allocating it. The table starts as U(-1e-4, 1e-4), as in the paper.
-
-    Output layout: row-major (contiguous) by default, so .view works on it as on any module's
-    output. With feature_major=True, in eager mode the (points, output_dim) result is stored
-    with the strides of a transposed contiguous (output_dim, points) matrix (tiny-cuda-nn's
-    "SoA" layout): each pass writes contiguous memory, and a following nn.Linear reads it,
-    and returns its gradient, with no copy; .view(-1) then raises (.reshape copies). Under
-    torch.compile it is row-major either way.
-
-    Speed: eager on a CPU, the CPU branch; on GPUs and under torch.compile, the device branch
-    (see the SPEED ONLY part). Row indices are int32 (int64 for tables of 2**31 rows or
-    more). Under torch.compile on a CPU the table gradient runs the CPU branch as the custom
-    op ``hashgrid::table_grad_v5`` (torch >= 2.4).
+    Attributes: input_dim, output_dim, resolutions (per level and axis: N_l, or tcnn's vertex
+    count), rows_per_level, level_offsets, hashed_levels, periodic (D bools), grid_type,
+    implementation, embedding (nn.Embedding(sum(rows_per_level), F), initialised U(±1e-4)).
     """
 
-    # Private knobs, set by tests and bench/ only: lookups per cell corner in a pass (CPU
-    # passes fit in cache; device passes fill a GPU and bound its temporaries); whether the
-    # device branch keeps each corner's row and each axis' fraction from forward (4 bytes per
-    # corner and per axis, every level and point: backward then writes about half the bytes;
-    # False recomputes them, for the least memory); the device branch on a CPU too; points per
-    # pass (None: from the lookups).
+    # Private knobs for tests and bench/: lookups per corner in a pass; the device branch keeps
+    # rows and fractions for backward (False: least memory), runs on a CPU too; points per pass.
     _cpu_lookups = 1 << 16
     _device_lookups = 1 << 18
     _device_keep = True
     _device_branch = False
     _chunk_size: Optional[int] = None
 
-    def __init__(
-        self,
-        dim: int,
-        n_levels: int = 16,
-        n_features_per_level: int = 2,
-        log2_hashmap_size: int = 15,
-        base_resolution: Resolution = 16,
-        finest_resolution: Resolution = 512,
-        *,
-        per_level_scale: Optional[Resolution] = None,
-        interpolation: str = "linear",
-        layout: str = "paper",
-        grid_type: str = "hash",
-        periodic: Union[bool, Sequence[bool]] = False,
-        implementation: str = "fast",
-        sparse: bool = False,
-        feature_major: bool = False,
-        device: Optional[Union[torch.device, str]] = None,
-        dtype: Optional[torch.dtype] = None,
-    ):
+    def __init__(self, dim: int, n_levels: int = 16, n_features_per_level: int = 2,
+                 log2_hashmap_size: int = 15, base_resolution: Resolution = 16,
+                 finest_resolution: Resolution = 512, *,
+                 per_level_scale: Optional[Resolution] = None, interpolation: str = "linear",
+                 layout: str = "paper", grid_type: str = "hash",
+                 periodic: Union[bool, Sequence[bool]] = False, implementation: str = "fast",
+                 sparse: bool = False, feature_major: bool = False,
+                 device: Optional[Union[torch.device, str]] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         for name, value in (("dim", dim), ("n_levels", n_levels),
                             ("n_features_per_level", n_features_per_level),
@@ -207,30 +141,23 @@ class MultiResHashGrid(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if log2_hashmap_size > 31:
-            raise ValueError("log2_hashmap_size must be <= 31 (tables of 2**31 rows), "
-                             f"got {log2_hashmap_size}")
+            raise ValueError(f"log2_hashmap_size must be <= 31, got {log2_hashmap_size}")
         for name, value, choices in (("interpolation", interpolation, _INTERPOLATIONS),
                                      ("layout", layout, _LAYOUTS),
                                      ("grid_type", grid_type, _GRID_TYPES),
                                      ("implementation", implementation, _IMPLEMENTATIONS)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        if not isinstance(sparse, bool):
-            raise ValueError(f"sparse must be a bool, got {sparse!r}")
         periodic_axes = (periodic,) * dim if isinstance(periodic, bool) else tuple(periodic)
         if len(periodic_axes) != dim or not all(isinstance(p, bool) for p in periodic_axes):
             raise ValueError(f"periodic must be a bool or {dim} bools, got {periodic!r}")
         if any(periodic_axes) and layout != "paper":
             raise ValueError("periodic axes need layout='paper' (tiny-cuda-nn has none)")
         if interpolation != "nearest" and dim > _MAX_INTERPOLATED_DIM:
-            raise ValueError(
-                f"dim={dim} with {interpolation!r} interpolation would visit 2**{dim} cell "
-                f"corners per point and level; at most dim={_MAX_INTERPOLATED_DIM} is "
-                "supported (interpolation='nearest' reads one vertex and allows any dim)")
+            raise ValueError(f"dim={dim} with {interpolation!r} interpolation would visit "
+                             f"2**{dim} cell corners per point and level; at most dim="
+                             f"{_MAX_INTERPOLATED_DIM} (interpolation='nearest' allows any dim)")
         base = _per_axis(base_resolution, dim, "base_resolution")
-        if any(b < 1 for b in base):
-            raise ValueError("base_resolution must be >= 1 on every axis (the coarsest level "
-                             f"needs at least 1 cell), got {base_resolution}")
         if grid_type == "tiled" and (layout != "tcnn" or any(b != int(b) for b in base)):
             raise ValueError("grid_type='tiled' needs layout='tcnn' and an integer "
                              f"base_resolution (tiles of N_min**D rows), got layout={layout!r}, "
@@ -240,11 +167,11 @@ class MultiResHashGrid(nn.Module):
             if any(f < b for f, b in zip(finest, base)):
                 raise ValueError(f"finest_resolution {finest_resolution} must be >= "
                                  f"base_resolution {base_resolution}")
-            growth = tuple(_paper_growth(b, f, n_levels) for b, f in zip(base, finest))
+            # b = exp((ln N_max - ln N_min) / (L - 1)), 1 for a single level
+            growth = tuple(math.exp((math.log(f) - math.log(b)) / (n_levels - 1))
+                           if n_levels > 1 else 1.0 for b, f in zip(base, finest))
         else:
             growth = _per_axis(per_level_scale, dim, "per_level_scale")
-            if any(g < 1 for g in growth):
-                raise ValueError(f"per_level_scale must be >= 1, got {per_level_scale}")
         self.input_dim, self.output_dim = dim, n_levels * n_features_per_level
         self.n_levels, self.n_features_per_level = n_levels, n_features_per_level
         self.log2_hashmap_size, self.interpolation = log2_hashmap_size, interpolation
@@ -261,30 +188,25 @@ class MultiResHashGrid(nn.Module):
         self.hashed_levels = tuple(i for i, level in enumerate(levels) if level.hashed)
         self._levels = tuple(levels)
 
-        # One embedding for all levels: one gather serves every level at once, and its
-        # flattened weight has exactly tiny-cuda-nn's parameter layout. Initialised once by
-        # reset_parameters (nn.Embedding's own normal_ init would be a second pass over it).
+        # one embedding for all levels (flattened: tcnn's parameters), initialised once
         weight = torch.empty(sum(self.rows_per_level), n_features_per_level, device=device,
                              dtype=dtype)
-        self.embedding = nn.Embedding(*weight.shape, _weight=weight, sparse=sparse)
+        self.embedding = nn.Embedding(*weight.shape, _weight=weight)
+        self.sparse = sparse
         self.reset_parameters()
-        # the speed-only part's view of the levels
         self._level_groups = nn.ModuleList(_LevelGroup.of_plan(
             levels, (1 << log2_hashmap_size) - 1, layout, periodic_axes, interpolation,
             weight.device))
 
     @classmethod
     def table_shape(cls, *args, **kwargs) -> Tuple[int, int]:
-        """(rows, features) of the embedding of MultiResHashGrid(*args, **kwargs), without
-        allocating it (built on the meta device), e.g. to check a checkpoint's weight against
-        its config first. An invalid config raises the constructor's ValueError."""
+        """(rows, features) of MultiResHashGrid(*args, **kwargs)'s table, allocating nothing."""
         with torch.device("meta"):
             return tuple(cls(*args, **kwargs).embedding.weight.shape)
 
     @property
     def sparse(self) -> bool:
-        """Whether the table's gradient is sparse: the embedding's own flag, which DDP reads
-        to allreduce it as a sparse tensor (gloo; NCCL has no sparse allreduce)."""
+        """Whether the table's gradient is sparse (the embedding's flag, which DDP reads)."""
         return self.embedding.sparse
 
     @sparse.setter
@@ -320,13 +242,9 @@ class MultiResHashGrid(nn.Module):
             raise ValueError(f"MultiResHashGrid(dim={self.input_dim}) expects x of shape "
                              f"(..., {self.input_dim}), got {tuple(x.shape)}")
         table = self.embedding.weight
-        batch_shape = x.shape[:-1]
-        points = x.reshape(-1, self.input_dim)
-        # float64 stays float64 (gradcheck); anything narrower computes positions in float32,
-        # since N_l * x needs ~24 bits at the finest levels.
-        points = points.to(torch.float64 if points.dtype == torch.float64 else torch.float32)
-        # NaN coordinates get a placeholder position and NaN features, inside the chunked
-        # passes (cheap there, in cache) rather than as extra passes over the whole output.
+        # positions in float32 at least (N_l * x needs ~24 bits), float64 kept (gradcheck)
+        points = x.reshape(-1, self.input_dim).to(torch.promote_types(x.dtype, torch.float32))
+        # NaN points: a placeholder position here, NaN features inside the passes
         nan = torch.isnan(points)
         points = points.masked_fill(nan, 0.0).clamp(0.0, 1.0)
         nan = nan.any(-1)
@@ -339,57 +257,58 @@ class MultiResHashGrid(nn.Module):
         else:
             mode = self._mode(points, table)
             if mode.compiling and points.requires_grad:
-                # a gradient to x (e.g. an eikonal loss) under torch.compile: its traced ops,
-                # which AOTAutograd differentiates to any order (a custom Function only once)
+                # traced ops, which AOTAutograd differentiates to any order (a Function once)
                 features = _encode(points, table, nan, mode)[0]
             else:
                 features = _HashGridFunction.apply(points, table, nan, mode)
-        return features.to(table.dtype).reshape(*batch_shape, self.output_dim)
+        return features.to(table.dtype).reshape(*x.shape[:-1], self.output_dim)
 
     def _mode(self, points: torch.Tensor, table: torch.Tensor) -> "_Mode":
         """How this call runs (see _Mode): the one place that reads torch's global state."""
         compiling, grad = torch.compiler.is_compiling(), torch.is_grad_enabled()
         if self.embedding.sparse and compiling and grad and table.requires_grad:
-            raise RuntimeError(
-                "MultiResHashGrid(sparse=True) has no torch.compile path (AOTAutograd traces no "
-                "sparse gradients): compile with sparse=False, or without fullgraph=True (the "
-                "encoding then runs eagerly: one graph break)")
+            raise RuntimeError("MultiResHashGrid(sparse=True) has no torch.compile path: use "
+                               "sparse=False, or no fullgraph=True (then one graph break)")
         cpu = points.device.type == "cpu" and not compiling and not self._device_branch
         keep = (self._device_keep and not cpu and not compiling and grad
                 and (points.requires_grad or table.requires_grad))
-        # (compiled: one pass per level group, whose temporaries inductor fuses away)
+        # compiled: one pass per level group (inductor fuses its temporaries away)
         lookups = 1 << 62 if compiling else self._cpu_lookups if cpu else self._device_lookups
         return _Mode(tuple(self._level_groups), cpu, compiling, not compiling, keep,
-                     self.embedding.sparse, self.feature_major, lookups, self._chunk_size)
+                     self.embedding.sparse, self.feature_major and not compiling, lookups,
+                     self._chunk_size)
 
     @classmethod
     def from_tcnn_config(cls, n_input_dims: int, config: dict, **kwargs) -> "MultiResHashGrid":
-        """The layout="tcnn" encoding of a tiny-cuda-nn encoding config (its JSON as a dict,
-        or a whole tcnn config, whose "encoding" it takes): otype "HashGrid", "DenseGrid",
-        "TiledGrid" or "Grid" (with "type" "Hash", "Dense" or "Tiled"), and tcnn's keys with
-        tcnn's defaults: n_levels 16 (or n_features / n_grid_features = n_levels *
-        n_features_per_level), n_features_per_level 2, log2_hashmap_size 19,
+        """The layout="tcnn" encoding of a tiny-cuda-nn encoding config (a dict, or a whole
+        tcnn config's "encoding"): otype "HashGrid", "DenseGrid", "TiledGrid" or "Grid" ("type"
+        "Hash", "Dense" or "Tiled"), tcnn's keys and defaults: n_levels 16 (or n_features =
+        n_levels * n_features_per_level), n_features_per_level 2, log2_hashmap_size 19,
         base_resolution 16, per_level_scale 2.0 (DenseGrid: exp(ln(256 / base_resolution) /
-        (n_levels - 1)), in float32), interpolation "Linear" ("Nearest", "Smoothstep"), hash
-        "CoherentPrime". n_dims_to_encode n (default n_input_dims; 1..n_input_dims): as a
-        nested encoding of tcnn's Composite, the grid encodes the first n of the input
-        dimensions: the module has dim=n and takes x[..., :n] (shape (..., n)); the other
-        dimensions are the next nested encoding's. Names of types are case-insensitive, keys
-        are not (as in tcnn). Another otype (OneBlob, Frequency, Composite, ...) raises
-        "not a grid encoding", anything else unsupported a ValueError naming it. Load the
-        trained parameters with `load_tcnn_params`."""
+        (n_levels - 1))), interpolation "Linear", hash "CoherentPrime"; n_dims_to_encode n
+        (tcnn's Composite): dim=n, for x[..., :n]. Anything unsupported raises a ValueError."""
         args, tcnn_kwargs = _args_from_tcnn_config(n_input_dims, config)
         return cls(*args, **tcnn_kwargs, **kwargs)
 
     def tcnn_config(self) -> dict:
-        """This encoding as a tiny-cuda-nn encoding config (the dict form of its JSON, in
-        the form of tcnn's own hyperparams()), for layout="tcnn" with one integer
-        base_resolution and one per_level_scale for all axes."""
-        return _tcnn_config_of(self)
+        """This encoding as a tiny-cuda-nn encoding config (a dict, as tcnn's hyperparams()),
+        for layout="tcnn" with one integer base_resolution and per_level_scale for all axes."""
+        self._require_tcnn()
+        base = _per_axis(self.base_resolution, self.input_dim, "base_resolution")
+        if len(set(base)) != 1 or base[0] != int(base[0]) or len(set(self.per_level_scale)) != 1:
+            raise ValueError("a tcnn config has one integer base_resolution and one "
+                             f"per_level_scale for all axes, got {self.base_resolution} and "
+                             f"{self.per_level_scale}")
+        config = {"otype": "Grid", "type": self.grid_type.capitalize(),
+                  "n_levels": self.n_levels, "n_features_per_level": self.n_features_per_level,
+                  "base_resolution": int(base[0]), "per_level_scale": self.per_level_scale[0],
+                  "interpolation": self.interpolation.capitalize(), "hash": "CoherentPrime"}
+        if self.grid_type == "hash":
+            config["log2_hashmap_size"] = self.log2_hashmap_size
+        return config
 
     def tcnn_params(self) -> torch.Tensor:
-        """The parameters as tiny-cuda-nn's flat vector: (sum(rows_per_level) * F,),
-        layout="tcnn" only."""
+        """The parameters as tiny-cuda-nn's flat vector (sum(rows_per_level) * F,); tcnn layout."""
         self._require_tcnn()
         return self.embedding.weight.detach().reshape(-1).clone()
 
@@ -419,18 +338,14 @@ class MultiResHashGrid(nn.Module):
                 + (", sparse=True" if self.sparse else ""))
 
 
-
 # --- The reference: the whole encoding, read top to bottom -----------------------------------
 
 def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence["_Level"],
                       interpolation: str, layout: str, periodic: Sequence[bool],
                       sparse: bool = False) -> torch.Tensor:
-    """x (N, D) in [0, 1], table (R, F) -> features (N, L * F): the formulas of the module
-    docstring, one level and one cell corner at a time, in plain differentiable torch ops
-    (autograd gives the gradients to x and the table, to any order). implementation=
-    "reference" runs this; the speed-only part computes the same numbers in fewer, larger
-    operations. sparse: each lookup's table gradient a sparse tensor of its rows (their sum,
-    uncoalesced, is the table's). levels: the level plan (_plan_levels)."""
+    """x (N, D) in [0, 1], table (R, F) -> features (N, L * F): the module docstring's formulas,
+    one level (of _plan_levels) and one cell corner at a time, in plain torch ops (autograd
+    differentiates them). sparse: each lookup's table gradient a sparse tensor of its rows."""
     n_points, dim = x.shape
     primes = hash_primes(dim)
     tcnn, nearest = layout == "tcnn", interpolation == "nearest"
@@ -473,9 +388,8 @@ def _reference_encode(x: torch.Tensor, table: torch.Tensor, levels: Sequence["_L
 # --- The level plan: plain Python, computed once at construction -----------------------------
 
 class _Level(NamedTuple):
-    """One level: resolution (N_l per axis in the paper layout, tcnn's vertex count in the
-    tcnn layout), scale (pos = x * scale (+ 0.5)), vertices (per axis, the dense index's
-    V_d), rows, offset (its first row), hashed."""
+    """One level: resolution (per axis: N_l, paper layout; tcnn's vertex count, tcnn layout),
+    scale (pos = x * scale (+ 0.5)), vertices (V_d per axis), rows, offset (first row), hashed."""
     resolution: Tuple[int, ...]
     scale: Tuple[float, ...]
     vertices: Tuple[int, ...]
@@ -487,39 +401,30 @@ class _Level(NamedTuple):
 def _plan_levels(base: Sequence[float], growth: Sequence[float], n_levels: int,
                  log2_hashmap_size: int, layout: str, grid_type: str,
                  periodic: Sequence[bool]) -> List[_Level]:
-    """Every level's resolution, rows and offset, from the per-axis N_min and b."""
+    """Every level's resolution, rows and offset (the formulas above), from N_min and b."""
     max_rows, offset, levels = 1 << log2_hashmap_size, 0, []
     tile_rows = math.prod(int(b) for b in base)
     for level in range(n_levels):
-        if layout == "paper":
-            cells = tuple(_paper_cells(b, g, level) for b, g in zip(base, growth))
+        if layout == "paper":   # (1 + 1e-12: exp/log round-off must not land a hair below N_max)
+            cells = tuple(math.floor(b * g ** level * (1.0 + 1e-12)) for b, g in zip(base, growth))
             resolution, scale = cells, tuple(float(c) for c in cells)
             vertices = tuple(c if p else c + 1 for c, p in zip(cells, periodic))
         else:
             scale = tuple(_tcnn_scale(b, g, level) for b, g in zip(base, growth))
             resolution = vertices = tuple(math.ceil(s) + 1 for s in scale)   # tcnn's res
         n_vertices = math.prod(vertices)
-        if layout == "tcnn" and grid_type != "hash" and n_vertices >= 2**32:
+        if layout == "paper":
+            rows = n_vertices if grid_type == "dense" else min(n_vertices, max_rows)
+        elif grid_type != "hash" and n_vertices >= 2**32:
             raise ValueError(f"level {level} of a {grid_type} grid has {n_vertices} >= 2**32 "
                              "vertices, past tiny-cuda-nn's 32-bit dense index")
-        rows = _level_rows(n_vertices, layout, grid_type, max_rows, tile_rows)
+        else:   # a multiple of 8 (tcnn's alignment), at most 2**31, T or N_min**D (tiled)
+            cap = {"hash": max_rows, "tiled": tile_rows}.get(grid_type, 2**31)
+            rows = min(-(-n_vertices // 8) * 8, 2**31, cap)
         hashed = grid_type == "hash" and n_vertices > rows
         levels.append(_Level(resolution, scale, vertices, rows, offset, hashed))
         offset += rows
     return levels
-
-
-def _paper_growth(base: float, finest: float, n_levels: int) -> float:
-    """b = exp((ln N_max - ln N_min) / (L - 1)), 1 for a single level."""
-    if n_levels == 1:
-        return 1.0
-    return math.exp((math.log(finest) - math.log(base)) / (n_levels - 1))
-
-
-def _paper_cells(base: float, growth: float, level: int) -> int:
-    """N_l = floor(N_min * b**l): cells along one axis at level l (paper layout)."""
-    # exp/log round-off can land N_min * b**(L-1) a hair below N_max; the paper means N_max.
-    return math.floor(base * growth ** level * (1.0 + 1e-12))
 
 
 def _float32(value: float) -> float:
@@ -528,36 +433,18 @@ def _float32(value: float) -> float:
 
 
 def _tcnn_scale(base: float, growth: float, level: int) -> float:
-    """tcnn's scale exp2f(l * log2f(b)) * N_min - 1.0f, rounded to float32 at every step
-    (b itself is a float32 there)."""
+    """tcnn's scale exp2f(l * log2f(b)) * N_min - 1.0f, in float32 at every step (b too)."""
     exponent = _float32(level * _float32(math.log2(_float32(growth))))
     return _float32(_float32(_float32(2.0 ** exponent) * base) - 1.0)
 
 
-def _level_rows(n_vertices: int, layout: str, grid_type: str, max_rows: int,
-                tile_rows: int) -> int:
-    """A level's table rows. Paper layout: every vertex if they fit in T (max_rows) or the
-    grid is dense, else T. tcnn: every vertex rounded up to a multiple of 8 (its memory
-    alignment), at most 2**31; then at most T (hash) or N_min**D (tile_rows, tiled). A hash
-    grid's level is hashed when n_vertices > rows."""
-    if layout == "paper":
-        return n_vertices if grid_type == "dense" else min(n_vertices, max_rows)
-    rows = min(-(-n_vertices // 8) * 8, 2**31)
-    if grid_type == "hash":
-        return min(rows, max_rows)
-    return min(rows, tile_rows) if grid_type == "tiled" else rows
-
-
 def _per_axis(value: Resolution, dim: int, name: str) -> Tuple[float, ...]:
-    """An int/float or a sequence of ``dim`` of them -> a tuple of ``dim`` positive floats."""
-    if isinstance(value, (int, float)):
-        values = (float(value),) * dim
-    else:
-        values = tuple(float(v) for v in value)
-        if len(values) != dim:
-            raise ValueError(f"{name} needs 1 or dim={dim} values, got {len(values)}")
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
+    """An int/float or a sequence of ``dim`` of them -> a tuple of ``dim`` finite floats >= 1."""
+    values = (float(value),) * dim if isinstance(value, (int, float)) else tuple(map(float, value))
+    if len(values) != dim:
+        raise ValueError(f"{name} needs 1 or dim={dim} values, got {len(values)}")
+    if not all(math.isfinite(v) and v >= 1 for v in values):
+        raise ValueError(f"{name} must be finite and >= 1 on every axis, got {value}")
     return values
 
 
@@ -567,47 +454,23 @@ def _dense_strides(vertices: Sequence[int]) -> Tuple[int, ...]:
 
 
 # #############################################################################################
-# SPEED ONLY. Everything below computes what _reference_encode computes, in fewer and larger
-# operations; nothing here changes a number (tests/test_encoding.py checks every path, and every
-# shortcut against the formula it replaces, in float64).
-#
-#   _LevelGroup        consecutive levels that index alike, as the tensors the passes use
-#   _Mode              how a call runs, decided once per call (MultiResHashGrid._mode), and
-#                      its passes: level-major runs of a bounded number of lookups
-#   _HashGridFunction  the autograd Function (hand-written backward); _HashGridBackward that
-#                      backward as a Function of its own, for second order (eikonal losses)
-#   _encode, _encode_backward, _encode_double_backward: one loop over the passes each
-#   _axis_terms, _corners: every pass's row index terms and weights, and its cell corners
-#   device branch      GPUs (torch.compile's backward too): all corners of a pass at once
-#   CPU branch         eager on a CPU (torch.compile's forward too): corners depth first
-#   CPU speed tricks   word views, complex pairs, every intra-op thread (outside autograd)
-#   custom op          hashgrid::table_grad_v5: torch.compile's table gradient on a CPU
-#   sparse gradients   sparse=True: _RowCollector, _coalesced_rows (no float atomics)
+# SPEED ONLY: _reference_encode's numbers in fewer, larger operations (tests/test_encoding.py
+# checks every path, and every shortcut against its formula, in float64): _LevelGroup, _Mode,
+# the autograd Functions and their loops over the passes (_encode...), every pass's pieces,
+# the device branch (GPUs; compiled backward), the CPU branch (eager on a CPU; compiled
+# forward) and its speed tricks, the custom op, sparse gradients.
 # #############################################################################################
 
 class _LevelGroup(nn.Module):
-    """Consecutive levels that index alike (all dense or all hashed), computed together by
-    the same vectorised ops.
+    """Consecutive levels that index alike (all dense or all hashed), run by the same ops.
 
-    Static: start, stop (levels start..stop-1), hashed, rows_start, rows_stop (the group's
-    slice of the table), hash_mask (T - 1), tcnn (tcnn's positions and dense wrap-around),
-    periodic_bits (bit d set: axis d is periodic), axis0_direct (every vertex on axis 0 is
-    below T, so its term is the vertex itself: always when dense), interpolation, shift
-    (pos = x * scale + shift).
-    Tensors (non-persistent buffers, axis-major so each per-axis operand broadcasts as a
-    (G, 1) column against a (1, n) row of points and every intermediate is a contiguous
-    level-major (G, n) tensor, which keeps one level's table accesses together):
-      scale (D, G, 1) float32; mult (D, G, 1) the hash primes (in int32 each prime's low 32
-      bits read as a signed number: int32 products are then the unsigned ones modulo 2**32,
-      all the hash keeps) or dense strides; offset (G, 1) each level's first row relative to
-      rows_start; max_cell (D, G, 1) the highest cell (paper layout) or None; wrap_rows
-      (G, 1) the rows of tcnn's dense levels, which their index wraps around, or None.
-    Integer tensors are int32 (int64 for tables of 2**31 rows or more). Given on the CPU,
-    kept there as the source of their values and copied to `device` (default: the default
-    device, e.g. a ``with torch.device(...)`` block, meta included). Device moves
-    (.to(device), .to_empty()) copy them again; dtype casts (.half(), .double()) leave
-    them alone.
-    """
+    Statics: start, stop (levels start..stop-1), hashed, rows_start, rows_stop (its table
+    rows), hash_mask (T - 1), tcnn, periodic_bits (bit d: axis d), axis0_direct (axis-0
+    vertices < T: the term is the vertex), interpolation, shift (pos = x * scale + shift).
+    Buffers (following device moves, not dtype casts), axis-major: scale (D, G, 1) float32;
+    mult (D, G, 1) the hash primes (int32: signed, the same products mod 2**32) or strides;
+    offset (G, 1) each level's first row from rows_start; max_cell (D, G, 1) (paper) or None;
+    wrap_rows (G, 1) tcnn's dense levels' rows or None. Integers int32 (int64 past 2**31)."""
     TENSORS = ("scale", "mult", "offset", "max_cell", "wrap_rows")
     STATICS = ("start", "stop", "hashed", "rows_start", "rows_stop", "hash_mask", "tcnn",
                "periodic_bits", "axis0_direct")
@@ -622,11 +485,11 @@ class _LevelGroup(nn.Module):
         self.periodic_bits, self.axis0_direct = periodic_bits, bool(axis0_direct)
         self.shift = 0.5 if (self.tcnn or interpolation == "nearest") else 0.0
         self._host = tensors
-        self._offsets = tuple(tensors["offset"].view(-1).tolist())   # Python ints, for slicing
+        # each level's first row, then the group's end, from rows_start (Python ints, to slice)
+        self.bounds = (*tensors["offset"].view(-1).tolist(), rows_stop - rows_start)
         device = torch.empty(0, device=device).device
-        for name in self.TENSORS:
-            tensor = tensors[name]
-            self.register_buffer(name, None if tensor is None else tensor.to(device),
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor if tensor is None else tensor.to(device),
                                  persistent=False)
 
     @classmethod
@@ -634,73 +497,49 @@ class _LevelGroup(nn.Module):
                 periodic: Sequence[bool], interpolation: str, device: torch.device
                 ) -> List["_LevelGroup"]:
         """The plan's levels as groups of consecutive levels that index alike."""
-        # Row indices in int32 (half the memory traffic of int64) unless some index reaches
-        # 2**31: a row, or a tcnn dense index before its wrap-around (vertex at most V_d).
+        # int32 row indices (half the traffic of int64) unless a row, or a tcnn dense index
+        # before its wrap-around, reaches 2**31
         largest = max([levels[-1].offset + levels[-1].rows] + [
             sum(v * s for v, s in zip(level.vertices, _dense_strides(level.vertices)))
             for level in levels if not level.hashed])
         index_dtype = torch.int32 if largest < 2**31 else torch.int64
+        primes = hash_primes(len(periodic))
+        if index_dtype == torch.int32:      # each prime's low 32 bits as a signed number
+            primes = [p - (1 << 32) if p >= 1 << 31 else p for p in primes]
+        last = 0 if interpolation == "nearest" else 1   # x = 1: onto vertex N from cell N - 1
+
+        def column(values, dtype=index_dtype):   # G values -> (G, 1); G lists of D -> (D, G, 1)
+            values = torch.tensor(values, dtype=dtype, device="cpu")
+            return values.t().contiguous().unsqueeze(-1)
+
         groups, start = [], 0
         while start < len(levels):
-            stop = start
-            while stop < len(levels) and levels[stop].hashed == levels[start].hashed:
+            stop, hashed = start, levels[start].hashed
+            while stop < len(levels) and levels[stop].hashed == hashed:
                 stop += 1
-            groups.append(cls.from_levels(levels[start:stop], start, hash_mask, layout,
-                                          periodic, interpolation, index_dtype, device))
+            group, rows_start = levels[start:stop], levels[start].offset
+            cells = [[n - last for n in level.resolution] for level in group]
+            wrap = layout == "tcnn" and not hashed      # tcnn's dense levels wrap modulo rows
+            groups.append(cls(
+                start, stop, hashed, rows_start, group[-1].offset + group[-1].rows, hash_mask,
+                layout == "tcnn", sum(1 << d for d, p in enumerate(periodic) if p),
+                not hashed or max(level.resolution[0] for level in group) <= hash_mask,
+                interpolation, device,
+                scale=column([level.scale for level in group], torch.float32),
+                mult=column([primes if hashed else _dense_strides(lv.vertices) for lv in group]),
+                offset=column([level.offset - rows_start for level in group]),
+                max_cell=column(cells) if layout == "paper" else None,
+                wrap_rows=column([level.rows for level in group]) if wrap else None))
             start = stop
         return groups
 
-    @classmethod
-    def from_levels(cls, levels: Sequence[_Level], start: int, hash_mask: int, layout: str,
-                    periodic: Sequence[bool], interpolation: str, index_dtype: torch.dtype,
-                    device: Optional[torch.device] = None) -> "_LevelGroup":
-        """levels: the plan's levels start..start+G-1, all dense or all hashed."""
-        hashed, dim = levels[0].hashed, len(levels[0].scale)
-        if not hashed:
-            mult = [_dense_strides(lv.vertices) for lv in levels]
-        elif index_dtype == torch.int32:
-            mult = [[p - (1 << 32) if p >= 1 << 31 else p for p in hash_primes(dim)]] * len(levels)
-        else:
-            mult = [hash_primes(dim)] * len(levels)
-
-        def axis_major(per_level, dtype):     # G lists of D values -> (D, G, 1)
-            values = [[[v] for v in axis] for axis in zip(*per_level)]
-            return torch.tensor(values, dtype=dtype, device="cpu")
-
-        max_cell = wrap_rows = None
-        if layout == "paper":   # the highest cell is N - 1, so x = 1 interpolates onto vertex N
-            last = 0 if interpolation == "nearest" else 1
-            max_cell = axis_major([[n - last for n in lv.resolution] for lv in levels], index_dtype)
-        elif not hashed:
-            wrap_rows = torch.tensor([[lv.rows] for lv in levels], dtype=index_dtype,
-                                     device="cpu")
-        rows_start = levels[0].offset
-        return cls(start, start + len(levels), hashed, rows_start,
-                   levels[-1].offset + levels[-1].rows, hash_mask, layout == "tcnn",
-                   sum(1 << d for d, p in enumerate(periodic) if p),
-                   not hashed or max(lv.resolution[0] for lv in levels) <= hash_mask,
-                   interpolation, device,
-                   scale=axis_major([level.scale for level in levels], torch.float32),
-                   mult=axis_major(mult, index_dtype),
-                   offset=torch.tensor([[lv.offset - rows_start] for lv in levels],
-                                       dtype=index_dtype, device="cpu"),
-                   max_cell=max_cell, wrap_rows=wrap_rows)
-
     def _apply(self, fn, recurse=True):
-        # Follow device moves only: a dtype cast would round the float32 scales (.half())
-        # or slow the index arithmetic. fn applied to an empty probe tells the device; the
-        # values come from the CPU copies (a meta tensor has none, for .to_empty()).
+        # device moves only (no dtype cast), from the CPU values (meta tensors have none)
         for name, tensor in self._buffers.items():
             if tensor is not None:
                 device = fn(torch.empty(0, device=tensor.device)).device
                 self._buffers[name] = self._host[name].to(device)
         return self
-
-    def row_span(self, first: int, stop: int) -> Tuple[int, int]:
-        """(first row, end row) of levels first..stop-1, counted from rows_start."""
-        offsets = self._offsets
-        end = offsets[stop] if stop < len(offsets) else self.rows_stop - self.rows_start
-        return offsets[first], end
 
     @classmethod
     def op_args(cls, groups: Sequence["_LevelGroup"]
@@ -714,8 +553,7 @@ class _LevelGroup(nn.Module):
                      interpolation: str) -> List["_LevelGroup"]:
         """The inverse of op_args, for a run of groups: concatenated tensors and ints."""
         n_tensors, n_ints = len(cls.TENSORS), len(cls.STATICS)
-        return [cls(*ints[i * n_ints:(i + 1) * n_ints], interpolation=interpolation,
-                    device=tensors[0].device,
+        return [cls(*ints[i * n_ints:(i + 1) * n_ints], interpolation, tensors[0].device,
                     **dict(zip(cls.TENSORS, tensors[i * n_tensors:(i + 1) * n_tensors])))
                 for i in range(len(ints) // n_ints)]
 
@@ -725,19 +563,13 @@ class _LevelGroup(nn.Module):
 
 
 class _Mode(NamedTuple):
-    """How one call runs, decided once (MultiResHashGrid._mode) and carried to every pass,
-    and how the call's work is split into passes (split).
+    """How one call runs, decided once (MultiResHashGrid._mode) and carried to every pass.
 
-    groups: the level groups. cpu: the CPU branch (eager on a CPU: cache-sized passes, corners
-    visited one at a time), else the device branch (all corners of a pass at once). compiling:
-    traced by torch.compile (row-major output; the corner-by-corner forward, which inductor
-    fuses; the custom op for a CPU's table gradient). eager: the ops run eagerly outside
-    autograd, so they may write into out= tensors and, in the CPU branch, take the speed tricks
-    (word views, complex pairs, every intra-op thread: dtype views are not differentiable).
-    keep: the device branch keeps each pass's corner rows and fractions for backward. sparse:
-    the table's gradient sparse (_RowCollector). feature_major: MultiResHashGrid's argument.
-    lookups: per cell corner in a pass; chunk_size: points per pass (None: from lookups).
-    """
+    groups: the level groups. cpu: the CPU branch (cache-sized passes, corners one at a time),
+    else the device branch (all corners at once). compiling: traced by torch.compile. eager:
+    outside autograd (out= tensors; CPU speed tricks). keep: the device branch keeps corner
+    rows and fractions for backward. sparse, feature_major (eager only): the module's.
+    lookups: per cell corner in a pass; chunk_size: points per pass (None: from lookups)."""
     groups: Tuple[_LevelGroup, ...]
     cpu: bool
     compiling: bool
@@ -750,14 +582,9 @@ class _Mode(NamedTuple):
 
     def split(self, n_points: int, min_levels: int = 1
               ) -> List[Tuple[_LevelGroup, int, int, int, int]]:
-        """The passes, each (group, first, stop, lo, hi): the group's levels first..stop-1
-        (counted from group.start) for the points lo..hi-1, about `lookups` lookups per cell
-        corner: all points for as many levels as fit, or one level for runs of points
-        (min_levels: runs of lookups // min_levels points, so a pass holds min_levels levels
-        where the group has them). Level-major, so consecutive passes read one level's table
-        while it is in cache, and temporaries stay a bounded size whatever the batch."""
-        step = self.chunk_size or self.lookups // min_levels
-        step = max(min(step, n_points), 1)
+        """The passes, level-major, (group, first, stop, lo, hi): levels first..stop-1 for points
+        lo..hi-1, `lookups` per corner, at least min_levels levels where the group has them."""
+        step = max(min(self.chunk_size or self.lookups // min_levels, n_points), 1)
         passes = []
         for group in self.groups:
             n_levels = group.stop - group.start
@@ -769,9 +596,7 @@ class _Mode(NamedTuple):
         return passes
 
     def thread_levels(self) -> int:
-        """The levels per pass (one per intra-op thread) that let the CPU branch's
-        table-gradient scatter-adds, and the gathers indexed alike, run on all cores
-        (_per_level): split's min_levels."""
+        """split's min_levels for one level per intra-op thread (_per_level)."""
         most = max(group.stop - group.start for group in self.groups)
         return max(min(torch.get_num_threads(), most), 1)
 
@@ -779,17 +604,12 @@ class _Mode(NamedTuple):
 # --- The autograd Functions, and one loop over the passes each: forward, backward, second order
 
 class _HashGridFunction(torch.autograd.Function):
-    """Interpolated table lookup with a hand-written backward.
-
-    Autograd through the plain ops would keep every corner's weights and gathered features
-    alive until backward; this saves x and the table (and, in the device branch with keep,
-    each corner's row and each axis' fraction), and backward recomputes the rest.
-    """
+    """The encoding with a hand-written backward: saves x and the table (with keep, also the
+    device branch's corner rows and fractions), not every corner's weights and features."""
 
     @staticmethod
     def forward(ctx, x, table, nan, mode):
-        # The CPU branch asks once whether a point is NaN (usually none: a masked copy per pass
-        # saved). Elsewhere asking would make a GPU wait, and a traced graph branch.
+        # asked on a CPU only (a masked copy per pass saved); a GPU would have to wait
         if mode.cpu and not bool(nan.any()):
             nan = None
         out, kept = _encode(x, table, nan, mode)
@@ -804,35 +624,25 @@ class _HashGridFunction(torch.autograd.Function):
         if (mode.compiling and need_table and not need_x and table.device.type == "cpu"
                 and _table_grad_op is not None):      # (see _TABLE_GRAD_OP)
             tensors, ints = _LevelGroup.op_args(mode.groups)
-            interpolation = mode.groups[0].interpolation
-            grad_table = _table_grad_op(x, table, nan, grad_out, tensors, ints, interpolation)
-            return None, grad_table, None, None
+            return None, _table_grad_op(x, table, nan, grad_out, tensors, ints,
+                                        mode.groups[0].interpolation), None, None
         if torch.is_grad_enabled():      # create_graph: a differentiable step of its own
-            # (autograd.grad(..., x) of an eikonal loss: no table gradient is asked for)
-            need_table = need_table and _will_run(ctx, 1, mode)
+            if need_table and not mode.compiling and hasattr(torch._C, "_will_engine_execute_node"):
+                try:    # is the table's gradient used? (an eikonal loss asks for x only)
+                    node = ctx.next_functions[1][0]
+                    need_table = node is not None and torch._C._will_engine_execute_node(node)
+                except RuntimeError:     # (a leaf that autograd.grad was asked for)
+                    pass
             return (*_HashGridBackward.apply(x, table, nan, mode, grad_out, need_x, need_table,
                                              kept or None), None, None)
         return (*_encode_backward(x, table, nan, mode, grad_out, need_x, need_table,
                                   kept or None), None, None)
 
 
-def _will_run(ctx, i: int, mode: _Mode) -> bool:
-    """Whether the running backward will use the gradient of a Function's input i (eager;
-    True where torch cannot tell)."""
-    if mode.compiling or not hasattr(torch._C, "_will_engine_execute_node"):
-        return True
-    node = ctx.next_functions[i][0]
-    try:
-        return node is not None and torch._C._will_engine_execute_node(node)
-    except RuntimeError:     # (a leaf that autograd.grad was asked for)
-        return True
-
-
 class _HashGridBackward(torch.autograd.Function):
     """_encode_backward (x, table, grad_out) -> (grad_x, grad_table) as a differentiable step
-    (second order, e.g. an eikonal loss on |df/dx|): forward runs the fast branches outside
-    autograd, backward the analytic second derivatives (_encode_double_backward). Differentiated
-    once more (third order), that backward's plain torch ops go through autograd."""
+    (second order, e.g. an eikonal loss): backward is _encode_double_backward's analytic second
+    derivatives, whose ops autograd differentiates once more (third order)."""
 
     @staticmethod
     def forward(ctx, x, table, nan, mode, grad_out, need_x, need_table, kept):
@@ -853,8 +663,7 @@ class _HashGridBackward(torch.autograd.Function):
             grads = _encode_double_backward(x, table, nan, mode, grad_out, gg_x, need_x,
                                             need_table, need_g)
         if gg_table is not None:
-            # grad_table is grad_out scattered with the weights of x: its derivatives are
-            # the encoding and its x-gradient, with gg_table as the table
+            # grad_table's derivatives: the encoding and its x-gradient, gg_table as the table
             more = [None, None, None]
             if need_g:
                 more[2] = _encode(x, gg_table, nan, mode)[0].to(grad_out.dtype)
@@ -870,23 +679,13 @@ class _HashGridBackward(torch.autograd.Function):
 def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], mode: _Mode
             ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """x: (N, D) in [0, 1] -> (features (N, L * F) in the accumulation dtype, NaN for the points
-    flagged in nan (N,) (their x holds a placeholder; None: no NaN point); with mode.keep, the
-    device branch's corner rows and fractions of every pass, for backward, D + 1 tensors per
-    pass).
-
-    The result is row-major, unless mode.feature_major in eager mode: then it has the strides
-    of a transposed contiguous (L * F, N) matrix (tiny-cuda-nn's "SoA"): a pass writes each
-    feature's values for its points contiguously, and a following matmul (the MLP's first
-    layer) reads this layout as is and hands back its gradient in the same layout. Under
-    torch.compile it is row-major, which inductor writes as cheaply and AOTAutograd expects of
-    an incoming gradient. Either way a tensor of its own, not a view (autograd forbids
-    modifying a view made inside a custom Function in place).
-    """
+    flagged in nan (N,) (None: none); with mode.keep, the device branch's corner rows and
+    fractions for backward, D + 1 tensors per pass). Row-major, or with feature_major the
+    strides of a transposed contiguous (L * F, N) matrix; not a view (of a custom Function)."""
     acc_dtype = torch.promote_types(x.dtype, table.dtype)
     n_points, n_features = x.shape[0], table.shape[1]
     n_levels = mode.groups[-1].stop
-    feature_major = mode.feature_major and not mode.compiling
-    strides = (1, n_points) if feature_major else (n_levels * n_features, 1)
+    strides = (1, n_points) if mode.feature_major else (n_levels * n_features, 1)
     out = torch.empty_strided((n_points, n_levels * n_features), strides, dtype=acc_dtype,
                               device=x.device)
     per_level = out.view(n_points, n_levels, n_features)
@@ -911,11 +710,8 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], m
 
 def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_table: bool,
                      kept: Optional[List[torch.Tensor]] = None):
-    """Gradients of _encode w.r.t. x (N, D) and table (R, F), given grad_out (N, L * F). NaN
-    points (nan: (N,), or None when there are none) contribute nothing. kept: what _encode kept
-    of the device branch's passes (None: recomputed). mode.sparse: the table's gradient is a
-    coalesced sparse tensor (_RowCollector). Second order: _HashGridBackward.
-    """
+    """Gradients of _encode w.r.t. x (N, D) and table (R, F) (sparse: a _RowCollector's), given
+    grad_out (N, L * F); NaN points add nothing. kept: _encode's (None: recomputed)."""
     n_points, n_features = x.shape[0], table.shape[1]
     grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     xt = x.t().contiguous()
@@ -923,9 +719,7 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
     if mode.cpu:
         grad_planes = grad_out.t().reshape(-1, n_features, n_points)            # (L, F, N)
         if not grad_planes.is_contiguous():
-            # e.g. a row-major gradient from an elementwise loss on the features: the passes
-            # would read it with a large stride, so transpose it once, in runs of points that
-            # fit in cache
+            # (e.g. row-major from an elementwise loss) transposed once, in cache-sized runs
             planes = torch.empty_like(grad_planes, memory_format=torch.contiguous_format)
             step = max(mode.lookups // planes.shape[0], 1)
             for lo in range(0, n_points, step):
@@ -970,11 +764,8 @@ def _zero_grads(x, table, mode: _Mode, dtype: torch.dtype, need_x: bool, need_ta
 
 def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: bool,
                             need_table: bool, need_g: bool):
-    """The gradients of (gg_x * grad_x).sum(), grad_x = _encode_backward's, w.r.t. x (N, D),
-    table (R, F) and grad_out (N, L * F), given gg_x (N, D): [grad_x, grad_table, grad_g],
-    None where not needed or zero ("nearest": grad_x does not depend on anything). NaN points
-    contribute nothing. Both branches run _double_backward_pass: 2**D corners at once (a
-    depth-first walk would need D partial products and their tangents per corner)."""
+    """[grad_x, grad_table, grad_g]: the gradients of (gg_x * grad_x).sum() w.r.t. x (N, D),
+    table (R, F), grad_out (N, L * F), given gg_x (N, D); None if unneeded or zero ("nearest")."""
     n_points, n_features = x.shape[0], table.shape[1]
     if mode.groups[0].interpolation == "nearest":
         return [None, None, None]
@@ -1002,23 +793,15 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
 
 def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
                 offset: Optional[torch.Tensor], index_dtype: Optional[torch.dtype] = None):
-    """Per-axis pieces of every corner's row index, and the positions inside the cells.
-
-    xt: (D, n), levels first..stop-1 of group (G of them) -> (terms, fracs, weights). terms:
-    D tuples (t0, t1) ("nearest": (t0,)) of (G, n) integers, the axis' share of the row index
-    of the lower / upper vertex (combined over axes by _corners), with offset (G, 1), the
-    first row of each level in the rows indexed, folded into axis 0 (hashed levels: offsets
-    are multiples of T and terms < T, so XOR adds them; None: rows within each level; tcnn's
-    dense levels add it after their wrap-around, in _corners). fracs: D tensors (G, n) in
-    [0, 1]: pos = x * scale + shift, cell = min(floor(pos), max_cell), frac = pos - cell.
-    weights: D tuples _upper_weight(frac), None for "nearest". index_dtype: the terms' dtype
-    (default: the group's).
-
-    Shortcuts, each tested against the formula it replaces: the upper vertex's term is the
-    lower one's plus one add, (t + prime mod T) mod T hashed, t + stride dense; axis 0's
-    multiplier is 1 (no product); where every vertex on axis 0 is below T (axis0_direct) its
-    term is the vertex itself, with the offset added before the upper term is derived.
-    """
+    """xt (D, n), levels first..stop-1 of group (G of them) -> per axis (terms, fracs, weights):
+    terms (t0, t1) ("nearest": (t0,)) of (G, n) integers, the lower / upper vertex's share of
+    the row index (_corners combines them), with offset (G, 1) (each level's first row in the
+    rows indexed; None: 0) folded into axis 0 (XOR adds it to hashed terms < T; tcnn's dense
+    levels add it after wrapping, in _corners); fracs (G, n) = pos - cell, pos = x * scale +
+    shift, cell = min(floor(pos), max_cell); weights _upper_weight(frac) (None: "nearest").
+    index_dtype: the terms' (default: the group's). Shortcuts, tested against their formulas:
+    the upper term is the lower one's plus one add ((t + prime) & mask hashed), axis 0's
+    multiplier 1, and with axis0_direct axis 0's term the vertex itself, offset included."""
     index_dtype = index_dtype or group.offset.dtype
     scale = group.scale[:, first:stop]
     mult = group.mult[:, first:stop].to(index_dtype)
@@ -1028,9 +811,7 @@ def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
     for d in range(xt.shape[0]):
         x = xt[d]
         if group.tcnn and x.dtype != torch.float64:
-            # tcnn computes fmaf(scale, x, 0.5) in float32 (one rounding). The product of two
-            # float32 values is exact in float64, so this reproduces it bit for bit (barring
-            # double-rounding ties).
+            # tcnn's float32 fmaf(scale, x, 0.5): the product of two float32s is exact in float64
             pos = (scale[d].double() * x.double() + group.shift).to(x.dtype)
         else:
             pos = scale[d].to(x.dtype) * x
@@ -1071,10 +852,8 @@ def _axis_terms(xt: torch.Tensor, group: _LevelGroup, first: int, stop: int,
 
 
 def _upper_weight(frac: torch.Tensor, interpolation: str):
-    """One axis: (s, ds/dfrac) with s the weight of the upper vertex, frac ("linear") or
-    S(frac) = frac^2 (3 - 2 frac) ("smoothstep"; ds/dfrac None for linear). The lower vertex
-    weighs 1 - s, and a cell corner the product of its axes' weights (equivalently: lerp
-    along one axis after another)."""
+    """One axis: (s, ds/dfrac), s the upper vertex's weight (the lower's 1 - s): frac ("linear",
+    ds/dfrac None) or S(frac) = frac^2 (3 - 2 frac) ("smoothstep")."""
     if interpolation == "smoothstep":
         return frac * frac * (3.0 - 2.0 * frac), 6.0 * frac * (1.0 - frac)
     return frac, None
@@ -1082,15 +861,11 @@ def _upper_weight(frac: torch.Tensor, interpolation: str):
 
 def _corners(terms, weights, group: _LevelGroup, first: int, stop: int,
              offset: Optional[torch.Tensor], out: Optional[torch.Tensor] = None):
-    """Yields (corner, index, weight) for every cell corner (_axis_terms' terms and weights),
-    bit d of corner set for the upper vertex on axis d: index (G, n) its table rows (terms
-    XOR-ed (hashed) or added (dense); tcnn's dense levels wrapped modulo their rows, then +
-    offset), weight (G, n) its interpolation weight (None without weights, e.g. "nearest":
-    one corner). out (2**D, G, n): also write each corner's rows into out[corner].
-
-    Depth first over the axes, so corners share partial sums and products (about 2 ops per
-    corner instead of 2 (D - 1)) while only D partial results are alive at a time.
-    """
+    """Yields (corner, index, weight) per cell corner (bit d set: the upper vertex on axis d)
+    from _axis_terms' terms and weights: index (G, n) its table rows (terms XOR-ed or added;
+    tcnn's dense levels wrapped modulo their rows, then + offset), weight (G, n) (or None);
+    out (2**D, G, n): each corner's rows also written there. Depth first: corners share
+    partial sums and products."""
     hashed, n_dims, wrap = group.hashed, len(terms), group.wrap_rows is not None
     factors = None if weights is None else [(1.0 - s, s) for s, _ in weights]
     stack = [(0, 1, 0, None, None), (0, 0, 0, None, None)][-len(terms[0]):]
@@ -1128,26 +903,21 @@ def _add_grad_x(grad_xt: torch.Tensor, d: int, grad_weight: torch.Tensor, slope,
 def _pass_span(group: _LevelGroup, first: int, stop: int, table: torch.Tensor):
     """(the rows of levels first..stop-1 as a view of table (or of its gradient), their
     offsets (G, 1) within it)."""
-    start, end = group.row_span(first, stop)
+    start, end = group.bounds[first], group.bounds[stop]
     span = table[group.rows_start + start:group.rows_start + end]
     return span, group.offset[first:stop] - start
 
 
 # --- The device branch: GPUs, and torch.compile's backward -----------------------------------
-# A pass reads all 2**D corners with one gather and one table-gradient scatter: the corner rows
-# go into one (2**D, G, n) tensor, interpolation is a lerp along one axis after another, and
-# backward sends the gradient down the same lerps. Every op is a plain elementwise or indexing
-# kernel over the whole pass, which is what a GPU, or inductor, runs well.
+# All 2**D corners of a pass at once: one gather, lerps axis by axis, one scatter-add back.
 
 def _corner_rows(xt, group: _LevelGroup, first: int, stop: int, offset: Optional[torch.Tensor],
                  index_dtype: Optional[torch.dtype] = None):
-    """(corners (2**D, G, n) ("nearest": (1, G, n)) the table row of each cell corner, bit d of
-    the corner the upper vertex on axis d; fracs and weights). offset, index_dtype, fracs,
-    weights: see _axis_terms."""
+    """(corners (2**D, G, n) ("nearest": (1, G, n)), the table row of each cell corner (see
+    _corners), fracs, weights); offset, index_dtype, fracs, weights: see _axis_terms."""
     terms, fracs, weights = _axis_terms(xt, group, first, stop, offset, index_dtype)
-    n_corners = 1 << len(terms) if weights is not None else 1
-    corners = torch.empty((n_corners,) + terms[0][0].shape, dtype=terms[0][0].dtype,
-                          device=xt.device)
+    corners = torch.empty((1 << len(terms) if weights is not None else 1, *terms[0][0].shape),
+                          dtype=terms[0][0].dtype, device=xt.device)
     for _ in _corners(terms, None, group, first, stop, offset, corners):
         pass
     return corners, fracs, weights
@@ -1159,11 +929,9 @@ def _device_forward(xt, table, group: _LevelGroup, first: int, stop: int, mode: 
     for the points flagged in nan (n,); returns (corner rows, fracs), for backward."""
     span, offset = _pass_span(group, first, stop, table)
     corners, fracs, weights = _corner_rows(xt, group, first, stop, offset)
-    values = span.index_select(0, corners.reshape(-1)).view(*corners.shape, span.shape[1])
-    values, into = values.to(out.dtype), None
-    if weights is None:                  # "nearest"
-        if nan is not None:
-            values = values.masked_fill(nan[:, None], float("nan"))
+    values, into = _gather(span, corners, False).to(out.dtype), None
+    if weights is None and nan is not None:                   # "nearest"
+        values = values.masked_fill(nan[:, None], float("nan"))
     for d, (weight, _) in enumerate(weights or []):  # lerp along axis d: corners pair by bit d
         last = d == len(weights) - 1
         if last and nan is not None:     # a NaN weight makes the point's features NaN
@@ -1178,9 +946,8 @@ def _device_forward(xt, table, group: _LevelGroup, first: int, stop: int, mode: 
 
 
 def _lerp_split(grad: torch.Tensor, weight: torch.Tensor, eager: bool) -> torch.Tensor:
-    """The gradients at the two ends of lerps, grad (m, ...) -> (2m, ...): grad (1 - weight) at
-    the lower end, grad weight at the upper, interleaved (the lower bit is the new axis).
-    eager: written into one buffer with out= (not differentiable, nor traced)."""
+    """grad (m, ...) -> (2m, ...), the lerps' lower / upper ends interleaved: grad (1 - weight),
+    grad weight. eager: into one buffer with out= (not differentiable, nor traced)."""
     if not eager:
         upper = grad * weight
         return torch.stack((grad - upper, upper), 1).flatten(0, 1)
@@ -1195,8 +962,7 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, mode:
                      g: torch.Tensor, kept: Optional[List[torch.Tensor]],
                      grad_table: Optional[torch.Tensor], grad_xt: Optional[torch.Tensor]) -> None:
     """Adds the gradients of levels first..stop-1 for points xt (D, n), given g = dL/dfeatures
-    (G, n, F), to grad_table (R, F) and grad_xt (D, n). kept: the pass's corner rows and
-    fracs from forward, or None to recompute them."""
+    (G, n, F), to grad_table (R, F) and grad_xt (D, n); kept: forward's rows and fracs, or None."""
     span, offset = _pass_span(group, first, stop, table)
     if kept is None:
         corners, _, weights = _corner_rows(xt, group, first, stop, offset)
@@ -1207,8 +973,7 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, mode:
     need_x = grad_xt is not None and weights      # "nearest" is piecewise constant
     ends = []                    # per axis, the lerps' two ends (need_x: d out / d weight)
     if need_x:
-        values = span.index_select(0, corners.reshape(-1)).view(*corners.shape, span.shape[1])
-        values = values.to(g.dtype)
+        values = _gather(span, corners, False).to(g.dtype)
         for weight, _ in weights:
             pairs = values.view(-1, 2, *values.shape[1:])
             ends.append(pairs)
@@ -1228,21 +993,17 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, mode:
 
 def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
                           g, gg, grad_table, grad_xt, grad_g) -> None:
-    """Second order of levels first..stop-1 for points xt (D, n): the derivatives of
-    sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, with g = dL/dfeatures (G, n, F) and
-    gg (D, n) the gradient arriving at grad_x. Added to grad_g (G, n, F): sum_c row_c dw_c; to
-    grad_table (R, F): g dw_c at row_c; to grad_xt (D, n): the Hessian of P = sum_c (g . row_c)
-    w_c times gg. dw_c = sum_d gg_d dw_c/dx_d is the tangent along gg, carried through the
-    same lerps as _device_forward / _device_backward (dual numbers). Both branches run this;
-    the CPU branch with its tricks where mode.eager."""
+    """Second order of levels first..stop-1, points xt (D, n), all corners at once: derivatives
+    of sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, g (G, n, F), gg (D, n), added to
+    grad_g (G, n, F): sum_c row_c dw_c; grad_table (R, F): g dw_c at row_c; grad_xt (D, n):
+    the Hessian of sum_c (g . row_c) w_c times gg (dw_c, along gg, carried as dual numbers)."""
     span, offset = _pass_span(group, first, stop, table)
     tricks = mode.cpu and mode.eager
     words, grad_levels = _pack(span, g.dtype) if tricks else None, None
     if words is not None and grad_table is not None and not isinstance(grad_table, _RowCollector):
         grad_words = _pack(grad_table[group.rows_start:group.rows_stop], g.dtype)
         if grad_words is not None:
-            # the table and its gradient as (G, W) views (_per_level): the gather and the
-            # scatter-add along dim 1 run the levels on all cores
+            # (G, W) views (_per_level): gather and scatter-add run the levels on all cores
             grad_levels, offset = _per_level(grad_words, group, first, stop)
             words = _per_level(_pack(table[group.rows_start:group.rows_stop], g.dtype), group,
                                first, stop)[0]
@@ -1277,8 +1038,7 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     for d in reversed(range(len(fracs))):
         weight, slope, frac, step, move, diff, dtan = ends[d]
         if grad_xt is not None:
-            # d/dx_d of grad_x . gg: slope (Hessian row . gg) + step S''(frac) dP/dweight_d,
-            # S''(t) = 6 - 12 t
+            # d/dx_d of grad_x . gg: slope (Hessian row . gg) + step S''(frac) dP/dweight_d
             term = (dw * diff if dtan is None else dw * diff + w * dtan).sum(0)
             if slope is not None:
                 term = term * slope + step * (6.0 - 12.0 * frac) * (w * diff).sum(0)
@@ -1301,17 +1061,12 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
 
 
 # --- The CPU branch: eager mode on a CPU (its forward is torch.compile's too) ----------------
-# Passes of about 2**16 lookups: every temporary is a few hundred KB that malloc recycles (a
-# fresh large buffer per op would spend its time in page faults), and the corners are visited
-# one at a time, depth first. Where mode.eager (outside autograd) the rows are read and written
-# through word-sized views, feature pairs are complex numbers, and gathers and scatters run on
-# every intra-op thread (the speed tricks below).
+# Cache-sized passes (temporaries malloc recycles), corners one at a time, depth first.
 
 def _cpu_forward(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, first: int,
                  stop: int, mode: _Mode, acc_dtype: torch.dtype) -> torch.Tensor:
     """xt: (D, n) -> the features (G, n, F) of the group's levels first..stop-1, corner by
-    corner: the CPU branch's forward (with its tricks), and torch.compile's, which fuses
-    these per-corner ops into one kernel per level group."""
+    corner: the CPU branch's forward, and torch.compile's (inductor fuses the corners)."""
     group_table, offset = table[group.rows_start:group.rows_stop], group.offset[first:stop]
     words = _pack(group_table, acc_dtype) if mode.eager else None
     lanes = torch.get_num_threads() if words is not None else 1     # (_gather: int64 rows)
@@ -1336,9 +1091,8 @@ def _cpu_forward(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, firs
 
 def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
                        g_planes, nan, grad_table, grad_xt) -> None:
-    """Adds the gradients of the group's levels first..stop-1 for points xt (D, n), given
-    g_planes = dL/dfeatures (G, F, n) (a view of the caller's gradient; points flagged in
-    nan (n,) are skipped, None: no point is), to grad_table (R, F) and to grad_xt (D, n)."""
+    """Adds the gradients of levels first..stop-1 for points xt (D, n), given g_planes =
+    dL/dfeatures (G, F, n), nan (n,) points skipped, to grad_table (R, F) and grad_xt (D, n)."""
     n_dims, n_features = xt.shape[0], g_planes.shape[1]
     group_table = table[group.rows_start:group.rows_stop]
     group_grad = grad_words = table_words = grad_levels = table_levels = None
@@ -1348,8 +1102,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
         grad_words = _pack(group_grad, g_planes.dtype)                                # (R,)
     if mode.eager and grad_xt is not None:
         table_words = _pack(group_table, g_planes.dtype)                              # (R,)
-    # (G, W) views (_per_level) of the rows read and written, all indexed alike: scatter_add_
-    # and gather along their dim 1 run the levels on all cores
+    # (G, W) views (_per_level), all indexed alike: scatter_add_ and gather on all cores
     per_level = (mode.eager and (group_grad is None or grad_words is not None)
                  and (grad_xt is None or table_words is not None))
     offset = group.offset[first:stop]
@@ -1378,8 +1131,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
             grad_levels.scatter_add_(1, index, values)   # (index: int64 rows of each level)
         elif grad_words is not None:
             values = g_rows if weight is None else g_rows * weight
-            # scatter_add_'s 1-D CPU loop is tighter than index_add_'s, even after the int64
-            # copy it needs
+            # scatter_add_'s 1-D CPU loop beats index_add_'s, even with its int64 copy
             grad_words.scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
         elif group_grad is not None:
             values = (g if weight is None else g * weight.unsqueeze(-1)).reshape(-1, n_features)
@@ -1392,8 +1144,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
             dots[corner] = (g * _gather(group_table, index, mode.eager)).sum(-1)
         index = weight = values = rows = None   # (freed before the next corner's, see above)
     if need_x:
-        # P = sum_c dots_c w_c, the weights products of lerp weights s_d: lerping the corners
-        # axis by axis gives each dP/ds_d as the difference of the two ends along d, lerped
+        # P = sum_c dots_c w_c: dP/ds_d is the difference of the lerps' ends along d, lerped
         # along the later axes (about 2**(D+1) ops, not 4 D 2**D corner by corner)
         grad_weight = []      # per axis so far, its derivative at the corners of later axes
         for d in range(n_dims):
@@ -1410,49 +1161,36 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
 
 # --- CPU speed tricks (the CPU branch where mode.eager) --------------------------------------
 
-# Row-at-a-time access to the (R, F) tables is much faster through a 1-D view with one element
-# per row (F features reinterpreted as one machine word): PyTorch's 2-D index_select /
-# index_add_ CPU kernels loop over the features of every row. Word dtypes for the gather, by
-# row size:
+# A row as one machine word, by row bytes (2-D index_select loops over every row's features)
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
-# ... and for the scatter-add, where the arithmetic must stay right: a pair of floats adds
-# exactly like a complex number.
+# A feature pair as a complex number, for arithmetic (it adds and scales as the pair does)
 _PAIR_DTYPES = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def _gather(rows: torch.Tensor, index: torch.Tensor, eager: bool, lanes: int = 1
             ) -> torch.Tensor:
     """rows (R, F) -> (..., F), or packed rows (R,) (_pack) -> (...), at index (...). eager:
-    (R, F) rows through a one-word-per-row view (dtype views are not differentiable). lanes > 1
-    (int64 index): a gather along dim 1 of rows expanded to (lanes, R), the lookups split among
-    the intra-op threads, where index_select is serial."""
-    if rows.dim() == 2:
-        n_features, word = rows.shape[1], _WORD_DTYPES.get(rows.shape[1] * rows.element_size())
-        if eager and word is not None and rows.is_contiguous():
-            words = _gather(rows.view(word).view(-1), index, eager, lanes)
-            return words.view(rows.dtype).view(*index.shape, n_features)
-        return rows.index_select(0, index.reshape(-1)).view(*index.shape, n_features)
-    if lanes > 1 and index.numel() % lanes == 0:
+    (R, F) rows through a word view (not differentiable). lanes > 1 (int64 index): a gather
+    along dim 1 of rows expanded to (lanes, R), split among the threads (index_select is not)."""
+    word = _WORD_DTYPES.get(rows.shape[-1] * rows.element_size()) if rows.dim() == 2 else None
+    if eager and word is not None and rows.is_contiguous():
+        words = _gather(rows.view(word).view(-1), index, eager, lanes)
+        return words.view(rows.dtype).view(*index.shape, rows.shape[1])
+    if lanes > 1 and rows.dim() == 1 and index.numel() % lanes == 0:
         return rows.expand(lanes, -1).gather(1, index.reshape(lanes, -1)).view(index.shape)
-    return rows.index_select(0, index.reshape(-1)).view(index.shape)
+    return rows.index_select(0, index.reshape(-1)).view(*index.shape, *rows.shape[1:])
 
 
 def _per_level(packed: torch.Tensor, group: _LevelGroup, first: int, stop: int
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(view, shift): a group's packed table or gradient (R,) as a (G, W) view whose row g
-    holds level first + g, and shift (G, 1), added to a level's own row numbers to index its
-    view row (None: no shift). Gathers / scatter-adds along dim 1 of the view run one level per
-    intra-op thread, where 1-D ones are serial.
-
-    Row g starts s * g rows after the first level's first row: levels of T rows each (hashed)
-    take s = T, so each view row is exactly its level (no shift). Levels of any sizes (dense)
-    take s = 1: the view rows then overlap in memory, but level g's rows, at shift_g = (its
-    offset - the first level's) - g in its view row, are its own, so the threads' writes never
-    meet, and the levels stay summed serially each (deterministic)."""
+    holds level first + g, shift (G, 1) added to a level's rows (None: 0), so gathers and
+    scatter-adds along dim 1 run one level per thread. Dense levels' view rows overlap, one
+    row apart, but each level touches only its own rows."""
     n_levels, n_rows = stop - first, group.hash_mask + 1
     if group.hashed and packed.shape[0] == (group.stop - group.start) * n_rows:
         return packed.view(-1, n_rows)[first:stop], None
-    start, end = group.row_span(first, stop)
+    start, end = group.bounds[first], group.bounds[stop]
     view = packed.as_strided((n_levels, end - start - (n_levels - 1)), (1, 1),
                              packed.storage_offset() + start)
     offset = group.offset[first:stop]
@@ -1461,19 +1199,15 @@ def _per_level(packed: torch.Tensor, group: _LevelGroup, first: int, stop: int
 
 
 def _pack(rows: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """rows (..., F) -> (...) one number per row: F = 1 as reals, F = 2 (float32 / float64) as
-    complex numbers, whose arithmetic on a pair is exactly what interpolation does to it (a
-    weighted sum); None unless rows are contiguous, of `dtype`, and F is one of those.
-    Elementwise ops then run over one long axis instead of broadcasting a weight over a
-    trailing axis of size 2, which is several times slower on a CPU."""
-    n_features = rows.shape[-1]
-    if rows.dtype != dtype or not rows.is_contiguous():
+    """rows (..., F) -> (...), one number per row (elementwise ops then run over one long
+    axis): F = 1 as reals, F = 2 (float32 / float64) as complex numbers, whose arithmetic is a
+    weighted sum's; None unless contiguous, of `dtype`, with such an F."""
+    if rows.dtype != dtype or not rows.is_contiguous() or rows.shape[-1] > 2:
         return None
-    if n_features == 1:
+    if rows.shape[-1] == 1:
         return rows.squeeze(-1)
-    if n_features == 2 and rows.dtype in _PAIR_DTYPES:
-        return rows.view(_PAIR_DTYPES[rows.dtype]).squeeze(-1)
-    return None
+    pair = _PAIR_DTYPES.get(rows.dtype)
+    return None if pair is None else rows.view(pair).squeeze(-1)
 
 
 def _unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -1489,21 +1223,17 @@ def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
     """The table gradient by the eager CPU path, the groups given by _LevelGroup.op_args
     (concatenated): the body of the custom op below."""
     groups = _LevelGroup.from_op_args(tensors, ints, interpolation)
-    cpu = table.device.type == "cpu"   # (the op is for CPUs; called elsewhere, plainly)
-    lookups = MultiResHashGrid._cpu_lookups if cpu else MultiResHashGrid._device_lookups
-    mode = _Mode(tuple(groups), cpu, False, True, False, False, False, lookups)
-    if cpu and not bool(nan.any()):
+    mode = _Mode(tuple(groups), True, False, True, False, False, False,
+                 MultiResHashGrid._cpu_lookups)
+    if not bool(nan.any()):
         nan = None
     with torch.no_grad():
         return _encode_backward(x, table, nan, mode, grad_out, False, True)[1]
 
 
-# Under torch.compile, inductor would turn the backward's scatter-adds into its own kernels,
-# which on CPU are several times slower than the eager CPU branch (int32 indices, complex
-# pairs, cache-sized passes), so a CPU runs that branch as this opaque op (torch >= 2.4). Its
-# name carries a version, bumped whenever its inputs change: a
-# second copy of this file in the same process reuses the op of an equal version, and a copy
-# of another version registers its own instead of silently replacing this one.
+# Inductor's scatter-adds are slower on a CPU than the eager CPU branch, which torch.compile
+# therefore runs as this opaque op (torch >= 2.4). Bump the version when its inputs change
+# (copies of this file in one process share the op of their version).
 _TABLE_GRAD_OP = "hashgrid::table_grad_v5"
 _table_grad_op = None
 if hasattr(torch.library, "custom_op"):
@@ -1517,24 +1247,17 @@ if hasattr(torch.library, "custom_op"):
 
 
 # --- Sparse table gradients (sparse=True) ----------------------------------------------------
-# The passes add their contributions to a _RowCollector where they would scatter-add into a
-# dense gradient; backward then sorts the rows and sums each row's contributions in their
-# order (_coalesced_rows). No zeroed (R, F) gradient, no float atomics: the sum's order is fixed,
-# so its bits do not depend on the run, the thread count or the device's scheduling.
+# The passes add to a _RowCollector where they would scatter-add into a dense gradient; each
+# row's contributions are then summed in a fixed order (no float atomics: the same bits).
 
 class _RowCollector:
-    """A sparse table gradient in the making, in the place of a dense (R, F) one: the backward
-    passes call its index_add_ (and take row slices of it) as they would the dense gradient's,
-    and .to(dtype) returns the sum, a coalesced sparse COO tensor (_coalesced_rows).
-
-    shape (R, F), dtype: the contributions' (summed in it), device; a slice [a:b] shares the
-    contributions, its rows counted from a (as a tensor slice's)."""
+    """A sparse (R, F) table gradient in the making, used as a dense one (index_add_, row slices
+    sharing its contributions); .to(dtype) sums them (_coalesced_rows). dtype: the parts'."""
 
     def __init__(self, shape, dtype: torch.dtype, device: torch.device, base: int = 0,
                  parts: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None):
         self.shape, self.dtype, self.device = torch.Size(shape), dtype, device
-        self._base = base
-        self._parts = [] if parts is None else parts      # [(rows (m,), values (m, F))]
+        self._base, self._parts = base, [] if parts is None else parts   # [(rows, values)]
 
     def __getitem__(self, rows: slice) -> "_RowCollector":
         start, stop, _ = rows.indices(self.shape[0])
@@ -1561,11 +1284,9 @@ class _RowCollector:
 
 def _coalesced_rows(rows: torch.Tensor, values: torch.Tensor, shape, dtype: torch.dtype
                     ) -> torch.Tensor:
-    """rows (m,) integers, values (m, F) -> the coalesced sparse COO tensor of `shape` (R, F)
-    and `dtype` whose row r is the sum of values[i] over rows[i] == r, for the rows that occur
-    (sorted; nn.Embedding(sparse=True)'s format). A stable sort keeps each row's contributions
-    in their given order and segment_reduce sums them one row at a time, in that order: the
-    same bits on every run and for any number of threads."""
+    """rows (m,), values (m, F) -> the coalesced sparse COO tensor (`shape` (R, F), `dtype`)
+    whose row r sums values[i] over rows[i] == r, in their given order (a stable sort, then
+    segment_reduce: the same bits for any number of threads)."""
     sorted_rows, order = torch.sort(rows, stable=True)
     unique, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     sums = values.index_select(0, order)
@@ -1584,10 +1305,9 @@ class _CoalescedGrad(torch.autograd.Function):
         return table.view_as(table)
 
     @staticmethod
-    def backward(ctx, grad):
-        if not grad.is_sparse:     # some contribution was dense (e.g. through double backward)
-            return grad
-        return _coalesced_rows(grad._indices()[0], grad._values(), grad.shape, grad.dtype)
+    def backward(ctx, grad):       # (dense if some contribution was, e.g. double backward)
+        return _coalesced_rows(grad._indices()[0], grad._values(), grad.shape,
+                               grad.dtype) if grad.is_sparse else grad
 
 
 # --- tiny-cuda-nn interop (layout="tcnn": configs in, configs and parameters out) ------------
@@ -1599,35 +1319,29 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
     if "otype" not in config and isinstance(config.get("encoding"), dict):
         config = config["encoding"]         # a whole tcnn config: its encoding
     otypes = {"grid": "hash", "hashgrid": "hash", "densegrid": "dense", "tiledgrid": "tiled"}
-    otype = config.get("otype")
-    if str(otype).lower() not in otypes:
-        hint = ("; pass one of its nested grid configs (its n_dims_to_encode is kept)"
-                if str(otype).lower() == "composite" else "")
-        raise ValueError(f"not a grid encoding: otype {otype!r} (MultiResHashGrid is tcnn's "
-                         f"Grid, HashGrid, DenseGrid or TiledGrid){hint}")
-    known = ("otype", "type", "n_levels", "n_features", "n_grid_features",
-             "n_features_per_level", "log2_hashmap_size", "base_resolution",
-             "per_level_scale", "interpolation", "hash", "stochastic_interpolation",
-             "fixed_point_pos", "n_dims_to_encode")
+    otype = str(config.get("otype")).lower()
+    if otype not in otypes:
+        hint = "; pass one of its nested grid configs" if otype == "composite" else ""
+        raise ValueError(f"not a grid encoding: otype {config.get('otype')!r} (MultiResHashGrid "
+                         f"is tcnn's Grid, HashGrid, DenseGrid or TiledGrid){hint}")
+    known = ("otype", "type", "n_levels", "n_features", "n_grid_features", "n_features_per_level",
+             "log2_hashmap_size", "base_resolution", "per_level_scale", "interpolation", "hash",
+             "stochastic_interpolation", "fixed_point_pos", "n_dims_to_encode")
     unknown = [key for key in config if key not in known]
     if unknown:
-        raise ValueError(f"unsupported tcnn grid config key(s) {unknown}; "
-                         f"supported: {list(known)}")
+        raise ValueError(f"unsupported tcnn grid config key(s) {unknown}; supported: {known}")
     grid_types = {"hash": "hash", "dense": "dense", "tiled": "tiled", "tile": "tiled"}
-    grid_type = grid_types.get(str(config.get("type", otypes[str(otype).lower()])).lower())
-    if grid_type is None:
-        raise ValueError(f"unsupported tcnn grid type {config['type']!r}: expected Hash, "
-                         "Dense or Tiled")
-    if str(config.get("hash", "CoherentPrime")).lower() != "coherentprime":
-        raise ValueError(f"unsupported tcnn hash {config['hash']!r}: only CoherentPrime "
-                         "(the paper's primes, 1 for the first axis)")
-    for flag in ("stochastic_interpolation", "fixed_point_pos"):
-        if config.get(flag, False):
-            raise ValueError(f"unsupported tcnn option {flag}={config[flag]!r}")
+    grid_type = grid_types.get(str(config.get("type", otypes[otype])).lower())
     interpolation = str(config.get("interpolation", "Linear")).lower()
-    if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"unsupported tcnn interpolation {config['interpolation']!r}: "
-                         "expected Nearest, Linear or Smoothstep")
+    for key, supported, expected in (
+            ("type", grid_type is not None, "Hash, Dense or Tiled"),
+            ("hash", str(config.get("hash", "CoherentPrime")).lower() == "coherentprime",
+             "CoherentPrime (the paper's primes)"),
+            ("interpolation", interpolation in _INTERPOLATIONS, "Nearest, Linear or Smoothstep"),
+            ("stochastic_interpolation", not config.get("stochastic_interpolation"), "false"),
+            ("fixed_point_pos", not config.get("fixed_point_pos"), "false")):
+        if not supported:
+            raise ValueError(f"unsupported tcnn {key} {config[key]!r}: expected {expected}")
 
     def integer(key, default):
         value = config.get(key, default)
@@ -1642,16 +1356,14 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
                          f"({n_input_dims})")
     n_features_per_level = integer("n_features_per_level", 2)
     n_levels = integer("n_levels", 16)
-    for key in ("n_features", "n_grid_features"):
-        if key in config:
-            if "n_levels" in config:
-                raise ValueError(f"tcnn config may not give both {key} and n_levels")
-            n_features = integer(key, None)
-            if n_features_per_level < 1 or n_features % n_features_per_level:
-                raise ValueError(f"tcnn config {key}={n_features} is not a multiple of "
-                                 f"n_features_per_level={n_features_per_level}")
-            n_levels = n_features // n_features_per_level
-            break
+    for key in [key for key in ("n_features", "n_grid_features") if key in config][:1]:
+        n_features = integer(key, None)
+        if "n_levels" in config:
+            raise ValueError(f"tcnn config may not give both {key} and n_levels")
+        if n_features_per_level < 1 or n_features % n_features_per_level:
+            raise ValueError(f"tcnn config {key}={n_features} is not a multiple of "
+                             f"n_features_per_level={n_features_per_level}")
+        n_levels = n_features // n_features_per_level
     base = integer("base_resolution", 16)
     if "per_level_scale" in config:
         per_level_scale = config["per_level_scale"]
@@ -1672,39 +1384,18 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
                          layout="tcnn", grid_type=grid_type))
 
 
-def _tcnn_config_of(enc: "MultiResHashGrid") -> dict:
-    """enc as a tcnn encoding config (MultiResHashGrid.tcnn_config)."""
-    enc._require_tcnn()
-    base = _per_axis(enc.base_resolution, enc.input_dim, "base_resolution")
-    if len(set(base)) != 1 or base[0] != int(base[0]) or len(set(enc.per_level_scale)) != 1:
-        raise ValueError("a tcnn config has one integer base_resolution and one "
-                         f"per_level_scale for all axes, got {enc.base_resolution} and "
-                         f"{enc.per_level_scale}")
-    config = {"otype": "Grid", "type": enc.grid_type.capitalize(),
-              "n_levels": enc.n_levels, "n_features_per_level": enc.n_features_per_level,
-              "base_resolution": int(base[0]), "per_level_scale": enc.per_level_scale[0],
-              "interpolation": enc.interpolation.capitalize(), "hash": "CoherentPrime"}
-    if enc.grid_type == "hash":
-        config["log2_hashmap_size"] = enc.log2_hashmap_size
-    return config
-
-
 # --- Frequency, the NeRF positional encoding -------------------------------------------------
 
 class Frequency(nn.Module):
-    """NeRF positional encoding (Mildenhall et al. 2020, eq. 4):
-    x (..., dim) -> (..., dim * n_levels * 2), per input axis
-    [sin(2^0 pi x), ..., sin(2^(L-1) pi x), cos(2^0 pi x), ..., cos(2^(L-1) pi x)].
-    """
+    """NeRF positional encoding (Mildenhall et al. 2020, eq. 4): x (..., dim) -> (..., dim *
+    n_levels * 2), per axis [sin(2^0 pi x), ..., sin(2^(L-1) pi x), cos(2^0 pi x), ...]."""
 
     def __init__(self, dim: int, n_levels: int = 10):
         super().__init__()
         if not isinstance(dim, int) or dim < 1 or not isinstance(n_levels, int) or n_levels < 1:
             raise ValueError(f"Frequency needs dim >= 1 and n_levels >= 1, got dim={dim!r}, "
                              f"n_levels={n_levels!r}")
-        self.input_dim = dim
-        self.n_levels = n_levels
-        self.output_dim = dim * n_levels * 2
+        self.input_dim, self.n_levels, self.output_dim = dim, n_levels, dim * n_levels * 2
         self.register_buffer("freqs", 2.0 ** torch.arange(n_levels, dtype=torch.float32),
                              persistent=False)
 

@@ -176,12 +176,14 @@ def test_single_level_and_bad_configs():
 # --- the formula functions, against hand-computed values -----------------------------------
 
 def test_resolution_formulas_by_hand():
-    assert encoding._paper_growth(16, 512, 6) == pytest.approx(2.0)     # 16 * 2**5 = 512
-    assert encoding._paper_growth(5, 5, 1) == 1.0
-    assert [encoding._paper_cells(16, 2.0, level) for level in range(3)] == [16, 32, 64]
-    assert encoding._paper_cells(3, 1.5, 2) == 6                       # floor(6.75)
+    enc = MultiResHashGrid(1, 6, 2, 20, 16, 512)            # b = exp(ln(512 / 16) / 5) = 2
+    assert enc.per_level_scale[0] == pytest.approx(2.0)
+    assert [n for n, in enc.resolutions] == [16, 32, 64, 128, 256, 512]     # N_min * b**l
+    assert MultiResHashGrid(1, 1, 2, 8, 5, 9).per_level_scale == (1.0,)     # one level: b = 1
+    enc = MultiResHashGrid(1, 3, 2, 8, 3, per_level_scale=1.5)
+    assert [n for n, in enc.resolutions] == [3, 4, 6]                # floor(4.5), floor(6.75)
     # exp/log round-off lands 16 * b**15 a hair below 8192; the paper means 8192
-    assert encoding._paper_cells(16, encoding._paper_growth(16, 8192, 16), 15) == 8192
+    assert MultiResHashGrid(1, 16, 2, 8, 16, 8192).resolutions[-1] == (8192,)
     # tcnn: exp2(l * log2(b)) * N_min - 1 (exact here), then ceil + 1 vertices
     assert [encoding._tcnn_scale(16, 2.0, level) for level in range(3)] == [15.0, 31.0, 63.0]
     # float32 at every step, b included: 1.1**7 * 3 - 1 in float32 is not its float64 value
@@ -191,16 +193,19 @@ def test_resolution_formulas_by_hand():
 
 
 def test_row_formulas_by_hand():
-    rows = encoding._level_rows
-    assert rows(9, "paper", "hash", 128, 0) == 9 and rows(200, "paper", "hash", 128, 0) == 128
-    assert rows(200, "paper", "dense", 128, 0) == 200            # dense: every vertex
-    assert rows(9, "tcnn", "hash", 128, 0) == 16                 # next multiple of 8
-    assert rows(144, "tcnn", "hash", 128, 0) == 128              # at most T
-    assert rows(144, "tcnn", "dense", 128, 0) == 144             # not capped by T
-    assert rows(3**19, "tcnn", "dense", 128, 0) == 1162261472    # next multiple of 8
-    assert rows(5**14, "tcnn", "dense", 128, 0) == 2**31         # at most 2**31
-    assert rows(144, "tcnn", "tiled", 128, 81) == 81             # at most N_min**D
-    assert rows(9, "tcnn", "tiled", 128, 81) == 16
+    def rows(base, dim, layout, grid_type, levels=1, growth=2.0):   # T = 128
+        plan = encoding._plan_levels((float(base),) * dim, (growth,) * dim, levels, 7, layout,
+                                     grid_type, (False,) * dim)
+        return [level.rows for level in plan]
+    # paper: every vertex ((N + 1)**D) if they fit in T or the grid is dense, else T
+    assert rows(2, 2, "paper", "hash") == [9] and rows(199, 1, "paper", "hash") == [128]
+    assert rows(199, 1, "paper", "dense") == [200]
+    # tcnn (N_min**D vertices at level 0): the next multiple of 8, at most T when hashed
+    assert rows(3, 2, "tcnn", "hash") == [16] and rows(12, 2, "tcnn", "hash") == [128]
+    assert rows(12, 2, "tcnn", "dense") == [144]                 # not capped by T
+    assert rows(3, 19, "tcnn", "dense") == [1162261472]          # 3**19 up to a multiple of 8
+    assert rows(50000, 2, "tcnn", "dense") == [2**31]            # at most 2**31
+    assert rows(9, 2, "tcnn", "tiled", 2) == [81, 81]            # at most N_min**D (18**2 at l=1)
     assert encoding._dense_strides((3, 4, 5)) == (1, 3, 12)
 
 
