@@ -219,13 +219,10 @@ class MultiResHashGrid(nn.Module):
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., dim) in [0, 1] -> (R,) the table rows self(x) reads, sorted, each once (the
         rows of its sparse gradient), e.g. for LazyAdam.catch_up before the forward reads them."""
-        points = x.reshape(-1, self.input_dim)
-        points = points.to(torch.float64 if points.dtype == torch.float64 else torch.float32)
-        xt = points.nan_to_num(0.0).clamp(0.0, 1.0).t()
-        rows = [group.rows_start + _corner_rows(xt, group, 0, group.stop - group.start,
-                                                group.offset)[0].view(-1)
-                for group in self._level_groups]
-        return torch.unique(torch.cat(rows))
+        points = x.reshape(-1, self.input_dim).to(torch.promote_types(x.dtype, torch.float32))
+        xt = points.nan_to_num(0.0).clamp(0.0, 1.0).t()     # as forward reads them
+        return torch.unique(torch.cat([g.rows_start + _corner_rows(
+            xt, g, 0, g.stop - g.start, g.offset)[0].view(-1) for g in self._level_groups]))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -327,15 +324,14 @@ class MultiResHashGrid(nn.Module):
             raise ValueError("tcnn parameter vectors need MultiResHashGrid(..., layout='tcnn')")
 
     def extra_repr(self) -> str:
-        return (f"dim={self.input_dim}, n_levels={self.n_levels}, "
-                f"n_features_per_level={self.n_features_per_level}, "
-                f"log2_hashmap_size={self.log2_hashmap_size}, "
-                f"resolutions={self.resolutions[0]}..{self.resolutions[-1]}, "
-                f"hashed_levels={len(self.hashed_levels)}, "
-                f"interpolation={self.interpolation!r}, layout={self.layout!r}"
-                + (f", grid_type={self.grid_type!r}" if self.grid_type != "hash" else "")
-                + (f", periodic={self.periodic}" if any(self.periodic) else "")
-                + (", sparse=True" if self.sparse else ""))
+        shown = {"grid_type": self.grid_type != "hash", "periodic": any(self.periodic),
+                 "sparse": self.sparse}
+        return (f"dim={self.input_dim}, n_levels={self.n_levels}, n_features_per_level="
+                f"{self.n_features_per_level}, log2_hashmap_size={self.log2_hashmap_size}, "
+                f"resolutions={self.resolutions[0]}..{self.resolutions[-1]}, hashed_levels="
+                f"{len(self.hashed_levels)}, interpolation={self.interpolation!r}, layout="
+                f"{self.layout!r}" + "".join(f", {k}={getattr(self, k)!r}"
+                                             for k in shown if shown[k]))
 
 
 # --- The reference: the whole encoding, read top to bottom -----------------------------------
@@ -448,11 +444,6 @@ def _per_axis(value: Resolution, dim: int, name: str) -> Tuple[float, ...]:
     return values
 
 
-def _dense_strides(vertices: Sequence[int]) -> Tuple[int, ...]:
-    """stride_0 = 1, stride_d = stride_{d-1} * V_{d-1} (axis 0 fastest)."""
-    return tuple(math.prod(vertices[:d]) for d in range(len(vertices)))
-
-
 # #############################################################################################
 # SPEED ONLY: _reference_encode's numbers in fewer, larger operations (tests/test_encoding.py
 # checks every path, and every shortcut against its formula, in float64): _LevelGroup, _Mode,
@@ -500,7 +491,7 @@ class _LevelGroup(nn.Module):
         # int32 row indices (half the traffic of int64) unless a row, or a tcnn dense index
         # before its wrap-around, reaches 2**31
         largest = max([levels[-1].offset + levels[-1].rows] + [
-            sum(v * s for v, s in zip(level.vertices, _dense_strides(level.vertices)))
+            sum(v * math.prod(level.vertices[:d]) for d, v in enumerate(level.vertices))
             for level in levels if not level.hashed])
         index_dtype = torch.int32 if largest < 2**31 else torch.int64
         primes = hash_primes(len(periodic))
@@ -526,7 +517,8 @@ class _LevelGroup(nn.Module):
                 not hashed or max(level.resolution[0] for level in group) <= hash_mask,
                 interpolation, device,
                 scale=column([level.scale for level in group], torch.float32),
-                mult=column([primes if hashed else _dense_strides(lv.vertices) for lv in group]),
+                mult=column([primes if hashed else [math.prod(lv.vertices[:d]) for d in range(
+                    len(periodic))] for lv in group]),     # dense: strides, axis 0 fastest
                 offset=column([level.offset - rows_start for level in group]),
                 max_cell=column(cells) if layout == "paper" else None,
                 wrap_rows=column([level.rows for level in group]) if wrap else None))
@@ -556,10 +548,6 @@ class _LevelGroup(nn.Module):
         return [cls(*ints[i * n_ints:(i + 1) * n_ints], interpolation, tensors[0].device,
                     **dict(zip(cls.TENSORS, tensors[i * n_tensors:(i + 1) * n_tensors])))
                 for i in range(len(ints) // n_ints)]
-
-    def extra_repr(self) -> str:
-        return (f"levels {self.start}..{self.stop - 1}, {'hashed' if self.hashed else 'dense'}, "
-                f"rows {self.rows_start}..{self.rows_stop - 1}")
 
 
 class _Mode(NamedTuple):
@@ -1225,10 +1213,9 @@ def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
     groups = _LevelGroup.from_op_args(tensors, ints, interpolation)
     mode = _Mode(tuple(groups), True, False, True, False, False, False,
                  MultiResHashGrid._cpu_lookups)
-    if not bool(nan.any()):
-        nan = None
     with torch.no_grad():
-        return _encode_backward(x, table, nan, mode, grad_out, False, True)[1]
+        return _encode_backward(x, table, nan if bool(nan.any()) else None, mode, grad_out,
+                                False, True)[1]
 
 
 # Inductor's scatter-adds are slower on a CPU than the eager CPU branch, which torch.compile

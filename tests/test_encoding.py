@@ -206,7 +206,8 @@ def test_row_formulas_by_hand():
     assert rows(3, 19, "tcnn", "dense") == [1162261472]          # 3**19 up to a multiple of 8
     assert rows(50000, 2, "tcnn", "dense") == [2**31]            # at most 2**31
     assert rows(9, 2, "tcnn", "tiled", 2) == [81, 81]            # at most N_min**D (18**2 at l=1)
-    assert encoding._dense_strides((3, 4, 5)) == (1, 3, 12)
+    dense = MultiResHashGrid(3, 1, 2, 19, (2, 3, 4), (2, 3, 4))       # V = (3, 4, 5) vertices
+    assert dense._level_groups[0].mult.view(-1).tolist() == [1, 3, 12]  # axis 0 fastest
 
 
 def test_weight_formulas_by_hand():
