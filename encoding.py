@@ -647,13 +647,14 @@ class _HashGridBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, table, nan, mode, grad_out, need_x, need_table, kept):
         ctx.set_materialize_grads(False)
-        ctx.mode = mode
-        ctx.save_for_backward(x, table, nan, grad_out)
-        return _encode_backward(x, table, nan, mode, grad_out, need_x, need_table, kept)
+        ctx.mode, saved = mode, []      # saved: the CPU passes' corner rows, for backward
+        out = _encode_backward(x, table, nan, mode, grad_out, need_x, need_table, kept, saved)
+        ctx.save_for_backward(x, table, nan, grad_out, *saved)
+        return out
 
     @staticmethod
     def backward(ctx, gg_x, gg_table):
-        x, table, nan, grad_out = ctx.saved_tensors
+        x, table, nan, grad_out, *saved = ctx.saved_tensors
         need_x, need_table, _, _, need_g = ctx.needs_input_grad[:5]
         mode = ctx.mode
         if mode.eager and torch.is_grad_enabled():    # third order: autograd records these ops
@@ -661,7 +662,7 @@ class _HashGridBackward(torch.autograd.Function):
         grads = [None, None, None]                                  # x, table, grad_out
         if gg_x is not None:
             grads = _encode_double_backward(x, table, nan, mode, grad_out, gg_x, need_x,
-                                            need_table, need_g)
+                                            need_table, need_g, saved)
         if gg_table is not None:
             # grad_table's derivatives: the encoding and its x-gradient, gg_table as the table
             more = [None, None, None]
@@ -709,9 +710,10 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], m
 
 
 def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_table: bool,
-                     kept: Optional[List[torch.Tensor]] = None):
+                     kept: Optional[List[torch.Tensor]] = None, saved: Optional[list] = None):
     """Gradients of _encode w.r.t. x (N, D) and table (R, F) (sparse: a _RowCollector's), given
-    grad_out (N, L * F); NaN points add nothing. kept: _encode's (None: recomputed)."""
+    grad_out (N, L * F); NaN points add nothing. kept: _encode's (None: recomputed). saved: a
+    list the CPU passes append their corner rows to, for _encode_double_backward."""
     n_points, n_features = x.shape[0], table.shape[1]
     grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     xt = x.t().contiguous()
@@ -738,7 +740,7 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
             pass_grad_xt = grad_xt[:, lo:hi]
         if mode.cpu:
             _cpu_backward_pass(*args, grad_planes[levels, :, lo:hi], pass_nan, grad_table,
-                               pass_grad_xt)
+                               pass_grad_xt, saved)
         else:
             g = per_level[lo:hi, levels].transpose(0, 1)                       # (G, n, F)
             if nan is not None:     # NaN points add nothing
@@ -763,9 +765,10 @@ def _zero_grads(x, table, mode: _Mode, dtype: torch.dtype, need_x: bool, need_ta
 
 
 def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: bool,
-                            need_table: bool, need_g: bool):
+                            need_table: bool, need_g: bool, saved: Sequence[torch.Tensor] = ()):
     """[grad_x, grad_table, grad_g]: the gradients of (gg_x * grad_x).sum() w.r.t. x (N, D),
-    table (R, F), grad_out (N, L * F), given gg_x (N, D); None if unneeded or zero ("nearest")."""
+    table (R, F), grad_out (N, L * F), given gg_x (N, D); None if unneeded or zero ("nearest").
+    saved: _encode_backward's, D + 2 tensors per pass (the same passes), or () (recomputed)."""
     n_points, n_features = x.shape[0], table.shape[1]
     if mode.groups[0].interpolation == "nearest":
         return [None, None, None]
@@ -775,15 +778,17 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
     if need_g:
         grad_g = torch.empty(per_level.shape, dtype=grad_out.dtype, device=grad_out.device)
     xt, ggt = x.t().contiguous(), gg_x.t().to(grad_out.dtype)                       # (D, N)
-    min_levels = mode.thread_levels() if mode.cpu and mode.eager and need_table else 1
-    for group, first, stop, lo, hi in mode.split(n_points, min_levels):
+    passes = mode.split(n_points, mode.thread_levels() if mode.cpu and mode.eager else 1)
+    n_saved = x.shape[1] + 2 if len(saved) == len(passes) * (x.shape[1] + 2) else 0
+    for i, (group, first, stop, lo, hi) in enumerate(passes):
         levels = slice(group.start + first, group.start + stop)
         g, gg = per_level[lo:hi, levels].transpose(0, 1), ggt[:, lo:hi]
         if nan is not None:     # NaN points add nothing (their g and gg may be NaN)
             g, gg = g.masked_fill(nan[lo:hi, None], 0.0), gg.masked_fill(nan[lo:hi], 0.0)
         _double_backward_pass(xt[:, lo:hi], table, group, first, stop, mode, g, gg, grad_table,
                               grad_xt[:, lo:hi] if need_x else None,
-                              grad_g[lo:hi, levels].transpose(0, 1) if need_g else None)
+                              grad_g[lo:hi, levels].transpose(0, 1) if need_g else None,
+                              saved[i * n_saved:(i + 1) * n_saved])
     return [grad_xt.t().to(x.dtype) if need_x else None,
             grad_table.to(table.dtype) if need_table else None,
             grad_g.view(n_points, -1).to(grad_out.dtype) if need_g else None]
@@ -992,11 +997,12 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, mode:
 
 
 def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
-                          g, gg, grad_table, grad_xt, grad_g) -> None:
+                          g, gg, grad_table, grad_xt, grad_g, saved=()) -> None:
     """Second order of levels first..stop-1, points xt (D, n), all corners at once: derivatives
     of sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, g (G, n, F), gg (D, n), added to
     grad_g (G, n, F): sum_c row_c dw_c; grad_table (R, F): g dw_c at row_c; grad_xt (D, n):
-    the Hessian of sum_c (g . row_c) w_c times gg (dw_c, along gg, carried as dual numbers)."""
+    the Hessian of sum_c (g . row_c) w_c times gg (dw_c, along gg, carried as dual numbers).
+    saved: _cpu_backward_pass's (corners, packed rows, *fracs) of this pass, or ()."""
     span, offset = _pass_span(group, first, stop, table)
     tricks = mode.cpu and mode.eager
     words, grad_levels = _pack(span, g.dtype) if tricks else None, None
@@ -1007,14 +1013,17 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
             grad_levels, offset = _per_level(grad_words, group, first, stop)
             words = _per_level(_pack(table[group.rows_start:group.rows_stop], g.dtype), group,
                                first, stop)[0]
-    corners, fracs, _ = _corner_rows(xt, group, first, stop, offset,
-                                     torch.int64 if grad_levels is not None else None)
+    if not (saved and words is not None and (grad_levels is not None or grad_table is None)):
+        corners, fracs, _ = _corner_rows(xt, group, first, stop, offset,   # (saved: per-level)
+                                         torch.int64 if grad_levels is not None else None)
+        saved = (corners, None, *fracs)
+    corners, rows, *fracs = saved
     if words is not None:   # feature pairs as complex numbers (see _pack), gathers on every thread
         g = _pack(g.contiguous(), g.dtype)
         g_conj = g.conj().resolve_conj()     # (a lazy conj makes each product with it slower)
-        if grad_levels is not None:
+        if rows is None and grad_levels is not None:
             rows = words.expand(corners.shape[0], -1, -1).gather(2, corners)
-        else:
+        elif rows is None:
             rows = _gather(words, corners.reshape(-1).long(), True,
                            torch.get_num_threads()).view(corners.shape)
         values = (rows * g_conj).real if g.is_complex() else rows * g        # (2**D, G, n)
@@ -1090,9 +1099,10 @@ def _cpu_forward(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, firs
 
 
 def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
-                       g_planes, nan, grad_table, grad_xt) -> None:
+                       g_planes, nan, grad_table, grad_xt, saved=None) -> None:
     """Adds the gradients of levels first..stop-1 for points xt (D, n), given g_planes =
-    dL/dfeatures (G, F, n), nan (n,) points skipped, to grad_table (R, F) and grad_xt (D, n)."""
+    dL/dfeatures (G, F, n), nan (n,) points skipped, to grad_table (R, F) and grad_xt (D, n);
+    appends (corners (2**D, G, n), their packed rows, *fracs) to saved (a list) when it can."""
     n_dims, n_features = xt.shape[0], g_planes.shape[1]
     group_table = table[group.rows_start:group.rows_stop]
     group_grad = grad_words = table_words = grad_levels = table_levels = None
@@ -1121,11 +1131,16 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
         grad_levels, offset = _per_level(grad_words, group, first, stop)
     if per_level and table_words is not None:
         table_levels, offset = _per_level(table_words, group, first, stop)
-    terms, _, weights = _axis_terms(xt, group, first, stop, offset,
-                                    torch.int64 if per_level else None)
+    terms, fracs, weights = _axis_terms(xt, group, first, stop, offset,
+                                        torch.int64 if per_level else None)
     need_x = grad_xt is not None and weights is not None   # "nearest": d/dx = 0
     dots = [None] * (1 << n_dims)     # need_x: each corner's g . row (G, n)
-    for corner, index, weight in _corners(terms, weights, group, first, stop, offset):
+    corners = rows_kept = None
+    if saved is not None and need_x and table_levels is not None:
+        corners = terms[0][0].new_empty((1 << n_dims, *terms[0][0].shape))       # (int64)
+        rows_kept = table_levels.new_empty(corners.shape)
+        saved += [corners, rows_kept, *fracs]
+    for corner, index, weight in _corners(terms, weights, group, first, stop, offset, corners):
         if grad_levels is not None:
             values = g_rows if weight is None else g_rows * weight
             grad_levels.scatter_add_(1, index, values)   # (index: int64 rows of each level)
@@ -1138,7 +1153,8 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
             # (the 2-D index_add_ CPU kernel is several times slower with int32 indices)
             group_grad.index_add_(0, index.reshape(-1).long(), values.to(group_grad.dtype))
         if need_x and table_levels is not None:     # rows . g, pairs as complex numbers
-            rows = table_levels.gather(1, index)
+            rows = torch.gather(table_levels, 1, index,
+                                out=None if rows_kept is None else rows_kept[corner])
             dots[corner] = (rows * g_conj).real if rows.is_complex() else rows * g_rows
         elif need_x:
             dots[corner] = (g * _gather(group_table, index, mode.eager)).sum(-1)
