@@ -768,7 +768,7 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
                             need_table: bool, need_g: bool, saved: Sequence[torch.Tensor] = ()):
     """[grad_x, grad_table, grad_g]: the gradients of (gg_x * grad_x).sum() w.r.t. x (N, D),
     table (R, F), grad_out (N, L * F), given gg_x (N, D); None if unneeded or zero ("nearest").
-    saved: _encode_backward's, D + 2 tensors per pass (the same passes), or () (recomputed)."""
+    saved: _encode_backward's, D + 3 tensors per pass (the same passes), or () (recomputed)."""
     n_points, n_features = x.shape[0], table.shape[1]
     if mode.groups[0].interpolation == "nearest":
         return [None, None, None]
@@ -779,7 +779,7 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
         grad_g = torch.empty(per_level.shape, dtype=grad_out.dtype, device=grad_out.device)
     xt, ggt = x.t().contiguous(), gg_x.t().to(grad_out.dtype)                       # (D, N)
     passes = mode.split(n_points, mode.thread_levels() if mode.cpu and mode.eager else 1)
-    n_saved = x.shape[1] + 2 if len(saved) == len(passes) * (x.shape[1] + 2) else 0
+    n_saved = x.shape[1] + 3 if len(saved) == len(passes) * (x.shape[1] + 3) else 0
     for i, (group, first, stop, lo, hi) in enumerate(passes):
         levels = slice(group.start + first, group.start + stop)
         g, gg = per_level[lo:hi, levels].transpose(0, 1), ggt[:, lo:hi]
@@ -1002,7 +1002,7 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     of sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, g (G, n, F), gg (D, n), added to
     grad_g (G, n, F): sum_c row_c dw_c; grad_table (R, F): g dw_c at row_c; grad_xt (D, n):
     the Hessian of sum_c (g . row_c) w_c times gg (dw_c, along gg, carried as dual numbers).
-    saved: _cpu_backward_pass's (corners, packed rows, *fracs) of this pass, or ()."""
+    saved: _cpu_backward_pass's (corners, packed rows, packed g, *fracs) of the pass, or ()."""
     span, offset = _pass_span(group, first, stop, table)
     tricks = mode.cpu and mode.eager
     words, grad_levels = _pack(span, g.dtype) if tricks else None, None
@@ -1016,10 +1016,10 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     if not (saved and words is not None and (grad_levels is not None or grad_table is None)):
         corners, fracs, _ = _corner_rows(xt, group, first, stop, offset,   # (saved: per-level)
                                          torch.int64 if grad_levels is not None else None)
-        saved = (corners, None, *fracs)
-    corners, rows, *fracs = saved
+        saved = (corners, None, None, *fracs)
+    corners, rows, g_rows, *fracs = saved
     if words is not None:   # feature pairs as complex numbers (see _pack), gathers on every thread
-        g = _pack(g.contiguous(), g.dtype)
+        g = _pack(g.contiguous(), g.dtype) if g_rows is None else g_rows
         g_conj = g.conj().resolve_conj()     # (a lazy conj makes each product with it slower)
         if rows is None and grad_levels is not None:
             rows = words.expand(corners.shape[0], -1, -1).gather(2, corners)
@@ -1102,7 +1102,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
                        g_planes, nan, grad_table, grad_xt, saved=None) -> None:
     """Adds the gradients of levels first..stop-1 for points xt (D, n), given g_planes =
     dL/dfeatures (G, F, n), nan (n,) points skipped, to grad_table (R, F) and grad_xt (D, n);
-    appends (corners (2**D, G, n), their packed rows, *fracs) to saved (a list) when it can."""
+    appends (corners (2**D, G, n), their packed rows, packed g, *fracs) to saved when it can."""
     n_dims, n_features = xt.shape[0], g_planes.shape[1]
     group_table = table[group.rows_start:group.rows_stop]
     group_grad = grad_words = table_words = grad_levels = table_levels = None
@@ -1139,7 +1139,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
     if saved is not None and need_x and table_levels is not None:
         corners = terms[0][0].new_empty((1 << n_dims, *terms[0][0].shape))       # (int64)
         rows_kept = table_levels.new_empty(corners.shape)
-        saved += [corners, rows_kept, *fracs]
+        saved += [corners, rows_kept, g_rows, *fracs]
     for corner, index, weight in _corners(terms, weights, group, first, stop, offset, corners):
         if grad_levels is not None:
             values = g_rows if weight is None else g_rows * weight
