@@ -768,7 +768,7 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
                             need_table: bool, need_g: bool, saved: Sequence[torch.Tensor] = ()):
     """[grad_x, grad_table, grad_g]: the gradients of (gg_x * grad_x).sum() w.r.t. x (N, D),
     table (R, F), grad_out (N, L * F), given gg_x (N, D); None if unneeded or zero ("nearest").
-    saved: _encode_backward's, D + 3 tensors per pass (the same passes), or () (recomputed)."""
+    saved: _encode_backward's, per pass _cpu_backward_pass's D + 3 (or (): recomputed)."""
     n_points, n_features = x.shape[0], table.shape[1]
     if mode.groups[0].interpolation == "nearest":
         return [None, None, None]
@@ -1001,8 +1001,7 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     """Second order of levels first..stop-1, points xt (D, n), all corners at once: derivatives
     of sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, g (G, n, F), gg (D, n), added to
     grad_g (G, n, F): sum_c row_c dw_c; grad_table (R, F): g dw_c at row_c; grad_xt (D, n):
-    the Hessian of sum_c (g . row_c) w_c times gg (dw_c, along gg, carried as dual numbers).
-    saved: _cpu_backward_pass's (corners, packed rows, packed g, *fracs) of the pass, or ()."""
+    the Hessian of sum_c (g . row_c) w_c times gg (dw_c, along gg, carried as dual numbers)."""
     span, offset = _pass_span(group, first, stop, table)
     tricks = mode.cpu and mode.eager
     words, grad_levels = _pack(span, g.dtype) if tricks else None, None
