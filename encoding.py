@@ -633,10 +633,11 @@ class _HashGridFunction(torch.autograd.Function):
                     need_table = node is not None and torch._C._will_engine_execute_node(node)
                 except RuntimeError:     # (a leaf that autograd.grad was asked for)
                     pass
+            ctx.rows = []   # the CPU passes' corner rows: for the second order, and a backward
             return (*_HashGridBackward.apply(x, table, nan, mode, grad_out, need_x, need_table,
-                                             kept or None), None, None)
-        return (*_encode_backward(x, table, nan, mode, grad_out, need_x, need_table,
-                                  kept or None), None, None)
+                                             kept or None, ctx.rows), None, None)
+        return (*_encode_backward(x, table, nan, mode, grad_out, need_x, need_table, kept or None,
+                                  tuple(getattr(ctx, "rows", ()))), None, None)
 
 
 class _HashGridBackward(torch.autograd.Function):
@@ -645,9 +646,9 @@ class _HashGridBackward(torch.autograd.Function):
     derivatives, whose ops autograd differentiates once more (third order)."""
 
     @staticmethod
-    def forward(ctx, x, table, nan, mode, grad_out, need_x, need_table, kept):
+    def forward(ctx, x, table, nan, mode, grad_out, need_x, need_table, kept, saved):
         ctx.set_materialize_grads(False)
-        ctx.mode, saved = mode, []      # saved: the CPU passes' corner rows, for backward
+        ctx.mode, saved = mode, [] if saved is None else saved    # (see _encode_backward)
         out = _encode_backward(x, table, nan, mode, grad_out, need_x, need_table, kept, saved)
         ctx.save_for_backward(x, table, nan, grad_out, *saved)
         return out
@@ -672,9 +673,9 @@ class _HashGridBackward(torch.autograd.Function):
                     more[2] = more[2].masked_fill(nan[:, None], 0.0)
             if need_x:
                 more[0] = _HashGridBackward.apply(x, gg_table, nan, mode, grad_out, True,
-                                                  False, None)[0]
+                                                  False, None, None)[0]
             grads = [a if b is None else b if a is None else a + b for a, b in zip(grads, more)]
-        return grads[0], grads[1], None, None, grads[2], None, None, None
+        return grads[0], grads[1], None, None, grads[2], None, None, None, None
 
 
 def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], mode: _Mode
@@ -710,10 +711,10 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], m
 
 
 def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_table: bool,
-                     kept: Optional[List[torch.Tensor]] = None, saved: Optional[list] = None):
+                     kept: Optional[List[torch.Tensor]] = None, saved=None):
     """Gradients of _encode w.r.t. x (N, D) and table (R, F) (sparse: a _RowCollector's), given
     grad_out (N, L * F); NaN points add nothing. kept: _encode's (None: recomputed). saved: a
-    list the CPU passes append their corner rows to, for _encode_double_backward."""
+    list the CPU passes append their corner rows to, or a tuple of them (_cpu_backward_pass)."""
     n_points, n_features = x.shape[0], table.shape[1]
     grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     xt = x.t().contiguous()
@@ -732,7 +733,9 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
     else:
         per_level = grad_out.reshape(n_points, -1, n_features)
     n_kept = x.shape[1] + 1
-    for i, (group, first, stop, lo, hi) in enumerate(mode.split(n_points, min_levels)):
+    passes, n_saved = mode.split(n_points, min_levels), x.shape[1] + 3
+    reuse = isinstance(saved, tuple) and len(saved) == len(passes) * n_saved
+    for i, (group, first, stop, lo, hi) in enumerate(passes):
         levels = slice(group.start + first, group.start + stop)
         args = (xt[:, lo:hi], table, group, first, stop, mode)
         pass_nan, pass_grad_xt = None if nan is None else nan[lo:hi], None
@@ -740,7 +743,8 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
             pass_grad_xt = grad_xt[:, lo:hi]
         if mode.cpu:
             _cpu_backward_pass(*args, grad_planes[levels, :, lo:hi], pass_nan, grad_table,
-                               pass_grad_xt, saved)
+                               pass_grad_xt, saved[i * n_saved:(i + 1) * n_saved] if reuse
+                               else saved if isinstance(saved, list) else None)
         else:
             g = per_level[lo:hi, levels].transpose(0, 1)                       # (G, n, F)
             if nan is not None:     # NaN points add nothing
@@ -1101,7 +1105,8 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
                        g_planes, nan, grad_table, grad_xt, saved=None) -> None:
     """Adds the gradients of levels first..stop-1 for points xt (D, n), given g_planes =
     dL/dfeatures (G, F, n), nan (n,) points skipped, to grad_table (R, F) and grad_xt (D, n);
-    appends (corners (2**D, G, n), their packed rows, packed g, *fracs) to saved when it can."""
+    appends (corners (2**D, G, n), their packed rows, packed g, *fracs) to saved (a list) when
+    it can, or reuses those (a tuple) instead of recomputing them."""
     n_dims, n_features = xt.shape[0], g_planes.shape[1]
     group_table = table[group.rows_start:group.rows_stop]
     group_grad = grad_words = table_words = grad_levels = table_levels = None
@@ -1130,16 +1135,25 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
         grad_levels, offset = _per_level(grad_words, group, first, stop)
     if per_level and table_words is not None:
         table_levels, offset = _per_level(table_words, group, first, stop)
-    terms, fracs, weights = _axis_terms(xt, group, first, stop, offset,
-                                        torch.int64 if per_level else None)
+    reuse = isinstance(saved, tuple) and per_level      # (the offsets saved corners have)
+    if reuse:
+        corners, rows_kept, _, *fracs = saved
+        weights = [_upper_weight(frac, group.interpolation) for frac in fracs]
+        loop = [(c, corners[c], math.prod(s if c >> d & 1 else 1.0 - s for d, (s, _)
+                                          in enumerate(weights))) for c in range(len(corners))]
+    else:
+        terms, fracs, weights = _axis_terms(xt, group, first, stop, offset,
+                                            torch.int64 if per_level else None)
+        corners = rows_kept = None
+        if isinstance(saved, list) and grad_xt is not None and weights is not None and \
+                table_levels is not None:
+            corners = terms[0][0].new_empty((1 << n_dims, *terms[0][0].shape))   # (int64)
+            rows_kept = table_levels.new_empty(corners.shape)
+            saved += [corners, rows_kept, g_rows, *fracs]
+        loop = _corners(terms, weights, group, first, stop, offset, corners)
     need_x = grad_xt is not None and weights is not None   # "nearest": d/dx = 0
     dots = [None] * (1 << n_dims)     # need_x: each corner's g . row (G, n)
-    corners = rows_kept = None
-    if saved is not None and need_x and table_levels is not None:
-        corners = terms[0][0].new_empty((1 << n_dims, *terms[0][0].shape))       # (int64)
-        rows_kept = table_levels.new_empty(corners.shape)
-        saved += [corners, rows_kept, g_rows, *fracs]
-    for corner, index, weight in _corners(terms, weights, group, first, stop, offset, corners):
+    for corner, index, weight in loop:
         if grad_levels is not None:
             values = g_rows if weight is None else g_rows * weight
             grad_levels.scatter_add_(1, index, values)   # (index: int64 rows of each level)
@@ -1152,8 +1166,8 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
             # (the 2-D index_add_ CPU kernel is several times slower with int32 indices)
             group_grad.index_add_(0, index.reshape(-1).long(), values.to(group_grad.dtype))
         if need_x and table_levels is not None:     # rows . g, pairs as complex numbers
-            rows = torch.gather(table_levels, 1, index,
-                                out=None if rows_kept is None else rows_kept[corner])
+            rows = rows_kept[corner] if reuse else torch.gather(
+                table_levels, 1, index, out=None if rows_kept is None else rows_kept[corner])
             dots[corner] = (rows * g_conj).real if rows.is_complex() else rows * g_rows
         elif need_x:
             dots[corner] = (g * _gather(group_table, index, mode.eager)).sum(-1)
