@@ -637,7 +637,7 @@ class _HashGridFunction(torch.autograd.Function):
             return (*_HashGridBackward.apply(x, table, nan, mode, grad_out, need_x, need_table,
                                              kept or None, ctx.rows), None, None)
         return (*_encode_backward(x, table, nan, mode, grad_out, need_x, need_table, kept or None,
-                                  tuple(getattr(ctx, "rows", ()))), None, None)
+                                  tuple(vars(ctx).pop("rows", ()))), None, None)
 
 
 class _HashGridBackward(torch.autograd.Function):
@@ -1145,8 +1145,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
         terms, fracs, weights = _axis_terms(xt, group, first, stop, offset,
                                             torch.int64 if per_level else None)
         corners = rows_kept = None
-        if isinstance(saved, list) and grad_xt is not None and weights is not None and \
-                table_levels is not None:
+        if isinstance(saved, list) and weights is not None and table_levels is not None:
             corners = terms[0][0].new_empty((1 << n_dims, *terms[0][0].shape))   # (int64)
             rows_kept = table_levels.new_empty(corners.shape)
             saved += [corners, rows_kept, g_rows, *fracs]
