@@ -1105,8 +1105,7 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
                        g_planes, nan, grad_table, grad_xt, saved=None) -> None:
     """Adds the gradients of levels first..stop-1 for points xt (D, n), given g_planes =
     dL/dfeatures (G, F, n), nan (n,) points skipped, to grad_table (R, F) and grad_xt (D, n);
-    appends (corners (2**D, G, n), their packed rows, packed g, *fracs) to saved (a list) when
-    it can, or reuses those (a tuple) instead of recomputing them."""
+    saved: a list it appends (corners (2**D, G, n), packed rows, g, *fracs) to, or those (tuple)."""
     n_dims, n_features = xt.shape[0], g_planes.shape[1]
     group_table = table[group.rows_start:group.rows_stop]
     group_grad = grad_words = table_words = grad_levels = table_levels = None
