@@ -621,10 +621,11 @@ class _HashGridFunction(torch.autograd.Function):
                     need_table = node is not None and torch._C._will_engine_execute_node(node)
                 except RuntimeError:     # (a leaf that autograd.grad was asked for)
                     pass
+            ctx.rows = []   # the CPU passes' corner rows: for the second order, and a backward
             return (*_HashGridBackward.apply(x, table, nan, mode, grad_out, need_x, need_table,
-                                             kept or None), None, None)
-        return (*_encode_backward(x, table, nan, mode, grad_out, need_x, need_table,
-                                  kept or None), None, None)
+                                             kept or None, ctx.rows), None, None)
+        return (*_encode_backward(x, table, nan, mode, grad_out, need_x, need_table, kept or None,
+                                  tuple(vars(ctx).pop("rows", ()))), None, None)
 
 
 class _HashGridBackward(torch.autograd.Function):
@@ -633,15 +634,16 @@ class _HashGridBackward(torch.autograd.Function):
     derivatives, whose ops autograd differentiates once more (third order)."""
 
     @staticmethod
-    def forward(ctx, x, table, nan, mode, grad_out, need_x, need_table, kept):
+    def forward(ctx, x, table, nan, mode, grad_out, need_x, need_table, kept, saved):
         ctx.set_materialize_grads(False)
-        ctx.mode = mode
-        ctx.save_for_backward(x, table, nan, grad_out)
-        return _encode_backward(x, table, nan, mode, grad_out, need_x, need_table, kept)
+        ctx.mode, saved = mode, [] if saved is None else saved    # (see _encode_backward)
+        out = _encode_backward(x, table, nan, mode, grad_out, need_x, need_table, kept, saved)
+        ctx.save_for_backward(x, table, nan, grad_out, *saved)
+        return out
 
     @staticmethod
     def backward(ctx, gg_x, gg_table):
-        x, table, nan, grad_out = ctx.saved_tensors
+        x, table, nan, grad_out, *saved = ctx.saved_tensors
         need_x, need_table, _, _, need_g = ctx.needs_input_grad[:5]
         mode = ctx.mode
         if mode.eager and torch.is_grad_enabled():    # third order: autograd records these ops
@@ -649,7 +651,7 @@ class _HashGridBackward(torch.autograd.Function):
         grads = [None, None, None]                                  # x, table, grad_out
         if gg_x is not None:
             grads = _encode_double_backward(x, table, nan, mode, grad_out, gg_x, need_x,
-                                            need_table, need_g)
+                                            need_table, need_g, saved)
         if gg_table is not None:
             # grad_table's derivatives: the encoding and its x-gradient, gg_table as the table
             more = [None, None, None]
@@ -659,9 +661,9 @@ class _HashGridBackward(torch.autograd.Function):
                     more[2] = more[2].masked_fill(nan[:, None], 0.0)
             if need_x:
                 more[0] = _HashGridBackward.apply(x, gg_table, nan, mode, grad_out, True,
-                                                  False, None)[0]
+                                                  False, None, None)[0]
             grads = [a if b is None else b if a is None else a + b for a, b in zip(grads, more)]
-        return grads[0], grads[1], None, None, grads[2], None, None, None
+        return grads[0], grads[1], None, None, grads[2], None, None, None, None
 
 
 def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], mode: _Mode
@@ -697,9 +699,10 @@ def _encode(x: torch.Tensor, table: torch.Tensor, nan: Optional[torch.Tensor], m
 
 
 def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_table: bool,
-                     kept: Optional[List[torch.Tensor]] = None):
+                     kept: Optional[List[torch.Tensor]] = None, saved=None):
     """Gradients of _encode w.r.t. x (N, D) and table (R, F) (sparse: a _RowCollector's), given
-    grad_out (N, L * F); NaN points add nothing. kept: _encode's (None: recomputed)."""
+    grad_out (N, L * F); NaN points add nothing. kept: _encode's (None: recomputed). saved: a
+    list the CPU passes append their corner rows to, or a tuple of them (_cpu_backward_pass)."""
     n_points, n_features = x.shape[0], table.shape[1]
     grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     xt = x.t().contiguous()
@@ -718,7 +721,9 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
     else:
         per_level = grad_out.reshape(n_points, -1, n_features)
     n_kept = x.shape[1] + 1
-    for i, (group, first, stop, lo, hi) in enumerate(mode.split(n_points, min_levels)):
+    passes, n_saved = mode.split(n_points, min_levels), x.shape[1] + 3
+    reuse = isinstance(saved, tuple) and len(saved) == len(passes) * n_saved
+    for i, (group, first, stop, lo, hi) in enumerate(passes):
         levels = slice(group.start + first, group.start + stop)
         args = (xt[:, lo:hi], table, group, first, stop, mode)
         pass_nan, pass_grad_xt = None if nan is None else nan[lo:hi], None
@@ -726,7 +731,8 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
             pass_grad_xt = grad_xt[:, lo:hi]
         if mode.cpu:
             _cpu_backward_pass(*args, grad_planes[levels, :, lo:hi], pass_nan, grad_table,
-                               pass_grad_xt)
+                               pass_grad_xt, saved[i * n_saved:(i + 1) * n_saved] if reuse
+                               else saved if isinstance(saved, list) else None)
         else:
             g = per_level[lo:hi, levels].transpose(0, 1)                       # (G, n, F)
             if nan is not None:     # NaN points add nothing
@@ -751,9 +757,10 @@ def _zero_grads(x, table, mode: _Mode, dtype: torch.dtype, need_x: bool, need_ta
 
 
 def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: bool,
-                            need_table: bool, need_g: bool):
+                            need_table: bool, need_g: bool, saved: Sequence[torch.Tensor] = ()):
     """[grad_x, grad_table, grad_g]: the gradients of (gg_x * grad_x).sum() w.r.t. x (N, D),
-    table (R, F), grad_out (N, L * F), given gg_x (N, D); None if unneeded or zero ("nearest")."""
+    table (R, F), grad_out (N, L * F), given gg_x (N, D); None if unneeded or zero ("nearest").
+    saved: _encode_backward's, per pass _cpu_backward_pass's D + 3 (or (): recomputed)."""
     n_points, n_features = x.shape[0], table.shape[1]
     if mode.groups[0].interpolation == "nearest":
         return [None, None, None]
@@ -763,15 +770,17 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
     if need_g:
         grad_g = torch.empty(per_level.shape, dtype=grad_out.dtype, device=grad_out.device)
     xt, ggt = x.t().contiguous(), gg_x.t().to(grad_out.dtype)                       # (D, N)
-    min_levels = mode.thread_levels() if mode.cpu and mode.eager and need_table else 1
-    for group, first, stop, lo, hi in mode.split(n_points, min_levels):
+    passes = mode.split(n_points, mode.thread_levels() if mode.cpu and mode.eager else 1)
+    n_saved = x.shape[1] + 3 if len(saved) == len(passes) * (x.shape[1] + 3) else 0
+    for i, (group, first, stop, lo, hi) in enumerate(passes):
         levels = slice(group.start + first, group.start + stop)
         g, gg = per_level[lo:hi, levels].transpose(0, 1), ggt[:, lo:hi]
         if nan is not None:     # NaN points add nothing (their g and gg may be NaN)
             g, gg = g.masked_fill(nan[lo:hi, None], 0.0), gg.masked_fill(nan[lo:hi], 0.0)
         _double_backward_pass(xt[:, lo:hi], table, group, first, stop, mode, g, gg, grad_table,
                               grad_xt[:, lo:hi] if need_x else None,
-                              grad_g[lo:hi, levels].transpose(0, 1) if need_g else None)
+                              grad_g[lo:hi, levels].transpose(0, 1) if need_g else None,
+                              saved[i * n_saved:(i + 1) * n_saved])
     return [grad_xt.t().to(x.dtype) if need_x else None,
             grad_table.to(table.dtype) if need_table else None,
             grad_g.view(n_points, -1).to(grad_out.dtype) if need_g else None]
@@ -980,7 +989,7 @@ def _device_backward(xt, table, group: _LevelGroup, first: int, stop: int, mode:
 
 
 def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
-                          g, gg, grad_table, grad_xt, grad_g) -> None:
+                          g, gg, grad_table, grad_xt, grad_g, saved=()) -> None:
     """Second order of levels first..stop-1, points xt (D, n), all corners at once: derivatives
     of sum(gg * grad_x), grad_x = sum_c (g . row_c) dw_c/dx, g (G, n, F), gg (D, n), added to
     grad_g (G, n, F): sum_c row_c dw_c; grad_table (R, F): g dw_c at row_c; grad_xt (D, n):
@@ -995,14 +1004,17 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
             grad_levels, offset = _per_level(grad_words, group, first, stop)
             words = _per_level(_pack(table[group.rows_start:group.rows_stop], g.dtype), group,
                                first, stop)[0]
-    corners, fracs, _ = _corner_rows(xt, group, first, stop, offset,
-                                     torch.int64 if grad_levels is not None else None)
+    if not (saved and words is not None and (grad_levels is not None or grad_table is None)):
+        corners, fracs, _ = _corner_rows(xt, group, first, stop, offset,   # (saved: per-level)
+                                         torch.int64 if grad_levels is not None else None)
+        saved = (corners, None, None, *fracs)
+    corners, rows, g_rows, *fracs = saved
     if words is not None:   # feature pairs as complex numbers (see _pack), gathers on every thread
-        g = _pack(g.contiguous(), g.dtype)
+        g = _pack(g.contiguous(), g.dtype) if g_rows is None else g_rows
         g_conj = g.conj().resolve_conj()     # (a lazy conj makes each product with it slower)
-        if grad_levels is not None:
+        if rows is None and grad_levels is not None:
             rows = words.expand(corners.shape[0], -1, -1).gather(2, corners)
-        else:
+        elif rows is None:
             rows = _gather(words, corners.reshape(-1).long(), True,
                            torch.get_num_threads()).view(corners.shape)
         values = (rows * g_conj).real if g.is_complex() else rows * g        # (2**D, G, n)
@@ -1078,9 +1090,10 @@ def _cpu_forward(xt: torch.Tensor, table: torch.Tensor, group: _LevelGroup, firs
 
 
 def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mode: _Mode,
-                       g_planes, nan, grad_table, grad_xt) -> None:
+                       g_planes, nan, grad_table, grad_xt, saved=None) -> None:
     """Adds the gradients of levels first..stop-1 for points xt (D, n), given g_planes =
-    dL/dfeatures (G, F, n), nan (n,) points skipped, to grad_table (R, F) and grad_xt (D, n)."""
+    dL/dfeatures (G, F, n), nan (n,) points skipped, to grad_table (R, F) and grad_xt (D, n);
+    saved: a list it appends (corners (2**D, G, n), packed rows, g, *fracs) to, or those (tuple)."""
     n_dims, n_features = xt.shape[0], g_planes.shape[1]
     group_table = table[group.rows_start:group.rows_stop]
     group_grad = grad_words = table_words = grad_levels = table_levels = None
@@ -1109,11 +1122,24 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
         grad_levels, offset = _per_level(grad_words, group, first, stop)
     if per_level and table_words is not None:
         table_levels, offset = _per_level(table_words, group, first, stop)
-    terms, _, weights = _axis_terms(xt, group, first, stop, offset,
-                                    torch.int64 if per_level else None)
+    reuse = isinstance(saved, tuple) and per_level      # (the offsets saved corners have)
+    if reuse:
+        corners, rows_kept, _, *fracs = saved
+        weights = [_upper_weight(frac, group.interpolation) for frac in fracs]
+        loop = [(c, corners[c], math.prod(s if c >> d & 1 else 1.0 - s for d, (s, _)
+                                          in enumerate(weights))) for c in range(len(corners))]
+    else:
+        terms, fracs, weights = _axis_terms(xt, group, first, stop, offset,
+                                            torch.int64 if per_level else None)
+        corners = rows_kept = None
+        if isinstance(saved, list) and weights is not None and table_levels is not None:
+            corners = terms[0][0].new_empty((1 << n_dims, *terms[0][0].shape))   # (int64)
+            rows_kept = table_levels.new_empty(corners.shape)
+            saved += [corners, rows_kept, g_rows, *fracs]
+        loop = _corners(terms, weights, group, first, stop, offset, corners)
     need_x = grad_xt is not None and weights is not None   # "nearest": d/dx = 0
     dots = [None] * (1 << n_dims)     # need_x: each corner's g . row (G, n)
-    for corner, index, weight in _corners(terms, weights, group, first, stop, offset):
+    for corner, index, weight in loop:
         if grad_levels is not None:
             values = g_rows if weight is None else g_rows * weight
             grad_levels.scatter_add_(1, index, values)   # (index: int64 rows of each level)
@@ -1126,7 +1152,8 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
             # (the 2-D index_add_ CPU kernel is several times slower with int32 indices)
             group_grad.index_add_(0, index.reshape(-1).long(), values.to(group_grad.dtype))
         if need_x and table_levels is not None:     # rows . g, pairs as complex numbers
-            rows = table_levels.gather(1, index)
+            rows = rows_kept[corner] if reuse else torch.gather(
+                table_levels, 1, index, out=None if rows_kept is None else rows_kept[corner])
             dots[corner] = (rows * g_conj).real if rows.is_complex() else rows * g_rows
         elif need_x:
             dots[corner] = (g * _gather(group_table, index, mode.eager)).sum(-1)
