@@ -446,10 +446,7 @@ def _per_axis(value: Resolution, dim: int, name: str) -> Tuple[float, ...]:
 
 # #############################################################################################
 # SPEED ONLY: _reference_encode's numbers in fewer, larger operations (tests/test_encoding.py
-# checks every path, and every shortcut against its formula, in float64): _LevelGroup, _Mode,
-# the autograd Functions and their loops over the passes (_encode...), every pass's pieces,
-# the device branch (GPUs; compiled backward), the CPU branch (eager on a CPU; compiled
-# forward) and its speed tricks, the custom op, sparse gradients.
+# checks every path, and every shortcut against its formula, in float64).
 # #############################################################################################
 
 class _LevelGroup(nn.Module):
@@ -488,8 +485,7 @@ class _LevelGroup(nn.Module):
                 periodic: Sequence[bool], interpolation: str, device: torch.device
                 ) -> List["_LevelGroup"]:
         """The plan's levels as groups of consecutive levels that index alike."""
-        # int32 row indices (half the traffic of int64) unless a row, or a tcnn dense index
-        # before its wrap-around, reaches 2**31
+        # int32 row indices (half int64's traffic) unless a row or tcnn dense index reaches 2**31
         largest = max([levels[-1].offset + levels[-1].rows] + [
             sum(v * math.prod(level.vertices[:d]) for d, v in enumerate(level.vertices))
             for level in levels if not level.hashed])
@@ -1245,9 +1241,8 @@ def _table_grad_eager(x: torch.Tensor, table: torch.Tensor, nan: torch.Tensor,
                                 False, True)[1]
 
 
-# Inductor's scatter-adds are slower on a CPU than the eager CPU branch, which torch.compile
-# therefore runs as this opaque op (torch >= 2.4). Bump the version when its inputs change
-# (copies of this file in one process share the op of their version).
+# Inductor's CPU scatter-adds are slower than the eager CPU branch, run as this opaque op
+# (torch >= 2.4). Bump the version when its inputs change (copies of this file share it).
 _TABLE_GRAD_OP = "hashgrid::table_grad_v5"
 _table_grad_op = None
 if hasattr(torch.library, "custom_op"):
@@ -1261,8 +1256,7 @@ if hasattr(torch.library, "custom_op"):
 
 
 # --- Sparse table gradients (sparse=True) ----------------------------------------------------
-# The passes add to a _RowCollector where they would scatter-add into a dense gradient; each
-# row's contributions are then summed in a fixed order (no float atomics: the same bits).
+# The passes add to a _RowCollector, whose rows are summed in a fixed order (no float atomics).
 
 class _RowCollector:
     """A sparse (R, F) table gradient in the making, used as a dense one (index_add_, row slices
