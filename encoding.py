@@ -854,8 +854,8 @@ def _upper_weight(frac: torch.Tensor, interpolation: str):
 
 def _corners(terms, weights, group: _LevelGroup, first: int, stop: int,
              offset: Optional[torch.Tensor], out: Optional[torch.Tensor] = None):
-    """Yields (corner, index, weight) per cell corner (bit d set: the upper vertex on axis d)
-    from _axis_terms' terms and weights: index (G, n) its table rows (terms XOR-ed or added;
+    """Yields (corner, index, weight) per cell corner (bit d set: the upper vertex on axis d),
+    given _axis_terms' terms and weights: index (G, n) its table rows (terms XOR-ed or added;
     tcnn's dense levels wrapped modulo their rows, then + offset), weight (G, n) (or None);
     out (2**D, G, n): each corner's rows also written there. Depth first: corners share
     partial sums and products."""
