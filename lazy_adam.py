@@ -83,17 +83,14 @@ class LazyAdam(torch.optim.Adam):
         up. Called before a forward that reads them (MultiResHashGrid.rows(x)), that forward
         reads the rows where Adam's would, not a few steps' momentum behind."""
         state = self.state.get(p, {})
-        if "lazy_step" not in state or int(state["lazy_step"]) != int(state["step"]):
+        if int(state.get("lazy_step", -1)) != int(state.get("step", -2)):
             return                                      # the last step was not lazy: none due
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         rows, t = rows.long(), int(state["step"]) + 1
-        m = state["exp_avg"].index_select(0, rows)
-        v = state["exp_avg_sq"].index_select(0, rows)
-        moves = _skipped_moves(group, m, v, state["row_step"].index_select(0, rows), t)
-        state["exp_avg"].index_copy_(0, rows, m)
-        state["exp_avg_sq"].index_copy_(0, rows, v)
-        state["row_step"].index_fill_(0, rows, t - 1)
-        p.index_copy_(0, rows, p.index_select(0, rows).sub_(moves))    # (CPU: 4x index_add_)
+        m, v, last = _read_rows(state, rows)
+        moves = _skipped_moves(group, m, v, last, t)
+        _write_rows(state, rows, m, v, t - 1)
+        _move_rows(p, rows, moves)
 
     def _lazy_step(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Adam's update of the rows of p (R, ...) in grad (sparse, rows as its sparse dim)."""
@@ -120,9 +117,7 @@ class LazyAdam(torch.optim.Adam):
             state["row_step"] = torch.full(p.shape[:1], t - 1, dtype=torch.int32,
                                            device=p.device)
         state["lazy_step"] = torch.tensor(float(t))
-        m = state["exp_avg"].index_select(0, rows)
-        v = state["exp_avg_sq"].index_select(0, rows)
-        last = state["row_step"].index_select(0, rows)
+        m, v, last = _read_rows(state, rows)
         moves = None
         # rows that sat out steps (none where catch_up ran before the forward; a GPU syncs here):
         # dense Adam moved them on those steps, by their decaying momentum
@@ -130,14 +125,31 @@ class LazyAdam(torch.optim.Adam):
             moves = _skipped_moves(group, m, v, last, t)
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        state["exp_avg"].index_copy_(0, rows, m)
-        state["exp_avg_sq"].index_copy_(0, rows, v)
-        state["row_step"].index_fill_(0, rows, t)
+        _write_rows(state, rows, m, v, t)
         bias2_sqrt = math.sqrt(1 - beta2 ** t)
         step_size = group["lr"] * bias2_sqrt / (1 - beta1 ** t)
         update = m.div_(v.sqrt_().add_(group["eps"] * bias2_sqrt)).mul_(step_size)
-        update = update if moves is None else update.add_(moves)
-        p.index_copy_(0, rows, p.index_select(0, rows).sub_(update))     # (rows unique)
+        _move_rows(p, rows, update if moves is None else update.add_(moves))
+
+
+def _read_rows(state: dict, rows: torch.Tensor):
+    """(m, v, last): the rows' moments (R, ...) and the step each last moved at (R,)."""
+    return tuple(state[key].index_select(0, rows) for key in ("exp_avg", "exp_avg_sq",
+                                                              "row_step"))
+
+
+def _write_rows(state: dict, rows: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                moved_at: int) -> None:
+    """Writes the rows' moments back and marks them moved at step moved_at."""
+    state["exp_avg"].index_copy_(0, rows, m)
+    state["exp_avg_sq"].index_copy_(0, rows, v)
+    state["row_step"].index_fill_(0, rows, moved_at)
+
+
+def _move_rows(p: torch.Tensor, rows: torch.Tensor, move: torch.Tensor) -> None:
+    """p[rows] -= move, rows unique (gather, subtract, scatter: index_add_ runs serially on a
+    CPU, 4x slower)."""
+    p.index_copy_(0, rows, p.index_select(0, rows).sub_(move))
 
 
 SERIES_STEPS = 4096     # from k steps on, r^k and beta1^k are 0 in float32, beta2^k < 2e-18
