@@ -131,6 +131,7 @@ def count(variant: str, log2_t: int, batch: int, device: str) -> dict:
     enc, opt = build(variant, log2_t, device, True)
     step = make_step(enc, opt, batch, device)
     step()                                          # the optimizer's state is made here
+    step()                                          # (and LazyAdam's one-time tables)
     with StepCounter() as counter:
         step()
     gc.collect()
