@@ -182,10 +182,8 @@ class MultiResHashGrid(nn.Module):
 
         levels = _plan_levels(base, growth, n_levels, log2_hashmap_size, layout, grid_type,
                               periodic_axes)
-        self.resolutions = tuple(level.resolution for level in levels)
-        self.rows_per_level = tuple(level.rows for level in levels)
-        self.level_offsets = tuple(level.offset for level in levels)
-        self.hashed_levels = tuple(i for i, level in enumerate(levels) if level.hashed)
+        self.resolutions, _, _, self.rows_per_level, self.level_offsets, hashed = zip(*levels)
+        self.hashed_levels = tuple(i for i, level_hashed in enumerate(hashed) if level_hashed)
         self._levels = tuple(levels)
 
         # one embedding for all levels (flattened: tcnn's parameters), initialised once
@@ -496,8 +494,7 @@ class _LevelGroup(nn.Module):
         last = 0 if interpolation == "nearest" else 1   # x = 1: onto vertex N from cell N - 1
 
         def column(values, dtype=index_dtype):   # G values -> (G, 1); G lists of D -> (D, G, 1)
-            values = torch.tensor(values, dtype=dtype, device="cpu")
-            return values.t().contiguous().unsqueeze(-1)
+            return torch.tensor(values, dtype=dtype, device="cpu").t().contiguous().unsqueeze(-1)
 
         groups, start = [], 0
         while start < len(levels):
@@ -564,10 +561,12 @@ class _Mode(NamedTuple):
     lookups: int
     chunk_size: Optional[int] = None
 
-    def split(self, n_points: int, min_levels: int = 1
+    def split(self, n_points: int, per_thread: bool = False
               ) -> List[Tuple[_LevelGroup, int, int, int, int]]:
         """The passes, level-major, (group, first, stop, lo, hi): levels first..stop-1 for points
-        lo..hi-1, `lookups` per corner, at least min_levels levels where the group has them."""
+        lo..hi-1, `lookups` per corner; per_thread: one level per intra-op thread (_per_level)."""
+        min_levels = (min(torch.get_num_threads(), max(g.stop - g.start for g in self.groups))
+                      if per_thread else 1)
         step = max(min(self.chunk_size or self.lookups // min_levels, n_points), 1)
         passes = []
         for group in self.groups:
@@ -579,11 +578,6 @@ class _Mode(NamedTuple):
                     passes.append((group, first, stop, lo, min(lo + step, n_points)))
         return passes
 
-    def thread_levels(self) -> int:
-        """split's min_levels for one level per intra-op thread (_per_level)."""
-        most = max(group.stop - group.start for group in self.groups)
-        return max(min(torch.get_num_threads(), most), 1)
-
 
 # --- The autograd Functions, and one loop over the passes each: forward, backward, second order
 
@@ -594,8 +588,7 @@ class _HashGridFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, table, nan, mode):
         # asked on a CPU only (a masked copy per pass saved); a GPU would have to wait
-        if mode.cpu and not bool(nan.any()):
-            nan = None
+        nan = None if mode.cpu and not bool(nan.any()) else nan
         out, kept = _encode(x, table, nan, mode)
         ctx.mode = mode
         ctx.save_for_backward(x, table, nan, *kept)
@@ -641,9 +634,8 @@ class _HashGridBackward(torch.autograd.Function):
     def backward(ctx, gg_x, gg_table):
         x, table, nan, grad_out, *saved = ctx.saved_tensors
         need_x, need_table, _, _, need_g = ctx.needs_input_grad[:5]
-        mode = ctx.mode
-        if mode.eager and torch.is_grad_enabled():    # third order: autograd records these ops
-            mode = mode._replace(eager=False)
+        # third order: autograd records these ops (no out= or other eager-only tricks)
+        mode = ctx.mode._replace(eager=ctx.mode.eager and not torch.is_grad_enabled())
         grads = [None, None, None]                                  # x, table, grad_out
         if gg_x is not None:
             grads = _encode_double_backward(x, table, nan, mode, grad_out, gg_x, need_x,
@@ -702,7 +694,6 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
     n_points, n_features = x.shape[0], table.shape[1]
     grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     xt = x.t().contiguous()
-    min_levels = 1
     if mode.cpu:
         grad_planes = grad_out.t().reshape(-1, n_features, n_points)            # (L, F, N)
         if not grad_planes.is_contiguous():
@@ -712,33 +703,27 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
             for lo in range(0, n_points, step):
                 planes[..., lo:lo + step] = grad_planes[..., lo:lo + step]
             grad_planes = planes
-        # one level per intra-op thread in each pass: scatter-adds and gathers on all cores
-        min_levels = mode.thread_levels() if mode.eager else 1
     else:
         per_level = grad_out.reshape(n_points, -1, n_features)
     n_kept = x.shape[1] + 1
-    passes, n_saved = mode.split(n_points, min_levels), x.shape[1] + 3
+    passes, n_saved = mode.split(n_points, mode.cpu and mode.eager), x.shape[1] + 3
     reuse = isinstance(saved, tuple) and len(saved) == len(passes) * n_saved
     for i, (group, first, stop, lo, hi) in enumerate(passes):
         levels = slice(group.start + first, group.start + stop)
         args = (xt[:, lo:hi], table, group, first, stop, mode)
-        pass_nan, pass_grad_xt = None if nan is None else nan[lo:hi], None
-        if need_x:
-            pass_grad_xt = grad_xt[:, lo:hi]
+        pass_nan = None if nan is None else nan[lo:hi]
+        pass_grad_xt = grad_xt[:, lo:hi] if need_x else None
         if mode.cpu:
             _cpu_backward_pass(*args, grad_planes[levels, :, lo:hi], pass_nan, grad_table,
                                pass_grad_xt, saved[i * n_saved:(i + 1) * n_saved] if reuse
                                else saved if isinstance(saved, list) else None)
         else:
             g = per_level[lo:hi, levels].transpose(0, 1)                       # (G, n, F)
-            if nan is not None:     # NaN points add nothing
-                g = g.masked_fill(pass_nan[:, None], 0.0)
+            g = g if nan is None else g.masked_fill(pass_nan[:, None], 0.0)   # NaN: adds nothing
             _device_backward(*args, g, None if kept is None else
                              kept[i * n_kept:(i + 1) * n_kept], grad_table, pass_grad_xt)
-    grad_x = grad_xt.t().to(x.dtype) if need_x else None
-    if need_table:
-        grad_table = grad_table.to(table.dtype)   # (a _RowCollector: its sparse sum)
-    return grad_x, grad_table
+    return (grad_xt.t().to(x.dtype) if need_x else None,      # (a _RowCollector: its sparse sum)
+            grad_table.to(table.dtype) if need_table else None)
 
 
 def _zero_grads(x, table, mode: _Mode, dtype: torch.dtype, need_x: bool, need_table: bool):
@@ -762,11 +747,9 @@ def _encode_double_backward(x, table, nan, mode: _Mode, grad_out, gg_x, need_x: 
         return [None, None, None]
     grad_xt, grad_table = _zero_grads(x, table, mode, grad_out.dtype, need_x, need_table)
     per_level = grad_out.reshape(n_points, -1, n_features)
-    grad_g = None
-    if need_g:
-        grad_g = torch.empty(per_level.shape, dtype=grad_out.dtype, device=grad_out.device)
+    grad_g = torch.empty_like(per_level, memory_format=torch.contiguous_format) if need_g else None
     xt, ggt = x.t().contiguous(), gg_x.t().to(grad_out.dtype)                       # (D, N)
-    passes = mode.split(n_points, mode.thread_levels() if mode.cpu and mode.eager else 1)
+    passes = mode.split(n_points, mode.cpu and mode.eager)
     n_saved = x.shape[1] + 3 if len(saved) == len(passes) * (x.shape[1] + 3) else 0
     for i, (group, first, stop, lo, hi) in enumerate(passes):
         levels = slice(group.start + first, group.start + stop)
@@ -931,8 +914,7 @@ def _device_forward(xt, table, group: _LevelGroup, first: int, stop: int, mode: 
             weight = weight.masked_fill(nan, float("nan"))
         pairs = values.view(-1, 2, *values.shape[1:])
         into = out.unsqueeze(0) if last and mode.eager else None      # (out= is not traced)
-        values = torch.lerp(pairs[:, 0], pairs[:, 1], weight.unsqueeze(-1).to(out.dtype),
-                            out=into)
+        values = torch.lerp(pairs[:, 0], pairs[:, 1], weight.unsqueeze(-1).to(out.dtype), out=into)
     if into is None:
         out.copy_(values[0])
     return corners, fracs
@@ -1017,7 +999,6 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
     else:
         rows = _gather(span, corners, tricks).to(g.dtype)                    # (2**D, G, n, F)
         values = (rows * g).sum(-1)
-    per_row = (lambda t: t) if words is not None else (lambda t: t.unsqueeze(-1))  # noqa: E731
     scale = group.scale[:, first:stop].to(values.dtype)
     tangent, ends = None, []   # values: P at the corners, tangent along gg (None: 0)
     for d, frac in enumerate(fracs):        # lerps along axis d, and their tangents
@@ -1042,8 +1023,9 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
         upper = torch.addcmul(w * move, dw, weight)
         dw = torch.stack((dw - upper, upper), 1).flatten(0, 1)
         w = _lerp_split(w, weight, mode.eager) if d else None      # (only dw is used after)
+    dw_rows = dw if words is not None else dw.unsqueeze(-1)     # rows: packed, or (..., F)
     if grad_g is not None:
-        grad_dw = (rows * per_row(dw)).sum(0)
+        grad_dw = (rows * dw_rows).sum(0)
         grad_g.copy_(_unpack(grad_dw) if words is not None else grad_dw)   # (its only pass)
     if grad_levels is not None:
         values = g * dw
@@ -1051,7 +1033,7 @@ def _double_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, 
             grad_levels.scatter_add_(1, corners[corner], values[corner])
     elif grad_table is not None:
         grad_span = _pass_span(group, first, stop, grad_table)[0]
-        values = g * per_row(dw)
+        values = g * dw_rows
         grad_span.index_add_(0, corners.reshape(-1), _unpack(values).reshape(
             -1, grad_span.shape[1]) if words is not None else values.reshape(-1, g.shape[-1]))
 
@@ -1091,10 +1073,9 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
     dL/dfeatures (G, F, n), nan (n,) points skipped, to grad_table (R, F) and grad_xt (D, n);
     saved: a list it appends (corners (2**D, G, n), packed rows, g, *fracs) to, or those (tuple)."""
     n_dims, n_features = xt.shape[0], g_planes.shape[1]
-    group_table = table[group.rows_start:group.rows_stop]
-    group_grad = grad_words = table_words = grad_levels = table_levels = None
-    if grad_table is not None:
-        group_grad = grad_table[group.rows_start:group.rows_stop]
+    span = slice(group.rows_start, group.rows_stop)
+    group_table, group_grad = table[span], None if grad_table is None else grad_table[span]
+    grad_words = table_words = grad_levels = table_levels = None
     if mode.eager and group_grad is not None and not isinstance(group_grad, _RowCollector):
         grad_words = _pack(group_grad, g_planes.dtype)                                # (R,)
     if mode.eager and grad_xt is not None:
@@ -1178,8 +1159,7 @@ _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.comple
 _PAIR_DTYPES = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
-def _gather(rows: torch.Tensor, index: torch.Tensor, eager: bool, lanes: int = 1
-            ) -> torch.Tensor:
+def _gather(rows: torch.Tensor, index: torch.Tensor, eager: bool, lanes: int = 1) -> torch.Tensor:
     """rows (R, F) -> (..., F), or packed rows (R,) (_pack) -> (...), at index (...). eager:
     (R, F) rows through a word view (not differentiable). lanes > 1 (int64 index): a gather
     along dim 1 of rows expanded to (lanes, R), split among the threads (index_select is not)."""
@@ -1250,8 +1230,7 @@ if hasattr(torch.library, "custom_op"):
     if hasattr(getattr(torch.ops, _namespace), _name):
         _table_grad_op = getattr(getattr(torch.ops, _namespace), _name)
     else:
-        _table_grad_op = torch.library.custom_op(_TABLE_GRAD_OP, _table_grad_eager,
-                                                 mutates_args=())
+        _table_grad_op = torch.library.custom_op(_TABLE_GRAD_OP, _table_grad_eager, mutates_args=())
         _table_grad_op.register_fake(lambda x, table, *rest: torch.empty_like(table))
 
 
@@ -1282,11 +1261,10 @@ class _RowCollector:
 
     def to(self, dtype: torch.dtype) -> torch.Tensor:
         """The contributions summed per row: a coalesced sparse (R, F) tensor of `dtype`."""
-        parts, self._parts[:] = list(self._parts), []      # (freed as soon as they are joined)
         empty = torch.zeros((0,) + self.shape[1:], dtype=self.dtype, device=self.device)
-        rows = torch.cat([r for r, _ in parts]) if parts else empty[:, 0].long()
-        values = torch.cat([v for _, v in parts]) if parts else empty
-        del parts
+        parts, self._parts[:] = list(self._parts) or [(empty[:, 0].long(), empty)], []
+        rows, values = [torch.cat(column) for column in zip(*parts)]
+        del parts                                    # (freed as soon as they are joined)
         return _coalesced_rows(rows, values, self.shape, dtype)
 
 
@@ -1351,33 +1329,31 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
         if not supported:
             raise ValueError(f"unsupported tcnn {key} {config[key]!r}: expected {expected}")
 
-    def integer(key, default):
+    def number(key, default, whole=True):       # whole: an integer, else any finite number
         value = config.get(key, default)
         if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value) or value != int(value)):
-            raise ValueError(f"tcnn config {key} must be an integer, got {value!r}")
-        return int(value)
+                or not math.isfinite(value) or (whole and value != int(value))):
+            raise ValueError(f"tcnn config {key} must be {'an integer' if whole else 'a number'}"
+                             f", got {value!r}")
+        return int(value) if whole else value
 
-    n_dims = integer("n_dims_to_encode", n_input_dims)
+    n_dims = number("n_dims_to_encode", n_input_dims)
     if not 1 <= n_dims <= n_input_dims:
         raise ValueError(f"tcnn config n_dims_to_encode={n_dims} must be in 1..n_input_dims "
                          f"({n_input_dims})")
-    n_features_per_level = integer("n_features_per_level", 2)
-    n_levels = integer("n_levels", 16)
+    n_features_per_level = number("n_features_per_level", 2)
+    n_levels = number("n_levels", 16)
     for key in [key for key in ("n_features", "n_grid_features") if key in config][:1]:
-        n_features = integer(key, None)
+        n_features = number(key, None)
         if "n_levels" in config:
             raise ValueError(f"tcnn config may not give both {key} and n_levels")
         if n_features_per_level < 1 or n_features % n_features_per_level:
             raise ValueError(f"tcnn config {key}={n_features} is not a multiple of "
                              f"n_features_per_level={n_features_per_level}")
         n_levels = n_features // n_features_per_level
-    base = integer("base_resolution", 16)
+    base = number("base_resolution", 16)
     if "per_level_scale" in config:
-        per_level_scale = config["per_level_scale"]
-        if isinstance(per_level_scale, bool) or not isinstance(per_level_scale, (int, float)):
-            raise ValueError(f"tcnn config per_level_scale must be a number, "
-                             f"got {per_level_scale!r}")
+        per_level_scale = number("per_level_scale", None, whole=False)
     elif grid_type != "dense":
         per_level_scale = 2.0
     elif n_levels > 1 and base >= 1:
@@ -1387,7 +1363,7 @@ def _args_from_tcnn_config(n_input_dims: int, config: dict) -> Tuple[tuple, dict
     else:
         raise ValueError("a DenseGrid with n_levels < 2 needs per_level_scale (tcnn's "
                          "default divides by n_levels - 1)")
-    return ((n_dims, n_levels, n_features_per_level, integer("log2_hashmap_size", 19),
+    return ((n_dims, n_levels, n_features_per_level, number("log2_hashmap_size", 19),
              base), dict(per_level_scale=per_level_scale, interpolation=interpolation,
                          layout="tcnn", grid_type=grid_type))
 
@@ -1411,7 +1387,7 @@ class Frequency(nn.Module):
         """x: (..., dim) -> (..., dim * n_levels * 2)."""
         if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
             raise TypeError(f"Frequency expects a floating-point tensor of shape "
-                            f"(..., {self.input_dim})")
+                            f"(..., {self.input_dim}), got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.input_dim:
             raise ValueError(f"Frequency(dim={self.input_dim}) expects x of shape "
                              f"(..., {self.input_dim}), got {tuple(x.shape)}")

@@ -675,8 +675,10 @@ def test_frequency_encoding():
         expected += [math.cos(2**k * math.pi * value) for k in range(3)]
     torch.testing.assert_close(enc(x), torch.tensor([expected], dtype=torch.float64))
     assert enc.output_dim == 12 and enc(torch.rand(2, 3, 2)).shape == (2, 3, 12)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"Frequency\(dim=2\) expects x of shape \(\.\.\., 2\)"):
         enc(torch.rand(4, 3))
+    with pytest.raises(TypeError, match="Frequency expects a floating-point tensor.*got list"):
+        enc([[0.5, 0.5]])
 
 
 def test_chunked_passes_match_one_pass():
@@ -960,6 +962,8 @@ def test_tcnn_config_defaults_and_round_trip():
     ({"otype": "HashGrid", "n_features": 7}, "n_features=7"),
     ({"otype": "HashGrid", "base_resolution": 16.5}, "base_resolution"),
     ({"otype": "DenseGrid", "n_levels": 1}, "per_level_scale"),
+    ({"otype": "HashGrid", "per_level_scale": "2"}, "per_level_scale must be a number, got '2'"),
+    ({"otype": "HashGrid", "per_level_scale": float("nan")}, "must be a number, got nan"),
 ])
 def test_unsupported_tcnn_configs_name_the_problem(config, name):
     with pytest.raises(ValueError, match=re.escape(name)):
