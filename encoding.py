@@ -182,8 +182,10 @@ class MultiResHashGrid(nn.Module):
 
         levels = _plan_levels(base, growth, n_levels, log2_hashmap_size, layout, grid_type,
                               periodic_axes)
-        self.resolutions, _, _, self.rows_per_level, self.level_offsets, hashed = zip(*levels)
-        self.hashed_levels = tuple(i for i, level_hashed in enumerate(hashed) if level_hashed)
+        self.resolutions = tuple(level.resolution for level in levels)
+        self.rows_per_level = tuple(level.rows for level in levels)
+        self.level_offsets = tuple(level.offset for level in levels)
+        self.hashed_levels = tuple(i for i, level in enumerate(levels) if level.hashed)
         self._levels = tuple(levels)
 
         # one embedding for all levels (flattened: tcnn's parameters), initialised once
@@ -722,8 +724,8 @@ def _encode_backward(x, table, nan, mode: _Mode, grad_out, need_x: bool, need_ta
             g = g if nan is None else g.masked_fill(pass_nan[:, None], 0.0)   # NaN: adds nothing
             _device_backward(*args, g, None if kept is None else
                              kept[i * n_kept:(i + 1) * n_kept], grad_table, pass_grad_xt)
-    return (grad_xt.t().to(x.dtype) if need_x else None,      # (a _RowCollector: its sparse sum)
-            grad_table.to(table.dtype) if need_table else None)
+    return (grad_xt.t().to(x.dtype) if need_x else None,
+            grad_table.to(table.dtype) if need_table else None)   # (a _RowCollector: its sum)
 
 
 def _zero_grads(x, table, mode: _Mode, dtype: torch.dtype, need_x: bool, need_table: bool):
