@@ -220,7 +220,7 @@ class MultiResHashGrid(nn.Module):
         """x: (..., dim) in [0, 1] -> (R,) the table rows self(x) reads, sorted, each once (the
         rows of its sparse gradient), e.g. for LazyAdam.catch_up before the forward reads them."""
         points = x.reshape(-1, self.input_dim).to(torch.promote_types(x.dtype, torch.float32))
-        xt = points.nan_to_num(0.0).clamp(0.0, 1.0).t()     # as forward reads them
+        xt = points.nan_to_num(0.0).clamp(0.0, 1.0).t().contiguous()   # as forward reads x
         return torch.unique(torch.cat([g.rows_start + _corner_rows(
             xt, g, 0, g.stop - g.start, g.offset)[0].view(-1) for g in self._level_groups]))
 
@@ -646,8 +646,8 @@ class _HashGridBackward(torch.autograd.Function):
             # grad_table's derivatives: the encoding and its x-gradient, gg_table as the table
             more = [None, None, None]
             if need_g:
-                more[2] = _encode(x, gg_table, nan, mode)[0].to(grad_out.dtype)
-                if nan is not None:
+                more[2] = _encode(x, gg_table, None, mode)[0].to(grad_out.dtype)
+                if nan is not None:     # (zeroed here, so not made NaN in the passes first)
                     more[2] = more[2].masked_fill(nan[:, None], 0.0)
             if need_x:
                 more[0] = _HashGridBackward.apply(x, gg_table, nan, mode, grad_out, True,
@@ -1105,8 +1105,8 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
     if reuse:
         corners, rows_kept, _, *fracs = saved
         weights = [_upper_weight(frac, group.interpolation) for frac in fracs]
-        loop = [(c, corners[c], math.prod(s if c >> d & 1 else 1.0 - s for d, (s, _)
-                                          in enumerate(weights))) for c in range(len(corners))]
+        loop = ((c, corners[c], math.prod(s if c >> d & 1 else 1.0 - s for d, (s, _)
+                                          in enumerate(weights))) for c in range(len(corners)))
     else:
         terms, fracs, weights = _axis_terms(xt, group, first, stop, offset,
                                             torch.int64 if per_level else None)
