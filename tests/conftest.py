@@ -19,11 +19,28 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import images  # noqa: E402  (after the path set-up)
+from encoding import MultiResHashGrid  # noqa: E402
 
 # bench/device.py runs the encoding tests on a GPU: every tensor the tests make without naming
 # a device lands there, so the device branch of the encoding runs where users run it.
 if os.environ.get("HASHGRID_TEST_DEVICE"):
     torch.set_default_device(os.environ["HASHGRID_TEST_DEVICE"])
+
+
+def encoder(*args, implementation="fast", **kwargs):
+    """MultiResHashGrid(*args, **kwargs); implementation "device": the device branch (what GPUs
+    run) on this CPU, through the module's private hook (checked: a renamed hook would test
+    the CPU branch twice, silently)."""
+    device = implementation == "device"
+    enc = MultiResHashGrid(*args, implementation="fast" if device else implementation, **kwargs)
+    enc._device_branch = device
+    assert not device or not enc._mode(torch.zeros(1, enc.input_dim), enc.embedding.weight).cpu
+    return enc
+
+
+def n_passes(enc, n_points):
+    """The passes enc's forward makes over n_points points, its private knobs as set now."""
+    return len(enc._mode(torch.zeros(1, enc.input_dim), enc.embedding.weight).split(n_points))
 
 
 # the scripts run in a subprocess on one thread each: two shared cores

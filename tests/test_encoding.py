@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import encoding
+from conftest import encoder, n_passes
 from encoding import Frequency, MultiResHashGrid
 
 
@@ -16,14 +17,6 @@ from encoding import Frequency, MultiResHashGrid
 def raw(enc):
     """enc (any implementation) as a function of (x, table), for gradcheck."""
     return lambda x, t: torch.func.functional_call(enc, {"embedding.weight": t}, (x,))
-
-
-def encoder(*args, implementation="fast", **kwargs):
-    """MultiResHashGrid(*args, **kwargs); implementation "device": the device branch (what GPUs
-    run) on this CPU, through the module's private hook."""
-    enc = MultiResHashGrid(*args, implementation="fast" if implementation == "device" else implementation, **kwargs)
-    enc._device_branch = implementation == "device"
-    return enc
 
 
 PAPER_PRIMES = [1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737]
@@ -450,10 +443,10 @@ SECOND_ORDER_CASES = {"paper": {}, "periodic": dict(periodic=(True, False)), "tc
 def test_second_order_gradgradcheck(implementation, interpolation, case, monkeypatch):
     """The second-order path (_HashGridBackward) in float64, chunked (3 points per pass):
     "nearest" has no x-derivative, linear and smoothstep their cross and diagonal terms."""
-    enc = make(2, interpolation, n_levels=3, log2_t=5, base=2, finest=12, **SECOND_ORDER_CASES[case])
+    enc = make(2, interpolation, n_levels=3, log2_t=5, base=2, finest=12,
+               implementation=implementation, **SECOND_ORDER_CASES[case])
     if implementation == "device":
-        device_branch(enc, monkeypatch, 3)
-    enc.implementation = "fast" if implementation == "device" else implementation
+        device_branch(enc, monkeypatch)   # (its check: no CPU speed trick runs)
     enc._chunk_size = 3
     x = torch.rand(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
     x.requires_grad_(True)
@@ -685,11 +678,13 @@ def test_chunked_passes_match_one_pass():
     enc = make(3, n_levels=4, log2_t=9, base=3, finest=50)
     x = torch.rand(50, 3, dtype=torch.float64, requires_grad=True)
     enc._chunk_size = 10**9
+    assert n_passes(enc, 50) == 2                   # a dense and a hashed group of 2 levels
     one_pass = enc(x)
     (grad_one,) = torch.autograd.grad(one_pass.square().sum(), x)
     enc._chunk_size = 7
-    for lookups in (10**6, 14, 1):   # all levels of a group per pass, two, one
+    for lookups, passes in ((10**6, 16), (14, 16), (1, 32)):   # 8 chunks; 2 levels a pass, 1
         enc._cpu_lookups = lookups
+        assert n_passes(enc, 50) == passes
         chunked = enc(x)
         (grad_chunked,) = torch.autograd.grad(chunked.square().sum(), x)
         torch.testing.assert_close(chunked, one_pass)
@@ -1289,8 +1284,9 @@ def test_device_branch_in_passes_of_any_size():
     table = enc.embedding.weight
     expected = enc(x)
     expected_grads = torch.autograd.grad(expected.square().sum(), (x, table))
-    for lookups in (1, 30, 100, 10**6):
+    for lookups, passes in ((1, 5 * 90), (30, 15), (100, 5), (10**6, 2)):
         enc._device_lookups = lookups
+        assert n_passes(enc, 90) == passes          # levels x points; one pass per group
         out = enc(x)
         grads = torch.autograd.grad(out.square().sum(), (x, table))
         torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
