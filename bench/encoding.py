@@ -93,8 +93,13 @@ def build(cls, workload: str, device: str, spec: str = OURS):
     if (spec not in OUR_SPECS and "implementation" in params
           and params["implementation"].default != "fast"):   # (not another copy of ours)
         kwargs["implementation"] = "torch"     # nerfstudio's pure-torch path
-    module = cls(**kwargs).to(device)
-    if spec in (OURS_DEVICE, OURS_RECOMPUTE):     # (the module's private test hooks)
+    return set_branch(cls(**kwargs).to(device), spec)
+
+
+def set_branch(module, spec: str):
+    """module (ours) set to run spec's branch, through its private test hooks: OURS_DEVICE the
+    device branch keeping corner rows for backward, OURS_RECOMPUTE recomputing them."""
+    if spec in (OURS_DEVICE, OURS_RECOMPUTE):
         module._device_branch, module._device_keep = True, spec == OURS_DEVICE
     return module
 

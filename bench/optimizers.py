@@ -29,6 +29,8 @@ OPTIMIZERS = ("adam", "sparse_adam")
 # gradient, not before the forward)
 SKIP, TOUCH = "skip", "touch"
 EARLIER = (SKIP, TOUCH)
+STYLES = {"adam": ("-o", "C0"), "sparse_adam": ("--s", "C1"), SKIP: (":^", "C2"),
+          TOUCH: ("-.v", "C3")}
 NAMES = {"adam": "Adam (every row)", "sparse_adam": "LazyAdam (rows caught up before the forward)",
          SKIP: "lazy Adam, skipped steps (SparseAdam, paper)",
          TOUCH: "lazy Adam, caught up at the next gradient"}
@@ -56,32 +58,27 @@ def run(label: str, root: str, flags: list) -> None:
                        check=True)
 
 
-def finals_points(root: str, label: str) -> list:
-    """The non-empty curves of LABEL's runs."""
-    return [points for points in (curve(root, f"{label}_{o}") for o in OPTIMIZERS + EARLIER)
-            if points]
-
-
 def plot(labels: list, root: str, out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    curves = {(label, o): curve(root, f"{label}_{o}") for label in labels
+              for o in OPTIMIZERS + EARLIER}
     fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4), squeeze=False)
     for ax, label in zip(axes[0], labels):
         finals = {}
-        for optimizer, style, colour in zip(OPTIMIZERS + EARLIER, ("-o", "--s", ":^", "-.v"),
-                                            ("C0", "C1", "C2", "C3")):
-            points = curve(root, f"{label}_{optimizer}")
+        for optimizer in OPTIMIZERS + EARLIER:
+            points = curves[label, optimizer]
             if not points:
                 continue
             steps, psnr = zip(*points)
             finals[optimizer] = points[-1]
-            name = NAMES[optimizer]
+            style, colour = STYLES[optimizer]
             ax.plot(steps, psnr, style, color=colour, markersize=3,
-                    label=f"{name}: {psnr[-1]:.2f} dB at {steps[-1]}")
+                    label=f"{NAMES[optimizer]}: {psnr[-1]:.2f} dB at {steps[-1]}")
         # (a run stopped in its first steps scores there too: keep the axis on the fit)
-        shown = [p for points in finals_points(root, label) for s, p in points
-                 if s >= 0.05 * max(step for step, _ in points)]
+        shown = [p for o in finals for s, p in curves[label, o]
+                 if s >= 0.05 * max(step for step, _ in curves[label, o])]
         if shown:
             ax.set_ylim(min(shown) - 0.5, max(shown) + 0.5)
         title = label
@@ -98,10 +95,8 @@ def plot(labels: list, root: str, out: str) -> None:
     partial = out + ".partial.png"
     fig.savefig(partial, dpi=110)
     os.replace(partial, out)
-    for label in labels:
-        for optimizer in OPTIMIZERS + EARLIER:
-            points = curve(root, f"{label}_{optimizer}")
-            print(f"{label} {optimizer}: " + ", ".join(f"{s}: {p:.2f}" for s, p in points))
+    for (label, optimizer), points in curves.items():
+        print(f"{label} {optimizer}: " + ", ".join(f"{s}: {p:.2f}" for s, p in points))
     print(f"wrote {out}")
 
 

@@ -27,8 +27,7 @@ def test_write_counter_counts_outputs_not_views_or_allocations():
 def test_traffic_of_a_step_is_deterministic_and_the_device_branch_is_leaner():
     counts = []
     for spec in (bench.OURS_DEVICE, bench.OURS_DEVICE, bench.OURS_RECOMPUTE):
-        enc = bench.load_class(spec)(3, 4, 2, 10, 4, 64)
-        enc._device_branch, enc._device_keep = True, spec == bench.OURS_DEVICE
+        enc = bench.set_branch(bench.load_class(spec)(3, 4, 2, 10, 4, 64), spec)
         counter = bench.count_traffic(enc, 4096, 3, "cpu")
         counts.append((counter.ops, counter.bytes))
     assert counts[0] == counts[1]
@@ -87,7 +86,7 @@ _opt_spec.loader.exec_module(optimizers_bench)
 
 def test_optimizers_bench_joins_a_resumed_runs_curves_and_plots_both(tmp_path, capsys):
     for version, rows in ((0, [(100, 20.5), (200, 22.0)]), (1, [(300, 23.25)])):
-        for optimizer, shift in (("adam", 0.0), ("sparse_adam", -0.125)):
+        for optimizer, shift in (("adam", 0.0), ("sparse_adam", -0.125), ("touch", -0.25)):
             folder = tmp_path / f"img_{optimizer}" / "img" / f"version_{version}"
             folder.mkdir(parents=True)
             lines = ["step,train/loss,val/psnr", "50.0,0.1,"]
@@ -98,4 +97,6 @@ def test_optimizers_bench_joins_a_resumed_runs_curves_and_plots_both(tmp_path, c
     out = tmp_path / "plot.png"
     optimizers_bench.main(["--root", str(tmp_path), "plot", "img", "-o", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "img sparse_adam: 100: 20.38, 200: 21.88, 300: 23.12" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "img sparse_adam: 100: 20.38, 200: 21.88, 300: 23.12" in printed
+    assert "img touch: 100: 20.25, 200: 21.75, 300: 23.00" in printed and "img skip: \n" in printed
