@@ -1105,8 +1105,8 @@ def _cpu_backward_pass(xt, table, group: _LevelGroup, first: int, stop: int, mod
     if reuse:
         corners, rows_kept, _, *fracs = saved
         weights = [_upper_weight(frac, group.interpolation) for frac in fracs]
-        loop = ((c, corners[c], math.prod(s if c >> d & 1 else 1.0 - s for d, (s, _)
-                                          in enumerate(weights))) for c in range(len(corners)))
+        loop = [(c, corners[c], math.prod(s if c >> d & 1 else 1.0 - s for d, (s, _)
+                                          in enumerate(weights))) for c in range(len(corners))]
     else:
         terms, fracs, weights = _axis_terms(xt, group, first, stop, offset,
                                             torch.int64 if per_level else None)
